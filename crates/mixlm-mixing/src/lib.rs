@@ -1,0 +1,98 @@
+//! Data-mixing schedulers for mixlm.
+//!
+//! A scheduler decides, before every optimizer step, which share of the batch each
+//! domain gets ([`Proportions`]), and learns from what the trainer reports back
+//! ([`StepFeedback`], validation losses). Everything here is a pure function of
+//! that feedback: no Burn, no tensors, no I/O, so every update rule is unit-tested
+//! against the formulas of its paper.
+//!
+//! The trainer drives a [`Scheduler`] in this order for each step `t`:
+//! 1. if [`Scheduler::wants_validation`]`(t)`, evaluate per-domain validation loss
+//!    and pass it to [`Scheduler::observe_validation`];
+//! 2. `p = scheduler.proportions(t)`, draw the batch with `p`, train one step;
+//! 3. [`Scheduler::observe_train`] with the per-domain training loss of that step.
+//!
+//! Online methods fit this shape: ODM reads step 3, Aioli sets short one-hot-smoothed
+//! segments in step 2 and reads validation losses between them in step 1, DoReMi
+//! reads the reference losses carried in [`StepFeedback::reference`].
+
+mod config;
+mod proportions;
+mod schedulers;
+
+pub use config::{ManualConfig, MixingConfig, MixingConfigError, NoParams};
+pub use proportions::{DomainId, DomainLosses, Proportions, ProportionsError};
+pub use schedulers::{StaticScheduler, StaticKind};
+
+use serde::{Deserialize, Serialize};
+
+/// What the trainer measured during one optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepFeedback {
+    /// Mean training loss (nats/token) of each domain's sequences in this step;
+    /// `None` for domains that had no sequence in the batch.
+    pub train: DomainLosses,
+    /// Number of sequences of each domain in this step (all micro-batches together).
+    pub sequences: Vec<usize>,
+    /// Per-domain loss of a reference model on the same batch, for methods that
+    /// ask for one through [`Requirements::reference_losses`] (DoReMi).
+    pub reference: Option<DomainLosses>,
+}
+
+/// Extra measurements a scheduler needs from the trainer beyond training losses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Requirements {
+    /// Per-domain loss of a frozen reference model on every training batch.
+    pub reference_losses: bool,
+}
+
+/// A data-mixing method, as the trainer sees it. See the crate docs for the call order.
+pub trait Scheduler: Send {
+    /// Short name used in logs and metrics (`"stratified"`, `"odm"`, ...).
+    fn name(&self) -> &str;
+
+    /// Extra feedback this method needs; the default is training losses only.
+    fn requirements(&self) -> Requirements {
+        Requirements::default()
+    }
+
+    /// Whether per-domain validation losses must be measured before step `step`.
+    fn wants_validation(&self, _step: u64) -> bool {
+        false
+    }
+
+    /// Per-domain validation losses measured before step `step`.
+    fn observe_validation(&mut self, _step: u64, _losses: &DomainLosses) {}
+
+    /// The domain proportions to sample step `step` (0-based optimizer step) with.
+    fn proportions(&mut self, step: u64) -> Proportions;
+
+    /// Feedback of step `step`, after its optimizer update.
+    fn observe_train(&mut self, _step: u64, _feedback: &StepFeedback) {}
+
+    /// The scheduler's full state as JSON, written into checkpoints so a resumed run
+    /// continues with the same decisions.
+    fn state(&self) -> serde_json::Value;
+
+    /// Restores what [`Scheduler::state`] produced.
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String>;
+}
+
+/// What a scheduler is built from: the domain names and their sizes in the data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainInfo {
+    /// Domain names, index = [`DomainId`].
+    pub names: Vec<String>,
+    /// Training tokens per domain (for `natural`); `None` where a source is unbounded
+    /// and its natural share is defined by [`DomainInfo::natural_weights`].
+    pub natural_weights: Vec<f64>,
+}
+
+/// Builds the scheduler named by the config for these domains.
+pub fn build_scheduler(
+    config: &MixingConfig,
+    domains: &DomainInfo,
+) -> Result<Box<dyn Scheduler>, MixingConfigError> {
+    config.validate(&domains.names)?;
+    Ok(Box::new(StaticScheduler::from_config(config, domains)?))
+}

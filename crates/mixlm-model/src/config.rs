@@ -1,0 +1,271 @@
+//! Model hyperparameters, presets, parameter and FLOP counts.
+
+use serde::{Deserialize, Serialize};
+
+/// Architecture family. One config type covers both so that presets, checkpoints
+/// and the trainer need no generic over the family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// GPT-NeoX / Pythia: LayerNorm with bias, fused QKV with bias, partial rotary,
+    /// exact GELU MLP, (by default) parallel residual, untied output.
+    Neox,
+    /// Llama: RMSNorm, SwiGLU MLP, full RoPE, grouped-query attention, no biases.
+    Llama,
+}
+
+/// Hyperparameters of a decoder-only transformer; the `[model]` TOML section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub family: Family,
+    /// Rows of the embedding and output matrices (Pythia pads 50,277 ids to 50,304).
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention); equals `n_heads` for multi-head.
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Hidden width of the MLP (per branch for SwiGLU).
+    pub d_ff: usize,
+    /// Fraction of each head's dimensions that get rotary embedding (Pythia: 0.25).
+    pub rotary_pct: f64,
+    pub rope_theta: f64,
+    pub norm_eps: f64,
+    /// NeoX only: `x + attn(ln1 x) + mlp(ln2 x)` instead of sequential residuals.
+    pub parallel_residual: bool,
+    /// Share the embedding matrix with the output projection.
+    pub tie_embeddings: bool,
+    /// Longest context the model is meant for (written to the HF config).
+    pub max_seq_len: usize,
+    /// Standard deviation of the normal initialisation of weight matrices.
+    pub init_std: f64,
+}
+
+/// Names of the built-in presets, in the order `model-info` lists them.
+pub const PRESETS: &[&str] = &[
+    "tiny",
+    "tiny-llama",
+    "pythia-160m",
+    "pythia-410m",
+    "pythia-1b",
+    "odm-1b",
+    "samplemix-1b",
+    "samplemix-8b",
+];
+
+impl ModelConfig {
+    fn neox(vocab: usize, d: usize, layers: usize, heads: usize) -> Self {
+        Self {
+            family: Family::Neox,
+            vocab_size: vocab,
+            d_model: d,
+            n_layers: layers,
+            n_heads: heads,
+            n_kv_heads: heads,
+            head_dim: d / heads,
+            d_ff: 4 * d,
+            rotary_pct: 0.25,
+            rope_theta: 10_000.0,
+            norm_eps: 1e-5,
+            parallel_residual: true,
+            tie_embeddings: false,
+            max_seq_len: 2048,
+            init_std: 0.02,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn llama(
+        vocab: usize,
+        d: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        ffn: usize,
+    ) -> Self {
+        Self {
+            family: Family::Llama,
+            vocab_size: vocab,
+            d_model: d,
+            n_layers: layers,
+            n_heads: heads,
+            n_kv_heads: kv_heads,
+            head_dim,
+            d_ff: ffn,
+            rotary_pct: 1.0,
+            rope_theta: 10_000.0,
+            norm_eps: 1e-5,
+            parallel_residual: false,
+            tie_embeddings: false,
+            max_seq_len: 4096,
+            init_std: 0.02,
+        }
+    }
+
+    /// A built-in preset by name; see [`PRESETS`].
+    ///
+    /// Pythia shapes follow EleutherAI's configs (vocab padded to 50,304). `odm-1b` is
+    /// the 1B GPT-NeoX-style model of the ODM paper (16 layers, d=2048, 16 heads).
+    /// `samplemix-1b`/`-8b` are SampleMix's Llama-style shapes.
+    pub fn preset(name: &str) -> Option<Self> {
+        const PYTHIA_VOCAB: usize = 50_304;
+        Some(match name {
+            "tiny" => Self {
+                max_seq_len: 256,
+                ..Self::neox(128, 64, 2, 4)
+            },
+            "tiny-llama" => Self {
+                max_seq_len: 256,
+                ..Self::llama(128, 64, 2, 4, 2, 16, 172)
+            },
+            "pythia-160m" => Self::neox(PYTHIA_VOCAB, 768, 12, 12),
+            "pythia-410m" => Self::neox(PYTHIA_VOCAB, 1024, 24, 16),
+            "pythia-1b" => Self {
+                head_dim: 256,
+                ..Self::neox(PYTHIA_VOCAB, 2048, 16, 8)
+            },
+            "odm-1b" => Self::neox(PYTHIA_VOCAB, 2048, 16, 16),
+            "samplemix-1b" => Self::llama(PYTHIA_VOCAB, 1664, 28, 13, 13, 128, 4480),
+            "samplemix-8b" => Self::llama(PYTHIA_VOCAB, 4096, 32, 32, 8, 128, 14336),
+            _ => return None,
+        })
+    }
+
+    /// Checks shapes that the model code relies on; one message per problem.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("d_ff", self.d_ff),
+            ("max_seq_len", self.max_seq_len),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("model.{key} must be > 0"));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(format!(
+                "model.n_heads ({}) must be a multiple of model.n_kv_heads ({})",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.rotary_pct) {
+            return Err(format!("model.rotary_pct = {} must be within 0..=1", self.rotary_pct));
+        }
+        if self.rotary_dims() % 2 != 0 {
+            return Err(format!(
+                "model.rotary_pct = {} gives {} rotary dims of head_dim {}; it must be even",
+                self.rotary_pct,
+                self.rotary_dims(),
+                self.head_dim
+            ));
+        }
+        if self.family == Family::Llama && self.parallel_residual {
+            return Err("model.parallel_residual is a NeoX option; set it to false for llama".into());
+        }
+        if !(self.norm_eps > 0.0 && self.init_std > 0.0 && self.rope_theta > 0.0) {
+            return Err("model.norm_eps, model.init_std and model.rope_theta must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Rotary dimensions per head (`int(head_dim * rotary_pct)`, as GPT-NeoX computes it).
+    pub fn rotary_dims(&self) -> usize {
+        (self.head_dim as f64 * self.rotary_pct) as usize
+    }
+
+    /// Width of the fused QKV projection's output.
+    pub fn qkv_dim(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+
+    /// Exact number of parameters of the model this config builds.
+    pub fn num_params(&self) -> u64 {
+        let (d, v, f) = (self.d_model as u64, self.vocab_size as u64, self.d_ff as u64);
+        let attn_out = (self.n_heads * self.head_dim) as u64;
+        let qkv = self.qkv_dim() as u64;
+        let per_layer = match self.family {
+            Family::Neox => {
+                // 2 LayerNorms (weight+bias), fused QKV + dense with biases, 2-layer MLP with biases.
+                4 * d + (d * qkv + qkv) + (attn_out * d + d) + (d * f + f) + (f * d + d)
+            }
+            Family::Llama => 2 * d + d * qkv + attn_out * d + 3 * d * f,
+        };
+        let final_norm = match self.family {
+            Family::Neox => 2 * d,
+            Family::Llama => d,
+        };
+        let embed = v * d;
+        let head = if self.tie_embeddings { 0 } else { v * d };
+        embed + head + self.n_layers as u64 * per_layer + final_norm
+    }
+
+    /// Parameters outside the embedding matrix (the `N` of the Chinchilla/Kaplan FLOP formulas).
+    pub fn num_non_embedding_params(&self) -> u64 {
+        self.num_params() - (self.vocab_size * self.d_model) as u64
+    }
+
+    /// Forward FLOPs per token at context `seq_len`: 2 per multiply-add of every weight
+    /// matrix (output projection included) plus the attention scores and weighted sum
+    /// (`2 * 2 * n_layers * seq_len * n_heads * head_dim`, counting the full square as
+    /// PaLM's MFU accounting does). Training costs 3x this (forward + backward).
+    pub fn forward_flops_per_token(&self, seq_len: usize) -> u64 {
+        let matmul_params = self.num_non_embedding_params()
+            + if self.tie_embeddings { (self.vocab_size * self.d_model) as u64 } else { 0 };
+        let attn = 4 * self.n_layers as u64 * seq_len as u64 * (self.n_heads * self.head_dim) as u64;
+        2 * matmul_params + attn
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parameter counts of the Hugging Face checkpoints (`sum(p.numel())` of
+    /// `GPTNeoXForCausalLM.from_pretrained("EleutherAI/pythia-*")`).
+    #[test]
+    fn pythia_param_counts_match_hugging_face() {
+        assert_eq!(ModelConfig::preset("pythia-160m").unwrap().num_params(), 162_322_944);
+        assert_eq!(ModelConfig::preset("pythia-410m").unwrap().num_params(), 405_334_016);
+        assert_eq!(ModelConfig::preset("pythia-1b").unwrap().num_params(), 1_011_781_632);
+    }
+
+    #[test]
+    fn every_preset_is_valid() {
+        for name in PRESETS {
+            ModelConfig::preset(name).unwrap().validate().unwrap();
+        }
+        assert!(ModelConfig::preset("pythia-7b").is_none());
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut c = ModelConfig::preset("tiny-llama").unwrap();
+        c.n_kv_heads = 3;
+        assert_eq!(
+            c.validate().unwrap_err(),
+            "model.n_heads (4) must be a multiple of model.n_kv_heads (3)"
+        );
+        let mut c = ModelConfig::preset("tiny").unwrap();
+        c.d_ff = 0;
+        assert_eq!(c.validate().unwrap_err(), "model.d_ff must be > 0");
+    }
+
+    #[test]
+    fn flops_count_matmuls_and_attention() {
+        // pythia-1b at context 128: 2 * (N - V*d) + 4 * L * T * H * hd
+        // = 2 * (1_011_781_632 - 103_022_592) + 4 * 16 * 128 * 2048.
+        let c = ModelConfig::preset("pythia-1b").unwrap();
+        assert_eq!(c.forward_flops_per_token(128), 1_817_518_080 + 16_777_216);
+        // The 6N rule (N without the input embedding) holds within 1% at short context.
+        let ratio = 3.0 * c.forward_flops_per_token(128) as f64
+            / (6.0 * c.num_non_embedding_params() as f64);
+        assert!((ratio - 1.0).abs() < 0.01, "{ratio}");
+    }
+}

@@ -1,0 +1,308 @@
+//! The decoder-only transformer, in the order data flows through it:
+//! embedding -> blocks (attention, MLP) -> final norm -> output projection.
+
+use burn::module::Module;
+use burn::nn::{
+    Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+    RmsNorm, RmsNormConfig,
+};
+use burn::tensor::activation::{gelu, log_softmax, silu};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::config::{Family, ModelConfig};
+
+/// Normalisation layer: LayerNorm (NeoX) or RMSNorm (Llama).
+#[derive(Module, Debug)]
+pub enum Norm<B: Backend> {
+    Layer(LayerNorm<B>),
+    Rms(RmsNorm<B>),
+}
+
+impl<B: Backend> Norm<B> {
+    fn new(config: &ModelConfig, device: &B::Device) -> Self {
+        match config.family {
+            Family::Neox => Norm::Layer(
+                LayerNormConfig::new(config.d_model)
+                    .with_epsilon(config.norm_eps)
+                    .init(device),
+            ),
+            Family::Llama => Norm::Rms(
+                RmsNormConfig::new(config.d_model)
+                    .with_epsilon(config.norm_eps)
+                    .init(device),
+            ),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Norm::Layer(n) => n.forward(x),
+            Norm::Rms(n) => n.forward(x),
+        }
+    }
+}
+
+fn linear<B: Backend>(
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    std: f64,
+    device: &B::Device,
+) -> Linear<B> {
+    LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
+        .with_initializer(Initializer::Normal { mean: 0.0, std })
+        .init(device)
+}
+
+/// Causal self-attention with a fused QKV projection laid out as `[Q; K; V]`
+/// (`n_heads`, `n_kv_heads`, `n_kv_heads` heads of `head_dim`), rotary embedding on
+/// the first `rotary_dims` of each head, and grouped-query sharing of K/V heads.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub qkv: Linear<B>,
+    pub out: Linear<B>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    fn new(c: &ModelConfig, device: &B::Device) -> Self {
+        let bias = c.family == Family::Neox;
+        Self {
+            qkv: linear(c.d_model, c.qkv_dim(), bias, c.init_std, device),
+            out: linear(c.n_heads * c.head_dim, c.d_model, bias, c.init_std, device),
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (h, g, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let qkv = self.qkv.forward(x);
+        let heads = |from: usize, n: usize| {
+            qkv.clone()
+                .narrow(2, from * hd, n * hd)
+                .reshape([b, t, n, hd])
+                .swap_dims(1, 2)
+        };
+        let q = rope.apply(heads(0, h));
+        let k = rope.apply(heads(h, g));
+        let v = heads(h + g, g);
+        let (k, v) = (repeat_kv(k, h / g), repeat_kv(v, h / g));
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        let y = attention(q, k, v, None, None, options);
+        self.out.forward(y.swap_dims(1, 2).reshape([b, t, h * hd]))
+    }
+}
+
+/// Each K/V head serves `n_rep` consecutive query heads (as HF's `repeat_kv`).
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, g, t, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, g, n_rep, t, hd])
+        .reshape([b, g * n_rep, t, hd])
+}
+
+/// Rotary position embedding tables for one forward pass (GPT-NeoX "rotate half"
+/// convention: the rotary part of a head is split into two halves, not interleaved).
+pub struct Rope<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+    dims: usize,
+}
+
+impl<B: Backend> Rope<B> {
+    pub fn new(dims: usize, theta: f64, seq_len: usize, device: &B::Device) -> Self {
+        let half = dims / 2;
+        let mut cos = Vec::with_capacity(seq_len * half);
+        let mut sin = Vec::with_capacity(seq_len * half);
+        for pos in 0..seq_len {
+            for j in 0..half {
+                // inv_freq_j = theta^(-2j/dims), computed in f32 as HF does.
+                let inv_freq = 1.0f32 / (theta as f32).powf((2 * j) as f32 / dims as f32);
+                let angle = pos as f32 * inv_freq;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let table = |v: Vec<f32>| {
+            Tensor::<B, 4>::from_data(TensorData::new(v, [1, 1, seq_len, half]), device)
+        };
+        Self {
+            cos: table(cos),
+            sin: table(sin),
+            dims,
+        }
+    }
+
+    /// Rotates the first `dims` features of each head of `x: [batch, heads, seq, head_dim]`.
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        if self.dims == 0 {
+            return x;
+        }
+        let [_, _, _, hd] = x.dims();
+        let half = self.dims / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let r1 = x1.clone() * self.cos.clone() - x2.clone() * self.sin.clone();
+        let r2 = x2 * self.cos.clone() + x1 * self.sin.clone();
+        if self.dims == hd {
+            Tensor::cat(vec![r1, r2], 3)
+        } else {
+            let pass = x.narrow(3, self.dims, hd - self.dims);
+            Tensor::cat(vec![r1, r2, pass], 3)
+        }
+    }
+}
+
+/// Feed-forward network: `down(gelu(up(x)))` (NeoX) or, when `gate` is present,
+/// SwiGLU `down(silu(gate(x)) * up(x))` (Llama).
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub up: Linear<B>,
+    pub down: Linear<B>,
+    pub gate: Option<Linear<B>>,
+}
+
+impl<B: Backend> Mlp<B> {
+    fn new(c: &ModelConfig, device: &B::Device) -> Self {
+        let (s, bias) = (c.init_std, c.family == Family::Neox);
+        Self {
+            up: linear(c.d_model, c.d_ff, bias, s, device),
+            down: linear(c.d_ff, c.d_model, bias, s, device),
+            gate: (c.family == Family::Llama).then(|| linear(c.d_model, c.d_ff, false, s, device)),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.gate {
+            None => self.down.forward(gelu(self.up.forward(x))),
+            Some(gate) => self.down.forward(silu(gate.forward(x.clone())) * self.up.forward(x)),
+        }
+    }
+}
+
+/// One transformer block.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub attn_norm: Norm<B>,
+    pub attn: Attention<B>,
+    pub mlp_norm: Norm<B>,
+    pub mlp: Mlp<B>,
+    pub parallel_residual: bool,
+}
+
+impl<B: Backend> Block<B> {
+    fn new(c: &ModelConfig, device: &B::Device) -> Self {
+        Self {
+            attn_norm: Norm::new(c, device),
+            attn: Attention::new(c, device),
+            mlp_norm: Norm::new(c, device),
+            mlp: Mlp::new(c, device),
+            parallel_residual: c.parallel_residual,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>) -> Tensor<B, 3> {
+        if self.parallel_residual {
+            // GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+            let a = self.attn.forward(self.attn_norm.forward(x.clone()), rope);
+            let m = self.mlp.forward(self.mlp_norm.forward(x.clone()));
+            x + a + m
+        } else {
+            let x = x.clone() + self.attn.forward(self.attn_norm.forward(x), rope);
+            x.clone() + self.mlp.forward(self.mlp_norm.forward(x))
+        }
+    }
+}
+
+/// Decoder-only language model.
+#[derive(Module, Debug)]
+pub struct Transformer<B: Backend> {
+    pub embed: Embedding<B>,
+    pub blocks: Vec<Block<B>>,
+    pub final_norm: Norm<B>,
+    /// `None` when the output projection is tied to `embed`.
+    pub lm_head: Option<Linear<B>>,
+    pub rotary_dims: usize,
+    pub rope_theta: f64,
+}
+
+impl ModelConfig {
+    /// Builds a freshly initialised model (seed the backend first for reproducibility).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Transformer<B> {
+        let embed = EmbeddingConfig::new(self.vocab_size, self.d_model)
+            .with_initializer(Initializer::Normal {
+                mean: 0.0,
+                std: self.init_std,
+            })
+            .init(device);
+        Transformer {
+            embed,
+            blocks: (0..self.n_layers).map(|_| Block::new(self, device)).collect(),
+            final_norm: Norm::new(self, device),
+            lm_head: (!self.tie_embeddings)
+                .then(|| linear(self.d_model, self.vocab_size, false, self.init_std, device)),
+            rotary_dims: self.rotary_dims(),
+            rope_theta: self.rope_theta,
+        }
+    }
+}
+
+impl<B: Backend> Transformer<B> {
+    /// Hidden states after the final norm: `[batch, seq, d_model]`.
+    pub fn hidden(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [_, t] = tokens.dims();
+        let rope = Rope::new(self.rotary_dims, self.rope_theta, t, &tokens.device());
+        let mut x = self.embed.forward(tokens);
+        for block in &self.blocks {
+            x = block.forward(x, &rope);
+        }
+        self.final_norm.forward(x)
+    }
+
+    /// Next-token logits: `[batch, seq, vocab]`.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let h = self.hidden(tokens);
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => {
+                let [b, t, d] = h.dims();
+                let w = self.embed.weight.val(); // [vocab, d]
+                let v = w.dims()[0];
+                h.reshape([b * t, d])
+                    .matmul(w.transpose())
+                    .reshape([b, t, v])
+            }
+        }
+    }
+
+    /// Cross-entropy of every target token, `[batch, seq]` in nats: the quantity both
+    /// the training objective and the per-domain bookkeeping are built from.
+    pub fn token_losses(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        token_nll(self.forward(inputs), targets)
+    }
+}
+
+/// Negative log-likelihood of `targets: [b, t]` under `logits: [b, t, v]`.
+pub fn token_nll<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    let [b, t, _] = logits.dims();
+    log_softmax(logits, 2)
+        .gather(2, targets.unsqueeze_dim::<3>(2))
+        .reshape([b, t])
+        .neg()
+}
