@@ -1,1 +1,144 @@
-fn main() {}
+//! `mixlm`: the command line of the mixlm pretraining framework.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use mixlm_model::{ModelConfig, PRESETS};
+use mixlm_train::{train_on, BackendKind, RunConfig, TrainOptions};
+
+#[derive(Parser)]
+#[command(name = "mixlm", version, about = "LLM pretraining with data mixing")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (the embedded demo config when --config is not given).
+    Train {
+        /// TOML run config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config value: --set section.key=value (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        /// cpu, wgpu or cuda (overrides run.backend).
+        #[arg(long)]
+        backend: Option<String>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Parameter count and FLOPs per token of model presets.
+    ModelInfo {
+        /// Presets to describe (all when none is given).
+        presets: Vec<String>,
+        /// Context length for the attention FLOPs.
+        #[arg(long, default_value_t = 2048)]
+        seq_len: usize,
+    },
+    /// Print the embedded default config (a starting point for your own).
+    DefaultConfig,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train {
+            config,
+            mut overrides,
+            backend,
+            quiet,
+        } => {
+            if let Some(b) = backend {
+                overrides.push(format!("run.backend=\"{b}\""));
+            }
+            let config = match &config {
+                Some(path) => RunConfig::load(path, &overrides)?,
+                None => RunConfig::embedded(&overrides)?,
+            };
+            let kind: BackendKind = config.run.backend.parse()?;
+            kind.check_compiled()?;
+            let model = config.model.resolve().map_err(anyhow::Error::msg)?;
+            eprintln!(
+                "mixlm train: run `{}` on {} | model {} ({:.2}M params) | mixing {} | {} steps x {} seqs x {} tokens",
+                config.run.name,
+                kind.name(),
+                config.model.preset,
+                model.num_params() as f64 / 1e6,
+                config.mixing.method_name(),
+                config.run.steps,
+                config.run.batch_size * config.run.grad_accum,
+                config.run.seq_len,
+            );
+            let outcome = train_on(kind, &config, &TrainOptions { quiet })?;
+            println!(
+                "\nPer-domain validation perplexity ({} steps, {:.0} tokens/s, final train loss {:.4}):",
+                outcome.steps, outcome.tokens_per_second, outcome.final_train_loss
+            );
+            print!("{}", mixlm_eval::format_table(&outcome.rows));
+            println!("results: {}", outcome.run_dir.display());
+            Ok(())
+        }
+        Command::ModelInfo { presets, seq_len } => {
+            let names: Vec<String> = if presets.is_empty() {
+                PRESETS.iter().map(|s| s.to_string()).collect()
+            } else {
+                presets
+            };
+            println!(
+                "{:<14} {:>6} {:>15} {:>15} {:>14} {:>14}",
+                "preset", "family", "params", "non-embedding", "fwd GFLOP/tok", "train GFLOP/tok"
+            );
+            for name in names {
+                let c = ModelConfig::preset(&name).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "unknown preset `{name}`; choose one of: {}",
+                        PRESETS.join(", ")
+                    )
+                })?;
+                let fwd = c.forward_flops_per_token(seq_len) as f64 / 1e9;
+                println!(
+                    "{:<14} {:>6} {:>15} {:>15} {:>14.3} {:>14.3}",
+                    name,
+                    format!("{:?}", c.family).to_lowercase(),
+                    group_digits(c.num_params()),
+                    group_digits(c.num_non_embedding_params()),
+                    fwd,
+                    3.0 * fwd
+                );
+            }
+            println!("(FLOPs at sequence length {seq_len}; training = 3x forward)");
+            Ok(())
+        }
+        Command::DefaultConfig => {
+            print!("{}", mixlm_train::config::DEFAULT_CONFIG);
+            Ok(())
+        }
+    }
+}
+
+/// 162322944 -> "162,322,944".
+fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -1,1 +1,31 @@
-// placeholder
+//! Token data for mixlm: the [`TokenSource`] seam, the synthetic multi-domain
+//! corpus with known per-domain loss floors, and the mixture batch sampler.
+//!
+//! The trainer's data path per step is:
+//! 1. `picks = sampler.next_batch(&proportions, batch_size)` — which domain and which
+//!    window each sequence comes from ([`MixtureSampler`]);
+//! 2. `tokens = fetch_batch(source, Split::Train, &picks, seq_len)` — a row-major
+//!    `[batch, seq_len + 1]` buffer (inputs `[..seq_len]`, targets `[1..]`);
+//! 3. checkpoint [`MixtureSampler::state`] so a resumed run sees the same batches.
+//!
+//! Validation uses [`validation_picks`] with [`Split::Validation`]: a fixed set of
+//! windows per domain, disjoint from training.
+//!
+//! Everything random is keyed by explicit integers through [`seeding`], so the data
+//! is identical on every machine and independent of call order or threading.
+
+pub mod sampler;
+pub mod seeding;
+pub mod source;
+pub mod synthetic;
+
+pub use sampler::{
+    fetch_batch, validation_picks, Composition, MixtureSampler, SamplerError, SamplerState,
+};
+pub use source::{Split, TokenSource};
+pub use synthetic::{
+    DomainStats, ExplicitChain, SharedComponent, SyntheticConfig, SyntheticCorpus, SyntheticDomain,
+    SyntheticError,
+};
+
+pub use mixlm_mixing::{DomainId, Proportions};

@@ -39,7 +39,9 @@ pub struct ManualConfig {
 /// A `[mixing]` section that does not fit the run's domains.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MixingConfigError {
-    #[error("mixing.weights names domain `{name}`, which is not in the data; known domains: {known}")]
+    #[error(
+        "mixing.weights names domain `{name}`, which is not in the data; known domains: {known}"
+    )]
     UnknownDomain { name: String, known: String },
     #[error("mixing.weights has no weight for domain `{0}`: give every domain a weight (0 to leave it out)")]
     MissingDomain(String),
@@ -99,13 +101,16 @@ mod tests {
     fn parses_methods_from_toml() {
         let c: MixingConfig = toml::from_str("method = \"natural\"").unwrap();
         assert_eq!(c, MixingConfig::Natural(NoParams {}));
-        let c: MixingConfig = toml::from_str("method = \"manual\"\nweights = { a = 1.0, b = 3.0 }").unwrap();
+        let c: MixingConfig =
+            toml::from_str("method = \"manual\"\nweights = { a = 1.0, b = 3.0 }").unwrap();
         c.validate(&domains()).unwrap();
     }
 
     #[test]
     fn unknown_method_and_key_are_named() {
-        let e = toml::from_str::<MixingConfig>("method = \"odmx\"").unwrap_err().to_string();
+        let e = toml::from_str::<MixingConfig>("method = \"odmx\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("odmx"), "{e}");
         let e = toml::from_str::<MixingConfig>("method = \"manual\"\nweights = {}\nwieghts = 1")
             .unwrap_err()
@@ -129,21 +134,30 @@ mod tests {
             })
         };
         assert_eq!(
-            manual(&[("a", 1.0), ("c", 1.0)]).validate(&domains()).unwrap_err(),
-            MixingConfigError::UnknownDomain { name: "c".into(), known: "a, b".into() }
+            manual(&[("a", 1.0), ("c", 1.0)])
+                .validate(&domains())
+                .unwrap_err(),
+            MixingConfigError::UnknownDomain {
+                name: "c".into(),
+                known: "a, b".into()
+            }
         );
         assert_eq!(
             manual(&[("a", 1.0)]).validate(&domains()).unwrap_err(),
             MixingConfigError::MissingDomain("b".into())
         );
         assert_eq!(
-            manual(&[("a", -1.0), ("b", 1.0)]).validate(&domains()).unwrap_err().to_string(),
+            manual(&[("a", -1.0), ("b", 1.0)])
+                .validate(&domains())
+                .unwrap_err()
+                .to_string(),
             "mixing.weights.a = -1: weights must be finite and >= 0"
         );
         assert_eq!(
-            manual(&[("a", 0.0), ("b", 0.0)]).validate(&domains()).unwrap_err(),
+            manual(&[("a", 0.0), ("b", 0.0)])
+                .validate(&domains())
+                .unwrap_err(),
             MixingConfigError::AllZero
         );
     }
 }
-

@@ -22,7 +22,7 @@ mod schedulers;
 
 pub use config::{ManualConfig, MixingConfig, MixingConfigError, NoParams};
 pub use proportions::{DomainId, DomainLosses, Proportions, ProportionsError};
-pub use schedulers::{StaticScheduler, StaticKind};
+pub use schedulers::{StaticKind, StaticScheduler};
 
 use serde::{Deserialize, Serialize};
 

@@ -146,7 +146,9 @@ mod tests {
     #[test]
     fn rejects_nan_negative_and_zero() {
         assert_eq!(
-            Proportions::from_weights(vec![1.0, f64::NAN]).unwrap_err().to_string(),
+            Proportions::from_weights(vec![1.0, f64::NAN])
+                .unwrap_err()
+                .to_string(),
             "proportion of domain 1 is NaN: every proportion must be finite and >= 0"
         );
         assert!(matches!(
@@ -157,7 +159,10 @@ mod tests {
             Proportions::from_weights(vec![0.0, 0.0]),
             Err(ProportionsError::ZeroSum(_))
         ));
-        assert_eq!(Proportions::from_weights(vec![]), Err(ProportionsError::Empty));
+        assert_eq!(
+            Proportions::from_weights(vec![]),
+            Err(ProportionsError::Empty)
+        );
     }
 
     #[test]

@@ -1,8 +1,6 @@
 //! Static schedulers: the same proportions at every step.
 
-use crate::{
-    DomainInfo, MixingConfig, MixingConfigError, Proportions, Scheduler,
-};
+use crate::{DomainInfo, MixingConfig, MixingConfigError, Proportions, Scheduler};
 
 /// Which static rule produced the proportions (kept for names in logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +29,9 @@ impl StaticScheduler {
     ) -> Result<Self, MixingConfigError> {
         let k = domains.names.len();
         Ok(match config {
-            MixingConfig::Stratified(_) => Self::new(StaticKind::Stratified, Proportions::uniform(k)),
+            MixingConfig::Stratified(_) => {
+                Self::new(StaticKind::Stratified, Proportions::uniform(k))
+            }
             MixingConfig::Natural(_) => Self::new(
                 StaticKind::Natural,
                 Proportions::from_weights(domains.natural_weights.clone())

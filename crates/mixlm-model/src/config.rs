@@ -149,16 +149,19 @@ impl ModelConfig {
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("model.{key} must be > 0"));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(format!(
                 "model.n_heads ({}) must be a multiple of model.n_kv_heads ({})",
                 self.n_heads, self.n_kv_heads
             ));
         }
         if !(0.0..=1.0).contains(&self.rotary_pct) {
-            return Err(format!("model.rotary_pct = {} must be within 0..=1", self.rotary_pct));
+            return Err(format!(
+                "model.rotary_pct = {} must be within 0..=1",
+                self.rotary_pct
+            ));
         }
-        if self.rotary_dims() % 2 != 0 {
+        if !self.rotary_dims().is_multiple_of(2) {
             return Err(format!(
                 "model.rotary_pct = {} gives {} rotary dims of head_dim {}; it must be even",
                 self.rotary_pct,
@@ -167,7 +170,9 @@ impl ModelConfig {
             ));
         }
         if self.family == Family::Llama && self.parallel_residual {
-            return Err("model.parallel_residual is a NeoX option; set it to false for llama".into());
+            return Err(
+                "model.parallel_residual is a NeoX option; set it to false for llama".into(),
+            );
         }
         if !(self.norm_eps > 0.0 && self.init_std > 0.0 && self.rope_theta > 0.0) {
             return Err("model.norm_eps, model.init_std and model.rope_theta must be > 0".into());
@@ -187,7 +192,11 @@ impl ModelConfig {
 
     /// Exact number of parameters of the model this config builds.
     pub fn num_params(&self) -> u64 {
-        let (d, v, f) = (self.d_model as u64, self.vocab_size as u64, self.d_ff as u64);
+        let (d, v, f) = (
+            self.d_model as u64,
+            self.vocab_size as u64,
+            self.d_ff as u64,
+        );
         let attn_out = (self.n_heads * self.head_dim) as u64;
         let qkv = self.qkv_dim() as u64;
         let per_layer = match self.family {
@@ -217,8 +226,13 @@ impl ModelConfig {
     /// PaLM's MFU accounting does). Training costs 3x this (forward + backward).
     pub fn forward_flops_per_token(&self, seq_len: usize) -> u64 {
         let matmul_params = self.num_non_embedding_params()
-            + if self.tie_embeddings { (self.vocab_size * self.d_model) as u64 } else { 0 };
-        let attn = 4 * self.n_layers as u64 * seq_len as u64 * (self.n_heads * self.head_dim) as u64;
+            + if self.tie_embeddings {
+                (self.vocab_size * self.d_model) as u64
+            } else {
+                0
+            };
+        let attn =
+            4 * self.n_layers as u64 * seq_len as u64 * (self.n_heads * self.head_dim) as u64;
         2 * matmul_params + attn
     }
 }
@@ -231,9 +245,18 @@ mod tests {
     /// `GPTNeoXForCausalLM.from_pretrained("EleutherAI/pythia-*")`).
     #[test]
     fn pythia_param_counts_match_hugging_face() {
-        assert_eq!(ModelConfig::preset("pythia-160m").unwrap().num_params(), 162_322_944);
-        assert_eq!(ModelConfig::preset("pythia-410m").unwrap().num_params(), 405_334_016);
-        assert_eq!(ModelConfig::preset("pythia-1b").unwrap().num_params(), 1_011_781_632);
+        assert_eq!(
+            ModelConfig::preset("pythia-160m").unwrap().num_params(),
+            162_322_944
+        );
+        assert_eq!(
+            ModelConfig::preset("pythia-410m").unwrap().num_params(),
+            405_334_016
+        );
+        assert_eq!(
+            ModelConfig::preset("pythia-1b").unwrap().num_params(),
+            1_011_781_632
+        );
     }
 
     #[test]

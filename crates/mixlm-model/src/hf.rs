@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use burn::module::Param;
-use burn::nn::{Linear, LayerNorm, RmsNorm};
+use burn::nn::{LayerNorm, Linear, RmsNorm};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -45,7 +45,11 @@ pub struct HostTensor {
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
     let shape = t.dims().to_vec();
-    let values = t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
+    let values = t
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 data");
     HostTensor { shape, values }
 }
 
@@ -151,7 +155,11 @@ pub fn export_tensors<B: Backend>(
         put_norm(&mut out, names.layer(i, n2), &block.mlp_norm);
         match config.family {
             Family::Neox => {
-                put_linear(&mut out, names.layer(i, "attention.query_key_value"), &block.attn.qkv);
+                put_linear(
+                    &mut out,
+                    names.layer(i, "attention.query_key_value"),
+                    &block.attn.qkv,
+                );
                 // Reorder rows from [Q; K; V] to per-head [q_h; k_h; v_h].
                 let perm = neox_qkv_perm(config.n_heads, config.head_dim);
                 for suffix in ["weight", "bias"] {
@@ -160,7 +168,8 @@ pub fn export_tensors<B: Backend>(
                     let row = t.values.len() / perm.len();
                     let mut v = vec![0.0; t.values.len()];
                     for (r, &ours) in perm.iter().enumerate() {
-                        v[r * row..(r + 1) * row].copy_from_slice(&t.values[ours * row..(ours + 1) * row]);
+                        v[r * row..(r + 1) * row]
+                            .copy_from_slice(&t.values[ours * row..(ours + 1) * row]);
                     }
                     t.values = v;
                 }
@@ -185,7 +194,11 @@ pub fn export_tensors<B: Backend>(
                         },
                     );
                 }
-                put_linear(&mut out, names.layer(i, "self_attn.o_proj"), &block.attn.out);
+                put_linear(
+                    &mut out,
+                    names.layer(i, "self_attn.o_proj"),
+                    &block.attn.out,
+                );
             }
         }
         let mlp = &block.mlp;
@@ -210,7 +223,10 @@ pub fn export_tensors<B: Backend>(
 }
 
 /// Serialises the model as HF-named f32 safetensors.
-pub fn to_safetensors<B: Backend>(model: &Transformer<B>, config: &ModelConfig) -> Result<Vec<u8>, HfError> {
+pub fn to_safetensors<B: Backend>(
+    model: &Transformer<B>,
+    config: &ModelConfig,
+) -> Result<Vec<u8>, HfError> {
     let tensors = export_tensors(model, config);
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .into_iter()
@@ -236,7 +252,9 @@ pub fn to_safetensors<B: Backend>(model: &Transformer<B>, config: &ModelConfig) 
 
 /// Reads one tensor as f32 (F16/BF16 are widened), checking its shape.
 fn read(st: &SafeTensors<'_>, name: &str, expected: &[usize]) -> Result<Vec<f32>, HfError> {
-    let view = st.tensor(name).map_err(|_| HfError::Missing(name.to_string()))?;
+    let view = st
+        .tensor(name)
+        .map_err(|_| HfError::Missing(name.to_string()))?;
     if view.shape() != expected {
         return Err(HfError::Shape {
             name: name.to_string(),
@@ -267,7 +285,11 @@ fn read(st: &SafeTensors<'_>, name: &str, expected: &[usize]) -> Result<Vec<f32>
     })
 }
 
-fn param<B: Backend, const D: usize>(values: Vec<f32>, shape: [usize; D], device: &B::Device) -> Param<Tensor<B, D>> {
+fn param<B: Backend, const D: usize>(
+    values: Vec<f32>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Param<Tensor<B, D>> {
     Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device))
 }
 
@@ -287,20 +309,29 @@ pub fn load_safetensors<B: Backend>(
     let (d, v, f) = (c.d_model, c.vocab_size, c.d_ff);
     let mut model: Transformer<B> = config.init(device);
 
-    let load_linear = |l: &mut Linear<B>, name: &str, dout: usize, din: usize| -> Result<(), HfError> {
-        let w = read(&st, &format!("{name}.weight"), &[dout, din])?;
-        l.weight = param(transpose(&w, dout, din), [din, dout], device);
-        if l.bias.is_some() {
-            l.bias = Some(param(read(&st, &format!("{name}.bias"), &[dout])?, [dout], device));
-        }
-        Ok(())
-    };
+    let load_linear =
+        |l: &mut Linear<B>, name: &str, dout: usize, din: usize| -> Result<(), HfError> {
+            let w = read(&st, &format!("{name}.weight"), &[dout, din])?;
+            l.weight = param(transpose(&w, dout, din), [din, dout], device);
+            if l.bias.is_some() {
+                l.bias = Some(param(
+                    read(&st, &format!("{name}.bias"), &[dout])?,
+                    [dout],
+                    device,
+                ));
+            }
+            Ok(())
+        };
     let load_norm = |n: &mut Norm<B>, name: &str| -> Result<(), HfError> {
         match n {
             Norm::Layer(LayerNorm { gamma, beta, .. }) => {
                 *gamma = param(read(&st, &format!("{name}.weight"), &[d])?, [d], device);
                 if beta.is_some() {
-                    *beta = Some(param(read(&st, &format!("{name}.bias"), &[d])?, [d], device));
+                    *beta = Some(param(
+                        read(&st, &format!("{name}.bias"), &[d])?,
+                        [d],
+                        device,
+                    ));
                 }
             }
             Norm::Rms(RmsNorm { gamma, .. }) => {
@@ -330,15 +361,37 @@ pub fn load_safetensors<B: Backend>(
                 }
                 block.attn.qkv.weight = param(transpose(&w2, qkv, d), [d, qkv], device);
                 block.attn.qkv.bias = Some(param(b2, [qkv], device));
-                load_linear(&mut block.attn.out, &names.layer(i, "attention.dense"), d, attn_width)?;
+                load_linear(
+                    &mut block.attn.out,
+                    &names.layer(i, "attention.dense"),
+                    d,
+                    attn_width,
+                )?;
             }
             Family::Llama => {
                 let kv = c.n_kv_heads * c.head_dim;
-                let mut w = read(&st, &names.layer(i, "self_attn.q_proj.weight"), &[attn_width, d])?;
-                w.extend(read(&st, &names.layer(i, "self_attn.k_proj.weight"), &[kv, d])?);
-                w.extend(read(&st, &names.layer(i, "self_attn.v_proj.weight"), &[kv, d])?);
+                let mut w = read(
+                    &st,
+                    &names.layer(i, "self_attn.q_proj.weight"),
+                    &[attn_width, d],
+                )?;
+                w.extend(read(
+                    &st,
+                    &names.layer(i, "self_attn.k_proj.weight"),
+                    &[kv, d],
+                )?);
+                w.extend(read(
+                    &st,
+                    &names.layer(i, "self_attn.v_proj.weight"),
+                    &[kv, d],
+                )?);
                 block.attn.qkv.weight = param(transpose(&w, qkv, d), [d, qkv], device);
-                load_linear(&mut block.attn.out, &names.layer(i, "self_attn.o_proj"), d, attn_width)?;
+                load_linear(
+                    &mut block.attn.out,
+                    &names.layer(i, "self_attn.o_proj"),
+                    d,
+                    attn_width,
+                )?;
             }
         }
         let mlp = &mut block.mlp;
@@ -419,13 +472,21 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig, HfError> {
     };
     // transformers >= 5 nests rotary settings under `rope_parameters`; older configs
     // (and Pythia's on the Hub) keep them flat. The nested value wins when present.
-    let rope = |k: &str| v.get("rope_parameters").and_then(|r| r.get(k)).and_then(Value::as_f64);
+    let rope = |k: &str| {
+        v.get("rope_parameters")
+            .and_then(|r| r.get(k))
+            .and_then(Value::as_f64)
+    };
     let float = |k: &str, default: f64| get(k).and_then(Value::as_f64).unwrap_or(default);
     let flag = |k: &str, default: bool| get(k).and_then(Value::as_bool).unwrap_or(default);
     let model_type = get("model_type").and_then(Value::as_str).unwrap_or("");
     let (d, heads) = (num("hidden_size")?, num("num_attention_heads")?);
     if let Some(act) = get("hidden_act").and_then(Value::as_str) {
-        let expected = if model_type == "llama" { "silu" } else { "gelu" };
+        let expected = if model_type == "llama" {
+            "silu"
+        } else {
+            "gelu"
+        };
         if act != expected {
             return Err(HfError::Config(format!(
                 "hidden_act `{act}` is not supported for {model_type} (expected `{expected}`)"

@@ -191,7 +191,9 @@ impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.gate {
             None => self.down.forward(gelu(self.up.forward(x))),
-            Some(gate) => self.down.forward(silu(gate.forward(x.clone())) * self.up.forward(x)),
+            Some(gate) => self
+                .down
+                .forward(silu(gate.forward(x.clone())) * self.up.forward(x)),
         }
     }
 }
@@ -253,7 +255,9 @@ impl ModelConfig {
             .init(device);
         Transformer {
             embed,
-            blocks: (0..self.n_layers).map(|_| Block::new(self, device)).collect(),
+            blocks: (0..self.n_layers)
+                .map(|_| Block::new(self, device))
+                .collect(),
             final_norm: Norm::new(self, device),
             lm_head: (!self.tie_embeddings)
                 .then(|| linear(self.d_model, self.vocab_size, false, self.init_std, device)),
@@ -293,7 +297,11 @@ impl<B: Backend> Transformer<B> {
 
     /// Cross-entropy of every target token, `[batch, seq]` in nats: the quantity both
     /// the training objective and the per-domain bookkeeping are built from.
-    pub fn token_losses(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    pub fn token_losses(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 2> {
         token_nll(self.forward(inputs), targets)
     }
 }

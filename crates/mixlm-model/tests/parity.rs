@@ -12,7 +12,9 @@ use safetensors::SafeTensors;
 type B = NdArray<f32>;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/parity")
+        .join(name)
 }
 
 fn check(name: &str) {
@@ -41,8 +43,14 @@ fn check(name: &str) {
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
 
-    let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device);
-    let logits: Vec<f32> = model.forward(tokens).into_data().convert::<f32>().into_vec().unwrap();
+    let tokens =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device);
+    let logits: Vec<f32> = model
+        .forward(tokens)
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .unwrap();
     assert_eq!(logits.len(), expected.len());
     let max_diff = logits
         .iter()
@@ -51,7 +59,10 @@ fn check(name: &str) {
         .fold(0.0f32, f32::max);
     let scale = expected.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
     println!("{name}: max |logit| {scale:.3}, max abs diff {max_diff:.2e}");
-    assert!(scale > 1.0, "fixture logits are too small to make the test sensitive");
+    assert!(
+        scale > 1.0,
+        "fixture logits are too small to make the test sensitive"
+    );
     assert!(max_diff < 1e-4, "{name}: max abs diff {max_diff}");
 
     // Saving writes the same tensors back (names, shapes and values).
@@ -64,7 +75,11 @@ fn check(name: &str) {
     original_names.sort();
     assert_eq!(saved_names, original_names);
     for n in &saved_names {
-        assert_eq!(saved.tensor(n).unwrap().data(), original.tensor(n).unwrap().data(), "{n}");
+        assert_eq!(
+            saved.tensor(n).unwrap().data(),
+            original.tensor(n).unwrap().data(),
+            "{n}"
+        );
     }
 }
 

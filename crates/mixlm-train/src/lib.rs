@@ -1,1 +1,13 @@
-// placeholder
+//! mixlm's trainer: config, optimizer, training loop, checkpoints and metrics.
+
+pub mod backend;
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod optim;
+pub mod progress;
+pub mod trainer;
+
+pub use backend::{train_on, BackendKind};
+pub use config::RunConfig;
+pub use trainer::{train, TrainOptions, TrainOutcome};

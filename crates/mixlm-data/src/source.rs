@@ -1,0 +1,74 @@
+//! The [`TokenSource`] trait: the one seam through which the trainer reads tokens.
+
+use mixlm_mixing::DomainId;
+use serde::{Deserialize, Serialize};
+
+/// Which stream of a domain a window comes from. Train and validation windows are
+/// drawn from disjoint streams, so validation losses measure generalisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    Train,
+    Validation,
+}
+
+impl Split {
+    /// Stable integer tag of the split, used when hashing seeds (never change these).
+    pub fn tag(self) -> u64 {
+        match self {
+            Split::Train => 0,
+            Split::Validation => 1,
+        }
+    }
+}
+
+/// A multi-domain corpus, addressed by `(domain, split, window index)`.
+///
+/// Random access by index (rather than an iterator) is what makes training resumable
+/// and order-independent: the sampler only has to checkpoint one cursor per domain,
+/// and any worker can fetch any window without replaying a stream.
+///
+/// Implemented by the synthetic corpus ([`crate::SyntheticCorpus`]) and, later, by a
+/// SlimPajama shard reader.
+pub trait TokenSource: Send + Sync {
+    /// Domain names; the position of a name is its [`DomainId`].
+    fn domain_names(&self) -> Vec<String>;
+
+    /// Size of the token id space: every id is in `0..vocab_size`.
+    fn vocab_size(&self) -> usize;
+
+    /// The end-of-document token that separates packed documents.
+    fn eos_id(&self) -> u32;
+
+    /// Relative size of each domain's training data (tokens); `natural` mixing uses it.
+    fn natural_weights(&self) -> Vec<f64>;
+
+    /// Number of distinct windows of `seq_len + 1` tokens in `(domain, split)`;
+    /// `None` when unbounded (synthetic sources). A bounded source must still accept
+    /// any index in [`TokenSource::window`], wrapping around (a new epoch).
+    fn num_windows(&self, domain: DomainId, split: Split, seq_len: usize) -> Option<u64>;
+
+    /// Window `index` of `seq_len + 1` consecutive tokens of `domain`
+    /// (input = `[..seq_len]`, target = `[1..]`).
+    ///
+    /// Deterministic: the same arguments give the same tokens on any machine and in
+    /// any order of calls.
+    fn window(&self, domain: DomainId, split: Split, index: u64, seq_len: usize) -> Vec<u32>;
+
+    /// Appends [`TokenSource::window`] to `out`. Sources override it to fill a batch
+    /// buffer without a temporary allocation per window.
+    fn window_into(
+        &self,
+        domain: DomainId,
+        split: Split,
+        index: u64,
+        seq_len: usize,
+        out: &mut Vec<u32>,
+    ) {
+        out.extend(self.window(domain, split, index, seq_len));
+    }
+
+    /// Best achievable mean cross-entropy (nats/token) over the `seq_len` predictions
+    /// of a window of this domain, when known (synthetic sources); `None` otherwise.
+    fn floor_loss(&self, domain: DomainId, seq_len: usize) -> Option<f64>;
+}

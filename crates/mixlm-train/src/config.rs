@@ -1,0 +1,515 @@
+//! The run config: one typed struct per TOML section, validated before any work.
+//!
+//! Every section denies unknown keys, so a typo (`[optimizer] lr_max = ...`) is an
+//! error naming the key instead of a silently ignored setting. `--set section.key=value`
+//! overrides go through the same TOML path as the file ([`RunConfig::from_toml`]).
+
+use std::path::Path;
+
+use mixlm_data::synthetic::SyntheticConfig;
+use mixlm_data::Composition;
+use mixlm_mixing::MixingConfig;
+use mixlm_model::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+/// The config compiled into the binary: what plain `mixlm train` runs.
+pub const DEFAULT_CONFIG: &str = include_str!("../../../configs/demo.toml");
+
+/// A whole run, section by section as in the TOML file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub run: RunSection,
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub mixing: MixingConfig,
+    #[serde(default)]
+    pub optimizer: OptimizerSection,
+    #[serde(default)]
+    pub schedule: ScheduleSection,
+    #[serde(default)]
+    pub eval: EvalSection,
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+}
+
+/// `[run]`: what to train for how long, and where results go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    /// Results go to `<out_dir>/<name>/`.
+    pub name: String,
+    pub out_dir: String,
+    /// Seeds model init, data sampling and everything random.
+    pub seed: u64,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    pub grad_accum: usize,
+    /// Tokens per training sequence (the model predicts `seq_len` targets per sequence).
+    pub seq_len: usize,
+    /// `cpu`, `wgpu` or `cuda`; `--backend` overrides.
+    pub backend: String,
+    /// Print a progress line every N steps when the progress bar is hidden (0 = never).
+    pub log_every: u64,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        Self {
+            name: "demo".into(),
+            out_dir: "runs".into(),
+            seed: 0,
+            steps: 100,
+            batch_size: 8,
+            grad_accum: 1,
+            seq_len: 64,
+            backend: "cpu".into(),
+            log_every: 0,
+        }
+    }
+}
+
+/// `[model]`: a preset, optionally with single fields overridden.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub preset: String,
+    pub d_model: Option<usize>,
+    pub n_layers: Option<usize>,
+    pub n_heads: Option<usize>,
+    pub n_kv_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub d_ff: Option<usize>,
+    pub vocab_size: Option<usize>,
+    pub tie_embeddings: Option<bool>,
+    pub parallel_residual: Option<bool>,
+    pub rotary_pct: Option<f64>,
+    pub init_std: Option<f64>,
+}
+
+impl ModelSection {
+    /// The preset with this section's overrides applied.
+    pub fn resolve(&self) -> Result<ModelConfig, String> {
+        let mut c = ModelConfig::preset(&self.preset).ok_or_else(|| {
+            format!(
+                "model.preset = \"{}\" is not a preset; choose one of: {}",
+                self.preset,
+                mixlm_model::PRESETS.join(", ")
+            )
+        })?;
+        if let Some(d) = self.d_model {
+            c.d_model = d;
+            c.head_dim = d / self.n_heads.unwrap_or(c.n_heads).max(1);
+        }
+        if let Some(h) = self.n_heads {
+            c.n_heads = h;
+            c.head_dim = c.d_model / h.max(1);
+            if self.n_kv_heads.is_none() && c.family == mixlm_model::Family::Neox {
+                c.n_kv_heads = h;
+            }
+        }
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+        }
+        set!(
+            n_layers,
+            n_kv_heads,
+            head_dim,
+            d_ff,
+            vocab_size,
+            tie_embeddings,
+            parallel_residual,
+            rotary_pct,
+            init_std
+        );
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Where the training tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSource {
+    /// The built-in synthetic multi-domain corpus (`[data.synthetic]`).
+    Synthetic,
+}
+
+/// `[data]`: the token source and how batches are composed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub source: DataSource,
+    /// `sample`: each sequence's domain drawn from the proportions; `fixed`: per-batch
+    /// counts apportioned exactly from the proportions.
+    #[serde(default = "default_composition")]
+    pub composition: Composition,
+    #[serde(default)]
+    pub synthetic: SyntheticConfig,
+}
+
+fn default_composition() -> Composition {
+    Composition::Sample
+}
+
+/// `[optimizer]`: AdamW with decoupled weight decay and global-norm clipping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerSection {
+    /// Peak learning rate (reached at the end of warmup).
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay, applied to matrices and embeddings (not biases or norms).
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value (0 = no clipping).
+    pub grad_clip: f64,
+}
+
+impl Default for OptimizerSection {
+    fn default() -> Self {
+        Self {
+            lr: 6e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+/// `[schedule]`: linear warmup, then cosine decay to `min_lr`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleSection {
+    pub warmup_steps: u64,
+    /// Learning rate at the end of the cosine (Pythia: 10% of the peak).
+    pub min_lr: f64,
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        Self {
+            warmup_steps: 10,
+            min_lr: 6e-5,
+        }
+    }
+}
+
+/// `[eval]`: periodic per-domain validation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Evaluate every N steps (0 = only before training and at the end).
+    pub every: u64,
+    /// Validation sequences per domain.
+    pub sequences: usize,
+    /// Sequences per evaluation forward pass.
+    pub batch_size: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            sequences: 64,
+            batch_size: 16,
+        }
+    }
+}
+
+/// `[checkpoint]`: when model and optimizer state are written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Write a checkpoint every N steps (0 = only at the end).
+    pub every: u64,
+    /// Write the final checkpoint at all.
+    pub save_final: bool,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            save_final: true,
+        }
+    }
+}
+
+/// A config problem: which file or override, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("--set {0}: expected section.key=value (e.g. --set run.steps=200)")]
+    BadOverride(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RunConfig {
+    /// Parses TOML text, applies `section.key=value` overrides, and validates.
+    /// `origin` names the file in error messages.
+    pub fn from_toml(text: &str, origin: &str, overrides: &[String]) -> Result<Self, ConfigError> {
+        let parse_err = |e: toml::de::Error| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: one_line(&e.to_string()),
+        };
+        let mut value: toml::Table = toml::from_str(text).map_err(parse_err)?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let config: RunConfig =
+            value
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin: if overrides.is_empty() {
+                        origin.to_string()
+                    } else {
+                        format!("{origin} (with --set overrides)")
+                    },
+                    message: one_line(&e.to_string()),
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string(), overrides)
+    }
+
+    /// The embedded default (`configs/demo.toml`).
+    pub fn embedded(overrides: &[String]) -> Result<Self, ConfigError> {
+        Self::from_toml(DEFAULT_CONFIG, "embedded default config", overrides)
+    }
+
+    /// Checks the values serde cannot: ranges and cross-field consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let r = &self.run;
+        if r.name.is_empty() || r.name.contains(['/', '\\']) || r.name == ".." {
+            return bad(format!(
+                "run.name = {:?} must be a plain folder name",
+                r.name
+            ));
+        }
+        for (key, v) in [
+            ("run.steps", r.steps as usize),
+            ("run.batch_size", r.batch_size),
+            ("run.grad_accum", r.grad_accum),
+            ("run.seq_len", r.seq_len),
+            ("eval.sequences", self.eval.sequences),
+            ("eval.batch_size", self.eval.batch_size),
+        ] {
+            if v == 0 {
+                return bad(format!("{key} must be > 0"));
+            }
+        }
+        r.backend
+            .parse::<crate::BackendKind>()
+            .map_err(|e| ConfigError::Invalid(format!("run.backend: {e}")))?;
+        let model = self.model.resolve().map_err(ConfigError::Invalid)?;
+        if r.seq_len > model.max_seq_len {
+            return bad(format!(
+                "run.seq_len = {} exceeds the model's max_seq_len {} (preset {})",
+                r.seq_len, model.max_seq_len, self.model.preset
+            ));
+        }
+        let o = &self.optimizer;
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return bad(format!("optimizer.lr = {} must be > 0", o.lr));
+        }
+        for (key, v) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(format!("{key} = {v} must be within [0, 1)"));
+            }
+        }
+        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        if !(non_negative(o.eps)
+            && o.eps > 0.0
+            && non_negative(o.weight_decay)
+            && non_negative(o.grad_clip))
+        {
+            return bad("optimizer.eps must be > 0, weight_decay and grad_clip >= 0".into());
+        }
+        let s = &self.schedule;
+        if !(s.min_lr >= 0.0 && s.min_lr <= o.lr) {
+            return bad(format!(
+                "schedule.min_lr = {} must be within [0, optimizer.lr = {}]",
+                s.min_lr, o.lr
+            ));
+        }
+        if s.warmup_steps > r.steps {
+            return bad(format!(
+                "schedule.warmup_steps = {} exceeds run.steps = {}",
+                s.warmup_steps, r.steps
+            ));
+        }
+        match self.data.source {
+            DataSource::Synthetic => {
+                let corpus = mixlm_data::SyntheticCorpus::new(&self.data.synthetic)
+                    .map_err(|e| ConfigError::Invalid(format!("data.synthetic: {e}")))?;
+                let vocab = self.data.synthetic.vocab_size;
+                if vocab > model.vocab_size {
+                    return bad(format!(
+                        "data.synthetic.vocab_size = {vocab} exceeds model vocab_size {}; set model.vocab_size",
+                        model.vocab_size
+                    ));
+                }
+                let names = mixlm_data::TokenSource::domain_names(&corpus);
+                self.mixing
+                    .validate(&names)
+                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// serde/toml errors span several lines with a source excerpt; keep the gist on one.
+fn one_line(message: &str) -> String {
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    // toml's format: "TOML parse error at line L, column C", excerpt lines, then the message.
+    let location = lines.first().copied().unwrap_or_default();
+    let what = lines.last().copied().unwrap_or_default();
+    if lines.len() > 1 && location.starts_with("TOML parse error") {
+        format!(
+            "{what} ({})",
+            location
+                .trim_start_matches("TOML parse error ")
+                .trim_end_matches(':')
+        )
+    } else {
+        lines.join(" ")
+    }
+}
+
+/// Applies `section.key=value` (value parsed as TOML, else taken as a string).
+fn apply_override(root: &mut toml::Table, spec: &str) -> Result<(), ConfigError> {
+    let (path, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| ConfigError::BadOverride(spec.to_string()))?;
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
+        return Err(ConfigError::BadOverride(spec.to_string()));
+    }
+    let value: toml::Value = format!("v = {}", raw.trim())
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
+    let mut table = root;
+    for key in &keys[..keys.len() - 1] {
+        table = table
+            .entry(key.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::BadOverride(format!("{spec} ({key} is not a section)")))?;
+    }
+    table.insert(keys[keys.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = RunConfig::embedded(&[]).unwrap();
+        assert_eq!(c.model.preset, "tiny");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = DEFAULT_CONFIG.replace("[optimizer]", "[optimizer]\nlr_max = 1.0");
+        let e = RunConfig::from_toml(&text, "x.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("x.toml: unknown field `lr_max`"), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+        let e = RunConfig::from_toml(DEFAULT_CONFIG, "x.toml", &["optimizer.lr_max=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown field `lr_max`") && e.contains("--set"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_section_is_named() {
+        let text = format!("{DEFAULT_CONFIG}\n[optimiser]\nlr = 1.0\n");
+        let e = RunConfig::from_toml(&text, "x.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `optimiser`"), "{e}");
+    }
+
+    #[test]
+    fn overrides_replace_values() {
+        let c = RunConfig::embedded(&["run.steps=70".into(), "run.name=other".into()]).unwrap();
+        assert_eq!(c.run.steps, 70);
+        assert_eq!(c.run.name, "other");
+        let e = RunConfig::embedded(&["run.steps".into()])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "--set run.steps: expected section.key=value (e.g. --set run.steps=200)"
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_are_rejected_with_their_key() {
+        let cases = [
+            ("optimizer.lr=-1.0", "optimizer.lr = -1 must be > 0"),
+            (
+                "optimizer.beta2=1.5",
+                "optimizer.beta2 = 1.5 must be within [0, 1)",
+            ),
+            ("run.batch_size=0", "run.batch_size must be > 0"),
+            (
+                "model.preset=\"pythia-7b\"",
+                "model.preset = \"pythia-7b\" is not a preset",
+            ),
+            (
+                "run.seq_len=100000",
+                "run.seq_len = 100000 exceeds the model's max_seq_len",
+            ),
+        ];
+        for (o, expected) in cases {
+            let e = RunConfig::embedded(&[o.into()]).unwrap_err().to_string();
+            assert!(e.starts_with(expected), "{o}: {e}");
+        }
+    }
+
+    #[test]
+    fn mixing_method_is_checked() {
+        let e = RunConfig::embedded(&["mixing.method=\"odmx\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("odmx"), "{e}");
+    }
+}

@@ -1,0 +1,233 @@
+//! The training loop: the one place where model, data and mixing scheduler meet.
+//!
+//! One optimizer step reads top to bottom (nanoGPT style): ask the scheduler for
+//! proportions, draw micro-batches with them, forward + per-token loss, backward,
+//! accumulate, clip + AdamW, report per-domain training loss back to the scheduler,
+//! log, maybe evaluate, maybe checkpoint.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::AutodiffBackend;
+use mixlm_data::{fetch_batch, MixtureSampler, Split, TokenSource};
+use mixlm_eval::{
+    inputs_and_targets, sequence_means, validation_losses, DomainAccumulator, DomainRow,
+};
+use mixlm_mixing::{build_scheduler, DomainId, DomainInfo, DomainLosses, Scheduler, StepFeedback};
+use mixlm_model::{ModelConfig, Transformer};
+
+use crate::checkpoint::{write_checkpoint, TrainState};
+use crate::config::{DataSource, RunConfig};
+use crate::metrics::{EvalRecord, MetricsWriter, StepRecord};
+use crate::optim::{lr_at, AdamW};
+use crate::progress::Progress;
+
+/// Switches for how a run reports, not what it computes.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Hide the progress bar (tests); log lines still follow `run.log_every`.
+    pub quiet: bool,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub run_dir: PathBuf,
+    /// Per-domain validation perplexity before and after training.
+    pub rows: Vec<DomainRow>,
+    /// Mean training loss of the last step.
+    pub final_train_loss: f64,
+    pub tokens_per_second: f64,
+    pub steps: u64,
+}
+
+/// Builds the token source a `[data]` section names.
+pub fn build_source(config: &RunConfig) -> Result<Box<dyn TokenSource>> {
+    Ok(match config.data.source {
+        DataSource::Synthetic => {
+            Box::new(mixlm_data::SyntheticCorpus::new(&config.data.synthetic)?)
+        }
+    })
+}
+
+/// Trains the model a config describes, on backend `B`, and writes
+/// `<out_dir>/<name>/{config.toml, metrics.jsonl, checkpoints/}`.
+pub fn train<B: AutodiffBackend>(
+    config: &RunConfig,
+    device: &B::Device,
+    options: &TrainOptions,
+) -> Result<TrainOutcome> {
+    config.validate()?;
+    let run = &config.run;
+    let model_config: ModelConfig = config.model.resolve().map_err(anyhow::Error::msg)?;
+    let source = build_source(config)?;
+    let names = source.domain_names();
+    let k = names.len();
+    let mut scheduler: Box<dyn Scheduler> = build_scheduler(
+        &config.mixing,
+        &DomainInfo {
+            names: names.clone(),
+            natural_weights: source.natural_weights(),
+        },
+    )?;
+
+    let run_dir = PathBuf::from(&run.out_dir).join(&run.name);
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
+    crate::checkpoint::write_atomic(
+        &run_dir.join("config.toml"),
+        toml::to_string_pretty(config)?.as_bytes(),
+    )?;
+    let mut metrics = MetricsWriter::create(&run_dir.join("metrics.jsonl"))?;
+
+    B::seed(device, run.seed);
+    let mut model: Transformer<B> = model_config.init(device);
+    let mut optimizer = AdamW::<B::InnerBackend>::new(config.optimizer.clone());
+    let mut sampler = MixtureSampler::new(k, run.seed, config.data.composition);
+
+    let evaluate = |model: &Transformer<B>| -> DomainLosses {
+        validation_losses(
+            &model.valid(),
+            source.as_ref(),
+            run.seq_len,
+            config.eval.sequences,
+            config.eval.batch_size,
+            device,
+        )
+    };
+    let tokens_per_step = (run.batch_size * run.grad_accum * run.seq_len) as u64;
+    let initial = evaluate(&model);
+    metrics.eval(&EvalRecord::new(0, 0, &names, &initial))?;
+
+    let mut progress = Progress::new(run.steps, options.quiet, run.log_every);
+    let started = Instant::now();
+    let mut last_loss = f64::NAN;
+    for step in 0..run.steps {
+        if scheduler.wants_validation(step) {
+            let val = evaluate(&model);
+            scheduler.observe_validation(step, &val);
+        }
+        let proportions = scheduler.proportions(step);
+        let lr = lr_at(
+            step,
+            config.optimizer.lr,
+            config.schedule.min_lr,
+            config.schedule.warmup_steps,
+            run.steps,
+        );
+
+        let mut grads = GradientsAccumulator::<Transformer<B>>::new();
+        let mut by_domain = DomainAccumulator::new(k);
+        for _ in 0..run.grad_accum {
+            let picks = sampler.next_batch(&proportions, run.batch_size);
+            let windows = fetch_batch(source.as_ref(), Split::Train, &picks, run.seq_len);
+            let (inputs, targets) =
+                inputs_and_targets::<B>(&windows, run.batch_size, run.seq_len, device);
+            let token_losses = model.token_losses(inputs, targets);
+            let loss = token_losses
+                .clone()
+                .mean()
+                .div_scalar(run.grad_accum as f64);
+            grads.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+            let domains: Vec<DomainId> = picks.iter().map(|(d, _)| *d).collect();
+            by_domain.add(&sequence_means(token_losses.inner()), &domains);
+        }
+        let (updated, stats) = optimizer.step(lr, model, grads.grads());
+        model = updated;
+
+        let train = by_domain.means();
+        last_loss = mean_over_sequences(&train, by_domain.counts());
+        let feedback = StepFeedback {
+            train,
+            sequences: by_domain.counts().to_vec(),
+            reference: None,
+        };
+        scheduler.observe_train(step, &feedback);
+
+        let tokens = (step + 1) * tokens_per_step;
+        let elapsed = started.elapsed().as_secs_f64();
+        let record = StepRecord {
+            kind: "train",
+            step: step + 1,
+            tokens,
+            lr,
+            loss: last_loss,
+            grad_norm: stats.grad_norm,
+            domain_loss: crate::metrics::by_name(&names, &feedback.train.0),
+            sequences: crate::metrics::by_name(&names, &feedback.sequences),
+            proportions: crate::metrics::by_name(&names, proportions.as_slice()),
+            elapsed_s: elapsed,
+            tokens_per_s: tokens as f64 / elapsed.max(1e-9),
+        };
+        metrics.step(&record)?;
+        progress.update(&record, &proportions);
+
+        let at_end = step + 1 == run.steps;
+        if config.eval.every > 0 && (step + 1).is_multiple_of(config.eval.every) && !at_end {
+            let val = evaluate(&model);
+            metrics.eval(&EvalRecord::new(step + 1, tokens, &names, &val))?;
+            progress.eval_line(step + 1, &names, &val);
+        }
+        if config.checkpoint.every > 0
+            && (step + 1).is_multiple_of(config.checkpoint.every)
+            && !at_end
+        {
+            let state = TrainState::new(step + 1, tokens, &optimizer, &sampler, scheduler.as_ref());
+            write_checkpoint(&run_dir, &model, &model_config, &optimizer, &state, config)?;
+        }
+    }
+    progress.finish();
+    let elapsed = started.elapsed().as_secs_f64();
+    let tokens = run.steps * tokens_per_step;
+
+    let last = evaluate(&model);
+    metrics.eval(&EvalRecord::new(run.steps, tokens, &names, &last))?;
+    if config.checkpoint.save_final {
+        let state = TrainState::new(run.steps, tokens, &optimizer, &sampler, scheduler.as_ref());
+        write_checkpoint(&run_dir, &model, &model_config, &optimizer, &state, config)?;
+    }
+    let rows = names
+        .iter()
+        .enumerate()
+        .map(|(d, name)| DomainRow {
+            domain: name.clone(),
+            initial_ppl: initial.0[d].map(f64::exp),
+            ppl: last.0[d].map(f64::exp).unwrap_or(f64::NAN),
+            floor_ppl: source.floor_loss(DomainId(d), run.seq_len).map(f64::exp),
+        })
+        .collect();
+    Ok(TrainOutcome {
+        run_dir,
+        rows,
+        final_train_loss: last_loss,
+        tokens_per_second: tokens as f64 / elapsed.max(1e-9),
+        steps: run.steps,
+    })
+}
+
+/// Mean over all sequences of a step (= token mean, as sequences have equal length).
+fn mean_over_sequences(losses: &DomainLosses, counts: &[usize]) -> f64 {
+    let total: usize = counts.iter().sum();
+    losses
+        .0
+        .iter()
+        .zip(counts)
+        .filter_map(|(l, &n)| l.map(|l| l * n as f64))
+        .sum::<f64>()
+        / total.max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_loss_weights_domains_by_sequences() {
+        let losses = DomainLosses(vec![Some(1.0), None, Some(4.0)]);
+        // 3 sequences at 1.0 and 1 at 4.0: (3 + 4) / 4.
+        assert_eq!(mean_over_sequences(&losses, &[3, 0, 1]), 1.75);
+    }
+}
