@@ -175,17 +175,29 @@ fn runs_are_deterministic_on_cpu() {
 #[test]
 fn demo_run_halves_perplexity_and_nears_the_floor() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = RunConfig::embedded(&[format!("run.out_dir=\"{}\"", tmp.path().display())]).unwrap();
+    let config =
+        RunConfig::embedded(&[format!("run.out_dir=\"{}\"", tmp.path().display())]).unwrap();
     let outcome = train::<B>(&config, &Default::default(), &TrainOptions { quiet: true }).unwrap();
     print!("{}", mixlm_eval::format_table(&outcome.rows));
     let domains = &config.data.synthetic.domains;
     assert_eq!(outcome.rows.len(), domains.len());
     for (row, domain) in outcome.rows.iter().zip(domains) {
         let initial = row.initial_ppl.unwrap();
-        assert!(row.ppl <= 0.5 * initial, "{}: {} -> {}", row.domain, initial, row.ppl);
+        assert!(
+            row.ppl <= 0.5 * initial,
+            "{}: {} -> {}",
+            row.domain,
+            initial,
+            row.ppl
+        );
         if domain.order >= 1 {
             let ratio = row.ratio_to_floor().unwrap();
-            assert!(ratio <= 1.5, "{}: {:.3} is {ratio:.2}x its floor", row.domain, row.ppl);
+            assert!(
+                ratio <= 1.5,
+                "{}: {:.3} is {ratio:.2}x its floor",
+                row.domain,
+                row.ppl
+            );
         }
     }
 }
