@@ -40,6 +40,27 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         seq_len: usize,
     },
+    /// Tokenize SlimPajama-style jsonl / jsonl.zst into per-domain token shards.
+    Prepare {
+        /// Run config whose `[data.prepare]` section describes the job (flags override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Input folders, files or globs (repeatable).
+        #[arg(long = "input", value_name = "DIR_OR_GLOB")]
+        inputs: Vec<String>,
+        /// HF tokenizer.json.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Output folder (gets manifest.json and <split>/<domain>.bin/.idx).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Override a value of the [data.prepare] section: --set key=value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Rebuild even if the tokenizer or inputs changed since the last prepare.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the embedded default config (a starting point for your own).
     DefaultConfig,
 }
@@ -121,6 +142,48 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             println!("(FLOPs at sequence length {seq_len}; training = 3x forward)");
+            Ok(())
+        }
+        Command::Prepare {
+            config,
+            inputs,
+            tokenizer,
+            output,
+            overrides,
+            force,
+        } => {
+            let mut prepare = match &config {
+                Some(path) => mixlm_train::config::load_prepare_section(path, &overrides)?,
+                None => mixlm_train::config::prepare_from_overrides(&overrides)?,
+            };
+            if !inputs.is_empty() {
+                prepare.inputs = inputs;
+            }
+            if let Some(t) = tokenizer {
+                prepare.tokenizer = t;
+            }
+            if let Some(o) = output {
+                prepare.output = o;
+            }
+            prepare.force |= force;
+            for (flag, missing) in [
+                ("--input", prepare.inputs.is_empty()),
+                ("--tokenizer", prepare.tokenizer.as_os_str().is_empty()),
+                ("--output", prepare.output.as_os_str().is_empty()),
+            ] {
+                if missing {
+                    anyhow::bail!("mixlm prepare needs {flag} (or data.prepare in --config)");
+                }
+            }
+            let summary = mixlm_data::prepare(&prepare)?;
+            if summary.up_to_date {
+                println!(
+                    "{} is up to date (same inputs, tokenizer and options); nothing to do",
+                    summary.output.display()
+                );
+            } else {
+                print!("{}", summary.table());
+            }
             Ok(())
         }
         Command::DefaultConfig => {

@@ -96,3 +96,95 @@ fn model_info_shows_hugging_face_pythia_counts() {
     assert!(!ok);
     assert!(single_error_line(&err).contains("unknown preset `gpt-5`"));
 }
+
+/// `mixlm prepare` on the real development corpus, then `mixlm train` from the shards
+/// with the Pythia-style tiny model. Skips (saying why) when `../shared` is absent.
+#[test]
+fn prepare_then_train_on_the_shared_corpus() {
+    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
+    if !shared.join("corpus").exists() {
+        println!(
+            "skipped: {} not found (the shared development corpus)",
+            shared.display()
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("shards");
+    let input = format!(
+        "{}/corpus/*/RedPajamaStackExchange.jsonl.zst",
+        shared.display()
+    );
+    let tokenizer = shared.join("tokenizers/gpt-neox-20b/tokenizer.json");
+    let prepare = |extra: &[&str]| {
+        let mut args = vec![
+            "prepare",
+            "--input",
+            &input,
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        mixlm(&args)
+    };
+    let (ok, stdout, stderr) = prepare(&[]);
+    assert!(ok, "{stderr}");
+    // Token counts of the shared corpus README (GPT-NeoX tokens + one EOS per document).
+    assert!(stdout.contains("4,146,199"), "{stdout}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        manifest["splits"]["train"]["RedPajamaStackExchange"]["documents"],
+        4077
+    );
+    assert_eq!(manifest["tokenizer"]["eos_id"], 0);
+    let (ok, stdout, _) = prepare(&[]);
+    assert!(ok && stdout.contains("up to date"), "{stdout}");
+
+    let runs = dir.path().join("runs");
+    let (ok, stdout, stderr) = mixlm(&[
+        "train",
+        "--config",
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../configs/shared-corpus.toml"
+        ),
+        "--quiet",
+        "--set",
+        &format!("data.path=\"{}\"", out.display()),
+        "--set",
+        &format!("run.out_dir=\"{}\"", runs.display()),
+        "--set",
+        "run.steps=3",
+        "--set",
+        "run.batch_size=2",
+        "--set",
+        "run.seq_len=32",
+        "--set",
+        "schedule.warmup_steps=1",
+        "--set",
+        "eval.sequences=2",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("RedPajamaStackExchange"), "{stdout}");
+    let metrics = std::fs::read_to_string(runs.join("shared-corpus/metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"train\""))
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn prepare_without_inputs_is_one_line() {
+    let (ok, _, err) = mixlm(&["prepare", "--tokenizer", "t.json", "--output", "out"]);
+    assert!(!ok);
+    assert_eq!(
+        single_error_line(&err),
+        "error: mixlm prepare needs --input (or data.prepare in --config)"
+    );
+}

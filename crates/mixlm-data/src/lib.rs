@@ -1,5 +1,7 @@
 //! Token data for mixlm: the [`TokenSource`] seam, the synthetic multi-domain
-//! corpus with known per-domain loss floors, and the mixture batch sampler.
+//! corpus with known per-domain loss floors, the mixture batch sampler, and real
+//! corpora: [`prepare()`] turns SlimPajama-style `.jsonl(.zst)` into per-domain token
+//! shards, which [`ShardSource`] memory-maps as a [`TokenSource`].
 //!
 //! The trainer's data path per step is:
 //! 1. `picks = sampler.next_batch(&proportions, batch_size)` — which domain and which
@@ -14,14 +16,18 @@
 //! Everything random is keyed by explicit integers through [`seeding`], so the data
 //! is identical on every machine and independent of call order or threading.
 
+pub mod prepare;
 pub mod sampler;
 pub mod seeding;
+pub mod shards;
 pub mod source;
 pub mod synthetic;
 
+pub use prepare::{prepare, PrepareConfig, PrepareError, PrepareSummary};
 pub use sampler::{
     fetch_batch, validation_picks, Composition, MixtureSampler, SamplerError, SamplerState,
 };
+pub use shards::{ShardError, ShardSource, WindowPermutation};
 pub use source::{Split, TokenSource};
 pub use synthetic::{
     DomainStats, ExplicitChain, SharedComponent, SyntheticConfig, SyntheticCorpus, SyntheticDomain,

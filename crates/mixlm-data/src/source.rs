@@ -3,22 +3,46 @@
 use mixlm_mixing::DomainId;
 use serde::{Deserialize, Serialize};
 
-/// Which stream of a domain a window comes from. Train and validation windows are
-/// drawn from disjoint streams, so validation losses measure generalisation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Which stream of a domain a window comes from. Train, validation and test windows
+/// are drawn from disjoint streams, so validation losses measure generalisation.
+///
+/// `Test` is held out for final reports: prepared corpora may have it (the dataset's
+/// own `test/` folder, or a hash split); the trainer never reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Split {
     Train,
     Validation,
+    Test,
 }
 
 impl Split {
-    /// Stable integer tag of the split, used when hashing seeds (never change these).
+    /// Every split, in tag order.
+    pub const ALL: [Split; 3] = [Split::Train, Split::Validation, Split::Test];
+
+    /// Stable integer tag of the split, used when hashing seeds (never change these:
+    /// the synthetic corpus's pinned windows depend on them).
     pub fn tag(self) -> u64 {
         match self {
             Split::Train => 0,
             Split::Validation => 1,
+            Split::Test => 2,
         }
+    }
+
+    /// The serde / folder name: `train`, `validation`, `test`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Validation => "validation",
+            Split::Test => "test",
+        }
+    }
+}
+
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -28,8 +52,8 @@ impl Split {
 /// and order-independent: the sampler only has to checkpoint one cursor per domain,
 /// and any worker can fetch any window without replaying a stream.
 ///
-/// Implemented by the synthetic corpus ([`crate::SyntheticCorpus`]) and, later, by a
-/// SlimPajama shard reader.
+/// Implemented by the synthetic corpus ([`crate::SyntheticCorpus`]) and by prepared
+/// token shards ([`crate::ShardSource`], written by [`crate::prepare::prepare`]).
 pub trait TokenSource: Send + Sync {
     /// Domain names; the position of a name is its [`DomainId`].
     fn domain_names(&self) -> Vec<String>;

@@ -94,8 +94,15 @@ pub fn validation_losses<B: Backend>(
     device: &B::Device,
 ) -> DomainLosses {
     let k = source.domain_names().len();
+    // Bounded sources (prepared shards) have fewer windows than asked for when the
+    // validation split is small: use each window once rather than wrap into repeats.
     let picks: Vec<(DomainId, u64)> = (0..k)
-        .flat_map(|d| (0..sequences as u64).map(move |i| (DomainId(d), i)))
+        .flat_map(|d| {
+            let n = source
+                .num_windows(DomainId(d), Split::Validation, seq_len)
+                .map_or(sequences as u64, |w| w.min(sequences as u64));
+            (0..n).map(move |i| (DomainId(d), i))
+        })
         .collect();
     let mut acc = DomainAccumulator::new(k);
     for chunk in picks.chunks(batch_size) {

@@ -4,10 +4,10 @@
 //! error naming the key instead of a silently ignored setting. `--set section.key=value`
 //! overrides go through the same TOML path as the file ([`RunConfig::from_toml`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use mixlm_data::synthetic::SyntheticConfig;
-use mixlm_data::Composition;
+use mixlm_data::{Composition, PrepareConfig, TokenSource};
 use mixlm_mixing::MixingConfig;
 use mixlm_model::ModelConfig;
 use serde::{Deserialize, Serialize};
@@ -137,6 +137,8 @@ impl ModelSection {
 pub enum DataSource {
     /// The built-in synthetic multi-domain corpus (`[data.synthetic]`).
     Synthetic,
+    /// Token shards written by `mixlm prepare` (`data.path`, or `[data.prepare] output`).
+    Shards,
 }
 
 /// `[data]`: the token source and how batches are composed.
@@ -150,6 +152,20 @@ pub struct DataSection {
     pub composition: Composition,
     #[serde(default)]
     pub synthetic: SyntheticConfig,
+    /// Folder of prepared shards (`source = "shards"`); defaults to `prepare.output`.
+    pub path: Option<PathBuf>,
+    /// How `mixlm prepare --config` builds the shards from raw jsonl / jsonl.zst.
+    pub prepare: Option<PrepareConfig>,
+}
+
+impl DataSection {
+    /// The shard folder a `source = "shards"` run reads.
+    pub fn shard_dir(&self) -> Option<PathBuf> {
+        self.path
+            .clone()
+            .or_else(|| self.prepare.as_ref().map(|p| p.output.clone()))
+            .filter(|p| !p.as_os_str().is_empty())
+    }
 }
 
 fn default_composition() -> Composition {
@@ -300,6 +316,31 @@ impl RunConfig {
         Self::from_toml(DEFAULT_CONFIG, "embedded default config", overrides)
     }
 
+    /// Opens the token source `[data]` names, checking that it fits `run.seq_len`.
+    pub fn open_source(&self) -> Result<Box<dyn TokenSource>, ConfigError> {
+        let invalid = ConfigError::Invalid;
+        Ok(match self.data.source {
+            DataSource::Synthetic => Box::new(
+                mixlm_data::SyntheticCorpus::new(&self.data.synthetic)
+                    .map_err(|e| invalid(format!("data.synthetic: {e}")))?,
+            ),
+            DataSource::Shards => {
+                let dir = self.data.shard_dir().ok_or_else(|| {
+                    invalid("data.source = \"shards\" needs data.path (the folder `mixlm prepare` wrote)".into())
+                })?;
+                let shards = mixlm_data::ShardSource::open(&dir, self.run.seed)
+                    .map_err(|e| invalid(format!("data.path: {e}")))?;
+                shards
+                    .check_seq_len(
+                        self.run.seq_len,
+                        &[mixlm_data::Split::Train, mixlm_data::Split::Validation],
+                    )
+                    .map_err(|e| invalid(format!("run.seq_len = {}: {e}", self.run.seq_len)))?;
+                Box::new(shards)
+            }
+        })
+    }
+
     /// Checks the values serde cannot: ranges and cross-field consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
@@ -362,25 +403,65 @@ impl RunConfig {
                 s.warmup_steps, r.steps
             ));
         }
-        match self.data.source {
-            DataSource::Synthetic => {
-                let corpus = mixlm_data::SyntheticCorpus::new(&self.data.synthetic)
-                    .map_err(|e| ConfigError::Invalid(format!("data.synthetic: {e}")))?;
-                let vocab = self.data.synthetic.vocab_size;
-                if vocab > model.vocab_size {
-                    return bad(format!(
-                        "data.synthetic.vocab_size = {vocab} exceeds model vocab_size {}; set model.vocab_size",
-                        model.vocab_size
-                    ));
-                }
-                let names = mixlm_data::TokenSource::domain_names(&corpus);
-                self.mixing
-                    .validate(&names)
-                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-            }
+        let source = self.open_source()?;
+        let vocab = source.vocab_size();
+        if vocab > model.vocab_size {
+            return bad(format!(
+                "the data's vocabulary ({vocab} ids) exceeds model vocab_size {}; set model.vocab_size (Pythia pads 50,277 to 50,304)",
+                model.vocab_size
+            ));
         }
+        self.mixing
+            .validate(&source.domain_names())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
     }
+}
+
+/// The `[data.prepare]` section of a run config, with `key=value` overrides of it.
+pub fn load_prepare_section(
+    path: &Path,
+    overrides: &[String],
+) -> Result<PrepareConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let origin = path.display().to_string();
+    let mut root: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        origin: origin.clone(),
+        message: one_line(&e.to_string()),
+    })?;
+    let section = root
+        .remove("data")
+        .and_then(|d| d.as_table().and_then(|t| t.get("prepare").cloned()))
+        .and_then(|p| p.as_table().cloned())
+        .ok_or_else(|| ConfigError::Invalid(format!("{origin} has no [data.prepare] section")))?;
+    prepare_with_overrides(section, &origin, overrides)
+}
+
+/// A `[data.prepare]` built from defaults and `key=value` overrides alone.
+pub fn prepare_from_overrides(overrides: &[String]) -> Result<PrepareConfig, ConfigError> {
+    prepare_with_overrides(toml::Table::new(), "command line", overrides)
+}
+
+fn prepare_with_overrides(
+    mut section: toml::Table,
+    origin: &str,
+    overrides: &[String],
+) -> Result<PrepareConfig, ConfigError> {
+    for o in overrides {
+        apply_override(&mut section, &format!("prepare.{o}"))?;
+        if let Some(toml::Value::Table(p)) = section.remove("prepare") {
+            section.extend(p);
+        }
+    }
+    section
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: format!("{origin} [data.prepare]"),
+            message: one_line(&e.to_string()),
+        })
 }
 
 /// serde/toml errors span several lines with a source excerpt; keep the gist on one.
@@ -503,6 +584,27 @@ mod tests {
             let e = RunConfig::embedded(&[o.into()]).unwrap_err().to_string();
             assert!(e.starts_with(expected), "{o}: {e}");
         }
+    }
+
+    #[test]
+    fn shard_source_needs_a_prepared_folder() {
+        let e = RunConfig::embedded(&["data.source=\"shards\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("data.source = \"shards\" needs data.path"),
+            "{e}"
+        );
+        let e = RunConfig::embedded(&[
+            "data.source=\"shards\"".into(),
+            "data.path=\"/nonexistent/shards\"".into(),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("data.path: ") && e.contains("/nonexistent/shards"),
+            "{e}"
+        );
     }
 
     #[test]

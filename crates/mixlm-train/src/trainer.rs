@@ -20,7 +20,7 @@ use mixlm_mixing::{build_scheduler, DomainId, DomainInfo, DomainLosses, Schedule
 use mixlm_model::{ModelConfig, Transformer};
 
 use crate::checkpoint::{write_checkpoint, TrainState};
-use crate::config::{DataSource, RunConfig};
+use crate::config::RunConfig;
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord};
 use crate::optim::{lr_at, AdamW};
 use crate::progress::Progress;
@@ -46,11 +46,7 @@ pub struct TrainOutcome {
 
 /// Builds the token source a `[data]` section names.
 pub fn build_source(config: &RunConfig) -> Result<Box<dyn TokenSource>> {
-    Ok(match config.data.source {
-        DataSource::Synthetic => {
-            Box::new(mixlm_data::SyntheticCorpus::new(&config.data.synthetic)?)
-        }
-    })
+    Ok(config.open_source()?)
 }
 
 /// Trains the model a config describes, on backend `B`, and writes

@@ -1,0 +1,283 @@
+//! `manifest.json`: what a prepared folder holds and how it was made.
+//!
+//! It is written last, after every shard is complete, so its presence is the mark
+//! of a finished prepare; a reader trusts nothing in a folder without it. It also
+//! records everything that decides the shards' content (tokenizer hash, inputs with
+//! sizes and modification times, options), which is how a re-run knows it has
+//! nothing to do, or that the folder was made from something else.
+
+use super::ingest::{InputFile, SkipReport};
+use super::shards::ShardCounts;
+use super::tokenize::TokenDtype;
+use super::OnError;
+use crate::source::Split;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+/// File name of the manifest inside the output folder.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Version of the folder layout and manifest; readers refuse other versions.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// How the hash split places a document (recorded in the manifest).
+pub const HASH_SPLIT_RULE: &str = "u = first 8 bytes of SHA-256(text as UTF-8), big-endian, top 53 bits / 2^53; validation if u < validation_fraction, test if u < validation_fraction + test_fraction, else train";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenizerRecord {
+    /// As given in `data.prepare.tokenizer`.
+    pub path: String,
+    /// Hex SHA-256 of the file.
+    pub sha256: String,
+    pub vocab_size: usize,
+    pub eos_id: u32,
+}
+
+/// Where each document's split came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum SplitMethod {
+    /// The dataset's own splits: every input is under a `train`, `validation` (or
+    /// `valid`/`val`) or `test` path component.
+    Dataset,
+    /// No input names a split: documents are placed by a hash of their text.
+    Hash {
+        validation_fraction: f64,
+        test_fraction: f64,
+        rule: String,
+    },
+}
+
+/// Every option that changes what is written (so a change requires a rebuild).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestOptions {
+    pub text_key: String,
+    pub domain_key: String,
+    pub rename: BTreeMap<String, String>,
+    pub keep: Option<Vec<String>>,
+    pub drop: Vec<String>,
+    pub on_error: OnError,
+    pub validation_fraction: f64,
+    pub test_fraction: f64,
+    /// As requested (`None`: the tokenizer's `<|endoftext|>`).
+    pub eos_id: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// `mixlm-data <version>`.
+    pub created_by: String,
+    pub tokenizer: TokenizerRecord,
+    pub token_dtype: TokenDtype,
+    /// Dotted path of the domain name in each record.
+    pub domain_key: String,
+    pub split_method: SplitMethod,
+    pub options: ManifestOptions,
+    pub inputs: Vec<InputFile>,
+    /// Per split, per domain (sorted by name): documents and tokens (EOS included).
+    pub splits: BTreeMap<Split, BTreeMap<String, ShardCounts>>,
+    /// Bad input skipped under `on_error = "skip"`.
+    pub skipped: SkipReport,
+    /// Documents left out by `keep` / `drop`, per domain (after renaming).
+    pub dropped_documents: BTreeMap<String, u64>,
+}
+
+fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
+}
+
+impl Manifest {
+    /// What differs between how `self` was made and how `new` would be made, one
+    /// line each; empty when a re-run would write the same shards.
+    pub fn differences(&self, new: &Manifest) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.format_version != new.format_version {
+            out.push(format!(
+                "format version {} -> {}",
+                self.format_version, new.format_version
+            ));
+        }
+        if self.tokenizer.sha256 != new.tokenizer.sha256 {
+            out.push(format!(
+                "tokenizer changed: {} had SHA-256 {}…, {} has {}… (data.prepare.tokenizer)",
+                self.tokenizer.path,
+                short(&self.tokenizer.sha256),
+                new.tokenizer.path,
+                short(&new.tokenizer.sha256)
+            ));
+        } else if self.tokenizer.eos_id != new.tokenizer.eos_id {
+            out.push(format!(
+                "EOS id {} -> {}",
+                self.tokenizer.eos_id, new.tokenizer.eos_id
+            ));
+        }
+        let old_inputs: BTreeMap<_, _> = self.inputs.iter().map(|f| (&f.path, f)).collect();
+        let new_inputs: BTreeMap<_, _> = new.inputs.iter().map(|f| (&f.path, f)).collect();
+        for (path, f) in &new_inputs {
+            match old_inputs.get(path) {
+                None => out.push(format!("input added: {}", path.display())),
+                Some(old) if old != f => out.push(format!(
+                    "input changed: {} (size {} -> {} bytes, mtime {}.{:09} -> {}.{:09})",
+                    path.display(),
+                    old.bytes,
+                    f.bytes,
+                    old.mtime_unix,
+                    old.mtime_nanos,
+                    f.mtime_unix,
+                    f.mtime_nanos
+                )),
+                Some(_) => {}
+            }
+        }
+        for path in old_inputs.keys() {
+            if !new_inputs.contains_key(path) {
+                out.push(format!("input removed: {}", path.display()));
+            }
+        }
+        if old_inputs.len() == new_inputs.len()
+            && out.is_empty()
+            && self
+                .inputs
+                .iter()
+                .map(|f| &f.path)
+                .ne(new.inputs.iter().map(|f| &f.path))
+        {
+            out.push(
+                "inputs are listed in another order (documents would be stored in another order)"
+                    .into(),
+            );
+        }
+        let (a, b) = (&self.options, &new.options);
+        let mut option = |name: &str, changed: bool, old: String, new: String| {
+            if changed {
+                out.push(format!(
+                    "option data.prepare.{name} changed: {old} -> {new}"
+                ));
+            }
+        };
+        option(
+            "text_key",
+            a.text_key != b.text_key,
+            a.text_key.clone(),
+            b.text_key.clone(),
+        );
+        option(
+            "domain_key",
+            a.domain_key != b.domain_key,
+            a.domain_key.clone(),
+            b.domain_key.clone(),
+        );
+        option(
+            "rename",
+            a.rename != b.rename,
+            format!("{:?}", a.rename),
+            format!("{:?}", b.rename),
+        );
+        option(
+            "keep",
+            a.keep != b.keep,
+            format!("{:?}", a.keep),
+            format!("{:?}", b.keep),
+        );
+        option(
+            "drop",
+            a.drop != b.drop,
+            format!("{:?}", a.drop),
+            format!("{:?}", b.drop),
+        );
+        option(
+            "on_error",
+            a.on_error != b.on_error,
+            format!("{:?}", a.on_error),
+            format!("{:?}", b.on_error),
+        );
+        option(
+            "validation_fraction",
+            a.validation_fraction != b.validation_fraction,
+            a.validation_fraction.to_string(),
+            b.validation_fraction.to_string(),
+        );
+        option(
+            "test_fraction",
+            a.test_fraction != b.test_fraction,
+            a.test_fraction.to_string(),
+            b.test_fraction.to_string(),
+        );
+        option(
+            "eos_id",
+            a.eos_id != b.eos_id,
+            format!("{:?}", a.eos_id),
+            format!("{:?}", b.eos_id),
+        );
+        out
+    }
+
+    /// Domains of a split, sorted by name, with their counts.
+    pub fn split(&self, split: Split) -> Option<&BTreeMap<String, ShardCounts>> {
+        self.splits.get(&split)
+    }
+
+    /// Reads `dir/manifest.json`; `Ok(None)` when there is none.
+    pub fn read(dir: &Path) -> Result<Option<Manifest>, ManifestReadError> {
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ManifestReadError::Io(e)),
+        };
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| ManifestReadError::Parse(e.to_string()))?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(ManifestReadError::Version(manifest.format_version));
+        }
+        Ok(Some(manifest))
+    }
+
+    /// Writes `dir/manifest.json` atomically (temporary file, sync, rename, then a
+    /// sync of the folder so the rename itself is durable).
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        let path = dir.join(MANIFEST_FILE);
+        let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
+        let mut json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        json.push(b'\n');
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&json)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &path)?;
+        sync_dir(dir);
+        Ok(())
+    }
+}
+
+/// Best-effort fsync of a folder (makes renames inside it durable on Unix).
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Why an existing manifest could not be used.
+#[derive(Debug)]
+pub enum ManifestReadError {
+    Io(std::io::Error),
+    Parse(String),
+    Version(u32),
+}
+
+impl std::fmt::Display for ManifestReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ManifestReadError::Io(e) => write!(f, "cannot read it: {e}"),
+            ManifestReadError::Parse(e) => write!(f, "it does not parse: {e}"),
+            ManifestReadError::Version(v) => write!(
+                f,
+                "it has format version {v}, this build reads version {FORMAT_VERSION}"
+            ),
+        }
+    }
+}
