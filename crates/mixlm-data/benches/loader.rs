@@ -1,0 +1,75 @@
+//! Loader throughput: tokens/s of drawing mixture batches from prepared shards
+//! (memory-mapped, warm page cache) and of the synthetic generator.
+//!
+//! `cargo bench -p mixlm-data --bench loader`. The shard benchmark prepares the
+//! shared development corpus's StackExchange and C4 groups into
+//! `target/bench-shards` once (or uses `MIXLM_BENCH_SHARDS=DIR`, any prepared folder);
+//! it is skipped, saying why, when neither exists. Results go to benches/RESULTS.md.
+
+use std::path::PathBuf;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use mixlm_data::{
+    fetch_batch, Composition, MixtureSampler, PrepareConfig, Proportions, ShardSource, Split,
+    SyntheticConfig, SyntheticCorpus, TokenSource,
+};
+
+const BATCH: usize = 16;
+const SEQ_LEN: usize = 2048;
+
+fn shard_dir() -> Option<PathBuf> {
+    if let Ok(dir) = std::env::var("MIXLM_BENCH_SHARDS") {
+        return Some(PathBuf::from(dir));
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let shared = root.join("../shared/data");
+    if !shared.join("corpus").exists() {
+        eprintln!(
+            "skipping shard loader bench: no MIXLM_BENCH_SHARDS and no {}",
+            shared.display()
+        );
+        return None;
+    }
+    let out = root.join("target/bench-shards");
+    let config = PrepareConfig {
+        inputs: vec![
+            format!(
+                "{}/corpus/*/RedPajamaStackExchange.jsonl.zst",
+                shared.display()
+            ),
+            format!("{}/corpus/*/RedPajamaC4.jsonl.zst", shared.display()),
+        ],
+        tokenizer: shared.join("tokenizers/gpt-neox-20b/tokenizer.json"),
+        output: out.clone(),
+        ..Default::default()
+    };
+    mixlm_data::prepare(&config).expect("prepare bench shards");
+    Some(out)
+}
+
+fn draw(c: &mut Criterion, name: &str, source: &dyn TokenSource) {
+    let k = source.domain_names().len();
+    let proportions = Proportions::uniform(k);
+    let mut sampler = MixtureSampler::new(k, 0, Composition::Sample);
+    let mut group = c.benchmark_group("loader");
+    group.throughput(Throughput::Elements((BATCH * SEQ_LEN) as u64));
+    group.bench_function(format!("{name} {BATCH}x{SEQ_LEN}"), |b| {
+        b.iter(|| {
+            let picks = sampler.next_batch(&proportions, BATCH);
+            fetch_batch(source, Split::Train, &picks, SEQ_LEN)
+        })
+    });
+    group.finish();
+}
+
+fn loader(c: &mut Criterion) {
+    if let Some(dir) = shard_dir() {
+        let shards = ShardSource::open(&dir, 0).expect("open shards");
+        draw(c, "shards", &shards);
+    }
+    let synthetic = SyntheticCorpus::new(&SyntheticConfig::default()).unwrap();
+    draw(c, "synthetic", &synthetic);
+}
+
+criterion_group!(benches, loader);
+criterion_main!(benches);
