@@ -47,6 +47,10 @@ pub struct EvalRecord {
     pub tokens: u64,
     pub val_loss: BTreeMap<String, Option<f64>>,
     pub val_ppl: BTreeMap<String, Option<f64>>,
+    /// Training epochs consumed per domain (windows drawn / windows available); empty
+    /// for unbounded sources. Above 1 means the domain's data was repeated.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub data_epochs: BTreeMap<String, f64>,
 }
 
 impl EvalRecord {
@@ -58,7 +62,18 @@ impl EvalRecord {
             tokens,
             val_loss: by_name(names, &losses.0),
             val_ppl: by_name(names, &ppl),
+            data_epochs: BTreeMap::new(),
         }
+    }
+
+    /// Adds the epochs consumed per domain, for sources with a known size.
+    pub fn with_epochs(mut self, names: &[String], epochs: &[Option<f64>]) -> Self {
+        self.data_epochs = names
+            .iter()
+            .zip(epochs)
+            .filter_map(|(n, e)| e.map(|e| (n.clone(), e)))
+            .collect();
+        self
     }
 }
 

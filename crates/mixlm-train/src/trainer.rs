@@ -164,7 +164,10 @@ pub fn train<B: AutodiffBackend>(
         let at_end = step + 1 == run.steps;
         if config.eval.every > 0 && (step + 1).is_multiple_of(config.eval.every) && !at_end {
             let val = evaluate(&model);
-            metrics.eval(&EvalRecord::new(step + 1, tokens, &names, &val))?;
+            let epochs = data_epochs(source.as_ref(), &sampler, run.seq_len);
+            metrics.eval(
+                &EvalRecord::new(step + 1, tokens, &names, &val).with_epochs(&names, &epochs),
+            )?;
             progress.eval_line(step + 1, &names, &val);
         }
         if config.checkpoint.every > 0
@@ -180,7 +183,14 @@ pub fn train<B: AutodiffBackend>(
     let tokens = run.steps * tokens_per_step;
 
     let last = evaluate(&model);
-    metrics.eval(&EvalRecord::new(run.steps, tokens, &names, &last))?;
+    let epochs = data_epochs(source.as_ref(), &sampler, run.seq_len);
+    metrics
+        .eval(&EvalRecord::new(run.steps, tokens, &names, &last).with_epochs(&names, &epochs))?;
+    for (name, e) in names.iter().zip(&epochs) {
+        if let Some(e) = e.filter(|e| *e > 1.0) {
+            eprintln!("note: domain {name} was repeated: {e:.2} epochs of its training data");
+        }
+    }
     if config.checkpoint.save_final {
         let state = TrainState::new(run.steps, tokens, &optimizer, &sampler, scheduler.as_ref());
         write_checkpoint(&run_dir, &model, &model_config, &optimizer, &state, config)?;
@@ -202,6 +212,25 @@ pub fn train<B: AutodiffBackend>(
         tokens_per_second: tokens as f64 / elapsed.max(1e-9),
         steps: run.steps,
     })
+}
+
+/// Training epochs each domain has consumed (`None` for unbounded sources).
+fn data_epochs(
+    source: &dyn TokenSource,
+    sampler: &MixtureSampler,
+    seq_len: usize,
+) -> Vec<Option<f64>> {
+    sampler
+        .state()
+        .cursors
+        .iter()
+        .enumerate()
+        .map(|(d, &drawn)| {
+            source
+                .num_windows(DomainId(d), Split::Train, seq_len)
+                .map(|n| drawn as f64 / n.max(1) as f64)
+        })
+        .collect()
 }
 
 /// Mean over all sequences of a step (= token mean, as sequences have equal length).
