@@ -62,6 +62,8 @@ pub struct ManifestOptions {
     pub on_error: OnError,
     pub validation_fraction: f64,
     pub test_fraction: f64,
+    #[serde(default)]
+    pub test_from_validation: bool,
     /// As requested (`None`: the tokenizer's `<|endoftext|>`).
     pub eos_id: Option<u32>,
 }

@@ -79,6 +79,10 @@ pub struct PrepareConfig {
     pub validation_fraction: f64,
     /// Hash split only: fraction sent to test.
     pub test_fraction: f64,
+    /// Aioli's convention: split each domain's validation documents in half, by a
+    /// seeded shuffle of their indices, into validation and test (for inputs that
+    /// have no test split of their own, such as SlimPajama-6B's validation set).
+    pub test_from_validation: bool,
     /// End-of-document id; default: the tokenizer's `<|endoftext|>`.
     pub eos_id: Option<u32>,
     /// Rebuild even if the folder is up to date or was made from other inputs.
@@ -101,6 +105,7 @@ impl Default for PrepareConfig {
             on_error: OnError::Fail,
             validation_fraction: 0.005,
             test_fraction: 0.005,
+            test_from_validation: false,
             eos_id: None,
             force: false,
             batch_documents: 1024,
@@ -205,6 +210,7 @@ impl PrepareConfig {
             on_error: self.on_error,
             validation_fraction: self.validation_fraction,
             test_fraction: self.test_fraction,
+            test_from_validation: self.test_from_validation,
             eos_id: self.eos_id,
         }
     }
@@ -627,6 +633,17 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary, PrepareError> {
         input_bytes,
     } = built;
 
+    let splits = if config.test_from_validation {
+        match split_validation_in_half(output, splits, tok.dtype) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = clear_previous(output);
+                return Err(e);
+            }
+        }
+    } else {
+        splits
+    };
     manifest.splits = splits;
     manifest.skipped = ingestor.report;
     manifest.dropped_documents = ingestor.dropped;
@@ -680,6 +697,95 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary, PrepareError> {
         PrepareSummary::from_manifest(output, &manifest, start.elapsed().as_secs_f64(), warnings);
     summary.input_bytes = input_bytes;
     Ok(summary)
+}
+
+/// Seed tag of the validation/test half split (never change: it defines the splits).
+const TAG_HALF_SPLIT: u64 = 0x68616c66; // "half"
+
+/// Moves half of each domain's validation documents, chosen by a shuffle of their
+/// indices seeded by the domain name, into a new test split (Aioli's convention of
+/// halving a validation set). Both halves keep the documents' original order.
+fn split_validation_in_half(
+    output: &Path,
+    mut splits: BTreeMap<Split, BTreeMap<String, ShardCounts>>,
+    dtype: TokenDtype,
+) -> Result<BTreeMap<Split, BTreeMap<String, ShardCounts>>, PrepareError> {
+    use rand::seq::SliceRandom;
+    if splits.get(&Split::Test).is_some_and(|d| !d.is_empty()) {
+        return Err(PrepareError::config(
+            "test_from_validation",
+            "the inputs already have a test split; set test_from_validation = false or \
+             test_fraction = 0"
+                .to_string(),
+        ));
+    }
+    let Some(validation) = splits.remove(&Split::Validation) else {
+        return Ok(splits);
+    };
+    let (val_dir, test_dir) = (
+        output.join(Split::Validation.name()),
+        output.join(Split::Test.name()),
+    );
+    std::fs::create_dir_all(&test_dir).map_err(|e| PrepareError::io(&test_dir, e))?;
+    let mut halves = [BTreeMap::new(), BTreeMap::new()];
+    for domain in validation.keys() {
+        let bin = shards::bin_path(&val_dir, domain);
+        let idx = shards::idx_path(&val_dir, domain);
+        let bytes = std::fs::read(&bin).map_err(|e| PrepareError::io(&bin, e))?;
+        let offsets: Vec<u64> = std::fs::read(&idx)
+            .map_err(|e| PrepareError::io(&idx, e))?
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let tokens: Vec<u32> = match dtype {
+            TokenDtype::U16 => bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+                .collect(),
+            TokenDtype::U32 => bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect(),
+        };
+        let docs = offsets.len().saturating_sub(1);
+        let mut order: Vec<usize> = (0..docs).collect();
+        order.shuffle(&mut crate::seeding::rng_from_words(&[
+            TAG_HALF_SPLIT,
+            crate::seeding::hash_str(domain),
+        ]));
+        let mut in_test = vec![false; docs];
+        for &i in &order[docs / 2..] {
+            in_test[i] = true;
+        }
+        let mut writers = [
+            ShardWriter::create(&val_dir, domain, dtype).map_err(|e| PrepareError::io(&bin, e))?,
+            ShardWriter::create(&test_dir, domain, dtype)
+                .map_err(|e| PrepareError::io(&test_dir, e))?,
+        ];
+        for (i, &test) in in_test.iter().enumerate() {
+            let doc = &tokens[offsets[i] as usize..offsets[i + 1] as usize];
+            writers[test as usize]
+                .push_document(doc)
+                .map_err(|e| PrepareError::io(&bin, e))?;
+        }
+        for (half, writer) in halves.iter_mut().zip(writers) {
+            let counts = writer.finish().map_err(|e| PrepareError::io(&bin, e))?;
+            if counts.documents > 0 {
+                half.insert(domain.clone(), counts);
+            }
+        }
+        // An empty half (a domain with a single validation document) leaves no shard.
+        for (half, dir) in halves.iter().zip([&val_dir, &test_dir]) {
+            if !half.contains_key(domain) {
+                let _ = std::fs::remove_file(shards::bin_path(dir, domain));
+                let _ = std::fs::remove_file(shards::idx_path(dir, domain));
+            }
+        }
+    }
+    let [val, test] = halves;
+    splits.insert(Split::Validation, val);
+    splits.insert(Split::Test, test);
+    Ok(splits)
 }
 
 struct Built {
