@@ -737,16 +737,8 @@ fn split_validation_in_half(
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
-        let tokens: Vec<u32> = match dtype {
-            TokenDtype::U16 => bytes
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
-                .collect(),
-            TokenDtype::U32 => bytes
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect(),
-        };
+        let mut tokens = Vec::new();
+        dtype.decode_into(&bytes, &mut tokens);
         let docs = offsets.len().saturating_sub(1);
         let mut order: Vec<usize> = (0..docs).collect();
         order.shuffle(&mut crate::seeding::rng_from_words(&[
