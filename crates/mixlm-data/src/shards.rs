@@ -453,12 +453,6 @@ impl TokenSource for ShardSource {
         Some(self.windows(domain, split, seq_len))
     }
 
-    fn window(&self, domain: DomainId, split: Split, index: u64, seq_len: usize) -> Vec<u32> {
-        let mut out = Vec::with_capacity(seq_len + 1);
-        self.window_into(domain, split, index, seq_len, &mut out);
-        out
-    }
-
     fn window_into(
         &self,
         domain: DomainId,

@@ -77,10 +77,14 @@ pub trait TokenSource: Send + Sync {
     ///
     /// Deterministic: the same arguments give the same tokens on any machine and in
     /// any order of calls.
-    fn window(&self, domain: DomainId, split: Split, index: u64, seq_len: usize) -> Vec<u32>;
+    fn window(&self, domain: DomainId, split: Split, index: u64, seq_len: usize) -> Vec<u32> {
+        let mut out = Vec::with_capacity(seq_len + 1);
+        self.window_into(domain, split, index, seq_len, &mut out);
+        out
+    }
 
-    /// Appends [`TokenSource::window`] to `out`. Sources override it to fill a batch
-    /// buffer without a temporary allocation per window.
+    /// Appends [`TokenSource::window`] to `out`: the one method a source implements,
+    /// so batches fill one buffer without a temporary allocation per window.
     fn window_into(
         &self,
         domain: DomainId,
@@ -88,9 +92,7 @@ pub trait TokenSource: Send + Sync {
         index: u64,
         seq_len: usize,
         out: &mut Vec<u32>,
-    ) {
-        out.extend(self.window(domain, split, index, seq_len));
-    }
+    );
 
     /// Best achievable mean cross-entropy (nats/token) over the `seq_len` predictions
     /// of a window of this domain, when known (synthetic sources); `None` otherwise.

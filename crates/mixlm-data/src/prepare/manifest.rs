@@ -153,68 +153,21 @@ impl Manifest {
                     .into(),
             );
         }
-        let (a, b) = (&self.options, &new.options);
-        let mut option = |name: &str, changed: bool, old: String, new: String| {
-            if changed {
+        // Compare every option through its serialised form, so a field added to
+        // `ManifestOptions` is covered without another line here.
+        let fields = |o: &ManifestOptions| match serde_json::to_value(o) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => unreachable!("ManifestOptions serialises to an object"),
+        };
+        let (old, new) = (fields(&self.options), fields(&new.options));
+        for (name, old_value) in &old {
+            let new_value = new.get(name).unwrap_or(&serde_json::Value::Null);
+            if old_value != new_value {
                 out.push(format!(
-                    "option data.prepare.{name} changed: {old} -> {new}"
+                    "option data.prepare.{name} changed: {old_value} -> {new_value}"
                 ));
             }
-        };
-        option(
-            "text_key",
-            a.text_key != b.text_key,
-            a.text_key.clone(),
-            b.text_key.clone(),
-        );
-        option(
-            "domain_key",
-            a.domain_key != b.domain_key,
-            a.domain_key.clone(),
-            b.domain_key.clone(),
-        );
-        option(
-            "rename",
-            a.rename != b.rename,
-            format!("{:?}", a.rename),
-            format!("{:?}", b.rename),
-        );
-        option(
-            "keep",
-            a.keep != b.keep,
-            format!("{:?}", a.keep),
-            format!("{:?}", b.keep),
-        );
-        option(
-            "drop",
-            a.drop != b.drop,
-            format!("{:?}", a.drop),
-            format!("{:?}", b.drop),
-        );
-        option(
-            "on_error",
-            a.on_error != b.on_error,
-            format!("{:?}", a.on_error),
-            format!("{:?}", b.on_error),
-        );
-        option(
-            "validation_fraction",
-            a.validation_fraction != b.validation_fraction,
-            a.validation_fraction.to_string(),
-            b.validation_fraction.to_string(),
-        );
-        option(
-            "test_fraction",
-            a.test_fraction != b.test_fraction,
-            a.test_fraction.to_string(),
-            b.test_fraction.to_string(),
-        );
-        option(
-            "eos_id",
-            a.eos_id != b.eos_id,
-            format!("{:?}", a.eos_id),
-            format!("{:?}", b.eos_id),
-        );
+        }
         out
     }
 

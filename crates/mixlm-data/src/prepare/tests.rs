@@ -1055,4 +1055,12 @@ fn test_from_validation_halves_each_domain() {
     cfg.force = true;
     prepare(&cfg).unwrap();
     assert_eq!(read_all(&cfg.output), before);
+    // Turning the option off changes what is written, so it needs --force.
+    cfg.force = false;
+    cfg.test_from_validation = false;
+    let e = prepare(&cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("option data.prepare.test_from_validation changed: true -> false"),
+        "{e}"
+    );
 }
