@@ -8,8 +8,8 @@
 #                  cerebras/SlimPajama-627B (jsonl.zst, ~235 MB each), plus the
 #                  validation/ and test/ holdout chunk 1; the folders keep the dataset's
 #                  own split names, which `mixlm prepare` uses as splits.
-# --6b             DKYoon/SlimPajama-6B (parquet; note: `mixlm prepare` does not read
-#                  parquet yet, see the README).
+# --6b             DKYoon/SlimPajama-6B (parquet: data/{train,validation,test}-*.parquet;
+#                  `mixlm prepare` takes the split from each file name).
 # Then: mixlm prepare --input OUT --tokenizer tokenizer.json --output data/slimpajama
 set -euo pipefail
 

@@ -40,7 +40,7 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         seq_len: usize,
     },
-    /// Tokenize SlimPajama-style jsonl / jsonl.zst into per-domain token shards.
+    /// Tokenize SlimPajama-style jsonl / jsonl.zst / parquet into per-domain token shards.
     Prepare {
         /// Run config whose `[data.prepare]` section describes the job (flags override it).
         #[arg(long)]

@@ -1,5 +1,5 @@
 //! Reading raw documents: resolving the input list into files, decoding `.jsonl` /
-//! `.jsonl.zst` line by line, extracting `(domain, text)` from each record, mapping
+//! `.jsonl.zst` line by line (`.parquet`: [`super::parquet_input`]), extracting `(domain, text)` from each record, mapping
 //! domains (rename / keep / drop) and deciding each document's split.
 //!
 //! Everything here streams: one line is in memory at a time (plus the batch the
@@ -64,6 +64,12 @@ impl InputFile {
     pub fn is_zstd(&self) -> bool {
         has_suffix(&self.path, ".zst")
     }
+
+    /// Whether the file is parquet (its name ends in `.parquet`); anything else is
+    /// read as JSON lines.
+    pub fn is_parquet(&self) -> bool {
+        is_parquet(&self.path)
+    }
 }
 
 fn has_suffix(path: &Path, suffix: &str) -> bool {
@@ -72,19 +78,39 @@ fn has_suffix(path: &Path, suffix: &str) -> bool {
         .is_some_and(|n| n.ends_with(suffix))
 }
 
+fn is_parquet(path: &Path) -> bool {
+    has_suffix(path, ".parquet")
+}
+
 /// Whether a file found while walking a folder is a corpus file.
 fn is_corpus_file(path: &Path) -> bool {
-    has_suffix(path, ".jsonl") || has_suffix(path, ".jsonl.zst")
+    has_suffix(path, ".jsonl") || has_suffix(path, ".jsonl.zst") || is_parquet(path)
+}
+
+/// `train-00000-of-00048-ab2b35705f029d94` -> `train`: the split part of a Hugging
+/// Face shard name (`{split}-{index}-of-{count}[-{hash}]`), or the stem unchanged.
+fn hf_shard_split(stem: &str) -> &str {
+    let Some((head, rest)) = stem.split_once('-') else {
+        return stem;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let mut parts = rest.splitn(4, '-');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(index), Some("of"), Some(count)) if digits(index) && digits(count) => head,
+        _ => stem,
+    }
 }
 
 /// The split a path names, if any: the component nearest the file among the folder
-/// names and the file's stem (`.jsonl` / `.jsonl.zst` removed) that is, ignoring
-/// ASCII case, `train`, `validation` / `valid` / `val`, or `test`.
+/// names and the file's stem (`.jsonl` / `.jsonl.zst` / `.parquet` removed, and a
+/// Hugging Face shard suffix `-00000-of-00048-<hash>` too) that is, ignoring ASCII
+/// case, `train`, `validation` / `valid` / `val`, or `test`.
 ///
-/// This is how a corpus brings its own splits (SlimPajama: `train/`, `validation/`,
-/// `test/`; other sets: `train.jsonl`, `val.jsonl`). The whole path is looked at, so a
-/// folder named `test` above the corpus would mark every file as test data: the
-/// manifest lists each input's split so this is visible.
+/// This is how a corpus brings its own splits (SlimPajama-627B: `train/`,
+/// `validation/`, `test/`; SlimPajama-6B: `data/train-00000-of-00048-….parquet`;
+/// other sets: `train.jsonl`, `val.jsonl`). The whole path is looked at, so a folder
+/// named `test` above the corpus would mark every file as test data: the manifest
+/// lists each input's split so this is visible.
 pub fn split_from_path(path: &Path) -> Option<Split> {
     let mut found = None;
     for c in path.components() {
@@ -93,8 +119,9 @@ pub fn split_from_path(path: &Path) -> Option<Split> {
         let name = name
             .strip_suffix(".jsonl.zst")
             .or_else(|| name.strip_suffix(".jsonl"))
+            .or_else(|| name.strip_suffix(".parquet"))
             .unwrap_or(name);
-        let split = match name.to_ascii_lowercase().as_str() {
+        let split = match hf_shard_split(name).to_ascii_lowercase().as_str() {
             "train" => Some(Split::Train),
             "validation" | "valid" | "val" => Some(Split::Validation),
             "test" => Some(Split::Test),
@@ -111,7 +138,7 @@ fn has_glob_chars(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
-/// Every `*.jsonl` / `*.jsonl.zst` file under `dir`, recursively, sorted by path.
+/// Every `*.jsonl` / `*.jsonl.zst` / `*.parquet` file under `dir`, recursively, sorted by path.
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), PrepareError> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| PrepareError::io(dir, e))?
@@ -132,7 +159,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), PrepareError> {
 }
 
 /// Resolves `data.prepare.inputs` into files, in input order; each folder is walked
-/// recursively for `*.jsonl` and `*.jsonl.zst` (sorted by path, for determinism), each
+/// recursively for `*.jsonl`, `*.jsonl.zst` and `*.parquet` (sorted by path, for determinism), each
 /// glob pattern expands in sorted order, and a file named directly is taken whatever
 /// its extension (`.zst` means zstd). A file reached twice is read once.
 pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<InputFile>, PrepareError> {
@@ -145,7 +172,7 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<InputFile>, PrepareError>
             if paths.len() == before {
                 return Err(PrepareError::config(
                     "inputs",
-                    format!("folder `{input}` has no *.jsonl or *.jsonl.zst files"),
+                    format!("folder `{input}` has no *.jsonl, *.jsonl.zst or *.parquet files"),
                 ));
             }
         } else if path.is_file() {
@@ -205,6 +232,9 @@ pub enum SkipKind {
     /// A `.zst` stream that is truncated or corrupt; the complete lines before the
     /// damage are kept (under `skip`).
     CorruptCompression,
+    /// A `.parquet` file that cannot be read (no valid footer, a damaged page, an
+    /// unsupported codec); the rows decoded before the damage are kept (under `skip`).
+    CorruptFile,
     /// A file with no records.
     EmptyFile,
     /// The tokenizer failed on the text.
@@ -219,6 +249,7 @@ impl SkipKind {
             SkipKind::BadDomain => "bad_domain",
             SkipKind::BadText => "bad_text",
             SkipKind::CorruptCompression => "corrupt_compression",
+            SkipKind::CorruptFile => "corrupt_file",
             SkipKind::EmptyFile => "empty_file",
             SkipKind::EncodeFailed => "encode_failed",
         }
@@ -230,6 +261,10 @@ impl SkipKind {
             SkipKind::CorruptCompression => {
                 "re-download or recompress the file, or set data.prepare.on_error = \"skip\" \
                  to keep the complete lines before the damage"
+            }
+            SkipKind::CorruptFile => {
+                "re-download or rewrite the file, or set data.prepare.on_error = \"skip\" to \
+                 keep the rows before the damage"
             }
             SkipKind::EmptyFile => {
                 "remove it from data.prepare.inputs, or set data.prepare.on_error = \"skip\" \
@@ -305,9 +340,9 @@ pub struct Document {
 pub struct IngestOptions {
     /// JSON pointer (`/meta/redpajama_set_name`) built from the dotted key.
     domain_pointer: String,
-    domain_key: String,
+    pub(super) domain_key: String,
     text_pointer: String,
-    text_key: String,
+    pub(super) text_key: String,
     rename: BTreeMap<String, String>,
     keep: Option<BTreeSet<String>>,
     drop: BTreeSet<String>,
@@ -337,7 +372,7 @@ impl IngestOptions {
 }
 
 /// `a.b.c` -> `/a/b/c`, escaping `~` and `/` inside a segment as RFC 6901 requires.
-fn json_pointer(dotted: &str) -> String {
+pub(super) fn json_pointer(dotted: &str) -> String {
     dotted
         .split('.')
         .map(|seg| format!("/{}", seg.replace('~', "~0").replace('/', "~1")))
@@ -359,7 +394,7 @@ pub fn domain_name_problem(name: &str) -> Option<&'static str> {
     }
 }
 
-fn describe(v: &serde_json::Value) -> &'static str {
+pub(super) fn describe(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
         serde_json::Value::Bool(_) => "a boolean",
@@ -388,7 +423,7 @@ impl<R: Read> Read for CountingReader<R> {
 /// and keeps the tallies that end up in the manifest.
 #[derive(Debug)]
 pub struct Ingestor {
-    options: IngestOptions,
+    pub(super) options: IngestOptions,
     /// Bad input met under `skip`.
     pub report: SkipReport,
     /// Documents left out by `keep` / `drop`, by domain (after renaming).
@@ -415,7 +450,7 @@ impl Ingestor {
     }
 
     /// Under `fail`, the error; under `skip`, counts it and carries on.
-    fn problem(
+    pub(super) fn problem(
         &mut self,
         file: &Path,
         line: Option<u64>,
@@ -471,46 +506,16 @@ impl Ingestor {
         }
         let domain = match v.pointer(&self.options.domain_pointer) {
             Some(serde_json::Value::String(d)) => d.clone(),
-            Some(other) => {
-                return Err((
-                    SkipKind::BadDomain,
-                    format!(
-                        "the domain `{}` (data.prepare.domain_key) is {}, not a string",
-                        self.options.domain_key,
-                        describe(other)
-                    ),
-                ))
-            }
-            None => {
-                return Err((
-                    SkipKind::BadDomain,
-                    format!(
-                        "the record has no `{}` (data.prepare.domain_key)",
-                        self.options.domain_key
-                    ),
-                ))
+            other => {
+                let found = other.map(describe);
+                return Err(field_problem(&self.options, SkipKind::BadDomain, found));
             }
         };
         let text = match v.pointer_mut(&self.options.text_pointer).map(|t| t.take()) {
             Some(serde_json::Value::String(t)) => t,
-            Some(other) => {
-                return Err((
-                    SkipKind::BadText,
-                    format!(
-                        "the text `{}` (data.prepare.text_key) is {}, not a string",
-                        self.options.text_key,
-                        describe(&other)
-                    ),
-                ))
-            }
-            None => {
-                return Err((
-                    SkipKind::BadText,
-                    format!(
-                        "the record has no `{}` (data.prepare.text_key)",
-                        self.options.text_key
-                    ),
-                ))
+            other => {
+                let found = other.as_ref().map(describe);
+                return Err(field_problem(&self.options, SkipKind::BadText, found));
             }
         };
         Ok((domain, text))
@@ -518,7 +523,7 @@ impl Ingestor {
 
     /// Renames, then applies `drop` and `keep`: the domain to store the document
     /// under, `Ok(None)` when it is dropped, `Err` when the name cannot name a file.
-    fn map_domain(&mut self, raw: String) -> Result<Option<String>, String> {
+    pub(super) fn map_domain(&mut self, raw: String) -> Result<Option<String>, String> {
         let name = match self.options.rename.get(&raw) {
             Some(new) => new.clone(),
             None => raw,
@@ -547,7 +552,7 @@ impl Ingestor {
         }
     }
 
-    /// Streams one file's documents into `sink`, in line order.
+    /// Streams one file's documents into `sink`, in line (row) order.
     ///
     /// `consumed` is advanced by the bytes read from disk (compressed bytes for
     /// `.zst`). Returns `Ok(false)` when the sink refused a document (`SinkClosed`:
@@ -564,6 +569,9 @@ impl Ingestor {
         if file.bytes == 0 {
             self.problem(path, None, SkipKind::EmptyFile, empty_detail)?;
             return Ok(true);
+        }
+        if file.is_parquet() {
+            return self.read_parquet(index, file, consumed, sink);
         }
         let raw = File::open(path).map_err(|e| PrepareError::io(path, e))?;
         let counting = CountingReader {
@@ -643,11 +651,33 @@ impl Ingestor {
     }
 }
 
+/// `file:line`, or `file row N` for parquet (rows, not lines, number its records).
 fn location(file: &Path, line: Option<u64>) -> String {
     match line {
+        Some(l) if is_parquet(file) => format!("{} row {l}", file.display()),
         Some(l) => format!("{}:{l}", file.display()),
         None => file.display().to_string(),
     }
+}
+
+/// The message for a missing (`found: None`) or non-string (`found`: what it is)
+/// domain or text, worded the same for JSON lines and parquet.
+pub(super) fn field_problem(
+    options: &IngestOptions,
+    kind: SkipKind,
+    found: Option<&str>,
+) -> (SkipKind, String) {
+    let (what, key, setting) = match kind {
+        SkipKind::BadDomain => ("domain", &options.domain_key, "domain_key"),
+        _ => ("text", &options.text_key, "text_key"),
+    };
+    let detail = match found {
+        Some(found) => {
+            format!("the {what} `{key}` (data.prepare.{setting}) is {found}, not a string")
+        }
+        None => format!("the record has no `{key}` (data.prepare.{setting})"),
+    };
+    (kind, detail)
 }
 
 /// The hash split's position of a text in `[0, 1)`: the first 8 bytes of the
@@ -708,6 +738,17 @@ mod tests {
         // Nearest component wins.
         assert_eq!(s("test/corpus/train/a.jsonl"), Some(Split::Train));
         assert_eq!(s("data/training/a.jsonl"), None);
+        // Hugging Face shard names (SlimPajama-6B).
+        let hf = "data/train-00000-of-00048-ab2b35705f029d94.parquet";
+        assert_eq!(s(hf), Some(Split::Train));
+        assert_eq!(
+            s("data/validation-00000-of-00001-7a1e.parquet"),
+            Some(Split::Validation)
+        );
+        assert_eq!(s("data/test-00003-of-00004.parquet"), Some(Split::Test));
+        assert_eq!(s("data/train.parquet"), Some(Split::Train));
+        assert_eq!(s("data/train-extra-of-00001.parquet"), None);
+        assert_eq!(s("data/train-00000-of-x.parquet"), None);
         assert_eq!(s("data/example_train_0.jsonl"), None);
     }
 

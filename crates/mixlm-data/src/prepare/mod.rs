@@ -1,5 +1,5 @@
 //! Preparing a text corpus for training: SlimPajama-style `.jsonl` / `.jsonl.zst`
-//! records in, tokenized per-domain shards out, read back by [`crate::ShardSource`].
+//! records or SlimPajama-6B `.parquet` rows in, tokenized per-domain shards out, read back by [`crate::ShardSource`].
 //!
 //! ```text
 //! inputs ──ingest──▶ (domain, text, split) ──tokenize──▶ OUT/<split>/<domain>.bin + .idx
@@ -18,6 +18,7 @@
 
 pub mod ingest;
 pub mod manifest;
+mod parquet_input;
 pub mod shards;
 pub mod tokenize;
 
@@ -57,8 +58,8 @@ pub enum OnError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrepareConfig {
-    /// Files, folders (walked recursively for `*.jsonl` and `*.jsonl.zst`) or glob
-    /// patterns.
+    /// Files, folders (walked recursively for `*.jsonl`, `*.jsonl.zst` and
+    /// `*.parquet`) or glob patterns.
     pub inputs: Vec<String>,
     /// A Hugging Face `tokenizer.json`.
     pub tokenizer: PathBuf,
@@ -121,7 +122,7 @@ impl PrepareConfig {
         if self.inputs.is_empty() {
             return err(
                 "inputs",
-                "is empty: list the .jsonl / .jsonl.zst files, folders or glob patterns to \
+                "is empty: list the .jsonl / .jsonl.zst / .parquet files, folders or glob patterns to \
                  prepare"
                     .into(),
             );

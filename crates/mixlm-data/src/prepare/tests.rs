@@ -62,41 +62,72 @@ fn counts(docs: u64, tokens: usize) -> ShardCounts {
     }
 }
 
+/// One input file of [`two_domain_files`]: its path, split and `(domain, text)` rows.
+type CorpusFile = (&'static str, Split, Vec<(&'static str, String)>);
+
 /// Two domains over train (a plain and a zstd file, domains interleaved) and
-/// validation; returns the texts per (split, domain) in stored order.
-fn write_two_domain_corpus(fx: &Fixture) -> BTreeMap<(Split, &'static str), Vec<String>> {
+/// validation.
+fn two_domain_files() -> Vec<CorpusFile> {
     let t = testutil::texts(60, 7);
+    let rows = |range: std::ops::Range<usize>, beta_every: usize| {
+        range
+            .map(|i| {
+                let d = if i % beta_every == 0 { "Beta" } else { "Alpha" };
+                (d, t[i].clone())
+            })
+            .collect::<Vec<_>>()
+    };
+    // Files are read in path order: train/a.jsonl, train/b.jsonl.zst, validation/...
+    vec![
+        ("corpus/train/a.jsonl", Split::Train, rows(0..20, 3)),
+        ("corpus/train/b.jsonl.zst", Split::Train, rows(20..45, 2)),
+        (
+            "corpus/validation/a.jsonl.zst",
+            Split::Validation,
+            rows(45..60, 4),
+        ),
+    ]
+}
+
+/// Writes [`two_domain_files`]; returns the texts per (split, domain) in stored order.
+fn write_two_domain_corpus(fx: &Fixture) -> BTreeMap<(Split, &'static str), Vec<String>> {
     let mut expected: BTreeMap<(Split, &'static str), Vec<String>> = BTreeMap::new();
-    let mut file = |rel: &str, split: Split, items: Vec<(&'static str, String)>| {
+    for (rel, split, items) in two_domain_files() {
         let recs: Vec<(&str, String)> = items.iter().map(|(d, t)| (*d, t.clone())).collect();
         write_file(&fx.path(rel), jsonl(&recs).as_bytes());
         for (d, text) in items {
             expected.entry((split, d)).or_default().push(text);
         }
-    };
-    // Files are read in path order: train/a.jsonl, train/b.jsonl.zst, validation/...
-    file(
-        "corpus/train/a.jsonl",
-        Split::Train,
-        (0..20)
-            .map(|i| (if i % 3 == 0 { "Beta" } else { "Alpha" }, t[i].clone()))
-            .collect(),
-    );
-    file(
-        "corpus/train/b.jsonl.zst",
-        Split::Train,
-        (20..45)
-            .map(|i| (if i % 2 == 0 { "Beta" } else { "Alpha" }, t[i].clone()))
-            .collect(),
-    );
-    file(
-        "corpus/validation/a.jsonl.zst",
-        Split::Validation,
-        (45..60)
-            .map(|i| (if i % 4 == 0 { "Beta" } else { "Alpha" }, t[i].clone()))
-            .collect(),
-    );
+    }
     expected
+}
+
+/// Every shard file (`.bin`, `.idx`) of two prepared folders is byte-identical.
+fn assert_same_shards(a: &Path, b: &Path) {
+    let files = |root: &Path| -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for split in std::fs::read_dir(root).unwrap() {
+            let split = split.unwrap().path();
+            if split.is_dir() {
+                for f in std::fs::read_dir(&split).unwrap() {
+                    out.push(f.unwrap().path().strip_prefix(root).unwrap().to_path_buf());
+                }
+            }
+        }
+        out.sort();
+        out
+    };
+    let (fa, fb) = (files(a), files(b));
+    assert_eq!(fa, fb);
+    assert!(!fa.is_empty());
+    for rel in fa {
+        assert_eq!(
+            std::fs::read(a.join(&rel)).unwrap(),
+            std::fs::read(b.join(&rel)).unwrap(),
+            "{}",
+            rel.display()
+        );
+    }
 }
 
 #[test]
@@ -397,6 +428,8 @@ fn bad_input_case(bad_name: &str, bad: &[u8], raw: bool) -> (Fixture, PrepareCon
 
 #[test]
 fn every_kind_of_bad_input_fails_with_file_and_line_or_is_skipped_and_counted() {
+    use arrow_array::{ArrayRef, BinaryArray, Int64Array, StringArray};
+    use std::sync::Arc;
     let ok = |t: &str| testutil::record("D", t);
     let lines = |ls: &[String]| ls.join("\n").into_bytes();
     // A valid zstd file of 100 records (~500 kB of poorly compressible text, so
@@ -510,6 +543,101 @@ fn every_kind_of_bad_input_fails_with_file_and_line_or_is_skipped_and_counted() 
             raw: false, // a valid zstd frame of nothing
             kind: SkipKind::EmptyFile,
             location: "empty.jsonl.zst",
+            good_docs_in_bad_file: Some(0),
+        },
+        Case {
+            name: "nullmeta.parquet",
+            content: testutil::slimpajama6b_parquet(
+                &[
+                    (Some("D"), Some("a")),
+                    (None, Some("b")),
+                    (Some("D"), Some("c")),
+                ],
+                2,
+            ),
+            raw: true,
+            kind: SkipKind::BadDomain,
+            location: "nullmeta.parquet row 2",
+            good_docs_in_bad_file: Some(2),
+        },
+        Case {
+            name: "nulltext.parquet",
+            content: testutil::slimpajama6b_parquet(
+                &[(Some("D"), None), (Some("D"), Some("c"))],
+                8,
+            ),
+            raw: true,
+            kind: SkipKind::BadText,
+            location: "nulltext.parquet row 1",
+            good_docs_in_bad_file: Some(1),
+        },
+        Case {
+            name: "nometa.parquet",
+            content: testutil::parquet_bytes(
+                vec![(
+                    "text",
+                    Arc::new(StringArray::from(vec!["a", "b"])) as ArrayRef,
+                )],
+                8,
+            ),
+            raw: true,
+            kind: SkipKind::BadDomain,
+            location: "nometa.parquet",
+            good_docs_in_bad_file: Some(0),
+        },
+        Case {
+            name: "intdomain.parquet",
+            content: testutil::parquet_bytes(
+                vec![
+                    ("text", Arc::new(StringArray::from(vec!["a"])) as ArrayRef),
+                    ("meta", Arc::new(Int64Array::from(vec![3])) as ArrayRef),
+                ],
+                8,
+            ),
+            raw: true,
+            kind: SkipKind::BadDomain,
+            location: "intdomain.parquet",
+            good_docs_in_bad_file: Some(0),
+        },
+        Case {
+            name: "binary.parquet",
+            content: testutil::parquet_bytes(
+                vec![
+                    (
+                        "text",
+                        Arc::new(BinaryArray::from(vec![&b"ok"[..], b"bad \xff byte", b"ok"]))
+                            as ArrayRef,
+                    ),
+                    (
+                        "meta",
+                        Arc::new(StringArray::from(vec![r#"{"redpajama_set_name": "D"}"#; 3]))
+                            as ArrayRef,
+                    ),
+                ],
+                8,
+            ),
+            raw: true,
+            kind: SkipKind::InvalidUtf8,
+            location: "binary.parquet row 2",
+            good_docs_in_bad_file: Some(2),
+        },
+        Case {
+            name: "truncated.parquet",
+            content: {
+                let full = testutil::slimpajama6b_parquet(&[(Some("D"), Some("a"))], 8);
+                full[..full.len() - 9].to_vec()
+            },
+            raw: true,
+            kind: SkipKind::CorruptFile,
+            location: "truncated.parquet",
+            good_docs_in_bad_file: Some(0),
+        },
+        Case {
+            name: "empty.parquet",
+            content: testutil::slimpajama6b_parquet(&[], 8),
+            raw: true,
+            kind: SkipKind::EmptyFile,
+            location: "empty.parquet",
             good_docs_in_bad_file: Some(0),
         },
         Case {
@@ -1063,4 +1191,96 @@ fn test_from_validation_halves_each_domain() {
         e.contains("option data.prepare.test_from_validation changed: true -> false"),
         "{e}"
     );
+}
+
+/// SlimPajama-6B ships as `data/{split}-NNNNN-of-NNNNN-<hash>.parquet` with a `meta`
+/// struct column; preparing it gives the same shards as the same rows in jsonl.
+#[test]
+fn parquet_in_slimpajama6b_layout_matches_jsonl() {
+    let fx = Fixture::new();
+    write_two_domain_corpus(&fx);
+    let names = [
+        "pq/data/train-00000-of-00002-ab2b35705f029d94.parquet",
+        "pq/data/train-00001-of-00002-0c3f4a1b2d9e8f70.parquet",
+        "pq/data/validation-00000-of-00001-7a1e8f0d3c2b4e59.parquet",
+    ];
+    for ((_, _, rows), name) in two_domain_files().into_iter().zip(names) {
+        let rows: Vec<(Option<&str>, Option<&str>)> = rows
+            .iter()
+            .map(|(d, t)| (Some(*d), Some(t.as_str())))
+            .collect();
+        // Row groups of 4: a file spans several, as real ones do.
+        write_file(&fx.path(name), &testutil::slimpajama6b_parquet(&rows, 4));
+    }
+    let jsonl_cfg = fx.config(&["corpus"], "from-jsonl");
+    let parquet_cfg = fx.config(&["pq/data/*.parquet"], "from-parquet");
+    let a = prepare(&jsonl_cfg).unwrap();
+    let b = prepare(&parquet_cfg).unwrap();
+    assert_eq!(b.split_method, SplitMethod::Dataset);
+    assert_eq!(a.splits, b.splits);
+    assert!(b.skipped.is_empty());
+    assert_same_shards(&jsonl_cfg.output, &parquet_cfg.output);
+    let m = Manifest::read(&parquet_cfg.output).unwrap().unwrap();
+    assert_eq!(
+        m.inputs.iter().map(|f| f.split).collect::<Vec<_>>(),
+        [
+            Some(Split::Train),
+            Some(Split::Train),
+            Some(Split::Validation)
+        ]
+    );
+    // A folder is walked for parquet files too; the rerun is up to date.
+    let mut by_folder = fx.config(&["pq"], "from-parquet");
+    by_folder.inputs = vec![fx.path("pq/data").to_string_lossy().into_owned()];
+    assert!(prepare(&by_folder).unwrap().up_to_date);
+}
+
+/// Other parquet layouts: `meta` as a JSON string column, a top-level
+/// dictionary-encoded domain column, large-string text; more rows than one record
+/// batch holds.
+#[test]
+fn parquet_json_meta_and_dictionary_domains() {
+    use arrow_array::types::Int32Type;
+    use arrow_array::{ArrayRef, DictionaryArray, LargeStringArray, StringArray};
+    use std::sync::Arc;
+    let fx = Fixture::new();
+    let t = testutil::texts(2500, 3);
+    let domain = |i: usize| ["Web", "Code", "Books"][i % 7 % 3];
+    let mut jsonl_rows = Vec::new();
+    for (i, text) in t.iter().enumerate() {
+        jsonl_rows.push((domain(i), text.clone()));
+    }
+    write_file(&fx.path("j/train.jsonl"), jsonl(&jsonl_rows).as_bytes());
+
+    let meta: ArrayRef =
+        Arc::new(StringArray::from_iter_values((0..t.len()).map(|i| {
+            serde_json::json!({"redpajama_set_name": domain(i)}).to_string()
+        })));
+    let text: ArrayRef = Arc::new(LargeStringArray::from_iter_values(t.iter()));
+    write_file(
+        &fx.path("p1/train.parquet"),
+        &testutil::parquet_bytes(vec![("meta", meta), ("text", text.clone())], 700),
+    );
+    let source: DictionaryArray<Int32Type> = (0..t.len()).map(domain).collect();
+    write_file(
+        &fx.path("p2/train.parquet"),
+        &testutil::parquet_bytes(
+            vec![("content", text), ("source", Arc::new(source) as ArrayRef)],
+            1000,
+        ),
+    );
+
+    let from_jsonl = fx.config(&["j"], "oj");
+    let from_json_meta = fx.config(&["p1"], "o1");
+    let mut from_dict = fx.config(&["p2"], "o2");
+    from_dict.domain_key = "source".into();
+    from_dict.text_key = "content".into();
+    let want = prepare(&from_jsonl).unwrap();
+    assert_eq!(want.splits[&Split::Train].len(), 3);
+    for cfg in [&from_json_meta, &from_dict] {
+        let got = prepare(cfg).unwrap();
+        assert!(got.skipped.is_empty(), "{:?}", got.skipped);
+        assert_eq!(got.splits, want.splits);
+        assert_same_shards(&from_jsonl.output, &cfg.output);
+    }
 }

@@ -129,3 +129,57 @@ pub fn texts(n: usize, seed: u64) -> Vec<String> {
         })
         .collect()
 }
+
+/// A parquet file (snappy, as Hugging Face writes them) holding `columns`, with row
+/// groups of `row_group_rows` rows.
+pub fn parquet_bytes(
+    columns: Vec<(&str, arrow_array::ArrayRef)>,
+    row_group_rows: usize,
+) -> Vec<u8> {
+    use parquet::arrow::ArrowWriter;
+    use parquet::basic::Compression;
+    use parquet::file::properties::WriterProperties;
+    let batch = arrow_array::RecordBatch::try_from_iter(columns).unwrap();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(row_group_rows))
+        .build();
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props)).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    out
+}
+
+/// SlimPajama-6B's layout: `text`, `meta` (a struct with `redpajama_set_name`) and
+/// pandas' `__index_level_0__`. `None` domain: a null `meta`; `None` text: a null text.
+pub fn slimpajama6b_parquet(
+    rows: &[(Option<&str>, Option<&str>)],
+    row_group_rows: usize,
+) -> Vec<u8> {
+    use arrow_array::{ArrayRef, Int64Array, StringArray, StructArray};
+    use arrow_schema::{DataType, Field};
+    use std::sync::Arc;
+    let text: ArrayRef = Arc::new(StringArray::from_iter(rows.iter().map(|r| r.1)));
+    let names: ArrayRef = Arc::new(StringArray::from_iter(rows.iter().map(|r| r.0)));
+    let meta = StructArray::try_new(
+        vec![Arc::new(Field::new(
+            "redpajama_set_name",
+            DataType::Utf8,
+            true,
+        ))]
+        .into(),
+        vec![names],
+        Some(rows.iter().map(|r| r.0.is_some()).collect()),
+    )
+    .unwrap();
+    let index: ArrayRef = Arc::new(Int64Array::from_iter_values(0..rows.len() as i64));
+    parquet_bytes(
+        vec![
+            ("text", text),
+            ("meta", Arc::new(meta) as ArrayRef),
+            ("__index_level_0__", index),
+        ],
+        row_group_rows,
+    )
+}
