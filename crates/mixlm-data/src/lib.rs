@@ -10,12 +10,16 @@
 //!    `[batch, seq_len + 1]` buffer (inputs `[..seq_len]`, targets `[1..]`);
 //! 3. checkpoint [`MixtureSampler::state`] so a resumed run sees the same batches.
 //!
+//! The trainer runs steps 1-2 on a background thread through a [`Prefetcher`], which
+//! hands each batch over with the sampler state to checkpoint after it.
+//!
 //! Validation uses [`validation_picks`] with [`Split::Validation`]: a fixed set of
 //! windows per domain, disjoint from training.
 //!
 //! Everything random is keyed by explicit integers through [`seeding`], so the data
 //! is identical on every machine and independent of call order or threading.
 
+pub mod prefetch;
 pub mod prepare;
 pub mod sampler;
 pub mod seeding;
@@ -23,6 +27,7 @@ pub mod shards;
 pub mod source;
 pub mod synthetic;
 
+pub use prefetch::{Prefetched, Prefetcher};
 pub use prepare::{prepare, PrepareConfig, PrepareError, PrepareSummary};
 pub use sampler::{
     fetch_batch, validation_picks, Composition, MixtureSampler, SamplerError, SamplerState,

@@ -67,6 +67,14 @@ pub trait Scheduler: Send {
     /// The domain proportions to sample step `step` (0-based optimizer step) with.
     fn proportions(&mut self, step: u64) -> Proportions;
 
+    /// Whether [`Scheduler::proportions`] of a step never depends on feedback of
+    /// earlier steps, so the trainer may ask for step `t + 1` before step `t`'s
+    /// feedback and read its batch ahead. `false` (the safe default) still lets the
+    /// trainer read a step's micro-batches ahead of each other.
+    fn fixed_in_advance(&self) -> bool {
+        false
+    }
+
     /// Feedback of step `step`, after its optimizer update.
     fn observe_train(&mut self, _step: u64, _feedback: &StepFeedback) {}
 

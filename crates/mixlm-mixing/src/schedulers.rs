@@ -62,6 +62,10 @@ impl Scheduler for StaticScheduler {
         self.proportions.clone()
     }
 
+    fn fixed_in_advance(&self) -> bool {
+        true
+    }
+
     /// Static schedulers have no state beyond their config.
     fn state(&self) -> serde_json::Value {
         serde_json::Value::Null

@@ -42,14 +42,14 @@ impl TrainState {
         step: u64,
         tokens: u64,
         optimizer: &AdamW<B>,
-        sampler: &mixlm_data::MixtureSampler,
+        sampler: &mixlm_data::SamplerState,
         scheduler: &dyn Scheduler,
     ) -> Self {
         Self {
             step,
             tokens,
             optimizer_steps: optimizer.steps,
-            sampler: sampler.state(),
+            sampler: sampler.clone(),
             scheduler_name: scheduler.name().to_string(),
             scheduler: scheduler.state(),
         }

@@ -4,15 +4,20 @@
 //! proportions, draw micro-batches with them, forward + per-token loss, backward,
 //! accumulate, clip + AdamW, report per-domain training loss back to the scheduler,
 //! log, maybe evaluate, maybe checkpoint.
+//!
+//! Micro-batches are drawn and read on a background thread ([`Prefetcher`]): all of
+//! a step's as soon as its proportions are known, and the next step's too when the
+//! scheduler fixes proportions in advance (static mixtures).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
-use mixlm_data::{fetch_batch, MixtureSampler, Split, TokenSource};
+use mixlm_data::{MixtureSampler, Prefetcher, SamplerState, Split, TokenSource};
 use mixlm_eval::{
     inputs_and_targets, sequence_means, validation_losses, DomainAccumulator, DomainRow,
 };
@@ -59,7 +64,7 @@ pub fn train<B: AutodiffBackend>(
     config.validate()?;
     let run = &config.run;
     let model_config: ModelConfig = config.model.resolve().map_err(anyhow::Error::msg)?;
-    let source = build_source(config)?;
+    let source: Arc<dyn TokenSource> = Arc::from(build_source(config)?);
     let names = source.domain_names();
     let k = names.len();
     let mut scheduler: Box<dyn Scheduler> = build_scheduler(
@@ -82,7 +87,16 @@ pub fn train<B: AutodiffBackend>(
     B::seed(device, run.seed);
     let mut model: Transformer<B> = model_config.init(device);
     let mut optimizer = AdamW::<B::InnerBackend>::new(config.optimizer.clone());
-    let mut sampler = MixtureSampler::new(k, run.seed, config.data.composition);
+    let sampler = MixtureSampler::new(k, run.seed, config.data.composition);
+    let mut batches = Prefetcher::spawn(
+        source.clone(),
+        sampler,
+        Split::Train,
+        run.batch_size,
+        run.seq_len,
+    );
+    // Steps whose micro-batches have all been requested.
+    let mut requested_steps = 0u64;
 
     let evaluate = |model: &Transformer<B>| -> DomainLosses {
         validation_losses(
@@ -106,7 +120,24 @@ pub fn train<B: AutodiffBackend>(
             let val = evaluate(&model);
             scheduler.observe_validation(step, &val);
         }
-        let proportions = scheduler.proportions(step);
+        // Requested ahead: the scheduler fixed this step's proportions a step earlier.
+        let proportions = match batches.queued().next() {
+            Some(p) if requested_steps > step => p.clone(),
+            _ => scheduler.proportions(step),
+        };
+        if requested_steps == step {
+            for _ in 0..run.grad_accum {
+                batches.request(&proportions);
+            }
+            requested_steps += 1;
+        }
+        if scheduler.fixed_in_advance() && requested_steps == step + 1 && step + 1 < run.steps {
+            let next = scheduler.proportions(step + 1);
+            for _ in 0..run.grad_accum {
+                batches.request(&next);
+            }
+            requested_steps += 1;
+        }
         let lr = lr_at(
             step,
             config.optimizer.lr,
@@ -118,17 +149,16 @@ pub fn train<B: AutodiffBackend>(
         let mut grads = GradientsAccumulator::<Transformer<B>>::new();
         let mut by_domain = DomainAccumulator::new(k);
         for _ in 0..run.grad_accum {
-            let picks = sampler.next_batch(&proportions, run.batch_size);
-            let windows = fetch_batch(source.as_ref(), Split::Train, &picks, run.seq_len);
+            let batch = batches.take();
             let (inputs, targets) =
-                inputs_and_targets::<B>(&windows, run.batch_size, run.seq_len, device);
+                inputs_and_targets::<B>(&batch.windows, run.batch_size, run.seq_len, device);
             let token_losses = model.token_losses(inputs, targets);
             let loss = token_losses
                 .clone()
                 .mean()
                 .div_scalar(run.grad_accum as f64);
             grads.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
-            let domains: Vec<DomainId> = picks.iter().map(|(d, _)| *d).collect();
+            let domains: Vec<DomainId> = batch.picks.iter().map(|(d, _)| *d).collect();
             by_domain.add(&sequence_means(token_losses.inner()), &domains);
         }
         let (updated, stats) = optimizer.step(lr, model, grads.grads());
@@ -164,7 +194,7 @@ pub fn train<B: AutodiffBackend>(
         let at_end = step + 1 == run.steps;
         if config.eval.every > 0 && (step + 1).is_multiple_of(config.eval.every) && !at_end {
             let val = evaluate(&model);
-            let epochs = data_epochs(source.as_ref(), &sampler, run.seq_len);
+            let epochs = data_epochs(source.as_ref(), batches.consumed_state(), run.seq_len);
             metrics.eval(
                 &EvalRecord::new(step + 1, tokens, &names, &val).with_epochs(&names, &epochs),
             )?;
@@ -174,7 +204,13 @@ pub fn train<B: AutodiffBackend>(
             && (step + 1).is_multiple_of(config.checkpoint.every)
             && !at_end
         {
-            let state = TrainState::new(step + 1, tokens, &optimizer, &sampler, scheduler.as_ref());
+            let state = TrainState::new(
+                step + 1,
+                tokens,
+                &optimizer,
+                batches.consumed_state(),
+                scheduler.as_ref(),
+            );
             write_checkpoint(&run_dir, &model, &model_config, &optimizer, &state, config)?;
         }
     }
@@ -183,7 +219,7 @@ pub fn train<B: AutodiffBackend>(
     let tokens = run.steps * tokens_per_step;
 
     let last = evaluate(&model);
-    let epochs = data_epochs(source.as_ref(), &sampler, run.seq_len);
+    let epochs = data_epochs(source.as_ref(), batches.consumed_state(), run.seq_len);
     metrics
         .eval(&EvalRecord::new(run.steps, tokens, &names, &last).with_epochs(&names, &epochs))?;
     for (name, e) in names.iter().zip(&epochs) {
@@ -192,7 +228,13 @@ pub fn train<B: AutodiffBackend>(
         }
     }
     if config.checkpoint.save_final {
-        let state = TrainState::new(run.steps, tokens, &optimizer, &sampler, scheduler.as_ref());
+        let state = TrainState::new(
+            run.steps,
+            tokens,
+            &optimizer,
+            batches.consumed_state(),
+            scheduler.as_ref(),
+        );
         write_checkpoint(&run_dir, &model, &model_config, &optimizer, &state, config)?;
     }
     let rows = names
@@ -217,11 +259,10 @@ pub fn train<B: AutodiffBackend>(
 /// Training epochs each domain has consumed (`None` for unbounded sources).
 fn data_epochs(
     source: &dyn TokenSource,
-    sampler: &MixtureSampler,
+    sampler: &SamplerState,
     seq_len: usize,
 ) -> Vec<Option<f64>> {
     sampler
-        .state()
         .cursors
         .iter()
         .enumerate()

@@ -3,6 +3,7 @@
 use burn::backend::{Autodiff, NdArray};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::Backend;
+use mixlm_data::{Composition, MixtureSampler, Proportions, SamplerState};
 use mixlm_eval::inputs_and_targets;
 use mixlm_model::ModelConfig;
 use mixlm_train::checkpoint::{latest_checkpoint, load_model};
@@ -115,9 +116,41 @@ fn short_run_writes_metrics_and_reloadable_checkpoints() {
     assert_eq!(state["step"], 6);
     assert_eq!(state["optimizer_steps"], 6);
 
+    // Batches are read ahead on a background thread, yet each step saw exactly the
+    // batches a sampler on the main thread draws, and each checkpoint holds the
+    // sampler state after the batches consumed by then (not the reader's, which runs
+    // a step ahead).
+    let source = mixlm_train::trainer::build_source(&config).unwrap();
+    let mut reference = MixtureSampler::new(domains, config.run.seed, Composition::Sample);
+    let names = source.domain_names();
+    for (i, s) in steps.iter().enumerate() {
+        let p: Vec<f64> = names
+            .iter()
+            .map(|n| s["proportions"][n].as_f64().unwrap())
+            .collect();
+        let p = Proportions::from_weights(p).unwrap();
+        let mut counts = vec![0u64; domains];
+        for _ in 0..2 {
+            for (d, _) in reference.next_batch(&p, 4) {
+                counts[d.0] += 1;
+            }
+        }
+        for (d, n) in names.iter().enumerate() {
+            assert_eq!(s["sequences"][n].as_u64().unwrap(), counts[d], "step {i}");
+        }
+        if i + 1 == 3 || i + 1 == 6 {
+            let dir = outcome
+                .run_dir
+                .join(format!("checkpoints/step-{:08}", i + 1));
+            let saved: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+            let saved: SamplerState = serde_json::from_value(saved["sampler"].clone()).unwrap();
+            assert_eq!(saved, reference.state(), "checkpoint after step {}", i + 1);
+        }
+    }
+
     // The saved model reproduces the final validation losses exactly.
     let (model, _) = load_model::<NdArray<f32>>(&ckpt, &device).unwrap();
-    let source = mixlm_train::trainer::build_source(&config).unwrap();
     let val = mixlm_eval::validation_losses(&model, source.as_ref(), 16, 4, 8, &device);
     let final_eval = evals.last().unwrap();
     for (d, row) in outcome.rows.iter().enumerate() {
