@@ -73,7 +73,7 @@ fn draw(c: &mut Criterion, name: &str, source: Arc<dyn TokenSource>) {
     group.bench_function(format!("{name} {BATCH}x{SEQ_LEN} prefetched"), |b| {
         b.iter(|| {
             while prefetcher.pending() < 3 {
-                prefetcher.request(&proportions);
+                prefetcher.request(&proportions, Composition::Sample);
             }
             prefetcher.take().windows
         })

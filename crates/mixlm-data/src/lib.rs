@@ -29,9 +29,7 @@ pub mod synthetic;
 
 pub use prefetch::{Prefetched, Prefetcher};
 pub use prepare::{prepare, PrepareConfig, PrepareError, PrepareSummary};
-pub use sampler::{
-    fetch_batch, validation_picks, Composition, MixtureSampler, SamplerError, SamplerState,
-};
+pub use sampler::{fetch_batch, validation_picks, MixtureSampler, SamplerError, SamplerState};
 pub use shards::{ShardError, ShardSource, WindowPermutation};
 pub use source::{Split, TokenSource};
 pub use synthetic::{
@@ -39,4 +37,4 @@ pub use synthetic::{
     SyntheticError,
 };
 
-pub use mixlm_mixing::{DomainId, Proportions};
+pub use mixlm_mixing::{Composition, DomainId, Proportions};

@@ -13,7 +13,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use mixlm_mixing::{DomainId, Proportions};
+use mixlm_mixing::{Composition, DomainId, Proportions};
 
 use crate::sampler::{fetch_batch, MixtureSampler, SamplerState};
 use crate::source::{Split, TokenSource};
@@ -31,7 +31,7 @@ pub struct Prefetched {
 
 /// A background reader of mixture batches (see the module docs).
 pub struct Prefetcher {
-    requests: Option<Sender<Proportions>>,
+    requests: Option<Sender<(Proportions, Composition)>>,
     batches: Receiver<Prefetched>,
     worker: Option<JoinHandle<()>>,
     /// Requested and not yet taken.
@@ -53,13 +53,13 @@ impl Prefetcher {
         seq_len: usize,
     ) -> Self {
         let consumed = sampler.state();
-        let (req_tx, req_rx) = channel::<Proportions>();
+        let (req_tx, req_rx) = channel::<(Proportions, Composition)>();
         let (batch_tx, batch_rx) = channel::<Prefetched>();
         let worker = std::thread::Builder::new()
             .name("mixlm-prefetch".into())
             .spawn(move || {
-                for proportions in req_rx {
-                    let picks = sampler.next_batch(&proportions, batch_size);
+                for (proportions, composition) in req_rx {
+                    let picks = sampler.next_batch_as(&proportions, composition, batch_size);
                     let windows = fetch_batch(source.as_ref(), split, &picks, seq_len);
                     let batch = Prefetched {
                         picks,
@@ -82,13 +82,14 @@ impl Prefetcher {
         }
     }
 
-    /// Queues one micro-batch drawn with `proportions` (after all earlier requests).
-    pub fn request(&mut self, proportions: &Proportions) {
+    /// Queues one micro-batch drawn with `proportions`, split among domains as
+    /// `composition` says (after all earlier requests).
+    pub fn request(&mut self, proportions: &Proportions, composition: Composition) {
         let sent = self
             .requests
             .as_ref()
             .expect("requests open until drop")
-            .send(proportions.clone());
+            .send((proportions.clone(), composition));
         if sent.is_err() {
             self.worker_failed();
         }
@@ -150,7 +151,6 @@ impl Drop for Prefetcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampler::Composition;
     use crate::synthetic::{SyntheticConfig, SyntheticCorpus};
 
     fn corpus() -> Arc<dyn TokenSource> {
@@ -166,7 +166,7 @@ mod tests {
             w[i % k] = 5.0;
             Proportions::from_weights(w).unwrap()
         };
-        for composition in [Composition::Sample, Composition::Fixed] {
+        for composition in [Composition::Sample, Composition::Fixed, Composition::Single] {
             let mut reference = MixtureSampler::new(k, 11, composition);
             let mut pf = Prefetcher::spawn(
                 source.clone(),
@@ -179,7 +179,7 @@ mod tests {
             let mut next_request = 0;
             for i in 0..12 {
                 while next_request < (i + 3).min(12) {
-                    pf.request(&props(next_request));
+                    pf.request(&props(next_request), composition);
                     next_request += 1;
                 }
                 assert_eq!(pf.pending(), next_request - i);
@@ -205,7 +205,7 @@ mod tests {
                 6,
                 9,
             );
-            resumed.request(&props(12));
+            resumed.request(&props(12), composition);
             assert_eq!(resumed.take().picks, reference.next_batch(&props(12), 6));
         }
     }
@@ -243,7 +243,7 @@ mod tests {
             2,
             3,
         );
-        pf.request(&Proportions::uniform(1));
+        pf.request(&Proportions::uniform(1), Composition::Sample);
         let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pf.take()))
             .expect_err("take must re-raise the worker's panic");
         let msg = err

@@ -3,23 +3,10 @@
 
 use crate::seeding::{rng_from_words, unit_f64};
 use crate::source::{Split, TokenSource};
-use mixlm_mixing::{DomainId, Proportions};
+use mixlm_mixing::{Composition, DomainId, Proportions};
 use serde::{Deserialize, Serialize};
 
 const TAG_SAMPLER: u64 = 0x73616d706c6572; // "sampler"
-
-/// How a batch's sequences are split among domains.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Composition {
-    /// Each sequence's domain is drawn i.i.d. from the proportions: unbiased, noisy
-    /// (what most mixing papers assume).
-    #[default]
-    Sample,
-    /// Exact counts by largest-remainder apportionment: no sampling noise, so small
-    /// proportions may get zero sequences in every batch.
-    Fixed,
-}
 
 /// Everything needed to continue the exact batch sequence after a restart; saved in checkpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,15 +89,28 @@ impl MixtureSampler {
         self.cursors.len()
     }
 
-    /// `(domain, window index)` of each of the `batch_size` sequences of the next batch.
-    ///
-    /// [`Composition::Sample`]: domains drawn i.i.d. from `proportions`, in draw order;
-    /// [`Composition::Fixed`]: `proportions.apportion(batch_size)` sequences of each
-    /// domain, grouped in domain order. The window index is the domain's cursor, which
-    /// then advances. Panics if `proportions` does not have one entry per domain.
+    /// `(domain, window index)` of each of the `batch_size` sequences of the next
+    /// batch, split among domains by the sampler's own composition.
     pub fn next_batch(
         &mut self,
         proportions: &Proportions,
+        batch_size: usize,
+    ) -> Vec<(DomainId, u64)> {
+        self.next_batch_as(proportions, self.composition, batch_size)
+    }
+
+    /// [`MixtureSampler::next_batch`] with a composition chosen for this batch (a
+    /// scheduler may ask for another one, e.g. Aioli's fixed LearnParams batches).
+    ///
+    /// [`Composition::Sample`]: domains drawn i.i.d. from `proportions`, in draw order;
+    /// [`Composition::Fixed`]: `proportions.apportion(batch_size)` sequences of each
+    /// domain, grouped in domain order; [`Composition::Single`]: one domain drawn from
+    /// `proportions` for the whole batch. The window index is the domain's cursor,
+    /// which then advances. Panics if `proportions` does not have one entry per domain.
+    pub fn next_batch_as(
+        &mut self,
+        proportions: &Proportions,
+        composition: Composition,
         batch_size: usize,
     ) -> Vec<(DomainId, u64)> {
         assert_eq!(
@@ -120,8 +120,8 @@ impl MixtureSampler {
             proportions.len(),
             self.cursors.len()
         );
-        let domains: Vec<usize> = match self.composition {
-            Composition::Sample => {
+        let domains: Vec<usize> = match composition {
+            Composition::Sample | Composition::Single => {
                 let p = proportions.as_slice();
                 let mut cum: Vec<f64> = p
                     .iter()
@@ -137,12 +137,12 @@ impl MixtureSampler {
                     *c = f64::INFINITY;
                 }
                 let mut rng = rng_from_words(&[TAG_SAMPLER, self.seed, self.batches_drawn]);
-                (0..batch_size)
-                    .map(|_| {
-                        let u = unit_f64(&mut rng);
-                        cum.partition_point(|&c| c <= u)
-                    })
-                    .collect()
+                let mut draw = || cum.partition_point(|&c| c <= unit_f64(&mut rng));
+                if composition == Composition::Single {
+                    vec![draw(); batch_size]
+                } else {
+                    (0..batch_size).map(|_| draw()).collect()
+                }
             }
             Composition::Fixed => proportions
                 .apportion(batch_size)

@@ -1,5 +1,7 @@
 //! `[mixing]` section of the run config: which method, with its parameters.
 
+use crate::odm::OdmConfig;
+use crate::{DomainInfo, Proportions};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -14,6 +16,9 @@ pub enum MixingConfig {
     Natural(NoParams),
     /// Fixed weights given by the user.
     Manual(ManualConfig),
+    /// Online Data Mixing (Albalak et al. 2023): an Exp3-style bandit rewarded by
+    /// per-domain training loss.
+    Odm(OdmConfig),
 }
 
 impl Default for MixingConfig {
@@ -39,16 +44,30 @@ pub struct ManualConfig {
 /// A `[mixing]` section that does not fit the run's domains.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MixingConfigError {
+    #[error("{field} names domain `{name}`, which is not in the data; known domains: {known}")]
+    UnknownDomain {
+        field: &'static str,
+        name: String,
+        known: String,
+    },
     #[error(
-        "mixing.weights names domain `{name}`, which is not in the data; known domains: {known}"
+        "{field} has no weight for domain `{name}`: give every domain a weight (0 to leave it out)"
     )]
-    UnknownDomain { name: String, known: String },
-    #[error("mixing.weights has no weight for domain `{0}`: give every domain a weight (0 to leave it out)")]
-    MissingDomain(String),
-    #[error("mixing.weights.{name} = {value}: weights must be finite and >= 0")]
-    BadWeight { name: String, value: f64 },
-    #[error("mixing.weights are all 0: at least one domain needs a positive weight")]
-    AllZero,
+    MissingDomain { field: &'static str, name: String },
+    #[error("{field}.{name} = {value}: weights must be finite and >= 0")]
+    BadWeight {
+        field: &'static str,
+        name: String,
+        value: f64,
+    },
+    #[error("{field} are all 0: at least one domain needs a positive weight")]
+    AllZero { field: &'static str },
+    #[error("mixing.{field} = {value}: {expected}")]
+    OutOfRange {
+        field: &'static str,
+        value: f64,
+        expected: &'static str,
+    },
 }
 
 impl MixingConfig {
@@ -58,34 +77,151 @@ impl MixingConfig {
             Self::Stratified(_) => "stratified",
             Self::Natural(_) => "natural",
             Self::Manual(_) => "manual",
+            Self::Odm(_) => "odm",
         }
     }
 
     /// Checks the config against the run's domain names.
     pub fn validate(&self, domains: &[String]) -> Result<(), MixingConfigError> {
-        if let Self::Manual(m) = self {
-            for (name, &value) in &m.weights {
-                if !domains.contains(name) {
-                    return Err(MixingConfigError::UnknownDomain {
-                        name: name.clone(),
-                        known: domains.join(", "),
-                    });
-                }
-                if !value.is_finite() || value < 0.0 {
-                    return Err(MixingConfigError::BadWeight {
-                        name: name.clone(),
-                        value,
-                    });
+        match self {
+            Self::Stratified(_) | Self::Natural(_) => Ok(()),
+            Self::Manual(m) => check_weights("mixing.weights", &m.weights, domains),
+            Self::Odm(c) => c.validate(domains),
+        }
+    }
+}
+
+/// Every domain named once with a finite weight >= 0, not all 0.
+fn check_weights(
+    field: &'static str,
+    weights: &BTreeMap<String, f64>,
+    domains: &[String],
+) -> Result<(), MixingConfigError> {
+    for (name, &value) in weights {
+        if !domains.contains(name) {
+            return Err(MixingConfigError::UnknownDomain {
+                field,
+                name: name.clone(),
+                known: domains.join(", "),
+            });
+        }
+        if !value.is_finite() || value < 0.0 {
+            return Err(MixingConfigError::BadWeight {
+                field,
+                name: name.clone(),
+                value,
+            });
+        }
+    }
+    if let Some(missing) = domains.iter().find(|d| !weights.contains_key(*d)) {
+        return Err(MixingConfigError::MissingDomain {
+            field,
+            name: missing.clone(),
+        });
+    }
+    if weights.values().all(|&w| w == 0.0) {
+        return Err(MixingConfigError::AllZero { field });
+    }
+    Ok(())
+}
+
+/// `value` within `[lo, hi]` (or `[lo, hi)` when `hi_open`), else an error naming the key.
+pub(crate) fn check_range(
+    field: &'static str,
+    value: f64,
+    lo: f64,
+    hi: f64,
+    hi_open: bool,
+    expected: &'static str,
+) -> Result<(), MixingConfigError> {
+    let ok = value.is_finite() && value >= lo && if hi_open { value < hi } else { value <= hi };
+    if ok {
+        Ok(())
+    } else {
+        Err(MixingConfigError::OutOfRange {
+            field,
+            value,
+            expected,
+        })
+    }
+}
+
+/// Where an adaptive method starts: `"stratified"`, `"natural"`, or a table of
+/// weights by domain name (normalised; every domain named), e.g. the proportions
+/// another method found ("Aioli + X").
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum InitWeights {
+    #[default]
+    Stratified,
+    Natural,
+    Weights(BTreeMap<String, f64>),
+}
+
+impl InitWeights {
+    /// Checks a weights table against the domains (`field` names it in errors).
+    pub fn validate(
+        &self,
+        field: &'static str,
+        domains: &[String],
+    ) -> Result<(), MixingConfigError> {
+        match self {
+            Self::Weights(w) => check_weights(field, w, domains),
+            _ => Ok(()),
+        }
+    }
+
+    /// The proportions these weights give for the run's domains.
+    pub fn resolve(
+        &self,
+        field: &'static str,
+        domains: &DomainInfo,
+    ) -> Result<Proportions, MixingConfigError> {
+        let weights = match self {
+            Self::Stratified => return Ok(Proportions::uniform(domains.names.len())),
+            Self::Natural => domains.natural_weights.clone(),
+            Self::Weights(w) => {
+                check_weights(field, w, &domains.names)?;
+                domains.names.iter().map(|n| w[n]).collect()
+            }
+        };
+        Proportions::from_weights(weights).map_err(|_| MixingConfigError::AllZero { field })
+    }
+}
+
+impl Serialize for InitWeights {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Stratified => s.serialize_str("stratified"),
+            Self::Natural => s.serialize_str("natural"),
+            Self::Weights(w) => w.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for InitWeights {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InitWeights;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"stratified\", \"natural\" or a table of weights by domain name")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<InitWeights, E> {
+                match v {
+                    "stratified" => Ok(InitWeights::Stratified),
+                    "natural" => Ok(InitWeights::Natural),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
                 }
             }
-            if let Some(missing) = domains.iter().find(|d| !m.weights.contains_key(*d)) {
-                return Err(MixingConfigError::MissingDomain(missing.clone()));
-            }
-            if m.weights.values().all(|&w| w == 0.0) {
-                return Err(MixingConfigError::AllZero);
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                m: M,
+            ) -> Result<InitWeights, M::Error> {
+                BTreeMap::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(InitWeights::Weights)
             }
         }
-        Ok(())
+        d.deserialize_any(V)
     }
 }
 
@@ -138,13 +274,17 @@ mod tests {
                 .validate(&domains())
                 .unwrap_err(),
             MixingConfigError::UnknownDomain {
+                field: "mixing.weights",
                 name: "c".into(),
                 known: "a, b".into()
             }
         );
         assert_eq!(
             manual(&[("a", 1.0)]).validate(&domains()).unwrap_err(),
-            MixingConfigError::MissingDomain("b".into())
+            MixingConfigError::MissingDomain {
+                field: "mixing.weights",
+                name: "b".into()
+            }
         );
         assert_eq!(
             manual(&[("a", -1.0), ("b", 1.0)])
@@ -157,7 +297,9 @@ mod tests {
             manual(&[("a", 0.0), ("b", 0.0)])
                 .validate(&domains())
                 .unwrap_err(),
-            MixingConfigError::AllZero
+            MixingConfigError::AllZero {
+                field: "mixing.weights"
+            }
         );
     }
 }

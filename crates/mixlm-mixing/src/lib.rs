@@ -17,11 +17,13 @@
 //! reads the reference losses carried in [`StepFeedback::reference`].
 
 mod config;
+pub mod odm;
 mod proportions;
 mod schedulers;
 
-pub use config::{ManualConfig, MixingConfig, MixingConfigError, NoParams};
-pub use proportions::{DomainId, DomainLosses, Proportions, ProportionsError};
+pub use config::{InitWeights, ManualConfig, MixingConfig, MixingConfigError, NoParams};
+pub use odm::{OdmBatches, OdmConfig, OdmScheduler, OdmVariant};
+pub use proportions::{Composition, DomainId, DomainLosses, Proportions, ProportionsError};
 pub use schedulers::{StaticKind, StaticScheduler};
 
 use serde::{Deserialize, Serialize};
@@ -75,6 +77,13 @@ pub trait Scheduler: Send {
         false
     }
 
+    /// How step `step`'s batches are split among domains, when the method needs a
+    /// particular way (Aioli's LearnParams: fixed counts); `None`: the run's
+    /// `data.composition`.
+    fn composition(&self, _step: u64) -> Option<Composition> {
+        None
+    }
+
     /// Feedback of step `step`, after its optimizer update.
     fn observe_train(&mut self, _step: u64, _feedback: &StepFeedback) {}
 
@@ -102,5 +111,8 @@ pub fn build_scheduler(
     domains: &DomainInfo,
 ) -> Result<Box<dyn Scheduler>, MixingConfigError> {
     config.validate(&domains.names)?;
-    Ok(Box::new(StaticScheduler::from_config(config, domains)?))
+    Ok(match config {
+        MixingConfig::Odm(c) => Box::new(OdmScheduler::new(c, domains)?),
+        _ => Box::new(StaticScheduler::from_config(config, domains)?),
+    })
 }

@@ -133,6 +133,22 @@ impl DomainLosses {
     }
 }
 
+/// How a batch's sequences are split among domains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Composition {
+    /// Each sequence's domain is drawn i.i.d. from the proportions: unbiased, noisy
+    /// (what most mixing papers assume).
+    #[default]
+    Sample,
+    /// Exact counts by largest-remainder apportionment: no sampling noise, so small
+    /// proportions may get zero sequences in every batch.
+    Fixed,
+    /// One domain per micro-batch, drawn from the proportions: every sequence of the
+    /// batch comes from it (ODM's single-domain batches).
+    Single,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

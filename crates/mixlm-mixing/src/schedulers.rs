@@ -1,6 +1,6 @@
 //! Static schedulers: the same proportions at every step.
 
-use crate::{DomainInfo, MixingConfig, MixingConfigError, Proportions, Scheduler};
+use crate::{DomainInfo, InitWeights, MixingConfig, MixingConfigError, Proportions, Scheduler};
 
 /// Which static rule produced the proportions (kept for names in logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,17 +34,13 @@ impl StaticScheduler {
             }
             MixingConfig::Natural(_) => Self::new(
                 StaticKind::Natural,
-                Proportions::from_weights(domains.natural_weights.clone())
-                    .map_err(|_| MixingConfigError::AllZero)?,
+                InitWeights::Natural.resolve("natural proportions", domains)?,
             ),
-            MixingConfig::Manual(m) => {
-                config.validate(&domains.names)?;
-                let weights = domains.names.iter().map(|n| m.weights[n]).collect();
-                Self::new(
-                    StaticKind::Manual,
-                    Proportions::from_weights(weights).map_err(|_| MixingConfigError::AllZero)?,
-                )
-            }
+            MixingConfig::Manual(m) => Self::new(
+                StaticKind::Manual,
+                InitWeights::Weights(m.weights.clone()).resolve("mixing.weights", domains)?,
+            ),
+            other => unreachable!("{} is not a static method", other.method_name()),
         })
     }
 }

@@ -147,7 +147,9 @@ pub enum DataSource {
 pub struct DataSection {
     pub source: DataSource,
     /// `sample`: each sequence's domain drawn from the proportions; `fixed`: per-batch
-    /// counts apportioned exactly from the proportions.
+    /// counts apportioned exactly from the proportions; `single`: one domain per
+    /// micro-batch, drawn from the proportions. A mixing method may override it for
+    /// some steps (Aioli's LearnParams use `fixed`).
     #[serde(default = "default_composition")]
     pub composition: Composition,
     #[serde(default)]

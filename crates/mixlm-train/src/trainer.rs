@@ -125,16 +125,21 @@ pub fn train<B: AutodiffBackend>(
             Some(p) if requested_steps > step => p.clone(),
             _ => scheduler.proportions(step),
         };
+        let composition = |s: u64, scheduler: &dyn Scheduler| {
+            scheduler.composition(s).unwrap_or(config.data.composition)
+        };
         if requested_steps == step {
+            let c = composition(step, scheduler.as_ref());
             for _ in 0..run.grad_accum {
-                batches.request(&proportions);
+                batches.request(&proportions, c);
             }
             requested_steps += 1;
         }
         if scheduler.fixed_in_advance() && requested_steps == step + 1 && step + 1 < run.steps {
             let next = scheduler.proportions(step + 1);
+            let c = composition(step + 1, scheduler.as_ref());
             for _ in 0..run.grad_accum {
-                batches.request(&next);
+                batches.request(&next, c);
             }
             requested_steps += 1;
         }
