@@ -1,5 +1,6 @@
 //! `[mixing]` section of the run config: which method, with its parameters.
 
+use crate::aioli::AioliConfig;
 use crate::odm::OdmConfig;
 use crate::{DomainInfo, Proportions};
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,9 @@ pub enum MixingConfig {
     /// Online Data Mixing (Albalak et al. 2023): an Exp3-style bandit rewarded by
     /// per-domain training loss.
     Odm(OdmConfig),
+    /// Aioli (Chen et al. 2024): online estimation of the linear dynamic mixing law
+    /// and exponentiated-gradient updates of the proportions.
+    Aioli(AioliConfig),
 }
 
 impl Default for MixingConfig {
@@ -62,6 +66,11 @@ pub enum MixingConfigError {
     },
     #[error("{field} are all 0: at least one domain needs a positive weight")]
     AllZero { field: &'static str },
+    #[error("mixing.{field} {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("mixing.{field} = {value}: {expected}")]
     OutOfRange {
         field: &'static str,
@@ -78,6 +87,7 @@ impl MixingConfig {
             Self::Natural(_) => "natural",
             Self::Manual(_) => "manual",
             Self::Odm(_) => "odm",
+            Self::Aioli(_) => "aioli",
         }
     }
 
@@ -87,6 +97,7 @@ impl MixingConfig {
             Self::Stratified(_) | Self::Natural(_) => Ok(()),
             Self::Manual(m) => check_weights("mixing.weights", &m.weights, domains),
             Self::Odm(c) => c.validate(domains),
+            Self::Aioli(c) => c.validate(domains),
         }
     }
 }

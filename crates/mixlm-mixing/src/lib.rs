@@ -16,11 +16,13 @@
 //! segments in step 2 and reads validation losses between them in step 1, DoReMi
 //! reads the reference losses carried in [`StepFeedback::reference`].
 
+pub mod aioli;
 mod config;
 pub mod odm;
 mod proportions;
 mod schedulers;
 
+pub use aioli::{AioliConfig, AioliScheduler};
 pub use config::{InitWeights, ManualConfig, MixingConfig, MixingConfigError, NoParams};
 pub use odm::{OdmBatches, OdmConfig, OdmScheduler, OdmVariant};
 pub use proportions::{Composition, DomainId, DomainLosses, Proportions, ProportionsError};
@@ -103,6 +105,8 @@ pub struct DomainInfo {
     /// Training tokens per domain (for `natural`); `None` where a source is unbounded
     /// and its natural share is defined by [`DomainInfo::natural_weights`].
     pub natural_weights: Vec<f64>,
+    /// The run's seed, for methods with randomness of their own (Aioli's group orders).
+    pub seed: u64,
 }
 
 /// Builds the scheduler named by the config for these domains.
@@ -113,6 +117,7 @@ pub fn build_scheduler(
     config.validate(&domains.names)?;
     Ok(match config {
         MixingConfig::Odm(c) => Box::new(OdmScheduler::new(c, domains)?),
+        MixingConfig::Aioli(c) => Box::new(AioliScheduler::new(c, domains)?),
         _ => Box::new(StaticScheduler::from_config(config, domains)?),
     })
 }

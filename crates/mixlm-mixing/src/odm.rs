@@ -242,6 +242,7 @@ mod tests {
         DomainInfo {
             names: (0..k).map(|i| format!("d{i}")).collect(),
             natural_weights: (1..=k).map(|i| i as f64).collect(),
+            seed: 0,
         }
     }
 

@@ -81,6 +81,7 @@ mod tests {
         DomainInfo {
             names: vec!["web".into(), "code".into(), "books".into()],
             natural_weights: vec![600.0, 300.0, 100.0],
+            seed: 0,
         }
     }
 

@@ -72,6 +72,7 @@ pub fn train<B: AutodiffBackend>(
         &DomainInfo {
             names: names.clone(),
             natural_weights: source.natural_weights(),
+            seed: run.seed,
         },
     )?;
 
