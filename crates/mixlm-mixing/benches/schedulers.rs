@@ -7,8 +7,8 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use mixlm_mixing::{
-    build_scheduler, AioliConfig, DomainInfo, DomainLosses, InitWeights, MixingConfig,
-    OdmConfig, OdmVariant, StepFeedback,
+    build_scheduler, AioliConfig, DomainInfo, DomainLosses, InitWeights, MixingConfig, OdmConfig,
+    OdmVariant, StepFeedback,
 };
 
 fn info(k: usize) -> DomainInfo {

@@ -2,6 +2,7 @@
 
 use crate::aioli::AioliConfig;
 use crate::odm::OdmConfig;
+use crate::skillit::SkillItConfig;
 use crate::{DomainInfo, Proportions};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -23,6 +24,8 @@ pub enum MixingConfig {
     /// Aioli (Chen et al. 2024): online estimation of the linear dynamic mixing law
     /// and exponentiated-gradient updates of the proportions.
     Aioli(AioliConfig),
+    /// Skill-It (Chen et al. 2023): online mixing over a given skills graph.
+    SkillIt(SkillItConfig),
 }
 
 impl Default for MixingConfig {
@@ -88,6 +91,7 @@ impl MixingConfig {
             Self::Manual(_) => "manual",
             Self::Odm(_) => "odm",
             Self::Aioli(_) => "aioli",
+            Self::SkillIt(_) => "skill_it",
         }
     }
 
@@ -98,6 +102,7 @@ impl MixingConfig {
             Self::Manual(m) => check_weights("mixing.weights", &m.weights, domains),
             Self::Odm(c) => c.validate(domains),
             Self::Aioli(c) => c.validate(domains),
+            Self::SkillIt(c) => c.validate(domains),
         }
     }
 }

@@ -21,12 +21,14 @@ mod config;
 pub mod odm;
 mod proportions;
 mod schedulers;
+pub mod skillit;
 
 pub use aioli::{AioliConfig, AioliScheduler};
 pub use config::{InitWeights, ManualConfig, MixingConfig, MixingConfigError, NoParams};
 pub use odm::{OdmBatches, OdmConfig, OdmScheduler, OdmVariant};
 pub use proportions::{Composition, DomainId, DomainLosses, Proportions, ProportionsError};
 pub use schedulers::{StaticKind, StaticScheduler};
+pub use skillit::{SkillItConfig, SkillItScheduler};
 
 use serde::{Deserialize, Serialize};
 
@@ -118,6 +120,7 @@ pub fn build_scheduler(
     Ok(match config {
         MixingConfig::Odm(c) => Box::new(OdmScheduler::new(c, domains)?),
         MixingConfig::Aioli(c) => Box::new(AioliScheduler::new(c, domains)?),
+        MixingConfig::SkillIt(c) => Box::new(SkillItScheduler::new(c, domains)?),
         _ => Box::new(StaticScheduler::from_config(config, domains)?),
     })
 }
