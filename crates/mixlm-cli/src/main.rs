@@ -28,6 +28,10 @@ enum Command {
         /// cpu, wgpu or cuda (overrides run.backend).
         #[arg(long)]
         backend: Option<String>,
+        /// Replace the [mixing] section with this file's (e.g. a run's
+        /// learned_mixture.toml, written by DoReMi's proxy run).
+        #[arg(long, value_name = "FILE")]
+        mixing: Option<PathBuf>,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -81,15 +85,19 @@ fn run(cli: Cli) -> Result<()> {
             config,
             mut overrides,
             backend,
+            mixing,
             quiet,
         } => {
             if let Some(b) = backend {
                 overrides.push(format!("run.backend=\"{b}\""));
             }
-            let config = match &config {
+            let mut config = match &config {
                 Some(path) => RunConfig::load(path, &overrides)?,
                 None => RunConfig::embedded(&overrides)?,
             };
+            if let Some(file) = mixing {
+                config = config.with_mixing_file(&file)?;
+            }
             let kind: BackendKind = config.run.backend.parse()?;
             kind.check_compiled()?;
             let model = config.model.resolve().map_err(anyhow::Error::msg)?;

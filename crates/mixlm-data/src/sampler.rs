@@ -137,7 +137,10 @@ impl MixtureSampler {
                     *c = f64::INFINITY;
                 }
                 let mut rng = rng_from_words(&[TAG_SAMPLER, self.seed, self.batches_drawn]);
-                let mut draw = || cum.partition_point(|&c| c <= unit_f64(&mut rng));
+                let mut draw = || {
+                    let u = unit_f64(&mut rng);
+                    cum.partition_point(|&c| c <= u)
+                };
                 if composition == Composition::Single {
                     vec![draw(); batch_size]
                 } else {

@@ -56,6 +56,13 @@ impl DomainAccumulator {
         }
     }
 
+    /// An accumulator holding one batch's sequence means.
+    pub fn of(num_domains: usize, seq_means: &[f32], domains: &[DomainId]) -> Self {
+        let mut acc = Self::new(num_domains);
+        acc.add(seq_means, domains);
+        acc
+    }
+
     /// Mean loss per domain; `None` for domains without sequences.
     pub fn means(&self) -> DomainLosses {
         DomainLosses(

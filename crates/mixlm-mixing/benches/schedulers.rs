@@ -28,6 +28,7 @@ fn feedback(k: usize, step: u64) -> StepFeedback {
         ),
         sequences: vec![4; k],
         reference: None,
+        excess: None,
     }
 }
 

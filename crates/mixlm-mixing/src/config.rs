@@ -1,6 +1,7 @@
 //! `[mixing]` section of the run config: which method, with its parameters.
 
 use crate::aioli::AioliConfig;
+use crate::doremi::DoReMiConfig;
 use crate::odm::OdmConfig;
 use crate::skillit::SkillItConfig;
 use crate::{DomainInfo, Proportions};
@@ -26,6 +27,9 @@ pub enum MixingConfig {
     Aioli(AioliConfig),
     /// Skill-It (Chen et al. 2023): online mixing over a given skills graph.
     SkillIt(SkillItConfig),
+    /// DoReMi (Xie et al. 2023): the proxy run, reweighting the objective by excess
+    /// loss over a reference model; it learns a static mixture for the final run.
+    Doremi(DoReMiConfig),
 }
 
 impl Default for MixingConfig {
@@ -92,6 +96,7 @@ impl MixingConfig {
             Self::Odm(_) => "odm",
             Self::Aioli(_) => "aioli",
             Self::SkillIt(_) => "skill_it",
+            Self::Doremi(_) => "doremi",
         }
     }
 
@@ -103,6 +108,7 @@ impl MixingConfig {
             Self::Odm(c) => c.validate(domains),
             Self::Aioli(c) => c.validate(domains),
             Self::SkillIt(c) => c.validate(domains),
+            Self::Doremi(c) => c.validate(),
         }
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod aioli;
 mod config;
+pub mod doremi;
 pub mod odm;
 mod proportions;
 mod schedulers;
@@ -25,6 +26,7 @@ pub mod skillit;
 
 pub use aioli::{AioliConfig, AioliScheduler};
 pub use config::{InitWeights, ManualConfig, MixingConfig, MixingConfigError, NoParams};
+pub use doremi::{DoReMiConfig, DoReMiScheduler};
 pub use odm::{OdmBatches, OdmConfig, OdmScheduler, OdmVariant};
 pub use proportions::{Composition, DomainId, DomainLosses, Proportions, ProportionsError};
 pub use schedulers::{StaticKind, StaticScheduler};
@@ -41,15 +43,32 @@ pub struct StepFeedback {
     /// Number of sequences of each domain in this step (all micro-batches together).
     pub sequences: Vec<usize>,
     /// Per-domain loss of a reference model on the same batch, for methods that
-    /// ask for one through [`Requirements::reference_losses`] (DoReMi).
+    /// ask for one through [`Requirements::reference_model`] (DoReMi).
     pub reference: Option<DomainLosses>,
+    /// Per-domain mean over tokens of the clipped excess loss
+    /// `max(loss - reference loss, 0)` (DoReMi's `lambda`), with a reference model.
+    pub excess: Option<DomainLosses>,
+}
+
+impl StepFeedback {
+    /// Training losses only (no reference model).
+    pub fn train_only(train: DomainLosses, sequences: Vec<usize>) -> Self {
+        Self {
+            train,
+            sequences,
+            reference: None,
+            excess: None,
+        }
+    }
 }
 
 /// Extra measurements a scheduler needs from the trainer beyond training losses.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Requirements {
-    /// Per-domain loss of a frozen reference model on every training batch.
-    pub reference_losses: bool,
+    /// A frozen reference model (a checkpoint folder, or a run folder whose latest
+    /// checkpoint is taken) whose per-token losses on every training batch fill
+    /// [`StepFeedback::reference`] and [`StepFeedback::excess`].
+    pub reference_model: Option<std::path::PathBuf>,
 }
 
 /// A data-mixing method, as the trainer sees it. See the crate docs for the call order.
@@ -91,6 +110,21 @@ pub trait Scheduler: Send {
     /// Feedback of step `step`, after its optimizer update.
     fn observe_train(&mut self, _step: u64, _feedback: &StepFeedback) {}
 
+    /// Per-domain weights of the training objective for one micro-batch of step
+    /// `step`, given that micro-batch's forward-pass losses; called before its
+    /// backward pass. The loss becomes `sum_i w_i * (mean loss of domain i's tokens)`
+    /// over the domains present. `None` (the default): the plain token mean.
+    /// DoReMi's proxy run uses it for its reweighted (DRO) objective.
+    fn loss_weights(&mut self, _step: u64, _micro_batch: &StepFeedback) -> Option<Vec<f64>> {
+        None
+    }
+
+    /// A static mixture this run has learned for a later run (DoReMi: the average of
+    /// its domain weights); the trainer writes it to `learned_mixture.toml`.
+    fn learned_proportions(&self) -> Option<Proportions> {
+        None
+    }
+
     /// The scheduler's full state as JSON, written into checkpoints so a resumed run
     /// continues with the same decisions.
     fn state(&self) -> serde_json::Value;
@@ -121,6 +155,7 @@ pub fn build_scheduler(
         MixingConfig::Odm(c) => Box::new(OdmScheduler::new(c, domains)?),
         MixingConfig::Aioli(c) => Box::new(AioliScheduler::new(c, domains)?),
         MixingConfig::SkillIt(c) => Box::new(SkillItScheduler::new(c, domains)?),
+        MixingConfig::Doremi(c) => Box::new(DoReMiScheduler::new(c, domains)?),
         _ => Box::new(StaticScheduler::from_config(config, domains)?),
     })
 }

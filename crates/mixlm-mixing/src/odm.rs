@@ -258,6 +258,7 @@ mod tests {
             train: DomainLosses(losses.to_vec()),
             sequences: losses.iter().map(|l| usize::from(l.is_some())).collect(),
             reference: None,
+            excess: None,
         }
     }
 

@@ -313,6 +313,30 @@ impl RunConfig {
         Self::from_toml(&text, &path.display().to_string(), overrides)
     }
 
+    /// Replaces the `[mixing]` section with the one in `path` (a mixture a run learned,
+    /// `learned_mixture.toml`, or any TOML file with a `[mixing]` section).
+    pub fn with_mixing_file(mut self, path: &Path) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: origin.clone(),
+            source,
+        })?;
+        let parse = |message: String| ConfigError::Parse {
+            origin: origin.clone(),
+            message,
+        };
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| parse(one_line(&e.to_string())))?;
+        let mixing = table
+            .remove("mixing")
+            .ok_or_else(|| parse("has no [mixing] section".into()))?;
+        self.mixing = mixing.try_into().map_err(|e: toml::de::Error| {
+            parse(format!("[mixing]: {}", one_line(&e.to_string())))
+        })?;
+        self.validate()?;
+        Ok(self)
+    }
+
     /// The embedded default (`configs/demo.toml`).
     pub fn embedded(overrides: &[String]) -> Result<Self, ConfigError> {
         Self::from_toml(DEFAULT_CONFIG, "embedded default config", overrides)

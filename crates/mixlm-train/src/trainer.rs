@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Tensor, TensorData};
 use mixlm_data::{MixtureSampler, Prefetcher, SamplerState, Split, TokenSource};
 use mixlm_eval::{
     inputs_and_targets, sequence_means, validation_losses, DomainAccumulator, DomainRow,
@@ -84,6 +85,15 @@ pub fn train<B: AutodiffBackend>(
         toml::to_string_pretty(config)?.as_bytes(),
     )?;
     let mut metrics = MetricsWriter::create(&run_dir.join("metrics.jsonl"))?;
+
+    let reference = match scheduler.requirements().reference_model {
+        Some(path) => Some(load_reference::<B::InnerBackend>(
+            &path,
+            &model_config,
+            device,
+        )?),
+        None => None,
+    };
 
     B::seed(device, run.seed);
     let mut model: Transformer<B> = model_config.init(device);
@@ -154,18 +164,35 @@ pub fn train<B: AutodiffBackend>(
 
         let mut grads = GradientsAccumulator::<Transformer<B>>::new();
         let mut by_domain = DomainAccumulator::new(k);
+        let mut ref_by_domain = DomainAccumulator::new(k);
+        let mut excess_by_domain = DomainAccumulator::new(k);
         for _ in 0..run.grad_accum {
             let batch = batches.take();
+            let domains: Vec<DomainId> = batch.picks.iter().map(|(d, _)| *d).collect();
             let (inputs, targets) =
                 inputs_and_targets::<B>(&batch.windows, run.batch_size, run.seq_len, device);
+            let ref_losses = reference
+                .as_ref()
+                .map(|r| r.token_losses(inputs.clone().inner(), targets.clone().inner()));
             let token_losses = model.token_losses(inputs, targets);
-            let loss = token_losses
-                .clone()
-                .mean()
-                .div_scalar(run.grad_accum as f64);
+            let seq_means = sequence_means(token_losses.clone().inner());
+            let micro = DomainAccumulator::of(k, &seq_means, &domains);
+            let mut feedback = StepFeedback::train_only(micro.means(), micro.counts().to_vec());
+            if let Some(ref_losses) = ref_losses {
+                let excess = (token_losses.clone().inner() - ref_losses.clone()).clamp_min(0.0);
+                let (ref_seq, excess_seq) = (sequence_means(ref_losses), sequence_means(excess));
+                feedback.reference = Some(DomainAccumulator::of(k, &ref_seq, &domains).means());
+                feedback.excess = Some(DomainAccumulator::of(k, &excess_seq, &domains).means());
+                ref_by_domain.add(&ref_seq, &domains);
+                excess_by_domain.add(&excess_seq, &domains);
+            }
+            let loss = match scheduler.loss_weights(step, &feedback) {
+                None => token_losses.mean(),
+                Some(w) => weighted_loss(token_losses, &domains, micro.counts(), &w, device),
+            };
+            let loss = loss.div_scalar(run.grad_accum as f64);
             grads.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
-            let domains: Vec<DomainId> = batch.picks.iter().map(|(d, _)| *d).collect();
-            by_domain.add(&sequence_means(token_losses.inner()), &domains);
+            by_domain.add(&seq_means, &domains);
         }
         let (updated, stats) = optimizer.step(lr, model, grads.grads());
         model = updated;
@@ -175,7 +202,8 @@ pub fn train<B: AutodiffBackend>(
         let feedback = StepFeedback {
             train,
             sequences: by_domain.counts().to_vec(),
-            reference: None,
+            reference: reference.as_ref().map(|_| ref_by_domain.means()),
+            excess: reference.as_ref().map(|_| excess_by_domain.means()),
         };
         scheduler.observe_train(step, &feedback);
 
@@ -233,6 +261,16 @@ pub fn train<B: AutodiffBackend>(
             eprintln!("note: domain {name} was repeated: {e:.2} epochs of its training data");
         }
     }
+    if let Some(learned) = scheduler.learned_proportions() {
+        let path = run_dir.join("learned_mixture.toml");
+        crate::checkpoint::write_atomic(&path, learned_mixture_toml(&names, &learned).as_bytes())?;
+        eprintln!(
+            "learned mixture ({}) written to {}; train on it with --mixing {}",
+            scheduler.name(),
+            path.display(),
+            path.display()
+        );
+    }
     if config.checkpoint.save_final {
         let state = TrainState::new(
             run.steps,
@@ -260,6 +298,63 @@ pub fn train<B: AutodiffBackend>(
         tokens_per_second: tokens as f64 / elapsed.max(1e-9),
         steps: run.steps,
     })
+}
+
+/// Loads a scheduler's frozen reference model (DoReMi), from a checkpoint folder or a
+/// run folder's latest checkpoint; it must share the run's vocabulary.
+fn load_reference<B: burn::tensor::backend::Backend>(
+    path: &std::path::Path,
+    run_model: &ModelConfig,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
+    let dir = if path.join("checkpoints").is_dir() {
+        crate::checkpoint::latest_checkpoint(path)?
+    } else {
+        path.to_path_buf()
+    };
+    let (model, config) = crate::checkpoint::load_model::<B>(&dir, device).with_context(|| {
+        format!(
+            "cannot load the reference model (mixing.reference = {})",
+            path.display()
+        )
+    })?;
+    if config.vocab_size != run_model.vocab_size {
+        anyhow::bail!(
+            "the reference model in {} has vocab_size {}, the run's model {}: train the \
+             reference on the same data and tokenizer",
+            dir.display(),
+            config.vocab_size,
+            run_model.vocab_size
+        );
+    }
+    Ok(model)
+}
+
+/// `sum_i w_i * (mean loss of domain i's tokens)` over the domains present: each
+/// sequence weighs `w_d / n_d` (`n_d` sequences of its domain `d`, all of equal length).
+fn weighted_loss<B: AutodiffBackend>(
+    token_losses: Tensor<B, 2>,
+    domains: &[DomainId],
+    counts: &[usize],
+    weights: &[f64],
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let per_seq: Vec<f32> = domains
+        .iter()
+        .map(|d| (weights[d.0] / counts[d.0].max(1) as f64) as f32)
+        .collect();
+    let w = Tensor::<B, 1>::from_data(TensorData::new(per_seq, [domains.len()]), device);
+    let [b, _] = token_losses.dims();
+    (token_losses.mean_dim(1).reshape([b]) * w).sum()
+}
+
+/// A `[mixing]` section with `method = "manual"` and the learned weights.
+pub fn learned_mixture_toml(names: &[String], p: &mixlm_mixing::Proportions) -> String {
+    let mut out = String::from("[mixing]\nmethod = \"manual\"\n\n[mixing.weights]\n");
+    for (n, w) in names.iter().zip(p.as_slice()) {
+        out.push_str(&format!("{} = {w}\n", toml::Value::String(n.clone())));
+    }
+    out
 }
 
 /// Training epochs each domain has consumed (`None` for unbounded sources).

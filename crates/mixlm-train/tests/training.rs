@@ -422,3 +422,67 @@ fn aioli_recovers_known_transfer_and_is_not_worse_than_stratified() {
         "0.75 x 16 on the segment's group: {seqs:?}"
     );
 }
+
+/// DoReMi's recipe on the synthetic corpus: a stratified reference run, then the
+/// proxy run (uniform fixed-count batches, objective reweighted by excess loss over
+/// the reference), whose averaged weights land in `learned_mixture.toml` for the
+/// final run. The paper's prediction: a domain with no learnable structure
+/// (`noisy`, whose loss the reference already sits at) is downweighted.
+#[test]
+fn doremi_proxy_learns_a_mixture_from_excess_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let common = [
+        "run.steps=80",
+        "run.batch_size=10",
+        "run.seq_len=32",
+        "eval.every=0",
+        "checkpoint.every=0",
+    ];
+    let run = |name: &str, extra: &[String]| {
+        let mut o: Vec<String> = common.iter().map(|s| s.to_string()).collect();
+        o.extend_from_slice(extra);
+        let o: Vec<&str> = o.iter().map(String::as_str).collect();
+        let config = short_run(tmp.path(), name, &o);
+        train::<B>(&config, &Default::default(), &TrainOptions { quiet: true })
+            .unwrap()
+            .run_dir
+    };
+    let reference = run("reference", &["run.steps=200".into()]);
+    let proxy = run(
+        "proxy",
+        &[
+            "mixing.method=\"doremi\"".into(),
+            format!("mixing.reference=\"{}\"", reference.display()),
+        ],
+    );
+    let lines = metrics(&proxy);
+    for l in lines.iter().filter(|l| l["kind"] == "train") {
+        for (name, p) in l["proportions"].as_object().unwrap() {
+            assert!((p.as_f64().unwrap() - 0.2).abs() < 1e-12, "{name}: {l}");
+            assert_eq!(l["sequences"][name], 2, "fixed counts, 10 / 5 domains");
+        }
+    }
+    let state = scheduler_state(&proxy);
+    assert_eq!(state["updates"], 80);
+    // The final run reads the learned mixture.
+    let learned = proxy.join("learned_mixture.toml");
+    let config = RunConfig::embedded(&[])
+        .unwrap()
+        .with_mixing_file(&learned)
+        .unwrap();
+    let mixlm_mixing::MixingConfig::Manual(m) = &config.mixing else {
+        panic!("{:?}", config.mixing)
+    };
+    println!("DoReMi learned mixture: {:?}", m.weights);
+    let total: f64 = m.weights.values().sum();
+    assert!((total - 1.0).abs() < 1e-9);
+    // Excess loss is what the proxy could still learn that the reference has: `noisy`
+    // has nothing to learn beyond unigrams, so it ends below uniform and below every
+    // first-order domain the reference has learned. (`markov2`'s second-order
+    // structure is not learned by a 200-step reference either, so it is low too.)
+    let w = |n: &str| m.weights[n];
+    assert!(w("noisy") < 0.2, "{:?}", m.weights);
+    for learned in ["markov1", "shared_a", "shared_b"] {
+        assert!(w("noisy") < w(learned), "{learned}: {:?}", m.weights);
+    }
+}
