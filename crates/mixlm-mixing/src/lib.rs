@@ -19,6 +19,8 @@
 pub mod aioli;
 mod config;
 pub mod doremi;
+pub mod grid;
+pub mod law;
 pub mod odm;
 mod proportions;
 mod schedulers;
