@@ -30,8 +30,11 @@
 //! at batch size 8 yields a negative count and shorter segments); validation uses the
 //! run's `eval.sequences` per group rather than the whole validation split.
 
-use crate::config::{check_range, InitWeights};
-use crate::{Composition, DomainInfo, DomainLosses, MixingConfigError, Proportions, Scheduler};
+use crate::config::{check_eta, check_range, InitWeights};
+use crate::proportions::softmax;
+use crate::{
+    restore_state, Composition, DomainInfo, DomainLosses, MixingConfigError, Proportions, Scheduler,
+};
 use nalgebra::{DMatrix, DVector};
 use serde::{Deserialize, Serialize};
 
@@ -90,14 +93,7 @@ impl AioliConfig {
 
     pub fn validate(&self, domains: &[String]) -> Result<(), MixingConfigError> {
         let k = domains.len();
-        check_range(
-            "eta",
-            self.eta,
-            0.0,
-            f64::MAX,
-            false,
-            "must be finite and >= 0",
-        )?;
+        check_eta(self.eta)?;
         check_range(
             "one_hot_factor",
             self.one_hot_factor,
@@ -188,10 +184,7 @@ pub fn exponentiated_update(p: &[f64], a: &[Vec<f64>], eta: f64) -> Vec<f64> {
     let logits: Vec<f64> = (0..k)
         .map(|j| p[j].ln() + eta * a.iter().map(|row| row[j]).sum::<f64>())
         .collect();
-    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
-    let sum: f64 = e.iter().sum();
-    e.iter().map(|x| x / sum).collect()
+    softmax(&logits)
 }
 
 /// A deterministic permutation of `0..k` from `(seed, round, sweep)` (Fisher-Yates
@@ -434,11 +427,11 @@ impl Scheduler for AioliScheduler {
     }
 
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let s: AioliState = serde_json::from_value(state.clone()).map_err(|e| e.to_string())?;
-        if s.p.len() != self.k || s.graph.len() != self.k {
+        let s = restore_state("Aioli", state, self.k, |s: &AioliState| s.p.len())?;
+        if s.graph.len() != self.k {
             return Err(format!(
-                "Aioli state has {} domains, the run {}",
-                s.p.len(),
+                "Aioli state holds a {}-row graph for {} domains",
+                s.graph.len(),
                 self.k
             ));
         }

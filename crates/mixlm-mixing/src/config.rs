@@ -168,6 +168,11 @@ pub(crate) fn check_range(
     }
 }
 
+/// The step size of a multiplicative-weights update: finite and non-negative.
+pub(crate) fn check_eta(eta: f64) -> Result<(), MixingConfigError> {
+    check_range("eta", eta, 0.0, f64::MAX, false, "must be finite and >= 0")
+}
+
 /// Where an adaptive method starts: `"stratified"`, `"natural"`, or a table of
 /// weights by domain name (normalised; every domain named), e.g. the proportions
 /// another method found ("Aioli + X").

@@ -17,8 +17,11 @@
 //! Defaults are the paper's: `eta = 1`, `smoothing = 1e-3`. Domains absent from a
 //! micro-batch have `lambda = 0`.
 
-use crate::config::{check_range, MixingConfigError};
-use crate::{Composition, DomainInfo, Proportions, Requirements, Scheduler, StepFeedback};
+use crate::config::{check_eta, check_range, MixingConfigError};
+use crate::proportions::softmax;
+use crate::{
+    restore_state, Composition, DomainInfo, Proportions, Requirements, Scheduler, StepFeedback,
+};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -44,14 +47,7 @@ fn default_smoothing() -> f64 {
 
 impl DoReMiConfig {
     pub fn validate(&self) -> Result<(), MixingConfigError> {
-        check_range(
-            "eta",
-            self.eta,
-            0.0,
-            f64::MAX,
-            false,
-            "must be finite and >= 0",
-        )?;
+        check_eta(self.eta)?;
         check_range(
             "smoothing",
             self.smoothing,
@@ -72,11 +68,9 @@ pub fn doremi_update(alpha: &[f64], excess: &[f64], eta: f64, smoothing: f64) ->
         .zip(excess)
         .map(|(a, l)| a.ln() + eta * l)
         .collect();
-    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
-    let sum: f64 = e.iter().sum();
-    e.iter()
-        .map(|x| (1.0 - smoothing) * x / sum + smoothing / k)
+    softmax(&logits)
+        .iter()
+        .map(|x| (1.0 - smoothing) * x + smoothing / k)
         .collect()
 }
 
@@ -173,15 +167,8 @@ impl Scheduler for DoReMiScheduler {
     }
 
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let s: DoReMiState = serde_json::from_value(state.clone()).map_err(|e| e.to_string())?;
-        if s.alpha.len() != self.state.alpha.len() {
-            return Err(format!(
-                "DoReMi state has {} domains, the run {}",
-                s.alpha.len(),
-                self.state.alpha.len()
-            ));
-        }
-        self.state = s;
+        let k = self.state.alpha.len();
+        self.state = restore_state("DoReMi", state, k, |s: &DoReMiState| s.alpha.len())?;
         Ok(())
     }
 }

@@ -10,6 +10,7 @@
 //! (`p <- p * exp(-step * grad)`, normalised), which reaches the same minimum of this
 //! smooth objective deterministically.
 
+use crate::proportions::softmax;
 use nalgebra::{DMatrix, DVector};
 
 /// One group's fitted law.
@@ -123,10 +124,7 @@ pub fn minimise_mean_loss(laws: &[GroupLaw]) -> Vec<f64> {
             .zip(&grad)
             .map(|(pi, g)| pi.max(1e-300).ln() - step * g)
             .collect();
-        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
-        let sum: f64 = e.iter().sum();
-        p = e.iter().map(|x| x / sum).collect();
+        p = softmax(&logits);
     }
     p
 }

@@ -135,6 +135,22 @@ pub trait Scheduler: Send {
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), String>;
 }
 
+/// Decodes a scheduler's checkpointed state and checks it was saved by a run over
+/// `k` domains (`domains_of` reads the count the state holds), so a checkpoint
+/// from another corpus is refused instead of indexing out of bounds.
+pub(crate) fn restore_state<T: serde::de::DeserializeOwned>(
+    method: &str,
+    state: &serde_json::Value,
+    k: usize,
+    domains_of: impl Fn(&T) -> usize,
+) -> Result<T, String> {
+    let s: T = serde_json::from_value(state.clone()).map_err(|e| format!("{method} state: {e}"))?;
+    match domains_of(&s) {
+        n if n == k => Ok(s),
+        n => Err(format!("{method} state has {n} domains, the run {k}")),
+    }
+}
+
 /// What a scheduler is built from: the domain names and their sizes in the data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DomainInfo {

@@ -21,7 +21,10 @@
 //! recorded (as in the official code, whose `t` still counts those steps).
 
 use crate::config::{check_range, InitWeights};
-use crate::{Composition, DomainInfo, MixingConfigError, Proportions, Scheduler, StepFeedback};
+use crate::proportions::softmax;
+use crate::{
+    restore_state, Composition, DomainInfo, MixingConfigError, Proportions, Scheduler, StepFeedback,
+};
 use serde::{Deserialize, Serialize};
 
 /// Which published form of ODM to run (see the module docs for the difference).
@@ -103,14 +106,10 @@ pub fn exploration(k: usize, t: u64) -> f64 {
 pub fn gibbs_policy(rewards: &[f64], t: u64) -> Vec<f64> {
     let k = rewards.len();
     let (eps, temp) = (exploration(k, t), exploration(k, t.saturating_sub(1)));
-    let max = rewards
+    let logits: Vec<f64> = rewards.iter().map(|r| temp * r).collect();
+    softmax(&logits)
         .iter()
-        .map(|r| temp * r)
-        .fold(f64::NEG_INFINITY, f64::max);
-    let exps: Vec<f64> = rewards.iter().map(|r| (temp * r - max).exp()).collect();
-    let sum: f64 = exps.iter().sum();
-    exps.iter()
-        .map(|e| (1.0 - k as f64 * eps) * e / sum + eps)
+        .map(|e| (1.0 - k as f64 * eps) * e + eps)
         .collect()
 }
 
@@ -220,15 +219,8 @@ impl Scheduler for OdmScheduler {
     }
 
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let s: OdmState = serde_json::from_value(state.clone()).map_err(|e| e.to_string())?;
-        if s.rewards.len() != self.state.rewards.len() {
-            return Err(format!(
-                "ODM state has {} domains, the run {}",
-                s.rewards.len(),
-                self.state.rewards.len()
-            ));
-        }
-        self.state = s;
+        let k = self.state.rewards.len();
+        self.state = restore_state("ODM", state, k, |s: &OdmState| s.rewards.len())?;
         Ok(())
     }
 }

@@ -201,3 +201,13 @@ mod tests {
         assert!(serde_json::from_str::<Proportions>("[-1.0, 2.0]").is_err());
     }
 }
+
+/// `softmax(logits)`, max-shifted so large logits cannot overflow. Every
+/// multiplicative-weights rule here (`p * exp(eta * g)`) is a softmax of
+/// `ln p + eta * g`.
+pub fn softmax(logits: &[f64]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.iter().map(|x| x / sum).collect()
+}

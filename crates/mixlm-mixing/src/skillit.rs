@@ -12,8 +12,9 @@
 //! As in the paper's algorithm, the window counts rounds (one validation per round);
 //! the authors' code appends a loss vector at every checkpoint evaluation instead.
 
-use crate::config::{check_range, MixingConfigError};
-use crate::{DomainInfo, DomainLosses, Proportions, Scheduler};
+use crate::config::{check_eta, MixingConfigError};
+use crate::proportions::softmax;
+use crate::{restore_state, DomainInfo, DomainLosses, Proportions, Scheduler};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -38,14 +39,7 @@ fn default_window() -> usize {
 
 impl SkillItConfig {
     pub fn validate(&self, domains: &[String]) -> Result<(), MixingConfigError> {
-        check_range(
-            "eta",
-            self.eta,
-            0.0,
-            f64::MAX,
-            false,
-            "must be finite and >= 0",
-        )?;
+        check_eta(self.eta)?;
         if self.update_steps == 0 || self.window == 0 {
             return Err(MixingConfigError::Invalid {
                 field: "update_steps",
@@ -105,10 +99,7 @@ pub fn skill_weights(graph: &[Vec<f64>], loss: &[f64], eta: f64) -> Vec<f64> {
         .iter()
         .map(|row| eta * row.iter().zip(loss).map(|(a, l)| a * l).sum::<f64>())
         .collect();
-    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
-    let sum: f64 = e.iter().sum();
-    e.iter().map(|x| x / sum).collect()
+    softmax(&logits)
 }
 
 /// What Skill-It carries between steps (checkpointed).
@@ -182,15 +173,8 @@ impl Scheduler for SkillItScheduler {
     }
 
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let s: SkillItState = serde_json::from_value(state.clone()).map_err(|e| e.to_string())?;
-        if s.p.len() != self.graph.len() {
-            return Err(format!(
-                "Skill-It state has {} domains, the run {}",
-                s.p.len(),
-                self.graph.len()
-            ));
-        }
-        self.state = s;
+        let k = self.graph.len();
+        self.state = restore_state("Skill-It", state, k, |s: &SkillItState| s.p.len())?;
         Ok(())
     }
 }

@@ -557,6 +557,43 @@ impl Ingestor {
     /// `consumed` is advanced by the bytes read from disk (compressed bytes for
     /// `.zst`). Returns `Ok(false)` when the sink refused a document (`SinkClosed`:
     /// the consumer has stopped, with its own error), `Ok(true)` otherwise.
+    /// Hands one parsed record (`(raw domain, text)` or its problem) to `sink` as a
+    /// [`Document`] after renaming and checking its domain; problems are reported
+    /// (or skipped and counted) against `line` of `file`. `Ok(false)`: the sink
+    /// closed, stop reading.
+    pub(super) fn emit(
+        &mut self,
+        index: usize,
+        file: &InputFile,
+        line: u64,
+        record: Result<(String, String), (SkipKind, String)>,
+        sink: &mut dyn FnMut(Document) -> Result<(), SinkClosed>,
+    ) -> Result<bool, PrepareError> {
+        let (raw_domain, text) = match record {
+            Ok(r) => r,
+            Err((kind, detail)) => {
+                self.problem(&file.path, Some(line), kind, detail)?;
+                return Ok(true);
+            }
+        };
+        let domain = match self.map_domain(raw_domain) {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(true),
+            Err(detail) => {
+                self.problem(&file.path, Some(line), SkipKind::BadDomain, detail)?;
+                return Ok(true);
+            }
+        };
+        let doc = Document {
+            text,
+            domain,
+            split: file.split,
+            file: index,
+            line,
+        };
+        Ok(sink(doc).is_ok())
+    }
+
     pub(crate) fn read_file(
         &mut self,
         index: usize,
@@ -618,29 +655,8 @@ impl Ingestor {
                 continue;
             }
             records += 1;
-            let (raw_domain, text) = match self.parse_line(line) {
-                Ok(r) => r,
-                Err((kind, detail)) => {
-                    self.problem(path, Some(line_no), kind, detail)?;
-                    continue;
-                }
-            };
-            let domain = match self.map_domain(raw_domain) {
-                Ok(Some(d)) => d,
-                Ok(None) => continue,
-                Err(detail) => {
-                    self.problem(path, Some(line_no), SkipKind::BadDomain, detail)?;
-                    continue;
-                }
-            };
-            let doc = Document {
-                text,
-                domain,
-                split: file.split,
-                file: index,
-                line: line_no,
-            };
-            if sink(doc).is_err() {
+            let record = self.parse_line(line);
+            if !self.emit(index, file, line_no, record, sink)? {
                 return Ok(false);
             }
         }

@@ -272,36 +272,10 @@ impl Ingestor {
             };
             for row in 0..batch.num_rows() {
                 let row_no = rows_done + row as u64 + 1;
-                let domain = match self.key_value(&domain_col, row, SkipKind::BadDomain) {
-                    Ok(d) => d,
-                    Err((kind, detail)) => {
-                        self.problem(path, Some(row_no), kind, detail)?;
-                        continue;
-                    }
-                };
-                let text = match self.key_value(&text_col, row, SkipKind::BadText) {
-                    Ok(t) => t,
-                    Err((kind, detail)) => {
-                        self.problem(path, Some(row_no), kind, detail)?;
-                        continue;
-                    }
-                };
-                let domain = match self.map_domain(domain) {
-                    Ok(Some(d)) => d,
-                    Ok(None) => continue,
-                    Err(detail) => {
-                        self.problem(path, Some(row_no), SkipKind::BadDomain, detail)?;
-                        continue;
-                    }
-                };
-                let doc = Document {
-                    text,
-                    domain,
-                    split: file.split,
-                    file: index,
-                    line: row_no,
-                };
-                if sink(doc).is_err() {
+                let record = self
+                    .key_value(&domain_col, row, SkipKind::BadDomain)
+                    .and_then(|d| Ok((d, self.key_value(&text_col, row, SkipKind::BadText)?)));
+                if !self.emit(index, file, row_no, record, sink)? {
                     return Ok(false);
                 }
             }
