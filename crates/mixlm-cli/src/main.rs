@@ -67,6 +67,33 @@ enum Command {
     },
     /// Print the embedded default config (a starting point for your own).
     DefaultConfig,
+    /// Offline mixing baselines that train several runs: `grid` (best of a sweep of
+    /// static mixtures) or `law` (fit a data mixing law to the sweep, take its
+    /// minimiser). Writes <out_dir>/<name>-search/learned_mixture.toml for
+    /// `mixlm train --mixing FILE`.
+    MixSearch {
+        /// TOML run config each point trains with (its [mixing] is replaced).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config value: --set section.key=value (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        /// grid or law.
+        #[arg(long, default_value = "grid")]
+        method: mixlm_train::search::SearchMethod,
+        /// Number of static mixtures to train.
+        #[arg(long, default_value_t = 9)]
+        points: usize,
+        /// Dirichlet concentration of the sweep for more than two domains.
+        #[arg(long, default_value_t = 1.0)]
+        alpha: f64,
+        /// cpu, wgpu or cuda (overrides run.backend).
+        #[arg(long)]
+        backend: Option<String>,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -119,6 +146,47 @@ fn run(cli: Cli) -> Result<()> {
             );
             print!("{}", mixlm_eval::format_table(&outcome.rows));
             println!("results: {}", outcome.run_dir.display());
+            Ok(())
+        }
+        Command::MixSearch {
+            config,
+            mut overrides,
+            method,
+            points,
+            alpha,
+            backend,
+            quiet,
+        } => {
+            if let Some(b) = backend {
+                overrides.push(format!("run.backend=\"{b}\""));
+            }
+            let config = match &config {
+                Some(path) => RunConfig::load(path, &overrides)?,
+                None => RunConfig::embedded(&overrides)?,
+            };
+            let kind: BackendKind = config.run.backend.parse()?;
+            kind.check_compiled()?;
+            let options = mixlm_train::search::SearchOptions {
+                method,
+                points,
+                alpha,
+            };
+            let outcome = mixlm_train::search::mix_search(&config, &options, |c| {
+                train_on(kind, c, &TrainOptions { quiet })
+            })?;
+            println!("\n{:<40} mean final validation loss", "point");
+            for p in &outcome.points {
+                println!("{:<40} {:.4}", p.run.display(), p.mean_val_loss);
+            }
+            println!("chosen mixture ({}): {:?}", outcome.method, outcome.chosen);
+            if let Some(l) = outcome.predicted_mean_val_loss {
+                println!("predicted mean validation loss: {l:.4}");
+            }
+            println!(
+                "written: {}; train on it with --mixing {}",
+                outcome.dir.join("search.json").display(),
+                outcome.dir.join("learned_mixture.toml").display()
+            );
             Ok(())
         }
         Command::ModelInfo { presets, seq_len } => {

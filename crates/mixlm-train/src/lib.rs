@@ -6,6 +6,7 @@ pub mod config;
 pub mod metrics;
 pub mod optim;
 pub mod progress;
+pub mod search;
 pub mod trainer;
 
 pub use backend::{train_on, BackendKind};

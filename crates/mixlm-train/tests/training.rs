@@ -486,3 +486,104 @@ fn doremi_proxy_learns_a_mixture_from_excess_loss() {
         assert!(w("noisy") < w(learned), "{learned}: {:?}", m.weights);
     }
 }
+
+/// `mix-search`: a grid sweep picks its best point; a law search fits one law per
+/// domain and writes a mixture the final run reads.
+#[test]
+fn mix_search_grid_and_law() {
+    use mixlm_train::search::{mix_search, SearchMethod, SearchOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let config = short_run(
+        tmp.path(),
+        "sweep",
+        &[
+            "run.steps=15",
+            "run.batch_size=8",
+            "eval.every=0",
+            "checkpoint.every=0",
+            "checkpoint.save_final=false",
+        ],
+    );
+    let train_fn =
+        |c: &RunConfig| train::<B>(c, &Default::default(), &TrainOptions { quiet: true });
+    let grid = mix_search(
+        &config,
+        &SearchOptions {
+            method: SearchMethod::Grid,
+            points: 3,
+            alpha: 1.0,
+        },
+        train_fn,
+    )
+    .unwrap();
+    assert_eq!(grid.points.len(), 3);
+    let best = grid
+        .points
+        .iter()
+        .min_by(|a, b| a.mean_val_loss.total_cmp(&b.mean_val_loss))
+        .unwrap();
+    assert_eq!(grid.chosen, best.weights);
+    // Each point trained on its own mixture, as its metrics say.
+    for p in &grid.points {
+        let last = metrics(&p.run)
+            .into_iter()
+            .rfind(|l| l["kind"] == "train")
+            .unwrap();
+        for (n, w) in &p.weights {
+            assert!((last["proportions"][n].as_f64().unwrap() - w).abs() < 1e-12);
+        }
+    }
+    let config = RunConfig::embedded(&[])
+        .unwrap()
+        .with_mixing_file(&grid.dir.join("learned_mixture.toml"))
+        .unwrap();
+    let mixlm_mixing::MixingConfig::Manual(m) = &config.mixing else {
+        panic!()
+    };
+    for (n, w) in &grid.chosen {
+        assert!((m.weights[n] - w).abs() < 1e-12);
+    }
+
+    let mut law_config = short_run(
+        tmp.path(),
+        "law",
+        &[
+            "run.steps=10",
+            "run.batch_size=8",
+            "eval.every=0",
+            "checkpoint.every=0",
+            "checkpoint.save_final=false",
+        ],
+    );
+    law_config.run.name = "law".into();
+    let too_few = mix_search(
+        &law_config,
+        &SearchOptions {
+            method: SearchMethod::Law,
+            points: 4,
+            alpha: 1.0,
+        },
+        train_fn,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(too_few.contains("--points >= 7"), "{too_few}");
+    let law = mix_search(
+        &law_config,
+        &SearchOptions {
+            method: SearchMethod::Law,
+            points: 7,
+            alpha: 1.0,
+        },
+        train_fn,
+    )
+    .unwrap();
+    assert_eq!(law.laws.len(), 5);
+    let total: f64 = law.chosen.values().sum();
+    assert!((total - 1.0).abs() < 1e-9);
+    assert!(law.predicted_mean_val_loss.unwrap().is_finite());
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(law.dir.join("search.json")).unwrap()).unwrap();
+    assert_eq!(json["points"].as_array().unwrap().len(), 7);
+    assert_eq!(json["method"], "law");
+}
