@@ -149,6 +149,16 @@ pub enum Composition {
     Single,
 }
 
+/// `softmax(logits)`, max-shifted so large logits cannot overflow. Every
+/// multiplicative-weights rule here (`p * exp(eta * g)`) is a softmax of
+/// `ln p + eta * g`.
+pub fn softmax(logits: &[f64]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.iter().map(|x| x / sum).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,14 +210,4 @@ mod tests {
         assert_eq!(back, p);
         assert!(serde_json::from_str::<Proportions>("[-1.0, 2.0]").is_err());
     }
-}
-
-/// `softmax(logits)`, max-shifted so large logits cannot overflow. Every
-/// multiplicative-weights rule here (`p * exp(eta * g)`) is a softmax of
-/// `ln p + eta * g`.
-pub fn softmax(logits: &[f64]) -> Vec<f64> {
-    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
-    let sum: f64 = e.iter().sum();
-    e.iter().map(|x| x / sum).collect()
 }
