@@ -1,6 +1,7 @@
 //! `[mixing]` section of the run config: which method, with its parameters.
 
 use crate::aioli::AioliConfig;
+use crate::doge::DogeConfig;
 use crate::doremi::DoReMiConfig;
 use crate::odm::OdmConfig;
 use crate::skillit::SkillItConfig;
@@ -30,6 +31,9 @@ pub enum MixingConfig {
     /// DoReMi (Xie et al. 2023): the proxy run, reweighting the objective by excess
     /// loss over a reference model; it learns a static mixture for the final run.
     Doremi(DoReMiConfig),
+    /// DoGE (Fan et al. 2024): the proxy run, reweighting domains by how well their
+    /// gradients align with a target gradient; it learns a static mixture.
+    Doge(DogeConfig),
 }
 
 impl Default for MixingConfig {
@@ -97,6 +101,7 @@ impl MixingConfig {
             Self::Aioli(_) => "aioli",
             Self::SkillIt(_) => "skill_it",
             Self::Doremi(_) => "doremi",
+            Self::Doge(_) => "doge",
         }
     }
 
@@ -109,6 +114,7 @@ impl MixingConfig {
             Self::Aioli(c) => c.validate(domains),
             Self::SkillIt(c) => c.validate(domains),
             Self::Doremi(c) => c.validate(),
+            Self::Doge(c) => c.validate(domains),
         }
     }
 }

@@ -118,6 +118,7 @@ impl Scheduler for DoReMiScheduler {
     fn requirements(&self) -> Requirements {
         Requirements {
             reference_model: Some(self.config.reference.clone()),
+            ..Requirements::default()
         }
     }
 
@@ -153,6 +154,10 @@ impl Scheduler for DoReMiScheduler {
         self.state.updates += 1;
         self.state.alpha = alpha.clone();
         Some(alpha)
+    }
+
+    fn domain_weights(&self) -> Option<Proportions> {
+        Proportions::from_weights(self.state.alpha.clone()).ok()
     }
 
     fn learned_proportions(&self) -> Option<Proportions> {

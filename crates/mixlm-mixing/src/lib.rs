@@ -18,6 +18,7 @@
 
 pub mod aioli;
 mod config;
+pub mod doge;
 pub mod doremi;
 pub mod grid;
 pub mod law;
@@ -28,6 +29,7 @@ pub mod skillit;
 
 pub use aioli::{AioliConfig, AioliScheduler};
 pub use config::{InitWeights, ManualConfig, MixingConfig, MixingConfigError, NoParams};
+pub use doge::{DogeConfig, DogeScheduler, DogeTarget};
 pub use doremi::{DoReMiConfig, DoReMiScheduler};
 pub use odm::{OdmBatches, OdmConfig, OdmScheduler, OdmVariant};
 pub use proportions::{Composition, DomainId, DomainLosses, Proportions, ProportionsError};
@@ -71,6 +73,42 @@ pub struct Requirements {
     /// checkpoint is taken) whose per-token losses on every training batch fill
     /// [`StepFeedback::reference`] and [`StepFeedback::excess`].
     pub reference_model: Option<std::path::PathBuf>,
+    /// Per-domain gradients, aligned with a target gradient (DoGE): the trainer
+    /// computes each domain's gradient separately, hands their Gram matrix to
+    /// [`Scheduler::gradient_weights`] and updates the model with the weighted sum.
+    pub gradients: Option<GradientTarget>,
+}
+
+/// The gradient that per-domain gradients are aligned with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GradientTarget {
+    /// The per-domain training gradients themselves (their sum).
+    Train,
+    /// The gradient of the mean loss over `sequences` validation windows, spread
+    /// evenly over `domains` (a different draw each step).
+    Validation {
+        sequences: usize,
+        domains: Vec<DomainId>,
+    },
+}
+
+/// Inner products of one step's gradients, all of mean losses: what a
+/// gradient-alignment method needs, with no tensor in sight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradientAlignment {
+    /// Whether domain `i` had sequences in the step (absent domains have no gradient).
+    pub present: Vec<bool>,
+    /// `gram[i][j] = <g_i, g_j>` of the domain gradients (0 where either is absent).
+    pub gram: Vec<Vec<f64>>,
+    /// With [`GradientTarget::Validation`]: the target gradient's alignments.
+    pub target: Option<AlignmentTarget>,
+}
+
+/// `<g_i, g_T>` for each domain and `|g_T|^2`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlignmentTarget {
+    pub dots: Vec<f64>,
+    pub norm_sq: f64,
 }
 
 /// A data-mixing method, as the trainer sees it. See the crate docs for the call order.
@@ -118,6 +156,25 @@ pub trait Scheduler: Send {
     /// over the domains present. `None` (the default): the plain token mean.
     /// DoReMi's proxy run uses it for its reweighted (DRO) objective.
     fn loss_weights(&mut self, _step: u64, _micro_batch: &StepFeedback) -> Option<Vec<f64>> {
+        None
+    }
+
+    /// Coefficients of each domain's gradient in the model update, from the step's
+    /// gradient inner products at learning rate `lr`; called once per step when
+    /// [`Requirements::gradients`] is set. `None`: the method does not use them.
+    fn gradient_weights(
+        &mut self,
+        _step: u64,
+        _lr: f64,
+        _alignment: &GradientAlignment,
+    ) -> Option<Vec<f64>> {
+        None
+    }
+
+    /// The weights the method currently puts on each domain's loss or gradient
+    /// when they are not the sampling proportions (DoReMi's and DoGE's `alpha`);
+    /// the trainer logs them every step as `domain_weights`.
+    fn domain_weights(&self) -> Option<Proportions> {
         None
     }
 
@@ -174,6 +231,7 @@ pub fn build_scheduler(
         MixingConfig::Aioli(c) => Box::new(AioliScheduler::new(c, domains)?),
         MixingConfig::SkillIt(c) => Box::new(SkillItScheduler::new(c, domains)?),
         MixingConfig::Doremi(c) => Box::new(DoReMiScheduler::new(c, domains)?),
+        MixingConfig::Doge(c) => Box::new(DogeScheduler::new(c, domains)?),
         _ => Box::new(StaticScheduler::from_config(config, domains)?),
     })
 }

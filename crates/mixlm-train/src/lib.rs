@@ -1,5 +1,6 @@
 //! mixlm's trainer: config, optimizer, training loop, checkpoints and metrics.
 
+pub mod alignment;
 pub mod backend;
 pub mod checkpoint;
 pub mod config;

@@ -35,6 +35,10 @@ pub struct StepRecord {
     pub sequences: BTreeMap<String, usize>,
     /// Proportions the scheduler chose for this step.
     pub proportions: BTreeMap<String, f64>,
+    /// Weights on each domain's loss or gradient when the method keeps its own
+    /// apart from the sampling proportions (DoReMi's and DoGE's `alpha`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain_weights: Option<BTreeMap<String, f64>>,
     pub elapsed_s: f64,
     pub tokens_per_s: f64,
 }

@@ -22,9 +22,12 @@ use mixlm_data::{MixtureSampler, Prefetcher, SamplerState, Split, TokenSource};
 use mixlm_eval::{
     inputs_and_targets, sequence_means, validation_losses, DomainAccumulator, DomainRow,
 };
-use mixlm_mixing::{build_scheduler, DomainId, DomainInfo, DomainLosses, Scheduler, StepFeedback};
+use mixlm_mixing::{
+    build_scheduler, DomainId, DomainInfo, DomainLosses, GradientTarget, Scheduler, StepFeedback,
+};
 use mixlm_model::{ModelConfig, Transformer};
 
+use crate::alignment::{validation_gradient, DomainGradients};
 use crate::checkpoint::{write_checkpoint, TrainState};
 use crate::config::RunConfig;
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord};
@@ -86,7 +89,8 @@ pub fn train<B: AutodiffBackend>(
     )?;
     let mut metrics = MetricsWriter::create(&run_dir.join("metrics.jsonl"))?;
 
-    let reference = match scheduler.requirements().reference_model {
+    let requirements = scheduler.requirements();
+    let reference = match requirements.reference_model {
         Some(path) => Some(load_reference::<B::InnerBackend>(
             &path,
             &model_config,
@@ -163,12 +167,20 @@ pub fn train<B: AutodiffBackend>(
         );
 
         let mut grads = GradientsAccumulator::<Transformer<B>>::new();
+        let mut per_domain =
+            (requirements.gradients.as_ref()).map(|_| DomainGradients::<B>::new(k));
         let mut by_domain = DomainAccumulator::new(k);
         let mut ref_by_domain = DomainAccumulator::new(k);
         let mut excess_by_domain = DomainAccumulator::new(k);
         for _ in 0..run.grad_accum {
             let batch = batches.take();
             let domains: Vec<DomainId> = batch.picks.iter().map(|(d, _)| *d).collect();
+            if let Some(per_domain) = per_domain.as_mut() {
+                let seq_means =
+                    per_domain.backward(&model, &batch.windows, &domains, run.seq_len, device);
+                by_domain.add(&seq_means, &domains);
+                continue;
+            }
             let (inputs, targets) =
                 inputs_and_targets::<B>(&batch.windows, run.batch_size, run.seq_len, device);
             let ref_losses = reference
@@ -194,7 +206,28 @@ pub fn train<B: AutodiffBackend>(
             grads.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
             by_domain.add(&seq_means, &domains);
         }
-        let (updated, stats) = optimizer.step(lr, model, grads.grads());
+        let grads = match (per_domain.as_mut(), &requirements.gradients) {
+            (Some(per_domain), Some(target)) => {
+                let target = match target {
+                    GradientTarget::Validation { sequences, domains } => Some(validation_gradient(
+                        &model,
+                        source.as_ref(),
+                        (*sequences, domains),
+                        (run.seed, step),
+                        run.seq_len,
+                        device,
+                    )),
+                    GradientTarget::Train => None,
+                };
+                let (alignment, sets) = per_domain.alignment(&model, target.as_ref());
+                let coefficients = scheduler
+                    .gradient_weights(step, lr, &alignment)
+                    .context("the scheduler asked for per-domain gradients but gave no weights")?;
+                per_domain.combine(&model, &sets, &coefficients)
+            }
+            _ => grads.grads(),
+        };
+        let (updated, stats) = optimizer.step(lr, model, grads);
         model = updated;
 
         let train = by_domain.means();
@@ -219,6 +252,9 @@ pub fn train<B: AutodiffBackend>(
             domain_loss: crate::metrics::by_name(&names, &feedback.train.0),
             sequences: crate::metrics::by_name(&names, &feedback.sequences),
             proportions: crate::metrics::by_name(&names, proportions.as_slice()),
+            domain_weights: scheduler
+                .domain_weights()
+                .map(|w| crate::metrics::by_name(&names, w.as_slice())),
             elapsed_s: elapsed,
             tokens_per_s: tokens as f64 / elapsed.max(1e-9),
         };

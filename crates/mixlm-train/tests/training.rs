@@ -587,3 +587,63 @@ fn mix_search_grid_and_law() {
     assert_eq!(json["points"].as_array().unwrap().len(), 7);
     assert_eq!(json["method"], "law");
 }
+
+/// DoGE's proxy run, out-of-domain setting: the target is `twin_a`'s validation
+/// data. `twin_b` is the same generator, so its gradients align with the target's;
+/// `other` uses other tokens and a different chain, so its alignment stays near zero
+/// (clipped at `dw_min = 0`): the learned mixture puts `other` far below uniform and
+/// the twins above it. Batches are exact uniform counts; the weights are logged every
+/// step and averaged into the learned mixture.
+#[test]
+fn doge_proxy_upweights_domains_aligned_with_the_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = short_run(
+        tmp.path(),
+        "doge",
+        &[
+            "run.steps=40",
+            "run.batch_size=12",
+            "run.seq_len=32",
+            "optimizer.lr=0.01",
+            "eval.every=0",
+            "checkpoint.every=0",
+            "mixing.method=\"doge\"",
+            "mixing.val_sequences=8",
+            "mixing.mu=0.1",
+            "mixing.target_domains=[\"twin_a\"]",
+            "data.synthetic.domains=[\
+             { name = \"twin_a\", first_token = 1, num_tokens = 32, order = 1, successors = 4, shared = { group = \"t\", weight = 1.0 } },\
+             { name = \"twin_b\", first_token = 1, num_tokens = 32, order = 1, successors = 4, shared = { group = \"t\", weight = 1.0 } },\
+             { name = \"other\", first_token = 33, num_tokens = 32, order = 1, successors = 4 }]",
+        ],
+    );
+    let run_dir = train::<B>(&config, &Default::default(), &TrainOptions { quiet: true })
+        .unwrap()
+        .run_dir;
+    let names = ["twin_a", "twin_b", "other"];
+    let lines = metrics(&run_dir);
+    let steps: Vec<&serde_json::Value> = lines.iter().filter(|l| l["kind"] == "train").collect();
+    assert_eq!(steps.len(), 40);
+    let mut sum = [0.0; 3];
+    for l in &steps {
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(l["sequences"][name], 4, "exact uniform counts: {l}");
+            sum[i] += l["domain_weights"][name].as_f64().unwrap();
+        }
+    }
+    assert_eq!(scheduler_state(&run_dir)["updates"], 40);
+    let learned = config
+        .clone()
+        .with_mixing_file(&run_dir.join("learned_mixture.toml"))
+        .unwrap();
+    let mixlm_mixing::MixingConfig::Manual(m) = &learned.mixing else {
+        panic!("{:?}", learned.mixing)
+    };
+    println!("DoGE learned mixture: {:?}", m.weights);
+    // The learned mixture is the average of the logged weights.
+    for (i, name) in names.iter().enumerate() {
+        assert!((m.weights[*name] - sum[i] / 40.0).abs() < 1e-9, "{name}");
+    }
+    assert!(m.weights["other"] < 0.25, "{:?}", m.weights);
+    assert!(m.weights["twin_a"].min(m.weights["twin_b"]) > 0.35, "{:?}", m.weights);
+}
