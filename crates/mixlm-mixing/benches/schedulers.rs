@@ -1,5 +1,6 @@
 //! Per-step overhead of each scheduler: `proportions` + `observe_train` (and, for
-//! Aioli, its share of validation bookkeeping and the round update), excluding the
+//! Aioli, its share of validation bookkeeping and the round update; for DoGE, its
+//! update from the gradient Gram matrix), excluding the
 //! training and evaluation the method asks the trainer for.
 //!
 //! `cargo bench -p mixlm-mixing --bench schedulers`. Results go to benches/RESULTS.md,
@@ -7,8 +8,8 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use mixlm_mixing::{
-    build_scheduler, AioliConfig, DomainInfo, DomainLosses, InitWeights, MixingConfig, OdmConfig,
-    OdmVariant, StepFeedback,
+    build_scheduler, AioliConfig, AlignmentTarget, DogeConfig, DomainInfo, DomainLosses,
+    GradientAlignment, InitWeights, MixingConfig, OdmConfig, OdmVariant, StepFeedback,
 };
 
 fn info(k: usize) -> DomainInfo {
@@ -77,6 +78,30 @@ fn bench(c: &mut Criterion) {
                 })
             });
         }
+        // DoGE's scheduler work per step: one update from the Gram matrix of the
+        // domain gradients (computing the gradients is training work, not counted).
+        let mut doge =
+            build_scheduler(&MixingConfig::Doge(DogeConfig::default()), &info(k)).unwrap();
+        let alignment = GradientAlignment {
+            present: vec![true; k],
+            gram: (0..k)
+                .map(|i| (0..k).map(|j| if i == j { 1.0 } else { 0.1 }).collect())
+                .collect(),
+            target: Some(AlignmentTarget {
+                dots: (0..k).map(|i| 0.01 * i as f64).collect(),
+                norm_sq: 1.0,
+            }),
+        };
+        let mut step = 0u64;
+        group.bench_function(BenchmarkId::new("doge", format!("K={k}")), |b| {
+            b.iter(|| {
+                let p = doge.proportions(step);
+                let w = doge.gradient_weights(step, 3e-4, &alignment);
+                doge.observe_train(step, &feedback(k, step));
+                step += 1;
+                (p, w)
+            })
+        });
     }
     group.finish();
 }

@@ -645,5 +645,9 @@ fn doge_proxy_upweights_domains_aligned_with_the_target() {
         assert!((m.weights[*name] - sum[i] / 40.0).abs() < 1e-9, "{name}");
     }
     assert!(m.weights["other"] < 0.25, "{:?}", m.weights);
-    assert!(m.weights["twin_a"].min(m.weights["twin_b"]) > 0.35, "{:?}", m.weights);
+    assert!(
+        m.weights["twin_a"].min(m.weights["twin_b"]) > 0.35,
+        "{:?}",
+        m.weights
+    );
 }
