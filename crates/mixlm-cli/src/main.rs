@@ -78,15 +78,19 @@ enum Command {
         /// Override a config value: --set section.key=value (repeatable).
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
-        /// grid or law.
+        /// grid, law, doremi, doge or skill_it.
         #[arg(long, default_value = "grid")]
         method: mixlm_train::search::SearchMethod,
-        /// Number of static mixtures to train.
+        /// Number of static mixtures to train (grid, law).
         #[arg(long, default_value_t = 9)]
         points: usize,
         /// Dirichlet concentration of the sweep for more than two domains.
         #[arg(long, default_value_t = 1.0)]
         alpha: f64,
+        /// Steps of the auxiliary runs (DoReMi's reference and proxy, DoGE's proxy,
+        /// Skill-It's single-domain runs); default: run.steps.
+        #[arg(long)]
+        pilot_steps: Option<u64>,
         /// cpu, wgpu or cuda (overrides run.backend).
         #[arg(long)]
         backend: Option<String>,
@@ -154,6 +158,7 @@ fn run(cli: Cli) -> Result<()> {
             method,
             points,
             alpha,
+            pilot_steps,
             backend,
             quiet,
         } => {
@@ -170,15 +175,25 @@ fn run(cli: Cli) -> Result<()> {
                 method,
                 points,
                 alpha,
+                pilot_steps,
             };
             let outcome = mixlm_train::search::mix_search(&config, &options, |c| {
                 train_on(kind, c, &TrainOptions { quiet })
             })?;
-            println!("\n{:<40} mean final validation loss", "point");
+            println!("\n{:<40} mean final validation loss", "run");
             for p in &outcome.points {
                 println!("{:<40} {:.4}", p.run.display(), p.mean_val_loss);
             }
-            println!("chosen mixture ({}): {:?}", outcome.method, outcome.chosen);
+            if let Some(chosen) = &outcome.chosen {
+                println!("chosen mixture ({}): {chosen:?}", outcome.method);
+            }
+            if let Some(graph) = &outcome.graph {
+                println!("Skill-It graph (row: trained on, column: evaluated):");
+                for (row, cols) in graph {
+                    let cells: Vec<String> = cols.values().map(|v| format!("{v:+.3}")).collect();
+                    println!("  {row:<20} {}", cells.join(" "));
+                }
+            }
             if let Some(l) = outcome.predicted_mean_val_loss {
                 println!("predicted mean validation loss: {l:.4}");
             }

@@ -29,7 +29,9 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DoReMiConfig {
-    /// The reference model: a checkpoint folder, or a run folder (its latest checkpoint).
+    /// The reference model: a checkpoint folder, or a run folder (its latest
+    /// checkpoint). Required to train; `mixlm mix-search --method doremi` fills it in.
+    #[serde(default)]
     pub reference: PathBuf,
     #[serde(default = "default_eta")]
     pub eta: f64,
@@ -46,7 +48,25 @@ fn default_smoothing() -> f64 {
 }
 
 impl DoReMiConfig {
+    /// The paper's defaults against `reference`.
+    pub fn new(reference: PathBuf) -> Self {
+        Self {
+            reference,
+            eta: default_eta(),
+            smoothing: default_smoothing(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), MixingConfigError> {
+        if self.reference.as_os_str().is_empty() {
+            return Err(MixingConfigError::Invalid {
+                field: "reference",
+                message: "is missing: give the reference model (a run or checkpoint \
+                          folder trained with method = \"stratified\"), or let \
+                          `mixlm mix-search --method doremi` train both"
+                    .into(),
+            });
+        }
         check_eta(self.eta)?;
         check_range(
             "smoothing",
@@ -251,9 +271,10 @@ mod tests {
             avg.as_slice(),
             &[(0.725 + w2[0]) / 2.0, (0.275 + w2[1]) / 2.0],
         );
-        let e = toml::from_str::<crate::MixingConfig>("method = \"doremi\"\neta = 1.0")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("reference"), "{e}");
+        // A config without a reference parses (mix-search fills it in) but does not
+        // validate for training.
+        let c = toml::from_str::<crate::MixingConfig>("method = \"doremi\"\neta = 1.0").unwrap();
+        let e = c.validate(&["a".into()]).unwrap_err().to_string();
+        assert!(e.contains("mixing.reference is missing"), "{e}");
     }
 }

@@ -29,7 +29,8 @@ pub struct SkillItConfig {
     #[serde(default = "default_window")]
     pub window: usize,
     /// `graph.<trained>.<evaluated>`: the skills graph, every domain as a row and a
-    /// column.
+    /// column. `mixlm mix-search --method skill_it` builds it.
+    #[serde(default)]
     pub graph: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
@@ -44,6 +45,14 @@ impl SkillItConfig {
             return Err(MixingConfigError::Invalid {
                 field: "update_steps",
                 message: "update_steps and window must be >= 1".into(),
+            });
+        }
+        if self.graph.is_empty() {
+            return Err(MixingConfigError::Invalid {
+                field: "graph",
+                message: "is missing: give the skills graph, or build it with \
+                          `mixlm mix-search --method skill_it`"
+                    .into(),
             });
         }
         let known = || domains.join(", ");
@@ -245,6 +254,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("`a.zz`"));
+        let mut c = config();
+        c.graph.clear();
+        let e = c.validate(&info().names).unwrap_err().to_string();
+        assert!(e.starts_with("mixing.graph is missing") && e.contains("mix-search"), "{e}");
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct TrainOutcome {
     pub final_train_loss: f64,
     pub tokens_per_second: f64,
     pub steps: u64,
+    /// The static mixture the scheduler learned (DoReMi, DoGE proxy runs).
+    pub learned: Option<mixlm_mixing::Proportions>,
 }
 
 /// Builds the token source a `[data]` section names.
@@ -297,9 +299,10 @@ pub fn train<B: AutodiffBackend>(
             eprintln!("note: domain {name} was repeated: {e:.2} epochs of its training data");
         }
     }
-    if let Some(learned) = scheduler.learned_proportions() {
+    let learned = scheduler.learned_proportions();
+    if let Some(learned) = &learned {
         let path = run_dir.join("learned_mixture.toml");
-        crate::checkpoint::write_atomic(&path, learned_mixture_toml(&names, &learned).as_bytes())?;
+        crate::checkpoint::write_atomic(&path, learned_mixture_toml(&names, learned).as_bytes())?;
         eprintln!(
             "learned mixture ({}) written to {}; train on it with --mixing {}",
             scheduler.name(),
@@ -333,6 +336,7 @@ pub fn train<B: AutodiffBackend>(
         final_train_loss: last_loss,
         tokens_per_second: tokens as f64 / elapsed.max(1e-9),
         steps: run.steps,
+        learned,
     })
 }
 
@@ -386,11 +390,11 @@ fn weighted_loss<B: AutodiffBackend>(
 
 /// A `[mixing]` section with `method = "manual"` and the learned weights.
 pub fn learned_mixture_toml(names: &[String], p: &mixlm_mixing::Proportions) -> String {
-    let mut out = String::from("[mixing]\nmethod = \"manual\"\n\n[mixing.weights]\n");
-    for (n, w) in names.iter().zip(p.as_slice()) {
-        out.push_str(&format!("{} = {w}\n", toml::Value::String(n.clone())));
-    }
-    out
+    let weights = crate::metrics::by_name(names, p.as_slice());
+    crate::search::mixing_toml(&mixlm_mixing::MixingConfig::Manual(
+        mixlm_mixing::ManualConfig { weights },
+    ))
+    .expect("a manual mixture serialises")
 }
 
 /// Training epochs each domain has consumed (`None` for unbounded sources).

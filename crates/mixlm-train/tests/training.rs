@@ -509,9 +509,8 @@ fn mix_search_grid_and_law() {
     let grid = mix_search(
         &config,
         &SearchOptions {
-            method: SearchMethod::Grid,
             points: 3,
-            alpha: 1.0,
+            ..SearchOptions::new(SearchMethod::Grid)
         },
         train_fn,
     )
@@ -522,7 +521,7 @@ fn mix_search_grid_and_law() {
         .iter()
         .min_by(|a, b| a.mean_val_loss.total_cmp(&b.mean_val_loss))
         .unwrap();
-    assert_eq!(grid.chosen, best.weights);
+    assert_eq!(grid.chosen.as_ref(), Some(&best.weights));
     // Each point trained on its own mixture, as its metrics say.
     for p in &grid.points {
         let last = metrics(&p.run)
@@ -540,7 +539,7 @@ fn mix_search_grid_and_law() {
     let mixlm_mixing::MixingConfig::Manual(m) = &config.mixing else {
         panic!()
     };
-    for (n, w) in &grid.chosen {
+    for (n, w) in grid.chosen.as_ref().unwrap() {
         assert!((m.weights[n] - w).abs() < 1e-12);
     }
 
@@ -559,9 +558,8 @@ fn mix_search_grid_and_law() {
     let too_few = mix_search(
         &law_config,
         &SearchOptions {
-            method: SearchMethod::Law,
             points: 4,
-            alpha: 1.0,
+            ..SearchOptions::new(SearchMethod::Law)
         },
         train_fn,
     )
@@ -571,15 +569,14 @@ fn mix_search_grid_and_law() {
     let law = mix_search(
         &law_config,
         &SearchOptions {
-            method: SearchMethod::Law,
             points: 7,
-            alpha: 1.0,
+            ..SearchOptions::new(SearchMethod::Law)
         },
         train_fn,
     )
     .unwrap();
     assert_eq!(law.laws.len(), 5);
-    let total: f64 = law.chosen.values().sum();
+    let total: f64 = law.chosen.as_ref().unwrap().values().sum();
     assert!((total - 1.0).abs() < 1e-9);
     assert!(law.predicted_mean_val_loss.unwrap().is_finite());
     let json: serde_json::Value =
@@ -650,4 +647,106 @@ fn doge_proxy_upweights_domains_aligned_with_the_target() {
         "{:?}",
         m.weights
     );
+}
+
+/// `mix-search` runs the multi-run pipelines in one call: DoReMi (reference, then
+/// proxy against its final checkpoint), DoGE (proxy), Skill-It (one single-domain run
+/// per domain; the graph is each run's relative validation-loss decrease). Each
+/// writes a `[mixing]` file the final run reads.
+#[test]
+fn mix_search_pipelines_doremi_doge_skill_it() {
+    use mixlm_train::search::{mix_search, SearchMethod, SearchOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let config = short_run(
+        tmp.path(),
+        "pipe",
+        &[
+            "run.steps=30",
+            "run.batch_size=10",
+            "eval.every=0",
+            "eval.sequences=16",
+            "checkpoint.every=0",
+            "checkpoint.save_final=false",
+            "optimizer.lr=0.01",
+        ],
+    );
+    let train_fn =
+        |c: &RunConfig| train::<B>(c, &Default::default(), &TrainOptions { quiet: true });
+    let options = |m| SearchOptions {
+        pilot_steps: Some(12),
+        ..SearchOptions::new(m)
+    };
+    let final_run = |outcome: &mixlm_train::search::SearchOutcome| {
+        config
+            .clone()
+            .with_mixing_file(&outcome.dir.join("learned_mixture.toml"))
+            .unwrap()
+    };
+
+    let doremi = mix_search(&config, &options(SearchMethod::DoReMi), train_fn).unwrap();
+    let roles: Vec<&str> = doremi.points.iter().map(|p| p.role.as_str()).collect();
+    assert_eq!(roles, ["reference", "proxy"]);
+    let proxy_config: RunConfig =
+        toml::from_str(&std::fs::read_to_string(doremi.points[1].run.join("config.toml")).unwrap())
+            .unwrap();
+    let mixlm_mixing::MixingConfig::Doremi(d) = &proxy_config.mixing else {
+        panic!("{:?}", proxy_config.mixing)
+    };
+    assert_eq!(d.reference, doremi.points[0].run);
+    assert_eq!(proxy_config.run.steps, 12);
+    assert!(latest_checkpoint(&doremi.points[0].run).is_ok());
+    let learned = doremi.points[1].learned.clone().unwrap();
+    assert_eq!(doremi.chosen.as_ref(), Some(&learned));
+    let mixlm_mixing::MixingConfig::Manual(m) = &final_run(&doremi).mixing else {
+        panic!()
+    };
+    assert_eq!(m.weights, learned);
+
+    let doge = mix_search(&config, &options(SearchMethod::Doge), train_fn).unwrap();
+    assert_eq!(doge.points.len(), 1);
+    assert_eq!(doge.chosen, doge.points[0].learned);
+    let total: f64 = doge.chosen.as_ref().unwrap().values().sum();
+    assert!((total - 1.0).abs() < 1e-9);
+
+    let skill = mix_search(&config, &options(SearchMethod::SkillIt), train_fn).unwrap();
+    let names = ["markov1", "markov2", "shared_a", "shared_b", "noisy"];
+    assert_eq!(skill.points.len(), 5);
+    let graph = skill.graph.as_ref().unwrap();
+    for (p, trained) in skill.points.iter().zip(names) {
+        assert_eq!(p.role, format!("skill-{trained}"));
+        assert_eq!(p.weights[trained], 1.0);
+        for j in names {
+            let want = (p.initial_val_loss[j] - p.val_loss[j]) / p.initial_val_loss[j];
+            assert!((graph[trained][j] - want).abs() < 1e-12, "{trained} -> {j}");
+        }
+        // Training on a domain lowers its own loss more than any other domain's.
+        for j in names.iter().filter(|&&j| j != trained) {
+            assert!(
+                graph[trained][trained] > graph[trained][*j],
+                "{trained}: {graph:?}"
+            );
+        }
+    }
+    println!("Skill-It graph: {graph:?}");
+    // `shared_a` and `shared_b` share half their transitions: the only positive
+    // transfer between different domains (single-domain training otherwise shifts
+    // the model's predictions onto the trained domain's tokens).
+    for (i, j) in [("shared_a", "shared_b"), ("shared_b", "shared_a")] {
+        assert!(graph[i][j] > 0.0, "{i} -> {j}: {graph:?}");
+    }
+    for i in ["markov1", "markov2", "noisy"] {
+        for j in names.iter().filter(|&&j| j != i) {
+            assert!(graph[i][*j] < 0.0, "{i} -> {j}: {graph:?}");
+        }
+    }
+    let mixlm_mixing::MixingConfig::SkillIt(c) = &final_run(&skill).mixing else {
+        panic!()
+    };
+    assert_eq!(&c.graph, graph);
+    assert_eq!((c.eta, c.update_steps, c.window), (0.5, 3, 3));
+    // The final run trains with it.
+    let mut run = final_run(&skill);
+    run.run.name = "skill-final".into();
+    run.run.steps = 4;
+    train::<B>(&run, &Default::default(), &TrainOptions { quiet: true }).unwrap();
 }
