@@ -188,3 +188,55 @@ fn prepare_without_inputs_is_one_line() {
         "error: mixlm prepare needs --input (or data.prepare in --config)"
     );
 }
+
+/// `mix-search --method skill_it` trains one run per domain and prints the graph;
+/// the mixture file it names trains with `--mixing`. Bad methods and DoReMi without
+/// a reference are one line each.
+#[test]
+fn mix_search_skill_it_then_train_on_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = format!("run.out_dir=\"{}\"", dir.path().display());
+    let sets = [
+        out.as_str(),
+        "run.steps=2",
+        "run.batch_size=4",
+        "run.seq_len=16",
+        "schedule.warmup_steps=1",
+        "eval.sequences=4",
+        "eval.every=0",
+        "checkpoint.every=0",
+        "checkpoint.save_final=false",
+    ];
+    let small: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+    let mut args = vec!["mix-search", "--method", "skill_it", "--quiet"];
+    args.extend_from_slice(&small);
+    let (ok, stdout, err) = mixlm(&args);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("Skill-It graph"), "{stdout}");
+    let file = dir.path().join("demo-search/learned_mixture.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("method = \"skill_it\""), "{text}");
+    for d in ["markov1", "markov2", "shared_a", "shared_b", "noisy"] {
+        assert!(dir
+            .path()
+            .join(format!("demo-skill-{d}/metrics.jsonl"))
+            .exists());
+    }
+    let mut args = vec!["train", "--quiet", "--mixing", file.to_str().unwrap()];
+    args.extend_from_slice(&small);
+    let (ok, _, err) = mixlm(&args);
+    assert!(ok, "{err}");
+
+    let (ok, _, err) = mixlm(&["mix-search", "--method", "bandit"]);
+    assert!(!ok);
+    assert!(
+        err.contains("use grid, law, doremi, doge or skill_it"),
+        "{err}"
+    );
+    let (ok, _, err) = mixlm(&["train", "--set", "mixing.method=\"doremi\""]);
+    assert!(!ok);
+    assert!(
+        single_error_line(&err).contains("mixing.reference is missing"),
+        "{err}"
+    );
+}

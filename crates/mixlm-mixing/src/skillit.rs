@@ -257,7 +257,10 @@ mod tests {
         let mut c = config();
         c.graph.clear();
         let e = c.validate(&info().names).unwrap_err().to_string();
-        assert!(e.starts_with("mixing.graph is missing") && e.contains("mix-search"), "{e}");
+        assert!(
+            e.starts_with("mixing.graph is missing") && e.contains("mix-search"),
+            "{e}"
+        );
     }
 
     #[test]
