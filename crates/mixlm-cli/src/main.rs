@@ -67,9 +67,10 @@ enum Command {
     },
     /// Print the embedded default config (a starting point for your own).
     DefaultConfig,
-    /// Offline mixing baselines that train several runs: `grid` (best of a sweep of
-    /// static mixtures) or `law` (fit a data mixing law to the sweep, take its
-    /// minimiser). Writes <out_dir>/<name>-search/learned_mixture.toml for
+    /// Mixing methods that train several runs: `grid` (best of a sweep of static
+    /// mixtures), `law` (fit a data mixing law to the sweep, take its minimiser),
+    /// `doremi` (reference + proxy run), `doge` (proxy run), `skill_it` (one run per
+    /// domain -> skills graph). Writes <out_dir>/<name>-search/learned_mixture.toml for
     /// `mixlm train --mixing FILE`.
     MixSearch {
         /// TOML run config each point trains with (its [mixing] is replaced).
