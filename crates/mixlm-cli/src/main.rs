@@ -36,6 +36,48 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Per-domain perplexity of a checkpoint on the validation and test splits (token-
+    /// weighted and sequence-mean) and the average per group; writes eval.json and
+    /// eval.md next to the checkpoint (or into --out).
+    Eval {
+        /// A checkpoint folder, a run folder (its latest checkpoint), or a folder with
+        /// Hugging Face config.json + model.safetensors.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Run config naming the data (default: the run.toml saved with the
+        /// checkpoint, else the embedded demo config).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config value: --set section.key=value (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        /// A folder of prepared shards to evaluate on (instead of the config's data).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Splits to evaluate, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "validation,test")]
+        splits: Vec<String>,
+        /// Inputs per window (default: the config's run.seq_len).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Tokens between window starts; smaller than --seq-len gives sliding-window
+        /// perplexity (default: --seq-len, disjoint windows).
+        #[arg(long)]
+        stride: Option<usize>,
+        /// Windows per forward pass (default: the config's eval.batch_size).
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Only the first N tokens of each domain's split (default: all of a prepared
+        /// split; eval.sequences windows of a synthetic one).
+        #[arg(long)]
+        max_tokens: Option<u64>,
+        /// Where eval.json and eval.md go (default: the checkpoint folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// cpu, wgpu or cuda (overrides run.backend).
+        #[arg(long)]
+        backend: Option<String>,
+    },
     /// Parameter count and FLOPs per token of model presets.
     ModelInfo {
         /// Presets to describe (all when none is given).
@@ -205,6 +247,76 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Eval {
+            checkpoint,
+            config,
+            mut overrides,
+            data,
+            splits,
+            seq_len,
+            stride,
+            batch_size,
+            max_tokens,
+            out,
+            backend,
+        } => {
+            use mixlm_train::evaluate::{
+                checkpoint_run_config, evaluate_on, resolve_checkpoint, EvalOptions,
+            };
+            if let Some(b) = backend {
+                overrides.push(format!("run.backend=\"{b}\""));
+            }
+            if let Some(dir) = data {
+                overrides.push("data.source=\"shards\"".into());
+                overrides.push(format!(
+                    "data.path={}",
+                    toml_string(&dir.display().to_string())
+                ));
+            }
+            let checkpoint = resolve_checkpoint(&checkpoint)?;
+            let config = match &config {
+                Some(path) => RunConfig::load(path, &overrides)?,
+                None => match checkpoint_run_config(&checkpoint, &overrides)? {
+                    Some(c) => c,
+                    None => RunConfig::embedded(&overrides)?,
+                },
+            };
+            let kind: BackendKind = config.run.backend.parse()?;
+            let splits = splits
+                .iter()
+                .map(|s| s.parse::<mixlm_data::Split>().map_err(anyhow::Error::msg))
+                .collect::<Result<Vec<_>>>()?;
+            let seq_len = seq_len.unwrap_or(config.run.seq_len);
+            let stride = stride.unwrap_or(seq_len);
+            if stride == 0 || stride > seq_len {
+                anyhow::bail!("--stride must be in 1..={seq_len} (--seq-len)");
+            }
+            let max_tokens = max_tokens.or_else(|| {
+                matches!(
+                    config.data.source,
+                    mixlm_train::config::DataSource::Synthetic
+                )
+                .then_some((config.eval.sequences * seq_len) as u64)
+            });
+            let options = EvalOptions {
+                out: out.unwrap_or_else(|| checkpoint.clone()),
+                checkpoint,
+                splits,
+                perplexity: mixlm_eval::perplexity::PerplexityOptions {
+                    seq_len,
+                    stride,
+                    batch_size: batch_size.unwrap_or(config.eval.batch_size),
+                    max_tokens,
+                },
+            };
+            let report = evaluate_on(kind, &config, &options)?;
+            println!("{}", report.table(false));
+            println!(
+                "written: {} and eval.md",
+                options.out.join("eval.json").display()
+            );
+            Ok(())
+        }
         Command::ModelInfo { presets, seq_len } => {
             let names: Vec<String> = if presets.is_empty() {
                 PRESETS.iter().map(|s| s.to_string()).collect()
@@ -296,4 +408,9 @@ fn group_digits(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+/// `s` as a TOML string literal (for `--set` overrides built from paths).
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
 }

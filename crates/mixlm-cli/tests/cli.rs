@@ -240,3 +240,71 @@ fn mix_search_skill_it_then_train_on_its_file() {
         "{err}"
     );
 }
+
+/// `mixlm eval` of a run folder: a per-domain table for validation and test with the
+/// average per group, eval.json + eval.md next to the checkpoint; user errors are
+/// one line.
+#[test]
+fn eval_prints_the_table_and_writes_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = format!("run.out_dir=\"{}\"", dir.path().display());
+    let sets = [
+        out.as_str(),
+        "run.steps=2",
+        "run.batch_size=4",
+        "run.seq_len=16",
+        "schedule.warmup_steps=1",
+        "eval.sequences=4",
+        "eval.every=0",
+    ];
+    let mut args = vec!["train", "--quiet"];
+    args.extend(sets.iter().flat_map(|s| ["--set", s]));
+    let (ok, _, err) = mixlm(&args);
+    assert!(ok, "{err}");
+    let run = dir.path().join("demo");
+    let (ok, stdout, err) = mixlm(&["eval", "--checkpoint", run.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let header = stdout.lines().next().unwrap();
+    for col in [
+        "validation ppl",
+        "validation seq-mean ppl",
+        "test ppl",
+        "test tokens",
+    ] {
+        assert!(header.contains(col), "{header}");
+    }
+    assert!(stdout.contains("average per group"), "{stdout}");
+    let ckpt = run.join("checkpoints/step-00000002");
+    assert!(ckpt.join("eval.json").is_file() && ckpt.join("eval.md").is_file());
+
+    let (ok, _, err) = mixlm(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--stride",
+        "32",
+    ]);
+    assert!(!ok);
+    assert_eq!(
+        single_error_line(&err),
+        "error: --stride must be in 1..=16 (--seq-len)"
+    );
+    let (ok, _, err) = mixlm(&["eval", "--checkpoint", "/nonexistent"]);
+    assert!(!ok);
+    assert!(
+        single_error_line(&err).contains("neither a checkpoint folder"),
+        "{err}"
+    );
+    let (ok, _, err) = mixlm(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--splits",
+        "valid",
+    ]);
+    assert!(!ok);
+    assert!(
+        single_error_line(&err).contains("unknown split `valid`"),
+        "{err}"
+    );
+}

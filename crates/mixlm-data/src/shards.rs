@@ -468,6 +468,20 @@ impl TokenSource for ShardSource {
     fn floor_loss(&self, _domain: DomainId, _seq_len: usize) -> Option<f64> {
         None
     }
+
+    fn stream_documents(&self, domain: DomainId, split: Split) -> Option<&[u64]> {
+        Some(self.doc_offsets(domain, split))
+    }
+
+    fn read_stream(
+        &self,
+        domain: DomainId,
+        split: Split,
+        range: std::ops::Range<u64>,
+        out: &mut Vec<u32>,
+    ) {
+        self.read_tokens(domain, split, range, out);
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 use mixlm_mixing::DomainId;
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 
 /// Which stream of a domain a window comes from. Train, validation and test windows
 /// are drawn from disjoint streams, so validation losses measure generalisation.
@@ -37,6 +38,16 @@ impl Split {
             Split::Validation => "validation",
             Split::Test => "test",
         }
+    }
+}
+
+impl std::str::FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Split::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| format!("unknown split `{s}`: use train, validation or test"))
     }
 }
 
@@ -93,6 +104,21 @@ pub trait TokenSource: Send + Sync {
         seq_len: usize,
         out: &mut Vec<u32>,
     );
+
+    /// Start offset of each document of `(domain, split)` read as one token stream
+    /// (documents packed with EOS), plus a final entry equal to the stream's length;
+    /// `None` for sources that only produce windows (synthetic). Evaluation scores
+    /// streams with sliding windows and reports per-document means.
+    fn stream_documents(&self, _domain: DomainId, _split: Split) -> Option<&[u64]> {
+        None
+    }
+
+    /// Appends tokens `range` of the stream [`TokenSource::stream_documents`]
+    /// describes; only called for sources that have one.
+    fn read_stream(&self, domain: DomainId, split: Split, range: Range<u64>, out: &mut Vec<u32>) {
+        let _ = (domain, split, range, out);
+        unreachable!("read_stream on a source without streams")
+    }
 
     /// Best achievable mean cross-entropy (nats/token) over the `seq_len` predictions
     /// of a window of this domain, when known (synthetic sources); `None` otherwise.

@@ -2,6 +2,8 @@
 //! bookkeeping that turns per-sequence losses into per-domain means (shared with the
 //! trainer, whose mixing feedback is the same quantity on training batches).
 
+pub mod perplexity;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use mixlm_data::{fetch_batch, Split, TokenSource};

@@ -4,6 +4,7 @@
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
+use burn::tensor::backend::AutodiffBackend;
 
 use crate::config::RunConfig;
 use crate::trainer::{train, TrainOptions, TrainOutcome};
@@ -61,23 +62,26 @@ impl BackendKind {
     }
 }
 
-/// Trains on the chosen backend's default device.
-pub fn train_on(
-    kind: BackendKind,
-    config: &RunConfig,
-    options: &TrainOptions,
-) -> Result<TrainOutcome> {
+/// Work that is generic over the backend: [`dispatch`] runs it on the concrete one
+/// a [`BackendKind`] names (closures cannot be generic over a type, traits can).
+pub trait OnBackend {
+    type Output;
+    fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<Self::Output>;
+}
+
+/// Runs `job` on the chosen backend's default device.
+pub fn dispatch<J: OnBackend>(kind: BackendKind, job: J) -> Result<J::Output> {
     kind.check_compiled()?;
     match kind {
         BackendKind::Cpu => {
             use burn::backend::{ndarray::NdArrayDevice, Autodiff, NdArray};
-            train::<Autodiff<NdArray<f32>>>(config, &NdArrayDevice::Cpu, options)
+            job.run::<Autodiff<NdArray<f32>>>(&NdArrayDevice::Cpu)
         }
         BackendKind::Wgpu => {
             #[cfg(feature = "wgpu")]
             {
                 use burn::backend::{wgpu::WgpuDevice, Autodiff, Wgpu};
-                train::<Autodiff<Wgpu>>(config, &WgpuDevice::default(), options)
+                job.run::<Autodiff<Wgpu>>(&WgpuDevice::default())
             }
             #[cfg(not(feature = "wgpu"))]
             unreachable!("checked above")
@@ -86,12 +90,28 @@ pub fn train_on(
             #[cfg(feature = "cuda")]
             {
                 use burn::backend::{cuda::CudaDevice, Autodiff, Cuda};
-                train::<Autodiff<Cuda>>(config, &CudaDevice::default(), options)
+                job.run::<Autodiff<Cuda>>(&CudaDevice::default())
             }
             #[cfg(not(feature = "cuda"))]
             unreachable!("checked above")
         }
     }
+}
+
+/// Trains on the chosen backend's default device.
+pub fn train_on(
+    kind: BackendKind,
+    config: &RunConfig,
+    options: &TrainOptions,
+) -> Result<TrainOutcome> {
+    struct Job<'a>(&'a RunConfig, &'a TrainOptions);
+    impl OnBackend for Job<'_> {
+        type Output = TrainOutcome;
+        fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<TrainOutcome> {
+            train::<B>(self.0, device, self.1)
+        }
+    }
+    dispatch(kind, Job(config, options))
 }
 
 #[cfg(test)]

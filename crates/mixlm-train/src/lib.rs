@@ -4,6 +4,7 @@ pub mod alignment;
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
+pub mod evaluate;
 pub mod metrics;
 pub mod optim;
 pub mod progress;

@@ -956,8 +956,9 @@ fn build(
     })
 }
 
-#[cfg(test)]
-pub(crate) mod testutil;
+#[cfg(any(test, feature = "testutil"))]
+#[doc(hidden)]
+pub mod testutil;
 
 #[cfg(test)]
 mod tests;

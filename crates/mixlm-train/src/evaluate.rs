@@ -1,0 +1,244 @@
+//! `mixlm eval`: per-domain perplexity of a checkpoint on the validation and test
+//! splits, with the average per group, written as a terminal table, `eval.json` and
+//! `eval.md`.
+//!
+//! The checkpoint is a mixlm checkpoint folder, a run folder (its latest checkpoint),
+//! or any folder with Hugging Face `config.json` + `model.safetensors` of a supported
+//! family. The data are the run's own (`run.toml` saved in the checkpoint) unless a
+//! config or `--data` folder says otherwise.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use mixlm_data::Split;
+use mixlm_eval::perplexity::{split_perplexity, PerplexityOptions, SplitPerplexity};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{dispatch, BackendKind, OnBackend};
+use crate::checkpoint::{latest_checkpoint, load_model, write_atomic};
+use crate::config::RunConfig;
+
+/// What to evaluate and how.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// The folder holding `config.json` + `model.safetensors` (resolved).
+    pub checkpoint: PathBuf,
+    pub splits: Vec<Split>,
+    pub perplexity: PerplexityOptions,
+    /// Where `eval.json` and `eval.md` go.
+    pub out: PathBuf,
+}
+
+/// A checkpoint's evaluation, as written to `eval.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub checkpoint: PathBuf,
+    /// Training step of the checkpoint, when it says (`state.json`).
+    pub step: Option<u64>,
+    pub model_params: u64,
+    pub seq_len: usize,
+    pub stride: usize,
+    pub max_tokens: Option<u64>,
+    pub splits: Vec<SplitPerplexity>,
+}
+
+/// The folder holding the model: `path` itself, or a run folder's latest checkpoint.
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.join("checkpoints").is_dir() {
+        return latest_checkpoint(path);
+    }
+    if path.join("model.safetensors").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    anyhow::bail!(
+        "{} is neither a checkpoint folder (config.json + model.safetensors) nor a run \
+         folder with checkpoints/",
+        path.display()
+    )
+}
+
+/// The run config saved with a checkpoint (`run.toml`), if any.
+pub fn checkpoint_run_config(dir: &Path, overrides: &[String]) -> Result<Option<RunConfig>> {
+    let path = dir.join("run.toml");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    Ok(Some(RunConfig::load(&path, overrides)?))
+}
+
+/// Evaluates on backend `B` (inference only: its inner backend).
+pub fn evaluate<B: AutodiffBackend>(
+    config: &RunConfig,
+    options: &EvalOptions,
+    device: &B::Device,
+) -> Result<EvalReport> {
+    let (model, model_config) = load_model::<B::InnerBackend>(&options.checkpoint, device)?;
+    let source = config.open_source()?;
+    if source.vocab_size() > model_config.vocab_size {
+        anyhow::bail!(
+            "the data's vocabulary ({} ids) does not fit the model's ({}): evaluate on data \
+             prepared with the model's tokenizer",
+            source.vocab_size(),
+            model_config.vocab_size
+        );
+    }
+    let p = &options.perplexity;
+    if p.seq_len > model_config.max_seq_len {
+        anyhow::bail!(
+            "--seq-len {} exceeds the model's context of {} tokens",
+            p.seq_len,
+            model_config.max_seq_len
+        );
+    }
+    let splits = options
+        .splits
+        .iter()
+        .map(|&split| {
+            split_perplexity(&model, source.as_ref(), split, p, device).map_err(anyhow::Error::msg)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let step = std::fs::read(options.checkpoint.join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["step"].as_u64());
+    let report = EvalReport {
+        checkpoint: options.checkpoint.clone(),
+        step,
+        model_params: model_config.num_params(),
+        seq_len: p.seq_len,
+        stride: p.stride,
+        max_tokens: p.max_tokens,
+        splits,
+    };
+    std::fs::create_dir_all(&options.out)
+        .with_context(|| format!("cannot create {}", options.out.display()))?;
+    write_atomic(
+        &options.out.join("eval.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    write_atomic(&options.out.join("eval.md"), report.markdown().as_bytes())?;
+    Ok(report)
+}
+
+/// [`evaluate`] on the backend `kind` names.
+pub fn evaluate_on(
+    kind: BackendKind,
+    config: &RunConfig,
+    options: &EvalOptions,
+) -> Result<EvalReport> {
+    struct Job<'a>(&'a RunConfig, &'a EvalOptions);
+    impl OnBackend for Job<'_> {
+        type Output = EvalReport;
+        fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<EvalReport> {
+            evaluate::<B>(self.0, self.1, device)
+        }
+    }
+    dispatch(kind, Job(config, options))
+}
+
+impl EvalReport {
+    /// One row per domain, for each split its token-weighted and sequence-mean
+    /// perplexity; a last row with the average per group.
+    pub fn table(&self, markdown: bool) -> String {
+        let domains: Vec<&str> = self
+            .splits
+            .first()
+            .map(|s| s.domains.iter().map(|d| d.domain.as_str()).collect())
+            .unwrap_or_default();
+        let mut header = vec!["domain".to_string()];
+        for s in &self.splits {
+            header.push(format!("{} ppl", s.split));
+            header.push(format!("{} seq-mean ppl", s.split));
+            header.push(format!("{} tokens", s.split));
+        }
+        let mut rows = vec![header];
+        for (i, name) in domains.iter().enumerate() {
+            let mut row = vec![name.to_string()];
+            for s in &self.splits {
+                let d = &s.domains[i];
+                if d.tokens == 0 {
+                    row.extend(["-".into(), "-".into(), "0".into()]);
+                } else {
+                    row.push(format!("{:.3}", d.token_ppl));
+                    row.push(format!("{:.3}", d.sequence_ppl));
+                    row.push(d.tokens.to_string());
+                }
+            }
+            rows.push(row);
+        }
+        let mut avg = vec!["average per group".to_string()];
+        for s in &self.splits {
+            avg.push(format!("{:.3}", s.average_ppl));
+            avg.push(format!("{:.3}", s.average_sequence_ppl));
+            avg.push(s.domains.iter().map(|d| d.tokens).sum::<u64>().to_string());
+        }
+        rows.push(avg);
+        render(&rows, markdown)
+    }
+
+    /// `eval.md`: what was evaluated, the table, and what the columns mean.
+    pub fn markdown(&self) -> String {
+        let step = self.step.map_or(String::new(), |s| format!(" (step {s})"));
+        format!(
+            "# Evaluation of `{}`{step}\n\n{:.1}M parameters; windows of {} tokens, stride \
+             {}{}.\n\n{}\n`ppl` is token-weighted (`exp` of the mean NLL over all tokens); \
+             `seq-mean ppl` is `exp` of the mean over sequences (documents of prepared \
+             shards, windows otherwise) of their mean NLL. The last row averages over \
+             domains (groups), as the Aioli paper reports test perplexity.\n",
+            self.checkpoint.display(),
+            self.model_params as f64 / 1e6,
+            self.seq_len,
+            self.stride,
+            self.max_tokens
+                .map_or(String::new(), |m| format!(", first {m} tokens per domain")),
+            self.table(true),
+        )
+    }
+}
+
+/// Aligned columns (first left, others right), or a markdown table.
+fn render(rows: &[Vec<String>], markdown: bool) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let width: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for (i, row) in rows.iter().enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, v)| {
+                if c == 0 {
+                    format!("{v:<w$}", w = width[c])
+                } else {
+                    format!("{v:>w$}", w = width[c])
+                }
+            })
+            .collect();
+        if markdown {
+            out += &format!("| {} |\n", cells.join(" | "));
+            if i == 0 {
+                let rule: Vec<String> = (0..cols)
+                    .map(|c| {
+                        let dashes = "-".repeat(width[c].max(3));
+                        if c == 0 {
+                            dashes
+                        } else {
+                            format!("{}:", &dashes[1..])
+                        }
+                    })
+                    .collect();
+                out += &format!("| {} |\n", rule.join(" | "));
+            }
+        } else {
+            out += &format!("{}\n", cells.join("  "));
+        }
+    }
+    out
+}

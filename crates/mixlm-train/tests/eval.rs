@@ -1,0 +1,184 @@
+//! `mixlm eval` end to end on the CPU backend: a trained checkpoint's perplexity on
+//! the synthetic corpus (equal to the trainer's own final evaluation) and on prepared
+//! shards (every target scored once, sequences = documents, sliding windows).
+
+use burn::backend::{Autodiff, NdArray};
+use mixlm_data::prepare::testutil::{jsonl, texts, write_file, write_tokenizer};
+use mixlm_data::{prepare, PrepareConfig, ShardSource, Split, TokenSource};
+use mixlm_eval::perplexity::PerplexityOptions;
+use mixlm_mixing::DomainId;
+use mixlm_train::evaluate::{evaluate, resolve_checkpoint, EvalOptions, EvalReport};
+use mixlm_train::{train, RunConfig, TrainOptions};
+
+type B = Autodiff<NdArray<f32>>;
+
+fn train_short(dir: &std::path::Path, extra: &[&str]) -> std::path::PathBuf {
+    let mut o: Vec<String> = vec![
+        format!("run.out_dir=\"{}\"", dir.display()),
+        "run.steps=4".into(),
+        "run.batch_size=4".into(),
+        "run.seq_len=16".into(),
+        "schedule.warmup_steps=1".into(),
+        "eval.every=0".into(),
+        "eval.sequences=6".into(),
+        "eval.batch_size=4".into(),
+        "checkpoint.every=0".into(),
+        "checkpoint.save_final=true".into(),
+    ];
+    o.extend(extra.iter().map(|s| s.to_string()));
+    let config = RunConfig::embedded(&o).unwrap();
+    train::<B>(&config, &Default::default(), &TrainOptions { quiet: true })
+        .unwrap()
+        .run_dir
+}
+
+fn eval(
+    config: &RunConfig,
+    checkpoint: &std::path::Path,
+    out: &std::path::Path,
+    p: PerplexityOptions,
+) -> EvalReport {
+    let options = EvalOptions {
+        checkpoint: checkpoint.to_path_buf(),
+        splits: vec![Split::Validation, Split::Test],
+        perplexity: p,
+        out: out.to_path_buf(),
+    };
+    evaluate::<B>(config, &options, &Default::default()).unwrap()
+}
+
+/// On the same windows the trainer evaluates (validation windows `0..eval.sequences`),
+/// `mixlm eval` of the final checkpoint reproduces the run's final validation losses.
+#[test]
+fn eval_of_a_checkpoint_matches_the_trainers_final_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = train_short(tmp.path(), &[]);
+    let checkpoint = resolve_checkpoint(&run_dir).unwrap();
+    let config = RunConfig::load(&checkpoint.join("run.toml"), &[]).unwrap();
+    let out = tmp.path().join("eval");
+    let report = eval(
+        &config,
+        &checkpoint,
+        &out,
+        PerplexityOptions {
+            seq_len: 16,
+            stride: 16,
+            batch_size: 5,
+            max_tokens: Some(6 * 16),
+        },
+    );
+    let last_eval: serde_json::Value = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .rfind(|l| l["kind"] == "eval")
+        .unwrap();
+    let validation = &report.splits[0];
+    assert_eq!(validation.split, "validation");
+    for d in &validation.domains {
+        let want = last_eval["val_loss"][&d.domain].as_f64().unwrap();
+        assert!(
+            (d.token_loss - want).abs() < 1e-5,
+            "{}: {} vs {want}",
+            d.domain,
+            d.token_loss
+        );
+        assert_eq!((d.tokens, d.sequences), (6 * 16, 6));
+        // Equal-length windows: both means agree.
+        assert!((d.sequence_loss - d.token_loss).abs() < 1e-9);
+    }
+    assert_eq!(report.step, Some(4));
+    // The written report round-trips and the markdown has one row per domain + average.
+    let json: EvalReport =
+        serde_json::from_slice(&std::fs::read(out.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(json.splits.len(), 2);
+    for (a, b) in json.splits.iter().zip(&report.splits) {
+        for (x, y) in a.domains.iter().zip(&b.domains) {
+            assert_eq!((&x.domain, x.tokens), (&y.domain, y.tokens));
+            assert!((x.token_ppl - y.token_ppl).abs() < 1e-9 * y.token_ppl);
+        }
+    }
+    let md = std::fs::read_to_string(out.join("eval.md")).unwrap();
+    let rows = md.lines().filter(|l| l.starts_with("| ")).count();
+    assert_eq!(rows, 2 + 5 + 1, "{md}");
+    assert!(md.contains("| average per group"), "{md}");
+}
+
+/// On prepared shards the split is one stream: every target is scored once (stream
+/// length - 1 tokens), sequences are the documents, documents of unequal length make
+/// the two means differ, and sliding windows score the same tokens with more context.
+#[test]
+fn eval_on_prepared_shards_scores_streams_by_document() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokenizer = tmp.path().join("tokenizer.json");
+    write_tokenizer(&tokenizer, 0);
+    let t = texts(90, 11);
+    let rows: Vec<(&str, String)> = t
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            (
+                if i % 3 == 0 { "beta" } else { "alpha" },
+                x.repeat(1 + i % 4),
+            )
+        })
+        .collect();
+    write_file(
+        &tmp.path().join("raw/corpus.jsonl"),
+        jsonl(&rows).as_bytes(),
+    );
+    let shards = tmp.path().join("shards");
+    prepare(&PrepareConfig {
+        inputs: vec![tmp.path().join("raw").display().to_string()],
+        tokenizer,
+        output: shards.clone(),
+        validation_fraction: 0.25,
+        test_fraction: 0.25,
+        ..PrepareConfig::default()
+    })
+    .unwrap();
+    let data = [
+        "data.source=\"shards\"".to_string(),
+        format!("data.path=\"{}\"", shards.display()),
+        "model.vocab_size=260".into(),
+    ];
+    let data: Vec<&str> = data.iter().map(String::as_str).collect();
+    let run_dir = train_short(tmp.path(), &data);
+    let checkpoint = resolve_checkpoint(&run_dir).unwrap();
+    let config = RunConfig::load(&checkpoint.join("run.toml"), &[]).unwrap();
+    let source = ShardSource::open(&shards, 0).unwrap();
+    let opts = |stride| PerplexityOptions {
+        seq_len: 16,
+        stride,
+        batch_size: 7,
+        max_tokens: None,
+    };
+    let disjoint = eval(&config, &checkpoint, &tmp.path().join("e1"), opts(16));
+    let sliding = eval(&config, &checkpoint, &tmp.path().join("e2"), opts(4));
+    for (s, split) in [(0, Split::Validation), (1, Split::Test)] {
+        for (d, name) in source.domain_names().iter().enumerate() {
+            let offsets = source.stream_documents(DomainId(d), split).unwrap();
+            let (a, b) = (
+                &disjoint.splits[s].domains[d],
+                &sliding.splits[s].domains[d],
+            );
+            assert_eq!(&a.domain, name);
+            assert_eq!(a.tokens, offsets.last().unwrap() - 1, "{name} {split}");
+            assert_eq!(a.sequences as usize, offsets.len() - 1, "one per document");
+            assert_eq!((b.tokens, b.sequences), (a.tokens, a.sequences));
+            assert!((a.token_loss - a.sequence_loss).abs() > 1e-6, "{a:?}");
+            assert!(a.token_loss.is_finite() && b.token_loss.is_finite());
+            assert!(
+                (a.token_loss - b.token_loss).abs() > 1e-7,
+                "more context, other loss"
+            );
+        }
+        let avg = disjoint.splits[s]
+            .domains
+            .iter()
+            .map(|d| d.token_ppl)
+            .sum::<f64>()
+            / 2.0;
+        assert!((disjoint.splits[s].average_ppl - avg).abs() < 1e-9);
+    }
+}
