@@ -74,6 +74,13 @@ enum Command {
         /// Where eval.json and eval.md go (default: the checkpoint folder).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// A downstream task file (jsonl: context/choices/gold, PIQA, HellaSwag, ARC,
+        /// OpenBookQA, WinoGrande or LAMBADA layouts); repeatable.
+        #[arg(long = "task", value_name = "FILE")]
+        tasks: Vec<PathBuf>,
+        /// tokenizer.json for task texts (default: the prepared data's).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
         /// cpu, wgpu or cuda (overrides run.backend).
         #[arg(long)]
         backend: Option<String>,
@@ -258,6 +265,8 @@ fn run(cli: Cli) -> Result<()> {
             batch_size,
             max_tokens,
             out,
+            tasks,
+            tokenizer,
             backend,
         } => {
             use mixlm_train::evaluate::{
@@ -302,6 +311,8 @@ fn run(cli: Cli) -> Result<()> {
                 out: out.unwrap_or_else(|| checkpoint.clone()),
                 checkpoint,
                 splits,
+                tasks,
+                tokenizer,
                 perplexity: mixlm_eval::perplexity::PerplexityOptions {
                     seq_len,
                     stride,
@@ -310,7 +321,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
             };
             let report = evaluate_on(kind, &config, &options)?;
-            println!("{}", report.table(false));
+            println!("{}{}", report.table(false), report.tasks_table(false));
             println!(
                 "written: {} and eval.md",
                 options.out.join("eval.json").display()

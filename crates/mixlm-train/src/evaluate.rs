@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use burn::tensor::backend::AutodiffBackend;
+use mixlm_data::prepare::PreparedTokenizer;
 use mixlm_data::Split;
 use mixlm_eval::perplexity::{split_perplexity, PerplexityOptions, SplitPerplexity};
+use mixlm_eval::tasks::{load_task, score_task, ModelScorer, TaskScore};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{dispatch, BackendKind, OnBackend};
@@ -28,6 +30,10 @@ pub struct EvalOptions {
     pub perplexity: PerplexityOptions,
     /// Where `eval.json` and `eval.md` go.
     pub out: PathBuf,
+    /// Downstream task files (jsonl, see [`mixlm_eval::tasks`]); named by file stem.
+    pub tasks: Vec<PathBuf>,
+    /// The tokenizer for task texts; default: the one the prepared data was made with.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// A checkpoint's evaluation, as written to `eval.json`.
@@ -41,6 +47,8 @@ pub struct EvalReport {
     pub stride: usize,
     pub max_tokens: Option<u64>,
     pub splits: Vec<SplitPerplexity>,
+    #[serde(default)]
+    pub tasks: Vec<TaskScore>,
 }
 
 /// The folder holding the model: `path` itself, or a run folder's latest checkpoint.
@@ -98,6 +106,29 @@ pub fn evaluate<B: AutodiffBackend>(
             split_perplexity(&model, source.as_ref(), split, p, device).map_err(anyhow::Error::msg)
         })
         .collect::<Result<Vec<_>>>()?;
+    let tasks = if options.tasks.is_empty() {
+        Vec::new()
+    } else {
+        let tokenizer = task_tokenizer(config, options)?;
+        let encode = |s: &str| tokenizer.encode(s);
+        let mut scorer = ModelScorer {
+            model: &model,
+            device: device.clone(),
+            max_len: model_config.max_seq_len,
+        };
+        options
+            .tasks
+            .iter()
+            .map(|path| {
+                let name = path
+                    .file_stem()
+                    .map_or("task".into(), |s| s.to_string_lossy().into_owned());
+                let task = load_task(path).map_err(anyhow::Error::msg)?;
+                score_task(&name, &task, &encode, &mut scorer, p.batch_size)
+                    .map_err(anyhow::Error::msg)
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
     let step = std::fs::read(options.checkpoint.join("state.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -110,6 +141,7 @@ pub fn evaluate<B: AutodiffBackend>(
         stride: p.stride,
         max_tokens: p.max_tokens,
         splits,
+        tasks,
     };
     std::fs::create_dir_all(&options.out)
         .with_context(|| format!("cannot create {}", options.out.display()))?;
@@ -119,6 +151,31 @@ pub fn evaluate<B: AutodiffBackend>(
     )?;
     write_atomic(&options.out.join("eval.md"), report.markdown().as_bytes())?;
     Ok(report)
+}
+
+/// `--tokenizer`, else the tokenizer recorded in the prepared data's manifest.
+fn task_tokenizer(config: &RunConfig, options: &EvalOptions) -> Result<PreparedTokenizer> {
+    let path = match &options.tokenizer {
+        Some(p) => p.clone(),
+        None => {
+            let dir = config.data.shard_dir().context(
+                "scoring tasks needs a tokenizer: give --tokenizer (the data is not prepared \
+                 shards whose manifest names one)",
+            )?;
+            let manifest = mixlm_data::ShardSource::open(&dir, 0)?.manifest().clone();
+            let p = PathBuf::from(&manifest.tokenizer.path);
+            if !p.is_file() {
+                anyhow::bail!(
+                    "the data's tokenizer {} (from {}/manifest.json) is not there: give \
+                     --tokenizer",
+                    p.display(),
+                    dir.display()
+                );
+            }
+            p
+        }
+    };
+    Ok(PreparedTokenizer::load(&path, None)?)
 }
 
 /// [`evaluate`] on the backend `kind` names.
@@ -193,7 +250,39 @@ impl EvalReport {
             self.max_tokens
                 .map_or(String::new(), |m| format!(", first {m} tokens per domain")),
             self.table(true),
-        )
+        ) + &self.tasks_table(true)
+    }
+
+    /// Accuracies of the downstream tasks (empty when none were scored).
+    pub fn tasks_table(&self, markdown: bool) -> String {
+        if self.tasks.is_empty() {
+            return String::new();
+        }
+        let opt = |v: Option<f64>, f: fn(f64) -> String| v.map_or("-".to_string(), f);
+        let mut rows = vec![vec![
+            "task".to_string(),
+            "examples".into(),
+            "acc".into(),
+            "acc_norm".into(),
+            "ppl".into(),
+        ]];
+        for t in &self.tasks {
+            rows.push(vec![
+                t.task.clone(),
+                t.examples.to_string(),
+                format!("{:.4}", t.acc),
+                opt(t.acc_norm, |x| format!("{x:.4}")),
+                opt(t.ppl, |x| format!("{x:.3}")),
+            ]);
+        }
+        let intro = if markdown {
+            "\n## Downstream tasks (zero-shot, log-likelihood)\n\n`acc`: best total \
+             log-likelihood of the choice; `acc_norm`: best per byte; LAMBADA: greedy \
+             last-word accuracy and last-word perplexity.\n\n"
+        } else {
+            "\n"
+        };
+        format!("{intro}{}", render(&rows, markdown))
     }
 }
 

@@ -38,11 +38,23 @@ fn eval(
     out: &std::path::Path,
     p: PerplexityOptions,
 ) -> EvalReport {
+    eval_tasks(config, checkpoint, out, p, Vec::new())
+}
+
+fn eval_tasks(
+    config: &RunConfig,
+    checkpoint: &std::path::Path,
+    out: &std::path::Path,
+    p: PerplexityOptions,
+    tasks: Vec<std::path::PathBuf>,
+) -> EvalReport {
     let options = EvalOptions {
         checkpoint: checkpoint.to_path_buf(),
         splits: vec![Split::Validation, Split::Test],
         perplexity: p,
         out: out.to_path_buf(),
+        tasks,
+        tokenizer: None,
     };
     evaluate::<B>(config, &options, &Default::default()).unwrap()
 }
@@ -181,4 +193,36 @@ fn eval_on_prepared_shards_scores_streams_by_document() {
             / 2.0;
         assert!((disjoint.splits[s].average_ppl - avg).abs() < 1e-9);
     }
+
+    // Downstream tasks with the data's own tokenizer (from the manifest). Identical
+    // choices tie and the first wins, so the accuracy is known whatever the model.
+    let task = tmp.path().join("ties.jsonl");
+    std::fs::write(
+        &task,
+        "{\"context\": \"the river\", \"choices\": [\"other\", \"other\"], \"gold\": 0}\n\
+         {\"context\": \"the thing\", \"choices\": [\"river\", \"river\"], \"gold\": 1}\n",
+    )
+    .unwrap();
+    let lambada = tmp.path().join("lambada.jsonl");
+    std::fs::write(&lambada, "{\"text\": \"the other river\"}\n").unwrap();
+    let with_tasks = eval_tasks(
+        &config,
+        &checkpoint,
+        &tmp.path().join("e3"),
+        opts(16),
+        vec![task, lambada],
+    );
+    let t = &with_tasks.tasks;
+    assert_eq!(
+        (t[0].task.as_str(), t[0].examples, t[0].acc),
+        ("ties", 2, 0.5)
+    );
+    assert_eq!(t[0].acc_norm, Some(0.5));
+    assert_eq!((t[1].task.as_str(), t[1].examples), ("lambada", 1));
+    assert!(t[1].ppl.unwrap().is_finite() && t[1].ppl.unwrap() > 1.0);
+    let md = std::fs::read_to_string(tmp.path().join("e3/eval.md")).unwrap();
+    assert!(
+        md.contains("| ties ") && md.contains("Downstream tasks"),
+        "{md}"
+    );
 }
