@@ -85,6 +85,21 @@ enum Command {
         #[arg(long)]
         backend: Option<String>,
     },
+    /// Train and evaluate every method of a comparison file, one run after the other
+    /// (finished runs are skipped), and write <out_dir>/compare/report.md.
+    Compare {
+        /// The comparison TOML (base config, seeds, [[method]] list).
+        file: PathBuf,
+        /// Rewrite report.md from results.json without training.
+        #[arg(long)]
+        report_only: bool,
+        /// cpu, wgpu or cuda (default: the base config's run.backend).
+        #[arg(long)]
+        backend: Option<String>,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Parameter count and FLOPs per token of model presets.
     ModelInfo {
         /// Presets to describe (all when none is given).
@@ -326,6 +341,32 @@ fn run(cli: Cli) -> Result<()> {
                 "written: {} and eval.md",
                 options.out.join("eval.json").display()
             );
+            Ok(())
+        }
+        Command::Compare {
+            file,
+            report_only,
+            backend,
+            quiet,
+        } => {
+            use mixlm_train::compare::{compare, report_only as rewrite, CompareConfig};
+            let config = CompareConfig::load(&file)?;
+            let report = config.out_dir.join("compare/report.md");
+            if report_only {
+                rewrite(&config)?;
+            } else {
+                let kind: BackendKind = match backend {
+                    Some(b) => b.parse()?,
+                    None => config
+                        .run_config(&config.methods[0], config.seeds[0])?
+                        .run
+                        .backend
+                        .parse()?,
+                };
+                compare(&config, kind, quiet)?;
+            }
+            println!("{}", std::fs::read_to_string(&report)?);
+            println!("written: {}", report.display());
             Ok(())
         }
         Command::ModelInfo { presets, seq_len } => {

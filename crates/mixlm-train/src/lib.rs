@@ -3,6 +3,7 @@
 pub mod alignment;
 pub mod backend;
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod evaluate;
 pub mod metrics;

@@ -1,0 +1,407 @@
+//! `mixlm compare`: train every mixing method of a comparison on the same data,
+//! evaluate each, and write a report a researcher can put in a paper.
+//!
+//! A comparison file names a base run config, seeds, and the methods (a `[mixing]`
+//! section each; methods with extra runs name a `search` pipeline of `mixlm
+//! mix-search`). Runs go one after the other on one device, as
+//! `<out_dir>/<method>-s<seed>/`; a run whose `result.json` exists is not trained
+//! again, so an interrupted comparison continues with the next unfinished run (an
+//! interrupted run restarts from scratch). `<out_dir>/compare/results.json` holds
+//! everything the report is made of, so `--report-only` rewrites `report.md`
+//! without training.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use mixlm_data::Split;
+use mixlm_eval::perplexity::PerplexityOptions;
+use mixlm_mixing::MixingConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{train_on, BackendKind};
+use crate::checkpoint::{latest_checkpoint, write_atomic};
+use crate::config::{DataSource, RunConfig};
+use crate::evaluate::{evaluate_on, EvalOptions, EvalReport};
+use crate::search::{mix_search, SearchMethod, SearchOptions};
+use crate::trainer::TrainOptions;
+
+/// The comparison file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompareConfig {
+    /// Base run config, relative to the comparison file; the embedded demo config
+    /// when absent.
+    pub base: Option<PathBuf>,
+    /// `section.key=value` overrides applied to the base for every run.
+    #[serde(default)]
+    pub set: Vec<String>,
+    /// Where the runs and `compare/` go.
+    pub out_dir: PathBuf,
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    /// Evaluation: tokens per domain and split (all of prepared data when absent;
+    /// `eval.sequences` windows of the synthetic corpus).
+    pub max_tokens: Option<u64>,
+    #[serde(rename = "method")]
+    pub methods: Vec<MethodEntry>,
+}
+
+fn default_seeds() -> Vec<u64> {
+    vec![0]
+}
+
+/// One method of the comparison.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MethodEntry {
+    /// Label in the report and run names (letters, digits, `-`, `_`).
+    pub name: String,
+    /// The `[mixing]` section of the final run (ignored for searches, which write it).
+    pub mixing: Option<MixingConfig>,
+    /// A `mixlm mix-search` pipeline that runs first (`doremi`, `doge`, `skill_it`,
+    /// `grid`, `law`); its mixture trains the final run.
+    pub search: Option<String>,
+    /// Steps of the search's auxiliary runs (default: the run's steps).
+    pub pilot_steps: Option<u64>,
+    /// Points of a `grid` / `law` search.
+    pub points: Option<usize>,
+}
+
+/// One finished run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    pub method: String,
+    pub seed: u64,
+    pub run_dir: PathBuf,
+    pub steps: u64,
+    /// Training steps spent outside the final run (a search's runs).
+    pub extra_steps: u64,
+    pub tokens_per_second: f64,
+    /// Training wall-clock of the final run.
+    pub wall_s: f64,
+    pub eval: EvalReport,
+}
+
+/// Everything the report is made of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompareResults {
+    pub methods: Vec<String>,
+    pub results: Vec<RunResult>,
+}
+
+impl CompareConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read comparison {}", path.display()))?;
+        let mut c: CompareConfig = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("{}: {}", path.display(), e.to_string().replace('\n', " "))
+        })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        c.base = c.base.map(|b| dir.join(b));
+        c.validate()
+            .with_context(|| format!("in {}", path.display()))?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.methods.is_empty() || self.seeds.is_empty() {
+            anyhow::bail!("a comparison needs at least one [[method]] and one seed");
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for m in &self.methods {
+            if m.name.is_empty()
+                || !m
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                anyhow::bail!("method name `{}`: use letters, digits, - and _", m.name);
+            }
+            if !seen.insert(&m.name) {
+                anyhow::bail!("method name `{}` appears twice", m.name);
+            }
+            match (&m.mixing, &m.search) {
+                (None, None) => {
+                    anyhow::bail!("method `{}` needs a [method.mixing] or a search", m.name)
+                }
+                (_, Some(s)) => {
+                    s.parse::<SearchMethod>()
+                        .map_err(|e| anyhow::anyhow!("method `{}`: {e}", m.name))?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The run config of `method` with `seed` (before any search).
+    pub fn run_config(&self, method: &MethodEntry, seed: u64) -> Result<RunConfig> {
+        let mut overrides = self.set.clone();
+        overrides.push(format!("run.seed={seed}"));
+        overrides.push(format!(
+            "run.out_dir={}",
+            toml::Value::String(self.out_dir.display().to_string())
+        ));
+        overrides.push(format!(
+            "run.name={}",
+            toml::Value::String(format!("{}-s{seed}", method.name))
+        ));
+        overrides.push("checkpoint.save_final=true".into());
+        let mut config = match &self.base {
+            Some(path) => RunConfig::load(path, &overrides)?,
+            None => RunConfig::embedded(&overrides)?,
+        };
+        if let Some(m) = &method.mixing {
+            config.mixing = m.clone();
+        }
+        Ok(config)
+    }
+}
+
+/// Runs what is not done yet, evaluates, and writes `results.json` and `report.md`.
+pub fn compare(config: &CompareConfig, kind: BackendKind, quiet: bool) -> Result<CompareResults> {
+    let dir = config.out_dir.join("compare");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut results = Vec::new();
+    for seed in &config.seeds {
+        for method in &config.methods {
+            results.push(run_one(config, method, *seed, kind, quiet)?);
+        }
+    }
+    let results = CompareResults {
+        methods: config.methods.iter().map(|m| m.name.clone()).collect(),
+        results,
+    };
+    write_atomic(
+        &dir.join("results.json"),
+        serde_json::to_string_pretty(&results)?.as_bytes(),
+    )?;
+    write_atomic(&dir.join("report.md"), report(&results).as_bytes())?;
+    Ok(results)
+}
+
+/// Rewrites `report.md` from `results.json`, without training.
+pub fn report_only(config: &CompareConfig) -> Result<CompareResults> {
+    let dir = config.out_dir.join("compare");
+    let path = dir.join("results.json");
+    let results: CompareResults = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not a comparison's results", path.display()))?;
+    write_atomic(&dir.join("report.md"), report(&results).as_bytes())?;
+    Ok(results)
+}
+
+fn run_one(
+    config: &CompareConfig,
+    method: &MethodEntry,
+    seed: u64,
+    kind: BackendKind,
+    quiet: bool,
+) -> Result<RunResult> {
+    let mut run = config.run_config(method, seed)?;
+    let run_dir = config.out_dir.join(&run.run.name);
+    let done = run_dir.join("result.json");
+    if let Ok(bytes) = std::fs::read(&done) {
+        if let Ok(r) = serde_json::from_slice::<RunResult>(&bytes) {
+            eprintln!("compare: {} is done, skipped", run.run.name);
+            return Ok(r);
+        }
+    }
+    let train = |c: &RunConfig| train_on(kind, c, &TrainOptions { quiet });
+    let mut extra_steps = 0;
+    if let Some(search) = &method.search {
+        let mut options = SearchOptions::new(search.parse().map_err(anyhow::Error::msg)?);
+        options.pilot_steps = method.pilot_steps;
+        if let Some(p) = method.points {
+            options.points = p;
+        }
+        let outcome = mix_search(&run, &options, train)?;
+        extra_steps = outcome.points.len() as u64 * method.pilot_steps.unwrap_or(run.run.steps);
+        if matches!(options.method, SearchMethod::Grid | SearchMethod::Law) {
+            extra_steps = outcome.points.len() as u64 * run.run.steps;
+        }
+        run = run.with_mixing_file(&outcome.dir.join("learned_mixture.toml"))?;
+    }
+    eprintln!(
+        "compare: training {} ({})",
+        run.run.name,
+        run.mixing.method_name()
+    );
+    let outcome = train(&run)?;
+    let max_tokens = config.max_tokens.or_else(|| {
+        matches!(run.data.source, DataSource::Synthetic)
+            .then_some((run.eval.sequences * run.run.seq_len) as u64)
+    });
+    let checkpoint = latest_checkpoint(&outcome.run_dir)?;
+    let eval = evaluate_on(
+        kind,
+        &run,
+        &EvalOptions {
+            out: checkpoint.clone(),
+            checkpoint,
+            splits: vec![Split::Validation, Split::Test],
+            perplexity: PerplexityOptions {
+                seq_len: run.run.seq_len,
+                stride: run.run.seq_len,
+                batch_size: run.eval.batch_size,
+                max_tokens,
+            },
+            tasks: Vec::new(),
+            tokenizer: None,
+        },
+    )?;
+    let result = RunResult {
+        method: method.name.clone(),
+        seed,
+        run_dir: outcome.run_dir,
+        steps: outcome.steps,
+        extra_steps,
+        tokens_per_second: outcome.tokens_per_second,
+        wall_s: (outcome.steps * (run.run.batch_size * run.run.grad_accum * run.run.seq_len) as u64)
+            as f64
+            / outcome.tokens_per_second.max(1e-9),
+        eval,
+    };
+    write_atomic(&done, serde_json::to_string_pretty(&result)?.as_bytes())?;
+    Ok(result)
+}
+
+/// Mean and sample standard deviation (0 for one value).
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// `report.md`: average test perplexity per group (mean ± std over seeds) and its
+/// difference to stratified, per-domain test perplexity, throughput and extra steps.
+pub fn report(results: &CompareResults) -> String {
+    let by_method =
+        |m: &str| -> Vec<&RunResult> { results.results.iter().filter(|r| r.method == m).collect() };
+    let split_of = |r: &RunResult, s: &str| r.eval.splits.iter().find(|x| x.split == s).cloned();
+    let avg = |m: &str, s: &str| -> Vec<f64> {
+        by_method(m)
+            .iter()
+            .filter_map(|r| split_of(r, s).map(|x| x.average_ppl))
+            .collect()
+    };
+    let baseline = results
+        .methods
+        .iter()
+        .find(|m| m.as_str() == "stratified")
+        .map(|m| mean_std(&avg(m, "test")).0);
+    let seeds = results
+        .results
+        .iter()
+        .map(|r| r.seed)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    let mut out = format!(
+        "# Mixing methods compared\n\n{} methods x {seeds} seed(s). Perplexities are \
+         token-weighted; \"avg\" is the mean over domains (the Aioli paper's average test \
+         perplexity per group), as mean ± standard deviation over seeds.\n\n",
+        results.methods.len()
+    );
+    out += "| method | avg test ppl | Δ vs stratified | avg val ppl | tokens/s | train wall-clock (s) | extra steps |\n";
+    out += "|---|---:|---:|---:|---:|---:|---:|\n";
+    for m in &results.methods {
+        let runs = by_method(m);
+        if runs.is_empty() {
+            continue;
+        }
+        let (t, ts) = mean_std(&avg(m, "test"));
+        let (v, vs) = mean_std(&avg(m, "validation"));
+        let tps = mean_std(&runs.iter().map(|r| r.tokens_per_second).collect::<Vec<_>>()).0;
+        let wall = mean_std(&runs.iter().map(|r| r.wall_s).collect::<Vec<_>>()).0;
+        let delta = baseline.map_or("-".into(), |b| format!("{:+.3}", t - b));
+        out += &format!(
+            "| {m} | {t:.3} ± {ts:.3} | {delta} | {v:.3} ± {vs:.3} | {tps:.0} | {wall:.1} | {} |\n",
+            runs[0].extra_steps
+        );
+    }
+    // Per-domain test perplexity, mean over seeds.
+    let domains: Vec<String> = results
+        .results
+        .first()
+        .and_then(|r| split_of(r, "test"))
+        .map(|s| s.domains.iter().map(|d| d.domain.clone()).collect())
+        .unwrap_or_default();
+    out += "\n## Test perplexity per domain (mean over seeds)\n\n| method |";
+    for d in &domains {
+        out += &format!(" {d} |");
+    }
+    out += "\n|---|";
+    out += &"---:|".repeat(domains.len());
+    out += "\n";
+    for m in &results.methods {
+        let mut per: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for r in by_method(m) {
+            if let Some(s) = split_of(r, "test") {
+                for d in &s.domains {
+                    per.entry(domains.iter().find(|x| **x == d.domain).map_or("", |x| x))
+                        .or_default()
+                        .push(d.token_ppl);
+                }
+            }
+        }
+        out += &format!("| {m} |");
+        for d in &domains {
+            let v = per.get(d.as_str()).map_or(f64::NAN, |v| mean_std(v).0);
+            out += &format!(" {v:.3} |");
+        }
+        out += "\n";
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_sample_std() {
+        assert_eq!(mean_std(&[2.0]), (2.0, 0.0));
+        let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
+        assert_eq!(m, 2.0);
+        assert!((s - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bad_comparisons_are_named() {
+        let parse = |t: &str| -> Result<()> {
+            let c: CompareConfig = toml::from_str(t)?;
+            c.validate()
+        };
+        let e = parse(
+            "out_dir = \"x\"\n[[method]]\nname = \"a b\"\nmixing = { method = \"stratified\" }",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("method name `a b`"), "{e}");
+        let e = parse("out_dir = \"x\"\n[[method]]\nname = \"a\"\nsearch = \"bandit\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown search method `bandit`"), "{e}");
+        let e = parse("out_dir = \"x\"\n[[method]]\nname = \"a\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs a [method.mixing] or a search"), "{e}");
+        let e = parse("out_dir = \"x\"\nseeds = []\n[[method]]\nname = \"a\"\nmixing = { method = \"natural\" }")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least one"), "{e}");
+        assert!(
+            toml::from_str::<CompareConfig>("out_dir = \"x\"\nsedes = [1]\nmethod = []")
+                .unwrap_err()
+                .to_string()
+                .contains("sedes")
+        );
+    }
+}
