@@ -15,6 +15,24 @@ fn mixlm(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `--set` arguments for a 2-step run of the tiny demo model writing into `dir`.
+fn tiny_run(dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let out = format!("run.out_dir=\"{}\"", dir.display());
+    [
+        out.as_str(),
+        "run.steps=2",
+        "run.batch_size=4",
+        "run.seq_len=16",
+        "schedule.warmup_steps=1",
+        "eval.sequences=4",
+        "eval.every=0",
+    ]
+    .iter()
+    .chain(extra)
+    .flat_map(|s| ["--set".to_string(), s.to_string()])
+    .collect()
+}
+
 fn single_error_line(stderr: &str) -> &str {
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
@@ -195,19 +213,11 @@ fn prepare_without_inputs_is_one_line() {
 #[test]
 fn mix_search_skill_it_then_train_on_its_file() {
     let dir = tempfile::tempdir().unwrap();
-    let out = format!("run.out_dir=\"{}\"", dir.path().display());
-    let sets = [
-        out.as_str(),
-        "run.steps=2",
-        "run.batch_size=4",
-        "run.seq_len=16",
-        "schedule.warmup_steps=1",
-        "eval.sequences=4",
-        "eval.every=0",
-        "checkpoint.every=0",
-        "checkpoint.save_final=false",
-    ];
-    let small: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+    let small = tiny_run(
+        dir.path(),
+        &["checkpoint.every=0", "checkpoint.save_final=false"],
+    );
+    let small: Vec<&str> = small.iter().map(String::as_str).collect();
     let mut args = vec!["mix-search", "--method", "skill_it", "--quiet"];
     args.extend_from_slice(&small);
     let (ok, stdout, err) = mixlm(&args);
@@ -247,18 +257,9 @@ fn mix_search_skill_it_then_train_on_its_file() {
 #[test]
 fn eval_prints_the_table_and_writes_reports() {
     let dir = tempfile::tempdir().unwrap();
-    let out = format!("run.out_dir=\"{}\"", dir.path().display());
-    let sets = [
-        out.as_str(),
-        "run.steps=2",
-        "run.batch_size=4",
-        "run.seq_len=16",
-        "schedule.warmup_steps=1",
-        "eval.sequences=4",
-        "eval.every=0",
-    ];
+    let sets = tiny_run(dir.path(), &[]);
     let mut args = vec!["train", "--quiet"];
-    args.extend(sets.iter().flat_map(|s| ["--set", s]));
+    args.extend(sets.iter().map(String::as_str));
     let (ok, _, err) = mixlm(&args);
     assert!(ok, "{err}");
     let run = dir.path().join("demo");

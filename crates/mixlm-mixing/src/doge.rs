@@ -167,12 +167,7 @@ impl DogeConfig {
 }
 
 /// What DoGE carries between steps (checkpointed).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DogeState {
-    pub alpha: Vec<f64>,
-    pub alpha_sum: Vec<f64>,
-    pub updates: u64,
-}
+pub type DogeState = crate::proportions::AveragedWeights;
 
 /// The result of one DoGE update.
 #[derive(Debug, Clone, PartialEq)]
@@ -279,11 +274,7 @@ impl DogeScheduler {
         Ok(Self {
             config: config.clone(),
             targets,
-            state: DogeState {
-                alpha: vec![1.0 / k as f64; k],
-                alpha_sum: vec![0.0; k],
-                updates: 0,
-            },
+            state: DogeState::uniform(k),
         })
     }
 
@@ -325,23 +316,16 @@ impl Scheduler for DogeScheduler {
 
     fn gradient_weights(&mut self, _step: u64, lr: f64, g: &GradientAlignment) -> Option<Vec<f64>> {
         let update = doge_update(&self.state.alpha, g, lr, &self.config);
-        for (s, a) in self.state.alpha_sum.iter_mut().zip(&update.alpha) {
-            *s += a;
-        }
-        self.state.updates += 1;
-        self.state.alpha = update.alpha;
+        self.state.push(update.alpha);
         Some(update.coefficients)
     }
 
     fn domain_weights(&self) -> Option<Proportions> {
-        Proportions::from_weights(self.state.alpha.clone()).ok()
+        self.state.current()
     }
 
     fn learned_proportions(&self) -> Option<Proportions> {
-        if self.state.updates == 0 {
-            return None;
-        }
-        Proportions::from_weights(self.state.alpha_sum.clone()).ok()
+        self.state.average()
     }
 
     fn state(&self) -> serde_json::Value {

@@ -95,14 +95,7 @@ pub fn doremi_update(alpha: &[f64], excess: &[f64], eta: f64, smoothing: f64) ->
 }
 
 /// What DoReMi carries between steps (checkpointed).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DoReMiState {
-    /// The current domain weights.
-    pub alpha: Vec<f64>,
-    /// Sum of the weights after every update, for the average.
-    pub alpha_sum: Vec<f64>,
-    pub updates: u64,
-}
+pub type DoReMiState = crate::proportions::AveragedWeights;
 
 /// DoReMi's proxy run as a [`Scheduler`].
 #[derive(Debug, Clone)]
@@ -117,11 +110,7 @@ impl DoReMiScheduler {
         let k = domains.names.len();
         Ok(Self {
             config: config.clone(),
-            state: DoReMiState {
-                alpha: vec![1.0 / k as f64; k],
-                alpha_sum: vec![0.0; k],
-                updates: 0,
-            },
+            state: DoReMiState::uniform(k),
         })
     }
 
@@ -168,23 +157,16 @@ impl Scheduler for DoReMiScheduler {
             self.config.eta,
             self.config.smoothing,
         );
-        for (s, a) in self.state.alpha_sum.iter_mut().zip(&alpha) {
-            *s += a;
-        }
-        self.state.updates += 1;
-        self.state.alpha = alpha.clone();
+        self.state.push(alpha.clone());
         Some(alpha)
     }
 
     fn domain_weights(&self) -> Option<Proportions> {
-        Proportions::from_weights(self.state.alpha.clone()).ok()
+        self.state.current()
     }
 
     fn learned_proportions(&self) -> Option<Proportions> {
-        if self.state.updates == 0 {
-            return None;
-        }
-        Proportions::from_weights(self.state.alpha_sum.clone()).ok()
+        self.state.average()
     }
 
     fn state(&self) -> serde_json::Value {

@@ -149,6 +149,50 @@ pub enum Composition {
     Single,
 }
 
+/// Domain weights a proxy run updates every step and averages into the mixture it
+/// learns (DoReMi's and DoGE's `alpha`); checkpointed as the method's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AveragedWeights {
+    /// The current domain weights.
+    pub alpha: Vec<f64>,
+    /// Sum of the weights after every update, for the average.
+    pub alpha_sum: Vec<f64>,
+    pub updates: u64,
+}
+
+impl AveragedWeights {
+    /// Uniform weights over `k` domains, nothing averaged yet.
+    pub fn uniform(k: usize) -> Self {
+        Self {
+            alpha: vec![1.0 / k as f64; k],
+            alpha_sum: vec![0.0; k],
+            updates: 0,
+        }
+    }
+
+    /// Records the weights of one more update.
+    pub fn push(&mut self, alpha: Vec<f64>) {
+        for (s, a) in self.alpha_sum.iter_mut().zip(&alpha) {
+            *s += a;
+        }
+        self.updates += 1;
+        self.alpha = alpha;
+    }
+
+    /// The current weights.
+    pub fn current(&self) -> Option<Proportions> {
+        Proportions::from_weights(self.alpha.clone()).ok()
+    }
+
+    /// The average over all updates (`None` before the first).
+    pub fn average(&self) -> Option<Proportions> {
+        if self.updates == 0 {
+            return None;
+        }
+        Proportions::from_weights(self.alpha_sum.clone()).ok()
+    }
+}
+
 /// `softmax(logits)`, max-shifted so large logits cannot overflow. Every
 /// multiplicative-weights rule here (`p * exp(eta * g)`) is a softmax of
 /// `ln p + eta * g`.
