@@ -285,7 +285,8 @@ fn run(cli: Cli) -> Result<()> {
             backend,
         } => {
             use mixlm_train::evaluate::{
-                checkpoint_run_config, evaluate_on, resolve_checkpoint, EvalOptions,
+                checkpoint_run_config, default_max_tokens, evaluate_on, resolve_checkpoint,
+                EvalOptions,
             };
             if let Some(b) = backend {
                 overrides.push(format!("run.backend=\"{b}\""));
@@ -315,13 +316,7 @@ fn run(cli: Cli) -> Result<()> {
             if stride == 0 || stride > seq_len {
                 anyhow::bail!("--stride must be in 1..={seq_len} (--seq-len)");
             }
-            let max_tokens = max_tokens.or_else(|| {
-                matches!(
-                    config.data.source,
-                    mixlm_train::config::DataSource::Synthetic
-                )
-                .then_some((config.eval.sequences * seq_len) as u64)
-            });
+            let max_tokens = max_tokens.or_else(|| default_max_tokens(&config, seq_len));
             let options = EvalOptions {
                 out: out.unwrap_or_else(|| checkpoint.clone()),
                 checkpoint,

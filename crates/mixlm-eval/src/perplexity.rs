@@ -199,13 +199,13 @@ pub fn score_domain(
             options.stride, options.seq_len
         ));
     }
-    let windows = source
-        .num_windows(domain, split, options.seq_len)
-        .or(options.max_tokens.map(|m| m / options.seq_len as u64))
-        .ok_or("an unbounded source needs max_tokens")?;
-    let windows = options
-        .max_tokens
-        .map_or(windows, |m| windows.min(m / options.seq_len as u64));
+    let cap = options.max_tokens.map(|m| m / options.seq_len as u64);
+    let windows = match (source.num_windows(domain, split, options.seq_len), cap) {
+        (Some(n), Some(c)) => n.min(c),
+        (Some(n), None) => n,
+        (None, Some(c)) => c,
+        (None, None) => return Err("an unbounded source needs max_tokens".into()),
+    };
     // Each window is a stream (and a sequence) of its own.
     let mut score = StreamScore::default();
     let len = options.seq_len;

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{train_on, BackendKind};
 use crate::checkpoint::{latest_checkpoint, write_atomic};
-use crate::config::{DataSource, RunConfig};
-use crate::evaluate::{evaluate_on, EvalOptions, EvalReport};
+use crate::config::RunConfig;
+use crate::evaluate::{default_max_tokens, evaluate_on, EvalOptions, EvalReport};
 use crate::search::{mix_search, SearchMethod, SearchOptions};
 use crate::trainer::TrainOptions;
 
@@ -218,10 +218,13 @@ fn run_one(
             options.points = p;
         }
         let outcome = mix_search(&run, &options, train)?;
-        extra_steps = outcome.points.len() as u64 * method.pilot_steps.unwrap_or(run.run.steps);
-        if matches!(options.method, SearchMethod::Grid | SearchMethod::Law) {
-            extra_steps = outcome.points.len() as u64 * run.run.steps;
-        }
+        // Sweeps train every point for the run's steps; the other pipelines' runs
+        // are pilots.
+        let steps_per_run = match options.method {
+            SearchMethod::Grid | SearchMethod::Law => run.run.steps,
+            _ => method.pilot_steps.unwrap_or(run.run.steps),
+        };
+        extra_steps = outcome.points.len() as u64 * steps_per_run;
         run = run.with_mixing_file(&outcome.dir.join("learned_mixture.toml"))?;
     }
     eprintln!(
@@ -230,10 +233,9 @@ fn run_one(
         run.mixing.method_name()
     );
     let outcome = train(&run)?;
-    let max_tokens = config.max_tokens.or_else(|| {
-        matches!(run.data.source, DataSource::Synthetic)
-            .then_some((run.eval.sequences * run.run.seq_len) as u64)
-    });
+    let max_tokens = config
+        .max_tokens
+        .or_else(|| default_max_tokens(&run, run.run.seq_len));
     let checkpoint = latest_checkpoint(&outcome.run_dir)?;
     let eval = evaluate_on(
         kind,
@@ -341,13 +343,11 @@ pub fn report(results: &CompareResults) -> String {
     out += &"---:|".repeat(domains.len());
     out += "\n";
     for m in &results.methods {
-        let mut per: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut per: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for r in by_method(m) {
             if let Some(s) = split_of(r, "test") {
                 for d in &s.domains {
-                    per.entry(domains.iter().find(|x| **x == d.domain).map_or("", |x| x))
-                        .or_default()
-                        .push(d.token_ppl);
+                    per.entry(d.domain.clone()).or_default().push(d.token_ppl);
                 }
             }
         }

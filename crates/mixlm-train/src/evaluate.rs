@@ -66,6 +66,13 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     )
 }
 
+/// Tokens per domain and split when none are asked for: all of prepared data, and
+/// the `eval.sequences` windows the trainer evaluates of a synthetic (unbounded) one.
+pub fn default_max_tokens(config: &RunConfig, seq_len: usize) -> Option<u64> {
+    matches!(config.data.source, crate::config::DataSource::Synthetic)
+        .then_some((config.eval.sequences * seq_len) as u64)
+}
+
 /// The run config saved with a checkpoint (`run.toml`), if any.
 pub fn checkpoint_run_config(dir: &Path, overrides: &[String]) -> Result<Option<RunConfig>> {
     let path = dir.join("run.toml");
