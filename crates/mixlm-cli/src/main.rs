@@ -78,7 +78,12 @@ enum Command {
         /// OpenBookQA, WinoGrande or LAMBADA layouts); repeatable.
         #[arg(long = "task", value_name = "FILE")]
         tasks: Vec<PathBuf>,
-        /// tokenizer.json for task texts (default: the prepared data's).
+        /// A held-out set: jsonl / jsonl.zst / parquet file, folder or glob, scored per
+        /// domain (records without the domain key count as one domain named after the
+        /// file); tokenized once into <out>/heldout/<name>/. Repeatable.
+        #[arg(long = "heldout", value_name = "PATH")]
+        heldout: Vec<String>,
+        /// tokenizer.json for task texts and held-out sets (default: the prepared data's).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
         /// cpu, wgpu or cuda (overrides run.backend).
@@ -281,6 +286,7 @@ fn run(cli: Cli) -> Result<()> {
             max_tokens,
             out,
             tasks,
+            heldout,
             tokenizer,
             backend,
         } => {
@@ -322,6 +328,7 @@ fn run(cli: Cli) -> Result<()> {
                 checkpoint,
                 splits,
                 tasks,
+                heldout,
                 tokenizer,
                 perplexity: mixlm_eval::perplexity::PerplexityOptions {
                     seq_len,
@@ -331,7 +338,12 @@ fn run(cli: Cli) -> Result<()> {
                 },
             };
             let report = evaluate_on(kind, &config, &options)?;
-            println!("{}{}", report.table(false), report.tasks_table(false));
+            println!(
+                "{}{}{}",
+                report.table(false),
+                report.heldout_table(false),
+                report.tasks_table(false)
+            );
             println!(
                 "written: {} and eval.md",
                 options.out.join("eval.json").display()

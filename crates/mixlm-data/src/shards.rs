@@ -264,7 +264,17 @@ impl ShardSource {
     ///
     /// `seed` keys the per-epoch window order.
     pub fn open(dir: impl AsRef<Path>, seed: u64) -> Result<Self, ShardError> {
-        let dir = dir.as_ref().to_path_buf();
+        Self::open_with(dir.as_ref(), seed, false)
+    }
+
+    /// Opens a folder for evaluation only: its domains are those of any split, so
+    /// a folder without training data (a held-out set) opens too.
+    pub fn open_for_eval(dir: impl AsRef<Path>) -> Result<Self, ShardError> {
+        Self::open_with(dir.as_ref(), 0, true)
+    }
+
+    fn open_with(dir: &Path, seed: u64, any_split: bool) -> Result<Self, ShardError> {
+        let dir = dir.to_path_buf();
         if !dir.is_dir() {
             return Err(ShardError::NoFolder { dir });
         }
@@ -285,10 +295,18 @@ impl ShardSource {
                 })
             }
         };
-        let domains: Vec<String> = manifest
-            .split(Split::Train)
-            .map(|d| d.keys().cloned().collect())
-            .unwrap_or_default();
+        let splits: &[Split] = if any_split {
+            &Split::ALL
+        } else {
+            &[Split::Train]
+        };
+        let domains: Vec<String> = splits
+            .iter()
+            .filter_map(|&s| manifest.split(s))
+            .flat_map(|d| d.keys().cloned())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         if domains.is_empty() {
             return Err(ShardError::NoTrainDomains { dir });
         }

@@ -23,6 +23,8 @@ use crate::backend::{train_on, BackendKind};
 use crate::checkpoint::{latest_checkpoint, write_atomic};
 use crate::config::RunConfig;
 use crate::evaluate::{default_max_tokens, evaluate_on, EvalOptions, EvalReport};
+use crate::figures::Figure;
+use crate::metrics::Curves;
 use crate::search::{mix_search, SearchMethod, SearchOptions};
 use crate::trainer::TrainOptions;
 
@@ -81,6 +83,10 @@ pub struct RunResult {
     /// Training wall-clock of the final run.
     pub wall_s: f64,
     pub eval: EvalReport,
+    /// Validation loss and proportion trajectories of the final run, for the figures
+    /// (read from its `metrics.jsonl`; absent in results written before they existed).
+    #[serde(default, skip_serializing_if = "Curves::is_empty")]
+    pub curves: Curves,
 }
 
 /// Everything the report is made of.
@@ -169,15 +175,16 @@ pub fn compare(config: &CompareConfig, kind: BackendKind, quiet: bool) -> Result
             results.push(run_one(config, method, *seed, kind, quiet)?);
         }
     }
-    let results = CompareResults {
+    let mut results = CompareResults {
         methods: config.methods.iter().map(|m| m.name.clone()).collect(),
         results,
     };
+    backfill_curves(&mut results);
     write_atomic(
         &dir.join("results.json"),
         serde_json::to_string_pretty(&results)?.as_bytes(),
     )?;
-    write_atomic(&dir.join("report.md"), report(&results).as_bytes())?;
+    write_report(&dir, &results)?;
     Ok(results)
 }
 
@@ -185,12 +192,34 @@ pub fn compare(config: &CompareConfig, kind: BackendKind, quiet: bool) -> Result
 pub fn report_only(config: &CompareConfig) -> Result<CompareResults> {
     let dir = config.out_dir.join("compare");
     let path = dir.join("results.json");
-    let results: CompareResults = serde_json::from_slice(
+    let mut results: CompareResults = serde_json::from_slice(
         &std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
     )
     .with_context(|| format!("{} is not a comparison's results", path.display()))?;
-    write_atomic(&dir.join("report.md"), report(&results).as_bytes())?;
+    if backfill_curves(&mut results) {
+        write_atomic(&path, serde_json::to_string_pretty(&results)?.as_bytes())?;
+    }
+    write_report(&dir, &results)?;
     Ok(results)
+}
+
+/// Reads the trajectories of results that lack them from their run's metrics, where
+/// the run folder still exists; says whether any were added.
+fn backfill_curves(results: &mut CompareResults) -> bool {
+    let mut added = false;
+    for r in results.results.iter_mut().filter(|r| r.curves.is_empty()) {
+        if let Ok(c) = Curves::read(&r.run_dir.join("metrics.jsonl")) {
+            r.curves = c;
+            added = true;
+        }
+    }
+    added
+}
+
+/// `report.md` and its figures.
+fn write_report(dir: &Path, results: &CompareResults) -> Result<()> {
+    let figures = crate::figures::write_figures(dir, results)?;
+    write_atomic(&dir.join("report.md"), report(results, &figures).as_bytes())
 }
 
 fn run_one(
@@ -251,19 +280,21 @@ fn run_one(
                 max_tokens,
             },
             tasks: Vec::new(),
+            heldout: Vec::new(),
             tokenizer: None,
         },
     )?;
     let result = RunResult {
         method: method.name.clone(),
         seed,
-        run_dir: outcome.run_dir,
         steps: outcome.steps,
         extra_steps,
         tokens_per_second: outcome.tokens_per_second,
         wall_s: (outcome.steps * (run.run.batch_size * run.run.grad_accum * run.run.seq_len) as u64)
             as f64
             / outcome.tokens_per_second.max(1e-9),
+        curves: Curves::read(&outcome.run_dir.join("metrics.jsonl"))?,
+        run_dir: outcome.run_dir,
         eval,
     };
     write_atomic(&done, serde_json::to_string_pretty(&result)?.as_bytes())?;
@@ -283,8 +314,9 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 }
 
 /// `report.md`: average test perplexity per group (mean ± std over seeds) and its
-/// difference to stratified, per-domain test perplexity, throughput and extra steps.
-pub fn report(results: &CompareResults) -> String {
+/// difference to stratified, per-domain test perplexity, throughput and extra steps,
+/// then the `figures` (written next to it).
+pub fn report(results: &CompareResults, figures: &[Figure]) -> String {
     let by_method =
         |m: &str| -> Vec<&RunResult> { results.results.iter().filter(|r| r.method == m).collect() };
     let split_of = |r: &RunResult, s: &str| r.eval.splits.iter().find(|x| x.split == s).cloned();
@@ -357,6 +389,12 @@ pub fn report(results: &CompareResults) -> String {
             out += &format!(" {v:.3} |");
         }
         out += "\n";
+    }
+    for f in figures {
+        out += &format!(
+            "\n## {}\n\n{}\n\n![{}]({}) ([SVG]({}))\n",
+            f.title, f.caption, f.title, f.png, f.svg
+        );
     }
     out
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use mixlm_data::prepare::PreparedTokenizer;
-use mixlm_data::Split;
+use mixlm_data::{Split, TokenSource};
 use mixlm_eval::perplexity::{split_perplexity, PerplexityOptions, SplitPerplexity};
 use mixlm_eval::tasks::{load_task, score_task, ModelScorer, TaskScore};
 use serde::{Deserialize, Serialize};
@@ -32,7 +32,11 @@ pub struct EvalOptions {
     pub out: PathBuf,
     /// Downstream task files (jsonl, see [`mixlm_eval::tasks`]); named by file stem.
     pub tasks: Vec<PathBuf>,
-    /// The tokenizer for task texts; default: the one the prepared data was made with.
+    /// Held-out jsonl / jsonl.zst / parquet files, folders or globs, each scored as a
+    /// set of its own (see [`heldout_perplexity`]).
+    pub heldout: Vec<String>,
+    /// The tokenizer for task texts and held-out sets; default: the one the prepared
+    /// data was made with.
     pub tokenizer: Option<PathBuf>,
 }
 
@@ -47,6 +51,9 @@ pub struct EvalReport {
     pub stride: usize,
     pub max_tokens: Option<u64>,
     pub splits: Vec<SplitPerplexity>,
+    /// One entry per `--heldout` set, named `heldout:<name>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heldout: Vec<SplitPerplexity>,
     #[serde(default)]
     pub tasks: Vec<TaskScore>,
 }
@@ -113,10 +120,24 @@ pub fn evaluate<B: AutodiffBackend>(
             split_perplexity(&model, source.as_ref(), split, p, device).map_err(anyhow::Error::msg)
         })
         .collect::<Result<Vec<_>>>()?;
+    let heldout = options
+        .heldout
+        .iter()
+        .map(|input| {
+            heldout_perplexity(
+                &model,
+                model_config.vocab_size,
+                config,
+                options,
+                input,
+                device,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
     let tasks = if options.tasks.is_empty() {
         Vec::new()
     } else {
-        let tokenizer = task_tokenizer(config, options)?;
+        let tokenizer = PreparedTokenizer::load(&data_tokenizer(config, options)?, None)?;
         let encode = |s: &str| tokenizer.encode(s);
         let mut scorer = ModelScorer {
             model: &model,
@@ -148,6 +169,7 @@ pub fn evaluate<B: AutodiffBackend>(
         stride: p.stride,
         max_tokens: p.max_tokens,
         splits,
+        heldout,
         tasks,
     };
     std::fs::create_dir_all(&options.out)
@@ -160,14 +182,81 @@ pub fn evaluate<B: AutodiffBackend>(
     Ok(report)
 }
 
+/// The name of a held-out set: its file name without the data extensions (or the
+/// folder's name), in characters that can name a folder.
+pub fn heldout_name(input: &str) -> String {
+    let base = Path::new(input.trim_end_matches('/'))
+        .file_name()
+        .map_or("heldout".into(), |s| s.to_string_lossy().into_owned());
+    let stem = [".jsonl.zst", ".jsonl", ".parquet", ".zst"]
+        .iter()
+        .find_map(|ext| base.strip_suffix(ext))
+        .unwrap_or(&base);
+    let name: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.trim_matches('.').is_empty() {
+        "heldout".into()
+    } else {
+        name
+    }
+}
+
+/// Perplexity on a held-out set: `input` is prepared like a corpus (the data's
+/// tokenizer and `[data.prepare]` keys and renames, every document in one split,
+/// records without a domain field under the set's name) into
+/// `<out>/heldout/<name>/`, which later evaluations reuse while the inputs are
+/// unchanged, and scored domain by domain with the same windows as the splits.
+fn heldout_perplexity<B: burn::tensor::backend::Backend>(
+    model: &mixlm_model::Transformer<B>,
+    model_vocab: usize,
+    config: &RunConfig,
+    options: &EvalOptions,
+    input: &str,
+    device: &B::Device,
+) -> Result<SplitPerplexity> {
+    let name = heldout_name(input);
+    let mut prepare = config.data.prepare.clone().unwrap_or_default();
+    prepare.inputs = vec![input.to_string()];
+    prepare.tokenizer = data_tokenizer(config, options)?;
+    prepare.output = options.out.join("heldout").join(&name);
+    prepare.keep = None;
+    prepare.drop = Vec::new();
+    prepare.default_domain = Some(name.clone());
+    prepare.split = Some(Split::Test);
+    prepare.test_from_validation = false;
+    prepare.force = false;
+    mixlm_data::prepare::prepare(&prepare)
+        .with_context(|| format!("preparing the held-out set {input}"))?;
+    let source = mixlm_data::ShardSource::open_for_eval(&prepare.output)?;
+    if source.vocab_size() > model_vocab {
+        anyhow::bail!(
+            "held-out set {input}: its tokenizer's vocabulary ({} ids) does not fit the \
+             model's ({model_vocab}); give the model's tokenizer with --tokenizer",
+            source.vocab_size()
+        );
+    }
+    let mut scored = split_perplexity(model, &source, Split::Test, &options.perplexity, device)
+        .map_err(anyhow::Error::msg)?;
+    scored.split = format!("heldout:{name}");
+    Ok(scored)
+}
+
 /// `--tokenizer`, else the tokenizer recorded in the prepared data's manifest.
-fn task_tokenizer(config: &RunConfig, options: &EvalOptions) -> Result<PreparedTokenizer> {
+fn data_tokenizer(config: &RunConfig, options: &EvalOptions) -> Result<PathBuf> {
     let path = match &options.tokenizer {
         Some(p) => p.clone(),
         None => {
             let dir = config.data.shard_dir().context(
-                "scoring tasks needs a tokenizer: give --tokenizer (the data is not prepared \
-                 shards whose manifest names one)",
+                "scoring tasks or held-out sets needs a tokenizer: give --tokenizer (the data \
+                 is not prepared shards whose manifest names one)",
             )?;
             let manifest = mixlm_data::ShardSource::open(&dir, 0)?.manifest().clone();
             let p = PathBuf::from(&manifest.tokenizer.path);
@@ -182,7 +271,14 @@ fn task_tokenizer(config: &RunConfig, options: &EvalOptions) -> Result<PreparedT
             p
         }
     };
-    Ok(PreparedTokenizer::load(&path, None)?)
+    Ok(path)
+}
+
+fn heldout_section(report: &EvalReport) -> String {
+    if report.heldout.is_empty() {
+        return String::new();
+    }
+    format!("\n## Held-out sets\n\n{}", report.heldout_table(true))
 }
 
 /// [`evaluate`] on the backend `kind` names.
@@ -241,6 +337,39 @@ impl EvalReport {
         render(&rows, markdown)
     }
 
+    /// One row per held-out set and domain, and each set's average when it has
+    /// several domains; empty without held-out sets.
+    pub fn heldout_table(&self, markdown: bool) -> String {
+        if self.heldout.is_empty() {
+            return String::new();
+        }
+        let mut rows = vec![["set", "domain", "ppl", "seq-mean ppl", "tokens"]
+            .map(String::from)
+            .to_vec()];
+        for s in &self.heldout {
+            let set = s.split.trim_start_matches("heldout:").to_string();
+            for d in &s.domains {
+                rows.push(vec![
+                    set.clone(),
+                    d.domain.clone(),
+                    format!("{:.3}", d.token_ppl),
+                    format!("{:.3}", d.sequence_ppl),
+                    d.tokens.to_string(),
+                ]);
+            }
+            if s.domains.len() > 1 {
+                rows.push(vec![
+                    set,
+                    "average per group".into(),
+                    format!("{:.3}", s.average_ppl),
+                    format!("{:.3}", s.average_sequence_ppl),
+                    s.domains.iter().map(|d| d.tokens).sum::<u64>().to_string(),
+                ]);
+            }
+        }
+        render(&rows, markdown)
+    }
+
     /// `eval.md`: what was evaluated, the table, and what the columns mean.
     pub fn markdown(&self) -> String {
         let step = self.step.map_or(String::new(), |s| format!(" (step {s})"));
@@ -257,7 +386,8 @@ impl EvalReport {
             self.max_tokens
                 .map_or(String::new(), |m| format!(", first {m} tokens per domain")),
             self.table(true),
-        ) + &self.tasks_table(true)
+        ) + &heldout_section(self)
+            + &self.tasks_table(true)
     }
 
     /// Accuracies of the downstream tasks (empty when none were scored).

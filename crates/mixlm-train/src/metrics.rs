@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use mixlm_mixing::DomainLosses;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Pairs each domain name with its value, for readable JSON.
 pub fn by_name<T: Clone>(names: &[String], values: &[T]) -> BTreeMap<String, T> {
@@ -117,5 +117,124 @@ impl MetricsWriter {
 
     pub fn eval(&mut self, record: &EvalRecord) -> Result<()> {
         self.write(record)
+    }
+}
+
+/// Most points kept of a per-step trajectory: enough for a figure, small in JSON.
+pub const MAX_CURVE_POINTS: usize = 250;
+
+/// A run's trajectories read back from its `metrics.jsonl`, for reports and plots.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Curves {
+    /// Per-domain validation loss at every evaluation, by training tokens.
+    pub val_loss: Vec<CurvePoint>,
+    /// The proportions of (at most [`MAX_CURVE_POINTS`] evenly spaced) steps.
+    pub proportions: Vec<CurvePoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    pub tokens: u64,
+    pub values: BTreeMap<String, f64>,
+}
+
+impl Curves {
+    pub fn is_empty(&self) -> bool {
+        self.val_loss.is_empty() && self.proportions.is_empty()
+    }
+
+    /// Reads `metrics.jsonl`. A line that does not parse (the torn last line of a
+    /// killed run) is skipped; domains without a value (null) are left out.
+    pub fn read(path: &Path) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Line {
+            kind: String,
+            tokens: u64,
+            #[serde(default)]
+            val_loss: BTreeMap<String, Option<f64>>,
+            #[serde(default)]
+            proportions: BTreeMap<String, f64>,
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut curves = Curves::default();
+        for line in text.lines() {
+            let Ok(line) = serde_json::from_str::<Line>(line) else {
+                continue;
+            };
+            match line.kind.as_str() {
+                "eval" => curves.val_loss.push(CurvePoint {
+                    tokens: line.tokens,
+                    values: line
+                        .val_loss
+                        .into_iter()
+                        .filter_map(|(k, v)| v.map(|v| (k, v)))
+                        .collect(),
+                }),
+                "train" => curves.proportions.push(CurvePoint {
+                    tokens: line.tokens,
+                    values: line.proportions,
+                }),
+                _ => {}
+            }
+        }
+        curves.proportions = thin(curves.proportions, MAX_CURVE_POINTS);
+        Ok(curves)
+    }
+}
+
+/// Every `ceil(n / max)`-th point, and always the last.
+fn thin(points: Vec<CurvePoint>, max: usize) -> Vec<CurvePoint> {
+    let n = points.len();
+    if n <= max {
+        return points;
+    }
+    let stride = n.div_ceil(max);
+    points
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % stride == 0 || *i == n - 1)
+        .map(|(_, p)| p)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn curves_are_read_back_from_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut text = String::from(
+            r#"{"kind":"eval","step":0,"tokens":0,"val_loss":{"a":4.0,"b":null},"val_ppl":{}}"#,
+        );
+        text.push('\n');
+        for step in 1..=1000u64 {
+            text += &format!(
+                "{{\"kind\":\"train\",\"step\":{step},\"tokens\":{},\"proportions\":{{\"a\":{},\"b\":{}}}}}\n",
+                step * 10,
+                step as f64 / 1000.0,
+                1.0 - step as f64 / 1000.0
+            );
+        }
+        text += r#"{"kind":"eval","step":1000,"tokens":10000,"val_loss":{"a":2.5,"b":3.0},"val_ppl":{}}"#;
+        text += "\n{\"kind\":\"train\",\"ste"; // torn last line of a killed run
+        std::fs::write(&path, text).unwrap();
+
+        let c = Curves::read(&path).unwrap();
+        assert_eq!(c.val_loss.len(), 2);
+        assert_eq!(
+            c.val_loss[0].values,
+            BTreeMap::from([("a".to_string(), 4.0)])
+        );
+        assert_eq!(c.val_loss[1].tokens, 10_000);
+        assert_eq!(c.val_loss[1].values["b"], 3.0);
+        // 1000 steps thinned with stride 4: steps 1, 5, ..., 997, and the last one.
+        assert_eq!(c.proportions.len(), 251);
+        assert_eq!(c.proportions[1].tokens, 50);
+        let last = c.proportions.last().unwrap();
+        assert_eq!((last.tokens, last.values["a"]), (10_000, 1.0));
+        assert!(Curves::read(&dir.path().join("missing.jsonl")).is_err());
     }
 }

@@ -2,7 +2,7 @@
 //! evaluated, a second call skips finished runs, and the report is regenerated from
 //! the saved results without retraining.
 
-use mixlm_train::compare::{compare, report, report_only, CompareConfig};
+use mixlm_train::compare::{compare, report_only, CompareConfig};
 use mixlm_train::BackendKind;
 
 #[test]
@@ -15,7 +15,7 @@ fn compare_runs_each_method_once_and_rewrites_the_report_from_results() {
 out_dir = "out"
 seeds = [0, 1]
 set = ["run.steps=4", "run.batch_size=5", "run.seq_len=16", "schedule.warmup_steps=1",
-       "eval.every=0", "eval.sequences=4", "eval.batch_size=8"]
+       "eval.every=2", "eval.sequences=4", "eval.batch_size=8"]
 
 [[method]]
 name = "stratified"
@@ -51,7 +51,29 @@ pilot_steps = 3
     }
     let md_path = config.out_dir.join("compare/report.md");
     let md = std::fs::read_to_string(&md_path).unwrap();
-    assert_eq!(md, report(&results));
+    // The figures are written next to the report and embedded in it.
+    let dir = config.out_dir.join("compare");
+    for stem in ["val_loss", "proportions", "test_ppl"] {
+        assert!(
+            md.contains(&format!("]({stem}.png) ([SVG]({stem}.svg))")),
+            "{md}"
+        );
+        let png = std::fs::read(dir.join(format!("{stem}.png"))).unwrap();
+        assert_eq!(&png[..4], b"\x89PNG");
+        let svg = std::fs::read_to_string(dir.join(format!("{stem}.svg"))).unwrap();
+        for m in ["stratified", "natural", "doge"] {
+            assert!(svg.contains(m), "{stem}.svg has no {m}");
+        }
+    }
+    // Each run kept its trajectories: evaluations at 0, 2 and 4 steps, one
+    // proportion point per step, summing to one.
+    for r in &results.results {
+        let tokens: Vec<u64> = r.curves.val_loss.iter().map(|p| p.tokens).collect();
+        assert_eq!(tokens, [0, 2 * 5 * 16, 4 * 5 * 16]);
+        assert_eq!(r.curves.proportions.len(), 4);
+        let sum: f64 = r.curves.proportions[3].values.values().sum();
+        assert!((sum - 1.0).abs() < 1e-9);
+    }
     for m in ["stratified", "natural", "doge"] {
         assert!(md.contains(&format!("| {m} |")), "{md}");
     }
@@ -92,7 +114,12 @@ pilot_steps = 3
         std::fs::remove_dir_all(&r.run_dir).unwrap();
     }
     std::fs::remove_file(&md_path).unwrap();
+    std::fs::remove_file(dir.join("val_loss.svg")).unwrap();
     let rebuilt = report_only(&config).unwrap();
     assert!(rebuilt == results, "results.json does not round-trip");
     assert_eq!(std::fs::read_to_string(&md_path).unwrap(), md);
+    assert!(
+        dir.join("val_loss.svg").exists(),
+        "figures are redrawn from results"
+    );
 }

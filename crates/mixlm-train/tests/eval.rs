@@ -48,12 +48,24 @@ fn eval_tasks(
     p: PerplexityOptions,
     tasks: Vec<std::path::PathBuf>,
 ) -> EvalReport {
+    eval_with(config, checkpoint, out, p, tasks, Vec::new())
+}
+
+fn eval_with(
+    config: &RunConfig,
+    checkpoint: &std::path::Path,
+    out: &std::path::Path,
+    p: PerplexityOptions,
+    tasks: Vec<std::path::PathBuf>,
+    heldout: Vec<String>,
+) -> EvalReport {
     let options = EvalOptions {
         checkpoint: checkpoint.to_path_buf(),
         splits: vec![Split::Validation, Split::Test],
         perplexity: p,
         out: out.to_path_buf(),
         tasks,
+        heldout,
         tokenizer: None,
     };
     evaluate::<B>(config, &options, &Default::default()).unwrap()
@@ -193,6 +205,61 @@ fn eval_on_prepared_shards_scores_streams_by_document() {
             / 2.0;
         assert!((disjoint.splits[s].average_ppl - avg).abs() < 1e-9);
     }
+
+    // Held-out sets: a file holding exactly the validation documents, in corpus order,
+    // scores like the validation split; records without a domain field form one
+    // domain named after their file.
+    let validation_rows: Vec<(&str, String)> = rows
+        .iter()
+        .filter(|(_, t)| mixlm_data::prepare::hash_split(t, 0.25, 0.25) == Split::Validation)
+        .cloned()
+        .collect();
+    let held = tmp.path().join("held/same-as-validation.jsonl.zst");
+    write_file(&held, jsonl(&validation_rows).as_bytes());
+    let plain = tmp.path().join("held/plain.jsonl");
+    let plain_text: String = t[..5]
+        .iter()
+        .map(|x| serde_json::json!({ "text": x }).to_string() + "\n")
+        .collect();
+    write_file(&plain, plain_text.as_bytes());
+    let inputs = vec![held.display().to_string(), plain.display().to_string()];
+    let out = tmp.path().join("e4");
+    let with_heldout = eval_with(
+        &config,
+        &checkpoint,
+        &out,
+        opts(16),
+        Vec::new(),
+        inputs.clone(),
+    );
+    let [same, other] = &with_heldout.heldout[..] else {
+        panic!("{:?}", with_heldout.heldout)
+    };
+    assert_eq!(same.split, "heldout:same-as-validation");
+    for (a, b) in same.domains.iter().zip(&disjoint.splits[0].domains) {
+        assert_eq!(
+            (&a.domain, a.tokens, a.sequences),
+            (&b.domain, b.tokens, b.sequences)
+        );
+        assert!((a.token_loss - b.token_loss).abs() < 1e-6, "{a:?} vs {b:?}");
+    }
+    assert_eq!(other.domains.len(), 1);
+    assert_eq!(other.domains[0].domain, "plain");
+    assert_eq!(other.domains[0].sequences, 5);
+    assert!(out.join("heldout/plain/manifest.json").is_file());
+    let md = std::fs::read_to_string(out.join("eval.md")).unwrap();
+    assert!(md.contains("## Held-out sets"), "{md}");
+    assert!(
+        md.lines()
+            .any(|l| l.starts_with("| plain ") && l.matches("plain").count() == 2),
+        "{md}"
+    );
+    // A second evaluation reuses the tokenized sets (their manifests are untouched).
+    let stamp = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let before = stamp(&out.join("heldout/plain/manifest.json"));
+    let again = eval_with(&config, &checkpoint, &out, opts(16), Vec::new(), inputs);
+    assert_eq!(again.heldout, with_heldout.heldout);
+    assert_eq!(stamp(&out.join("heldout/plain/manifest.json")), before);
 
     // Downstream tasks with the data's own tokenizer (from the manifest). Identical
     // choices tie and the first wins, so the accuracy is known whatever the model.

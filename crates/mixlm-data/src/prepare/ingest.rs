@@ -347,6 +347,8 @@ pub struct IngestOptions {
     keep: Option<BTreeSet<String>>,
     drop: BTreeSet<String>,
     on_error: OnError,
+    /// The domain of records without one.
+    default_domain: Option<String>,
 }
 
 impl IngestOptions {
@@ -367,7 +369,19 @@ impl IngestOptions {
             keep: keep.map(|k| k.iter().cloned().collect()),
             drop: drop.iter().cloned().collect(),
             on_error,
+            default_domain: None,
         }
+    }
+
+    /// Records without a domain field go to `domain` instead of being bad input.
+    pub fn with_default_domain(mut self, domain: Option<String>) -> Self {
+        self.default_domain = domain;
+        self
+    }
+
+    /// The domain of a record whose domain field is missing, if there is one.
+    pub(super) fn missing_domain(&self) -> Option<String> {
+        self.default_domain.clone()
     }
 }
 
@@ -506,6 +520,9 @@ impl Ingestor {
         }
         let domain = match v.pointer(&self.options.domain_pointer) {
             Some(serde_json::Value::String(d)) => d.clone(),
+            None if self.options.default_domain.is_some() => {
+                self.options.missing_domain().expect("checked")
+            }
             other => {
                 let found = other.map(describe);
                 return Err(field_problem(&self.options, SkipKind::BadDomain, found));

@@ -66,6 +66,8 @@ pub struct ManifestOptions {
     pub test_from_validation: bool,
     /// As requested (`None`: the tokenizer's `<|endoftext|>`).
     pub eos_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_domain: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

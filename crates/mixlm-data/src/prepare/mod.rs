@@ -75,6 +75,12 @@ pub struct PrepareConfig {
     pub keep: Option<Vec<String>>,
     /// Domains (names after renaming) left out.
     pub drop: Vec<String>,
+    /// The domain of records that have no `domain_key` field (jsonl) or a null one
+    /// (parquet), before renaming; absent: such records are bad input. For corpora
+    /// that are one domain, and held-out sets (`mixlm eval --heldout`).
+    pub default_domain: Option<String>,
+    /// Put every document into this split, whatever its path says (held-out sets).
+    pub split: Option<Split>,
     pub on_error: OnError,
     /// Hash split only (inputs that name no split): fraction sent to validation.
     pub validation_fraction: f64,
@@ -103,6 +109,8 @@ impl Default for PrepareConfig {
             rename: BTreeMap::new(),
             keep: None,
             drop: Vec::new(),
+            default_domain: None,
+            split: None,
             on_error: OnError::Fail,
             validation_fraction: 0.005,
             test_fraction: 0.005,
@@ -213,6 +221,7 @@ impl PrepareConfig {
             test_fraction: self.test_fraction,
             test_from_validation: self.test_from_validation,
             eos_id: self.eos_id,
+            default_domain: self.default_domain.clone(),
         }
     }
 }
@@ -513,7 +522,12 @@ fn clear_previous(output: &Path) -> Result<(), PrepareError> {
 pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary, PrepareError> {
     let start = Instant::now();
     config.validate()?;
-    let files = ingest::resolve_inputs(&config.inputs)?;
+    let mut files = ingest::resolve_inputs(&config.inputs)?;
+    if let Some(split) = config.split {
+        for f in &mut files {
+            f.split = Some(split);
+        }
+    }
     let output_abs = normalize(&config.output);
     for input in &config.inputs {
         let p = Path::new(input);
@@ -619,7 +633,8 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary, PrepareError> {
         config.keep.as_deref(),
         &config.drop,
         config.on_error,
-    );
+    )
+    .with_default_domain(config.default_domain.clone());
     let built = match build(config, &manifest, &tok, options) {
         Ok(b) => b,
         Err(e) => {

@@ -298,7 +298,10 @@ impl Ingestor {
     ) -> Result<String, (SkipKind, String)> {
         match column.value(row) {
             Value::Str(s) => Ok(s.into_owned()),
-            Value::Missing => Err(field_problem(&self.options, kind, None)),
+            Value::Missing => match (kind, self.options.missing_domain()) {
+                (SkipKind::BadDomain, Some(d)) => Ok(d),
+                _ => Err(field_problem(&self.options, kind, None)),
+            },
             Value::Other(what) => Err(field_problem(&self.options, kind, Some(&what))),
             Value::NotUtf8(at) => {
                 let key = match kind {
