@@ -24,6 +24,7 @@ pub mod grid;
 pub mod law;
 pub mod odm;
 mod proportions;
+pub mod samplemix;
 mod schedulers;
 pub mod skillit;
 
