@@ -2,6 +2,7 @@
 //! bookkeeping that turns per-sequence losses into per-domain means (shared with the
 //! trainer, whose mixing feedback is the same quantity on training batches).
 
+pub mod diversity;
 pub mod perplexity;
 pub mod plots;
 pub mod tasks;
