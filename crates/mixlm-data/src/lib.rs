@@ -21,6 +21,7 @@
 
 pub mod prefetch;
 pub mod prepare;
+pub mod quality;
 pub mod sampler;
 pub mod seeding;
 pub mod shards;
