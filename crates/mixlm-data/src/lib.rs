@@ -22,6 +22,7 @@
 pub mod prefetch;
 pub mod prepare;
 pub mod quality;
+pub mod resampled;
 pub mod sampler;
 pub mod seeding;
 pub mod shards;
@@ -30,6 +31,7 @@ pub mod synthetic;
 
 pub use prefetch::{Prefetched, Prefetcher};
 pub use prepare::{prepare, PrepareConfig, PrepareError, PrepareSummary};
+pub use resampled::{PlanError, ResampledSource};
 pub use sampler::{fetch_batch, validation_picks, MixtureSampler, SamplerError, SamplerState};
 pub use shards::{ShardError, ShardSource, WindowPermutation};
 pub use source::{Split, TokenSource};
