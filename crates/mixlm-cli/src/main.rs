@@ -105,6 +105,30 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// SampleMix step 1 and 2: score every training document of a prepared corpus.
+    Score {
+        #[command(subcommand)]
+        what: ScoreCommand,
+    },
+    /// SampleMix step 3: combine quality and diversity, turn a token budget into
+    /// per-document counts (the plan `[mixing] method = "samplemix"` trains from).
+    Samplemix {
+        /// The prepared corpus.
+        #[arg(long)]
+        data: PathBuf,
+        /// The plan folder (default: <data>/samplemix).
+        #[arg(long)]
+        plan: Option<PathBuf>,
+        /// Training tokens the plan should hold (below or above the corpus size).
+        #[arg(long)]
+        budget: u64,
+        /// Weight of diversity against quality (the paper's best: 0.8).
+        #[arg(long, default_value_t = mixlm_mixing::samplemix::DEFAULT_ALPHA)]
+        alpha: f64,
+        /// Seed of the rounding of fractional counts.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Parameter count and FLOPs per token of model presets.
     ModelInfo {
         /// Presets to describe (all when none is given).
@@ -168,6 +192,83 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+}
+
+/// Options shared by the scoring commands.
+#[derive(clap::Args)]
+struct ScoreArgs {
+    /// The prepared corpus (the folder `mixlm prepare` wrote).
+    #[arg(long)]
+    data: PathBuf,
+    /// The plan folder (default: <data>/samplemix).
+    #[arg(long)]
+    plan: Option<PathBuf>,
+    /// A mixlm checkpoint (or run folder) for model-based scoring.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Tokens of each document a model or embedding looks at (its first ones).
+    #[arg(long, default_value_t = 2048)]
+    max_doc_tokens: usize,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// cpu, wgpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum ScoreCommand {
+    /// Quality on 0..10 per document: Gopher/C4 text rules (`heuristic`, model-free)
+    /// or a reference model's NLL percentile (`model`, needs --checkpoint).
+    Quality {
+        #[command(flatten)]
+        args: ScoreArgs,
+        #[arg(long, default_value = "heuristic")]
+        scorer: String,
+    },
+    /// Diversity on 0..1 per document from k-means clusters of embeddings: hashed
+    /// n-gram TF-IDF (`tfidf`, model-free) or mean-pooled hidden states (`model`).
+    Diversity {
+        #[command(flatten)]
+        args: ScoreArgs,
+        #[arg(long, default_value = "tfidf")]
+        embed: String,
+        /// TF-IDF dimensions.
+        #[arg(long, default_value_t = 1024)]
+        dim: usize,
+        /// Clusters.
+        #[arg(long, default_value_t = 64)]
+        k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+impl ScoreArgs {
+    fn options(&self) -> Result<mixlm_train::samplemix::ScoreOptions> {
+        Ok(mixlm_train::samplemix::ScoreOptions {
+            plan: self
+                .plan
+                .clone()
+                .unwrap_or_else(|| mixlm_train::samplemix::default_plan(&self.data)),
+            data: self.data.clone(),
+            max_doc_tokens: self.max_doc_tokens,
+            batch_size: self.batch_size,
+            backend: self.backend.parse()?,
+            quiet: self.quiet,
+        })
+    }
+
+    fn checkpoint(&self, what: &str) -> Result<PathBuf> {
+        let path = self.checkpoint.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("{what} needs --checkpoint (a mixlm checkpoint or run folder)")
+        })?;
+        mixlm_train::evaluate::resolve_checkpoint(path)
+    }
 }
 
 fn main() -> ExitCode {
@@ -347,6 +448,75 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "written: {} and eval.md",
                 options.out.join("eval.json").display()
+            );
+            Ok(())
+        }
+        Command::Score { what } => {
+            use mixlm_train::samplemix::{score_diversity, score_quality, Embedder, QualityScorer};
+            match what {
+                ScoreCommand::Quality { args, scorer } => {
+                    let scorer = match scorer.as_str() {
+                        "heuristic" => QualityScorer::Heuristic,
+                        "model" => QualityScorer::Model {
+                            checkpoint: args.checkpoint("--scorer model")?,
+                        },
+                        other => anyhow::bail!("--scorer {other}: use heuristic or model"),
+                    };
+                    let options = args.options()?;
+                    let means = score_quality(&options, &scorer)?;
+                    println!("mean quality (0..10) per domain:");
+                    for (d, m) in &means {
+                        println!("  {d:<24} {m:.2}");
+                    }
+                    println!("written: {}", options.plan.join("quality").display());
+                }
+                ScoreCommand::Diversity {
+                    args,
+                    embed,
+                    dim,
+                    k,
+                    seed,
+                } => {
+                    let embedder = match embed.as_str() {
+                        "tfidf" => Embedder::TfIdf { dim },
+                        "model" => Embedder::Model {
+                            checkpoint: args.checkpoint("--embed model")?,
+                        },
+                        other => anyhow::bail!("--embed {other}: use tfidf or model"),
+                    };
+                    let options = args.options()?;
+                    let report = score_diversity(&options, &embedder, k, seed)?;
+                    println!(
+                        "{} clusters in {} iterations; sizes {:?}\n",
+                        report.k, report.iterations, report.sizes
+                    );
+                    println!("{}", mixlm_train::samplemix::overlap_markdown(&report));
+                    println!("written: {}", options.plan.join("diversity").display());
+                }
+            }
+            Ok(())
+        }
+        Command::Samplemix {
+            data,
+            plan,
+            budget,
+            alpha,
+            seed,
+        } => {
+            use mixlm_train::samplemix::{default_plan, make_plan, summary_table, PlanOptions};
+            let plan = plan.unwrap_or_else(|| default_plan(&data));
+            let summary = make_plan(&PlanOptions {
+                data,
+                plan: plan.clone(),
+                budget,
+                alpha,
+                seed,
+            })?;
+            println!("{}", summary_table(&summary));
+            println!(
+                "written: {} (train with [mixing] method = \"samplemix\", plan = \"{}\")",
+                plan.join("counts").display(),
+                plan.display()
             );
             Ok(())
         }

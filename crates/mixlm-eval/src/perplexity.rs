@@ -114,7 +114,8 @@ pub fn plan_windows(n: u64, len: usize, stride: usize) -> Vec<Window> {
 pub struct StreamScore {
     pub nll: f64,
     pub tokens: u64,
-    /// `(sum of NLL, tokens)` of each document with scored tokens.
+    /// `(sum of NLL, tokens)` of every document, in stream order (a document can
+    /// have no scored token: the stream's first one-token document).
     pub documents: Vec<(f64, u64)>,
 }
 
@@ -168,7 +169,7 @@ pub fn score_stream(
             }
         }
     }
-    score.documents = docs.into_iter().filter(|d| d.1 > 0).collect();
+    score.documents = docs;
     score
 }
 
@@ -232,12 +233,13 @@ pub fn score_domain(
 impl DomainPerplexity {
     pub fn from_score(domain: &str, s: &StreamScore) -> Self {
         let token_loss = s.nll / s.tokens.max(1) as f64;
-        let sequence_loss = s.documents.iter().map(|(l, t)| l / *t as f64).sum::<f64>()
-            / s.documents.len().max(1) as f64;
+        let scored: Vec<&(f64, u64)> = s.documents.iter().filter(|d| d.1 > 0).collect();
+        let sequence_loss =
+            scored.iter().map(|(l, t)| l / *t as f64).sum::<f64>() / scored.len().max(1) as f64;
         Self {
             domain: domain.into(),
             tokens: s.tokens,
-            sequences: s.documents.len() as u64,
+            sequences: scored.len() as u64,
             token_loss,
             token_ppl: token_loss.exp(),
             sequence_loss,

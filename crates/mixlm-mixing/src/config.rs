@@ -4,6 +4,7 @@ use crate::aioli::AioliConfig;
 use crate::doge::DogeConfig;
 use crate::doremi::DoReMiConfig;
 use crate::odm::OdmConfig;
+use crate::samplemix::SampleMixConfig;
 use crate::skillit::SkillItConfig;
 use crate::{DomainInfo, Proportions};
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,10 @@ pub enum MixingConfig {
     /// DoGE (Fan et al. 2024): the proxy run, reweighting domains by how well their
     /// gradients align with a target gradient; it learns a static mixture.
     Doge(DogeConfig),
+    /// SampleMix (Xi et al. 2025): train on a per-document sampling plan written by
+    /// `mixlm samplemix`; the domain proportions are the tokens the plan keeps.
+    #[serde(rename = "samplemix")]
+    SampleMix(SampleMixConfig),
 }
 
 impl Default for MixingConfig {
@@ -102,6 +107,7 @@ impl MixingConfig {
             Self::SkillIt(_) => "skill_it",
             Self::Doremi(_) => "doremi",
             Self::Doge(_) => "doge",
+            Self::SampleMix(_) => "samplemix",
         }
     }
 
@@ -115,6 +121,7 @@ impl MixingConfig {
             Self::SkillIt(c) => c.validate(domains),
             Self::Doremi(c) => c.validate(),
             Self::Doge(c) => c.validate(domains),
+            Self::SampleMix(c) => c.validate(),
         }
     }
 }

@@ -20,11 +20,32 @@
 //!   histogram of counts.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+
+/// `method = "samplemix"`: train on a sampling plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleMixConfig {
+    /// The plan folder `mixlm samplemix` wrote (`counts/<domain>.u32`).
+    pub plan: PathBuf,
+}
+
+impl SampleMixConfig {
+    pub fn validate(&self) -> Result<(), crate::MixingConfigError> {
+        if self.plan.as_os_str().is_empty() {
+            return Err(crate::MixingConfigError::Invalid {
+                field: "plan",
+                message: "is empty: name the folder mixlm samplemix wrote".into(),
+            });
+        }
+        Ok(())
+    }
+}
 
 /// The paper's best mix of diversity and quality.
 pub const DEFAULT_ALPHA: f64 = 0.8;

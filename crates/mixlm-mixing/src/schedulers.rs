@@ -8,6 +8,8 @@ pub enum StaticKind {
     Stratified,
     Natural,
     Manual,
+    /// The domain shares of a SampleMix plan.
+    SampleMix,
 }
 
 /// `stratified`, `natural` and `manual`: fixed proportions for the whole run.
@@ -36,6 +38,12 @@ impl StaticScheduler {
                 StaticKind::Natural,
                 InitWeights::Natural.resolve("natural proportions", domains)?,
             ),
+            // The source is the plan's resampled corpus: its natural weights are the
+            // tokens the plan keeps per domain.
+            MixingConfig::SampleMix(_) => Self::new(
+                StaticKind::SampleMix,
+                InitWeights::Natural.resolve("SampleMix proportions", domains)?,
+            ),
             MixingConfig::Manual(m) => Self::new(
                 StaticKind::Manual,
                 InitWeights::Weights(m.weights.clone()).resolve("mixing.weights", domains)?,
@@ -51,6 +59,7 @@ impl Scheduler for StaticScheduler {
             StaticKind::Stratified => "stratified",
             StaticKind::Natural => "natural",
             StaticKind::Manual => "manual",
+            StaticKind::SampleMix => "samplemix",
         }
     }
 

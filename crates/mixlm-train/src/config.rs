@@ -362,7 +362,27 @@ impl RunConfig {
                         &[mixlm_data::Split::Train, mixlm_data::Split::Validation],
                     )
                     .map_err(|e| invalid(format!("run.seq_len = {}: {e}", self.run.seq_len)))?;
-                Box::new(shards)
+                match &self.mixing {
+                    MixingConfig::SampleMix(c) => {
+                        let source =
+                            mixlm_data::ResampledSource::open(shards, &c.plan, self.run.seed)
+                                .map_err(|e| invalid(format!("mixing.plan: {e}")))?;
+                        let names = source.domain_names();
+                        for (name, kept) in names.iter().zip(source.kept_tokens()) {
+                            if kept > 0
+                                && mixlm_data::shards::windows_in(kept, self.run.seq_len) == 0
+                            {
+                                return Err(invalid(format!(
+                                    "mixing.plan keeps {kept} tokens of {name}: fewer than one \
+                                     window of run.seq_len + 1 = {} tokens; raise the budget",
+                                    self.run.seq_len + 1
+                                )));
+                            }
+                        }
+                        Box::new(source)
+                    }
+                    _ => Box::new(shards),
+                }
             }
         })
     }
