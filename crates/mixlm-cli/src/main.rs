@@ -507,6 +507,7 @@ fn run(cli: Cli) -> Result<()> {
             let plan = plan.unwrap_or_else(|| default_plan(&data));
             let summary = make_plan(&PlanOptions {
                 data,
+                scores: plan.clone(),
                 plan: plan.clone(),
                 budget,
                 alpha,

@@ -36,7 +36,10 @@ pub enum PlanError {
         found: usize,
         expected: usize,
     },
-    #[error("the plan keeps no training tokens of any domain")]
+    #[error(
+        "the plan keeps no training tokens of any domain: its budget is below one \
+         document; run mixlm samplemix with a larger --budget"
+    )]
     Empty,
 }
 

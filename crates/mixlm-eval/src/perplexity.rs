@@ -145,7 +145,9 @@ pub fn score_stream(
     let len = options.seq_len.min((n - 1) as usize);
     let stride = options.stride.min(len);
     let windows = plan_windows(n, len, stride);
-    let mut docs: Vec<(f64, u64)> = vec![(0.0, 0); doc_offsets.len().max(1)];
+    // One entry per document starting inside the stream (not the closing offset).
+    let starts = doc_offsets.partition_point(|&o| o < n).max(1);
+    let mut docs: Vec<(f64, u64)> = vec![(0.0, 0); starts];
     let doc_of = |p: u64| doc_offsets.partition_point(|&o| o <= p).saturating_sub(1);
     let mut buf = Vec::with_capacity(options.batch_size * (len + 1));
     for chunk in windows.chunks(options.batch_size.max(1)) {

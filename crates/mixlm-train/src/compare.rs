@@ -25,6 +25,7 @@ use crate::config::RunConfig;
 use crate::evaluate::{default_max_tokens, evaluate_on, EvalOptions, EvalReport};
 use crate::figures::Figure;
 use crate::metrics::Curves;
+use crate::samplemix::model_free_plan;
 use crate::search::{mix_search, SearchMethod, SearchOptions};
 use crate::trainer::TrainOptions;
 
@@ -62,12 +63,17 @@ pub struct MethodEntry {
     /// The `[mixing]` section of the final run (ignored for searches, which write it).
     pub mixing: Option<MixingConfig>,
     /// A `mixlm mix-search` pipeline that runs first (`doremi`, `doge`, `skill_it`,
-    /// `grid`, `law`); its mixture trains the final run.
+    /// `grid`, `law`), whose mixture trains the final run; or `samplemix`: score the
+    /// prepared corpus and plan the run's token budget.
     pub search: Option<String>,
     /// Steps of the search's auxiliary runs (default: the run's steps).
     pub pilot_steps: Option<u64>,
     /// Points of a `grid` / `law` search.
     pub points: Option<usize>,
+    /// `search = "samplemix"`: weight of diversity against quality (default 0.8).
+    pub alpha: Option<f64>,
+    /// `search = "samplemix"`: k-means clusters (default 64).
+    pub clusters: Option<usize>,
 }
 
 /// One finished run.
@@ -131,6 +137,7 @@ impl CompareConfig {
                 (None, None) => {
                     anyhow::bail!("method `{}` needs a [method.mixing] or a search", m.name)
                 }
+                (_, Some(s)) if s == "samplemix" => {}
                 (_, Some(s)) => {
                     s.parse::<SearchMethod>()
                         .map_err(|e| anyhow::anyhow!("method `{}`: {e}", m.name))?;
@@ -240,7 +247,28 @@ fn run_one(
     }
     let train = |c: &RunConfig| train_on(kind, c, &TrainOptions { quiet });
     let mut extra_steps = 0;
-    if let Some(search) = &method.search {
+    if method.search.as_deref() == Some("samplemix") {
+        // The token budget is what the run trains on.
+        let data = run
+            .data
+            .shard_dir()
+            .context("search = \"samplemix\" needs prepared shards (data.source = \"shards\")")?;
+        let budget =
+            run.run.steps * (run.run.batch_size * run.run.grad_accum * run.run.seq_len) as u64;
+        let plan = config.out_dir.join(format!("{}-plan", run.run.name));
+        model_free_plan(
+            &data,
+            &plan,
+            budget,
+            method
+                .alpha
+                .unwrap_or(mixlm_mixing::samplemix::DEFAULT_ALPHA),
+            method.clusters.unwrap_or(64),
+            seed,
+            quiet,
+        )?;
+        run.mixing = MixingConfig::SampleMix(mixlm_mixing::samplemix::SampleMixConfig { plan });
+    } else if let Some(search) = &method.search {
         let mut options = SearchOptions::new(search.parse().map_err(anyhow::Error::msg)?);
         options.pilot_steps = method.pilot_steps;
         if let Some(p) = method.points {

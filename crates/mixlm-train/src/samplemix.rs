@@ -510,6 +510,9 @@ pub fn overlap_markdown(report: &ClusterReport) -> String {
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
     pub data: PathBuf,
+    /// Where `quality/` and `diversity/` are.
+    pub scores: PathBuf,
+    /// Where `counts/` and `summary.json` go (often the same folder).
     pub plan: PathBuf,
     /// Training tokens the plan should hold.
     pub budget: u64,
@@ -525,9 +528,9 @@ pub fn make_plan(options: &PlanOptions) -> Result<SampleSummary> {
     let (mut quality, mut diversity, mut lengths, mut domain_of) = (vec![], vec![], vec![], vec![]);
     for (name, offsets) in &docs {
         let n = offsets.len().saturating_sub(1);
-        let q = read_values(&values_path(&options.plan, "quality", name), n)
+        let q = read_values(&values_path(&options.scores, "quality", name), n)
             .context("run mixlm score quality first")?;
-        let d = read_values(&values_path(&options.plan, "diversity", name), n)
+        let d = read_values(&values_path(&options.scores, "diversity", name), n)
             .context("run mixlm score diversity first")?;
         quality.extend(q.iter().map(|&v| v as f64));
         diversity.extend(d.iter().map(|&v| v as f64));
@@ -548,11 +551,56 @@ pub fn make_plan(options: &PlanOptions) -> Result<SampleSummary> {
         at += n;
     }
     let summary = SampleSummary::new(options.budget, &counts, &lengths, &domain_of);
+    std::fs::create_dir_all(&options.plan)?;
     write_atomic(
         &options.plan.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     Ok(summary)
+}
+
+/// The whole pipeline with model-free scorers, as `mixlm compare` runs it for
+/// `search = "samplemix"`: heuristic quality and TF-IDF diversity into
+/// `<data>/samplemix/` (kept for later runs; `clusters` fixed per corpus), then a plan
+/// for `budget` tokens into `plan`.
+pub fn model_free_plan(
+    data: &Path,
+    plan: &Path,
+    budget: u64,
+    alpha: f64,
+    clusters: usize,
+    seed: u64,
+    quiet: bool,
+) -> Result<SampleSummary> {
+    let scores = default_plan(data);
+    let options = ScoreOptions {
+        data: data.to_path_buf(),
+        plan: scores.clone(),
+        max_doc_tokens: 2048,
+        batch_size: 16,
+        backend: BackendKind::Cpu,
+        quiet,
+    };
+    score_quality(&options, &QualityScorer::Heuristic)?;
+    let source = ShardSource::open(data, 0)?;
+    let have_diversity = documents(&source).iter().all(|(name, o)| {
+        read_values(
+            &values_path(&scores, "diversity", name),
+            o.len().saturating_sub(1),
+        )
+        .is_ok()
+    });
+    if !have_diversity {
+        score_diversity(&options, &Embedder::TfIdf { dim: 1024 }, clusters, 0)?;
+    }
+    make_plan(&PlanOptions {
+        data: data.to_path_buf(),
+        scores,
+        plan: plan.to_path_buf(),
+        budget,
+        alpha,
+        seed,
+    })
 }
 
 /// The summary for the terminal: proportions against the natural mixture, and the

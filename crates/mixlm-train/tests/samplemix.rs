@@ -1,0 +1,174 @@
+//! The SampleMix pipeline end to end on a generated corpus: scores, plan, and a
+//! `mixlm compare` run with `search = "samplemix"` that trains on the plan.
+
+use mixlm_data::prepare::testutil::{jsonl, texts, write_file, write_tokenizer};
+use mixlm_data::resampled::{counts_path, read_counts};
+use mixlm_data::{prepare, PrepareConfig, ShardSource, Split, TokenSource};
+use mixlm_mixing::samplemix::SampleSummary;
+use mixlm_mixing::DomainId;
+use mixlm_train::compare::{compare, CompareConfig};
+use mixlm_train::samplemix::{read_values, score_quality, QualityScorer, ScoreOptions};
+use mixlm_train::BackendKind;
+
+#[test]
+fn samplemix_scores_plans_and_trains_in_a_comparison() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokenizer = tmp.path().join("tokenizer.json");
+    write_tokenizer(&tokenizer, 0);
+    // Prose-like documents in `prose`, repetitive ones in `spam`, numbers in `nums`.
+    let t = texts(60, 2);
+    let mut rows: Vec<(&str, String)> = Vec::new();
+    for (i, x) in t.iter().enumerate() {
+        rows.push(("prose", format!("{x} {}", t[(i + 1) % t.len()])));
+        rows.push(("spam", "buy now, best price. ".repeat(10 + i % 5)));
+        rows.push((
+            "nums",
+            (0..40)
+                .map(|j| ((i * 31 + j * 7) % 997).to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ));
+    }
+    write_file(
+        &tmp.path().join("raw/train/a.jsonl"),
+        jsonl(&rows).as_bytes(),
+    );
+    write_file(
+        &tmp.path().join("raw/validation/a.jsonl"),
+        jsonl(&rows[..30]).as_bytes(),
+    );
+    let data = tmp.path().join("shards");
+    prepare(&PrepareConfig {
+        inputs: vec![tmp.path().join("raw").display().to_string()],
+        tokenizer,
+        output: data.clone(),
+        ..PrepareConfig::default()
+    })
+    .unwrap();
+
+    // Heuristic quality: prose scores above spam and numbers.
+    let options = ScoreOptions {
+        data: data.clone(),
+        plan: data.join("samplemix"),
+        max_doc_tokens: 256,
+        batch_size: 8,
+        backend: BackendKind::Cpu,
+        quiet: true,
+    };
+    let means = score_quality(&options, &QualityScorer::Heuristic).unwrap();
+    assert!(
+        means["prose"] > means["spam"] && means["prose"] > means["nums"],
+        "{means:?}"
+    );
+    // A second call finds every domain done and leaves the files alone.
+    let q = data.join("samplemix/quality/prose.f32");
+    let stamp = std::fs::metadata(&q).unwrap().modified().unwrap();
+    assert_eq!(
+        score_quality(&options, &QualityScorer::Heuristic).unwrap(),
+        means
+    );
+    assert_eq!(std::fs::metadata(&q).unwrap().modified().unwrap(), stamp);
+
+    let base = tmp.path().join("base.toml");
+    std::fs::write(
+        &base,
+        format!(
+            r#"
+[run]
+name = "x"
+steps = 8
+batch_size = 8
+seq_len = 32
+backend = "cpu"
+[model]
+preset = "tiny"
+vocab_size = 260
+[data]
+source = "shards"
+path = "{}"
+[schedule]
+warmup_steps = 1
+[eval]
+every = 0
+sequences = 4
+batch_size = 8
+"#,
+            data.display()
+        ),
+    )
+    .unwrap();
+    let file = tmp.path().join("cmp.toml");
+    std::fs::write(
+        &file,
+        r#"
+base = "base.toml"
+out_dir = "out"
+[[method]]
+name = "natural"
+mixing = { method = "natural" }
+[[method]]
+name = "samplemix"
+search = "samplemix"
+clusters = 3
+"#,
+    )
+    .unwrap();
+    let mut config = CompareConfig::load(&file).unwrap();
+    config.out_dir = tmp.path().join("out");
+    let results = compare(&config, BackendKind::Cpu, true).unwrap();
+    assert_eq!(results.results.len(), 2);
+
+    // The plan spends the run's token budget (8 steps x 8 x 32) within one document.
+    let plan = config.out_dir.join("samplemix-s0-plan");
+    let summary: SampleSummary =
+        serde_json::from_slice(&std::fs::read(plan.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary.budget, 8 * 8 * 32);
+    let shards = ShardSource::open(&data, 0).unwrap();
+    let longest = (0..3)
+        .flat_map(|d| {
+            let o = shards.doc_offsets(DomainId(d), Split::Train).to_vec();
+            o.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        summary.tokens_kept.abs_diff(summary.budget) < longest,
+        "{summary:?}"
+    );
+    // Counts per document on disk agree with the summary.
+    let mut kept = 0u64;
+    for (d, name) in shards.domain_names().iter().enumerate() {
+        let counts = read_counts(&counts_path(&plan, name)).unwrap();
+        let o = shards.doc_offsets(DomainId(d), Split::Train);
+        let tokens: u64 = counts
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| c as u64 * (o[i + 1] - o[i]))
+            .sum();
+        assert_eq!(tokens, summary.domain_tokens[name]);
+        kept += tokens;
+        // Scores for every document were written next to the data.
+        let n = o.len() - 1;
+        let div = read_values(&data.join(format!("samplemix/diversity/{name}.f32")), n).unwrap();
+        assert!(div.iter().all(|v| (0.0..=1.0).contains(v)));
+    }
+    assert_eq!(kept, summary.tokens_kept);
+
+    // The run trained with SampleMix's proportions.
+    let run = results
+        .results
+        .iter()
+        .find(|r| r.method == "samplemix")
+        .unwrap();
+    let toml_text = std::fs::read_to_string(run.run_dir.join("config.toml")).unwrap();
+    assert!(toml_text.contains("method = \"samplemix\""), "{toml_text}");
+    let last = run.curves.proportions.last().unwrap();
+    for (name, p) in &summary.proportions {
+        assert!(
+            (last.values[name] - p).abs() < 1e-9,
+            "{name}: {} vs {p}",
+            last.values[name]
+        );
+    }
+    assert!(run.eval.splits[1].average_ppl.is_finite());
+}
