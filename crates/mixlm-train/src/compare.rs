@@ -25,7 +25,7 @@ use crate::config::RunConfig;
 use crate::evaluate::{default_max_tokens, evaluate_on, EvalOptions, EvalReport};
 use crate::figures::Figure;
 use crate::metrics::Curves;
-use crate::samplemix::model_free_plan;
+use crate::samplemix::{model_free_plan, PlanOptions};
 use crate::search::{mix_search, SearchMethod, SearchOptions};
 use crate::trainer::TrainOptions;
 
@@ -257,14 +257,18 @@ fn run_one(
             run.run.steps * (run.run.batch_size * run.run.grad_accum * run.run.seq_len) as u64;
         let plan = config.out_dir.join(format!("{}-plan", run.run.name));
         model_free_plan(
-            &data,
-            &plan,
-            budget,
-            method
-                .alpha
-                .unwrap_or(mixlm_mixing::samplemix::DEFAULT_ALPHA),
+            &PlanOptions {
+                scores: crate::samplemix::default_plan(&data),
+                data,
+                plan: plan.clone(),
+                budget,
+                alpha: method
+                    .alpha
+                    .unwrap_or(mixlm_mixing::samplemix::DEFAULT_ALPHA),
+                seed,
+            },
             method.clusters.unwrap_or(64),
-            seed,
+            kind,
             quiet,
         )?;
         run.mixing = MixingConfig::SampleMix(mixlm_mixing::samplemix::SampleMixConfig { plan });

@@ -101,7 +101,9 @@ pub fn read_values(path: &Path, documents: usize) -> Result<Vec<f32>> {
 }
 
 /// The training documents of each domain: `(name, token offsets)`.
-fn documents(source: &ShardSource) -> Vec<(String, Vec<u64>)> {
+type DomainDocs = Vec<(String, Vec<u64>)>;
+
+fn documents(source: &ShardSource) -> DomainDocs {
     source
         .domain_names()
         .into_iter()
@@ -126,6 +128,21 @@ fn progress(total: u64, what: &str, quiet: bool) -> ProgressBar {
     bar
 }
 
+/// The corpus, its training documents, and a progress bar over them.
+fn open_corpus(
+    options: &ScoreOptions,
+    what: &str,
+) -> Result<(ShardSource, DomainDocs, ProgressBar)> {
+    let source = ShardSource::open(&options.data, 0)?;
+    let docs = documents(&source);
+    let total = docs
+        .iter()
+        .map(|d| d.1.len().saturating_sub(1) as u64)
+        .sum();
+    let bar = progress(total, what, options.quiet);
+    Ok((source, docs, bar))
+}
+
 /// Reads a document's first `max` tokens.
 fn doc_tokens(source: &ShardSource, d: usize, offsets: &[u64], i: usize, max: usize) -> Vec<u32> {
     let end = offsets[i + 1].min(offsets[i].saturating_add(max as u64));
@@ -140,13 +157,7 @@ pub fn score_quality(
     options: &ScoreOptions,
     scorer: &QualityScorer,
 ) -> Result<BTreeMap<String, f64>> {
-    let source = ShardSource::open(&options.data, 0)?;
-    let docs = documents(&source);
-    let total: u64 = docs
-        .iter()
-        .map(|d| d.1.len().saturating_sub(1) as u64)
-        .sum();
-    let bar = progress(total, "quality", options.quiet);
+    let (source, docs, bar) = open_corpus(options, "quality")?;
     match scorer {
         QualityScorer::Heuristic => {
             let path = PathBuf::from(&source.manifest().tokenizer.path);
@@ -329,13 +340,7 @@ pub fn score_diversity(
     k: usize,
     seed: u64,
 ) -> Result<ClusterReport> {
-    let source = ShardSource::open(&options.data, 0)?;
-    let docs = documents(&source);
-    let total: u64 = docs
-        .iter()
-        .map(|d| d.1.len().saturating_sub(1) as u64)
-        .sum();
-    let bar = progress(total, "embedding", options.quiet);
+    let (source, docs, bar) = open_corpus(options, "embedding")?;
 
     struct Job<'a> {
         options: &'a ScoreOptions,
@@ -561,46 +566,34 @@ pub fn make_plan(options: &PlanOptions) -> Result<SampleSummary> {
 
 /// The whole pipeline with model-free scorers, as `mixlm compare` runs it for
 /// `search = "samplemix"`: heuristic quality and TF-IDF diversity into
-/// `<data>/samplemix/` (kept for later runs; `clusters` fixed per corpus), then a plan
-/// for `budget` tokens into `plan`.
+/// `options.scores` (kept for later runs: scored once per corpus), then the plan.
 pub fn model_free_plan(
-    data: &Path,
-    plan: &Path,
-    budget: u64,
-    alpha: f64,
+    options: &PlanOptions,
     clusters: usize,
-    seed: u64,
+    backend: BackendKind,
     quiet: bool,
 ) -> Result<SampleSummary> {
-    let scores = default_plan(data);
-    let options = ScoreOptions {
-        data: data.to_path_buf(),
-        plan: scores.clone(),
+    let scoring = ScoreOptions {
+        data: options.data.clone(),
+        plan: options.scores.clone(),
         max_doc_tokens: 2048,
         batch_size: 16,
-        backend: BackendKind::Cpu,
+        backend,
         quiet,
     };
-    score_quality(&options, &QualityScorer::Heuristic)?;
-    let source = ShardSource::open(data, 0)?;
+    score_quality(&scoring, &QualityScorer::Heuristic)?;
+    let source = ShardSource::open(&options.data, 0)?;
     let have_diversity = documents(&source).iter().all(|(name, o)| {
         read_values(
-            &values_path(&scores, "diversity", name),
+            &values_path(&options.scores, "diversity", name),
             o.len().saturating_sub(1),
         )
         .is_ok()
     });
     if !have_diversity {
-        score_diversity(&options, &Embedder::TfIdf { dim: 1024 }, clusters, 0)?;
+        score_diversity(&scoring, &Embedder::TfIdf { dim: 1024 }, clusters, 0)?;
     }
-    make_plan(&PlanOptions {
-        data: data.to_path_buf(),
-        scores,
-        plan: plan.to_path_buf(),
-        budget,
-        alpha,
-        seed,
-    })
+    make_plan(options)
 }
 
 /// The summary for the terminal: proportions against the natural mixture, and the
