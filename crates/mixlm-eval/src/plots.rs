@@ -119,8 +119,7 @@ pub fn write_lines(stem: &Path, figure: &LineFigure) -> Result<[PathBuf; 2], Plo
             stem.display()
         )));
     }
-    let cols = figure.panels.len().clamp(1, 3);
-    let rows = figure.panels.len().div_ceil(cols);
+    let (rows, cols) = grid(figure.panels.len());
     let size = (cols as u32 * 460, rows as u32 * 320 + 90);
     render(stem, size, Figure::Lines(figure))
 }
@@ -241,13 +240,28 @@ fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, labels: &[Stri
     Ok(())
 }
 
-fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, f: &LineFigure) -> DrawResult {
+/// The chart area and the legend strip of a picture.
+type Areas<DB> = (DrawingArea<DB, Shift>, DrawingArea<DB, Shift>);
+
+/// A white picture with `title` on top: its chart area and the legend strip below.
+fn frame<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+) -> Result<Areas<DB>, String> {
     root.fill(&WHITE).map_err(err)?;
-    let root = root
-        .titled(&f.title, (FAMILY, 22).into_font())
-        .map_err(err)?;
+    let root = root.titled(title, (FAMILY, 22).into_font()).map_err(err)?;
     let (_, height) = root.dim_in_pixel();
-    let (charts, legend) = root.split_vertically(height.saturating_sub(52));
+    Ok(root.split_vertically(height.saturating_sub(52)))
+}
+
+/// `(rows, cols)` of a panel grid: at most three panels a row.
+fn grid(panels: usize) -> (usize, usize) {
+    let cols = panels.clamp(1, 3);
+    (panels.div_ceil(cols), cols)
+}
+
+fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, f: &LineFigure) -> DrawResult {
+    let (charts, legend) = frame(root, &f.title)?;
     // One colour per label across panels, in order of first appearance.
     let mut labels: Vec<String> = Vec::new();
     for s in f.panels.iter().flat_map(|p| &p.series) {
@@ -255,8 +269,7 @@ fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, f: &LineFigure)
             labels.push(s.label.clone());
         }
     }
-    let cols = f.panels.len().clamp(1, 3);
-    let rows = f.panels.len().div_ceil(cols);
+    let (rows, cols) = grid(f.panels.len());
     let x_fmt = |v: &f64| short_number(*v);
     for (panel, area) in f.panels.iter().zip(charts.split_evenly((rows, cols))) {
         let points = || panel.series.iter().flat_map(|s| s.points.iter());
@@ -301,12 +314,7 @@ fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, f: &LineFigure)
 }
 
 fn draw_bars<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, f: &BarFigure) -> DrawResult {
-    root.fill(&WHITE).map_err(err)?;
-    let root = root
-        .titled(&f.title, (FAMILY, 22).into_font())
-        .map_err(err)?;
-    let (_, height) = root.dim_in_pixel();
-    let (chart_area, legend) = root.split_vertically(height.saturating_sub(52));
+    let (chart_area, legend) = frame(root, &f.title)?;
     let n = f.groups.len();
     let top = f
         .series

@@ -57,6 +57,13 @@ pub struct RunSection {
     pub log_every: u64,
 }
 
+impl RunSection {
+    /// Training tokens of one optimizer step.
+    pub fn tokens_per_step(&self) -> u64 {
+        (self.batch_size * self.grad_accum * self.seq_len) as u64
+    }
+}
+
 impl Default for RunSection {
     fn default() -> Self {
         Self {

@@ -120,6 +120,10 @@ pub fn evaluate<B: AutodiffBackend>(
             split_perplexity(&model, source.as_ref(), split, p, device).map_err(anyhow::Error::msg)
         })
         .collect::<Result<Vec<_>>>()?;
+    // Held-out sets and tasks read text: find the tokenizer once, when needed.
+    let tokenizer = (!options.heldout.is_empty() || !options.tasks.is_empty())
+        .then(|| data_tokenizer(config, options))
+        .transpose()?;
     let heldout = options
         .heldout
         .iter()
@@ -130,6 +134,7 @@ pub fn evaluate<B: AutodiffBackend>(
                 config,
                 options,
                 input,
+                tokenizer.as_deref().expect("resolved above"),
                 device,
             )
         })
@@ -137,7 +142,8 @@ pub fn evaluate<B: AutodiffBackend>(
     let tasks = if options.tasks.is_empty() {
         Vec::new()
     } else {
-        let tokenizer = PreparedTokenizer::load(&data_tokenizer(config, options)?, None)?;
+        let tokenizer =
+            PreparedTokenizer::load(tokenizer.as_deref().expect("resolved above"), None)?;
         let encode = |s: &str| tokenizer.encode(s);
         let mut scorer = ModelScorer {
             model: &model,
@@ -188,10 +194,10 @@ pub fn heldout_name(input: &str) -> String {
     let base = Path::new(input.trim_end_matches('/'))
         .file_name()
         .map_or("heldout".into(), |s| s.to_string_lossy().into_owned());
-    let stem = [".jsonl.zst", ".jsonl", ".parquet", ".zst"]
-        .iter()
-        .find_map(|ext| base.strip_suffix(ext))
-        .unwrap_or(&base);
+    let stem = match mixlm_data::prepare::ingest::corpus_stem(&base) {
+        s if s.len() == base.len() => s.strip_suffix(".zst").unwrap_or(s),
+        s => s,
+    };
     let name: String = stem
         .chars()
         .map(|c| {
@@ -220,12 +226,13 @@ fn heldout_perplexity<B: burn::tensor::backend::Backend>(
     config: &RunConfig,
     options: &EvalOptions,
     input: &str,
+    tokenizer: &Path,
     device: &B::Device,
 ) -> Result<SplitPerplexity> {
     let name = heldout_name(input);
     let mut prepare = config.data.prepare.clone().unwrap_or_default();
     prepare.inputs = vec![input.to_string()];
-    prepare.tokenizer = data_tokenizer(config, options)?;
+    prepare.tokenizer = tokenizer.to_path_buf();
     prepare.output = options.out.join("heldout").join(&name);
     prepare.keep = None;
     prepare.drop = Vec::new();

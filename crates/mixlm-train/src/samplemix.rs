@@ -75,12 +75,23 @@ fn values_path(plan: &Path, what: &str, domain: &str) -> PathBuf {
     plan.join(what).join(format!("{domain}.f32"))
 }
 
-fn write_values(path: &Path, values: &[f32]) -> Result<()> {
+/// [`write_atomic`] into a folder created if missing.
+fn write_in_folder(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p).with_context(|| format!("cannot create {}", p.display()))?;
     }
+    write_atomic(path, bytes)
+}
+
+fn write_values(path: &Path, values: &[f32]) -> Result<()> {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    write_atomic(path, &bytes)
+    write_in_folder(path, &bytes)
+}
+
+/// Whether a per-document file for `documents` documents is already there (the
+/// size [`read_values`] checks), without reading it: finished work is skipped.
+fn has_values(path: &Path, documents: usize) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.len() == documents as u64 * 4)
 }
 
 /// Reads a per-document file, checking it has one value per training document.
@@ -170,7 +181,7 @@ pub fn score_quality(
             for (d, (name, offsets)) in docs.iter().enumerate() {
                 let out = values_path(&options.plan, "quality", name);
                 let n = offsets.len().saturating_sub(1);
-                if read_values(&out, n).is_ok() {
+                if has_values(&out, n) {
                     bar.inc(n as u64);
                     continue;
                 }
@@ -216,7 +227,7 @@ pub fn score_quality(
                     for (d, (name, offsets)) in docs.iter().enumerate() {
                         let out = values_path(&options.plan, "nll", name);
                         let n = offsets.len().saturating_sub(1);
-                        if read_values(&out, n).is_ok() {
+                        if has_values(&out, n) {
                             bar.inc(n as u64);
                             continue;
                         }
@@ -548,16 +559,14 @@ pub fn make_plan(options: &PlanOptions) -> Result<SampleSummary> {
     let mut at = 0;
     for (name, offsets) in &docs {
         let n = offsets.len().saturating_sub(1);
-        let path = counts_path(&options.plan, name);
-        if let Some(p) = path.parent() {
-            std::fs::create_dir_all(p)?;
-        }
-        write_atomic(&path, &counts_bytes(&counts[at..at + n]))?;
+        write_in_folder(
+            &counts_path(&options.plan, name),
+            &counts_bytes(&counts[at..at + n]),
+        )?;
         at += n;
     }
     let summary = SampleSummary::new(options.budget, &counts, &lengths, &domain_of);
-    std::fs::create_dir_all(&options.plan)?;
-    write_atomic(
+    write_in_folder(
         &options.plan.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
@@ -584,11 +593,10 @@ pub fn model_free_plan(
     score_quality(&scoring, &QualityScorer::Heuristic)?;
     let source = ShardSource::open(&options.data, 0)?;
     let have_diversity = documents(&source).iter().all(|(name, o)| {
-        read_values(
+        has_values(
             &values_path(&options.scores, "diversity", name),
             o.len().saturating_sub(1),
         )
-        .is_ok()
     });
     if !have_diversity {
         score_diversity(&scoring, &Embedder::TfIdf { dim: 1024 }, clusters, 0)?;

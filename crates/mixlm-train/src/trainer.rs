@@ -125,7 +125,7 @@ pub fn train<B: AutodiffBackend>(
             device,
         )
     };
-    let tokens_per_step = (run.batch_size * run.grad_accum * run.seq_len) as u64;
+    let tokens_per_step = run.tokens_per_step();
     let initial = evaluate(&model);
     metrics.eval(&EvalRecord::new(0, 0, &names, &initial))?;
 

@@ -101,6 +101,15 @@ fn hf_shard_split(stem: &str) -> &str {
     }
 }
 
+/// A file name without its corpus extension (`.jsonl.zst`, `.jsonl`, `.parquet`);
+/// other names unchanged.
+pub fn corpus_stem(name: &str) -> &str {
+    [".jsonl.zst", ".jsonl", ".parquet"]
+        .iter()
+        .find_map(|ext| name.strip_suffix(ext))
+        .unwrap_or(name)
+}
+
 /// The split a path names, if any: the component nearest the file among the folder
 /// names and the file's stem (`.jsonl` / `.jsonl.zst` / `.parquet` removed, and a
 /// Hugging Face shard suffix `-00000-of-00048-<hash>` too) that is, ignoring ASCII
@@ -116,11 +125,7 @@ pub fn split_from_path(path: &Path) -> Option<Split> {
     for c in path.components() {
         let Component::Normal(name) = c else { continue };
         let Some(name) = name.to_str() else { continue };
-        let name = name
-            .strip_suffix(".jsonl.zst")
-            .or_else(|| name.strip_suffix(".jsonl"))
-            .or_else(|| name.strip_suffix(".parquet"))
-            .unwrap_or(name);
+        let name = corpus_stem(name);
         let split = match hf_shard_split(name).to_ascii_lowercase().as_str() {
             "train" => Some(Split::Train),
             "validation" | "valid" | "val" => Some(Split::Validation),
@@ -348,7 +353,7 @@ pub struct IngestOptions {
     drop: BTreeSet<String>,
     on_error: OnError,
     /// The domain of records without one.
-    default_domain: Option<String>,
+    pub(super) default_domain: Option<String>,
 }
 
 impl IngestOptions {
@@ -377,11 +382,6 @@ impl IngestOptions {
     pub fn with_default_domain(mut self, domain: Option<String>) -> Self {
         self.default_domain = domain;
         self
-    }
-
-    /// The domain of a record whose domain field is missing, if there is one.
-    pub(super) fn missing_domain(&self) -> Option<String> {
-        self.default_domain.clone()
     }
 }
 
@@ -518,12 +518,12 @@ impl Ingestor {
                 format!("the line is {}, not a JSON object", describe(&v)),
             ));
         }
-        let domain = match v.pointer(&self.options.domain_pointer) {
-            Some(serde_json::Value::String(d)) => d.clone(),
-            None if self.options.default_domain.is_some() => {
-                self.options.missing_domain().expect("checked")
-            }
-            other => {
+        let domain = match (
+            v.pointer(&self.options.domain_pointer),
+            &self.options.default_domain,
+        ) {
+            (Some(serde_json::Value::String(d)), _) | (None, Some(d)) => d.clone(),
+            (other, _) => {
                 let found = other.map(describe);
                 return Err(field_problem(&self.options, SkipKind::BadDomain, found));
             }

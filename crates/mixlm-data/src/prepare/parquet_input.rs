@@ -298,8 +298,8 @@ impl Ingestor {
     ) -> Result<String, (SkipKind, String)> {
         match column.value(row) {
             Value::Str(s) => Ok(s.into_owned()),
-            Value::Missing => match (kind, self.options.missing_domain()) {
-                (SkipKind::BadDomain, Some(d)) => Ok(d),
+            Value::Missing => match (kind, &self.options.default_domain) {
+                (SkipKind::BadDomain, Some(d)) => Ok(d.clone()),
                 _ => Err(field_problem(&self.options, kind, None)),
             },
             Value::Other(what) => Err(field_problem(&self.options, kind, Some(&what))),
