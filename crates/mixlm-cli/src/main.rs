@@ -222,8 +222,9 @@ struct ScoreArgs {
 
 #[derive(Subcommand)]
 enum ScoreCommand {
-    /// Quality on 0..10 per document: Gopher/C4 text rules (`heuristic`, model-free)
-    /// or a reference model's NLL percentile (`model`, needs --checkpoint).
+    /// Quality on 0..10 per document: Gopher/C4 text rules (`heuristic`, model-free),
+    /// a reference model's NLL percentile (`model`, needs --checkpoint), or scores the
+    /// records carry (`field`: captured by [data.prepare] quality_keys).
     Quality {
         #[command(flatten)]
         args: ScoreArgs,
@@ -456,11 +457,12 @@ fn run(cli: Cli) -> Result<()> {
             match what {
                 ScoreCommand::Quality { args, scorer } => {
                     let scorer = match scorer.as_str() {
+                        "field" => QualityScorer::Field,
                         "heuristic" => QualityScorer::Heuristic,
                         "model" => QualityScorer::Model {
                             checkpoint: args.checkpoint("--scorer model")?,
                         },
-                        other => anyhow::bail!("--scorer {other}: use heuristic or model"),
+                        other => anyhow::bail!("--scorer {other}: use heuristic, model or field"),
                     };
                     let options = args.options()?;
                     let means = score_quality(&options, &scorer)?;

@@ -347,6 +347,18 @@ impl ShardSource {
         self.manifest.token_dtype
     }
 
+    /// Where the training documents' quality from `data.prepare.quality_keys` is
+    /// (`f32` on 0..10, one per document); `None` when the corpus was prepared
+    /// without quality keys.
+    pub fn quality_path(&self, domain: DomainId) -> Option<PathBuf> {
+        (!self.manifest.options.quality_keys.is_empty()).then(|| {
+            crate::prepare::shards::quality_path(
+                &self.dir.join(Split::Train.name()),
+                &self.domains[domain.0],
+            )
+        })
+    }
+
     fn shard(&self, domain: DomainId, split: Split) -> Option<&Shard> {
         self.shards[domain.0][split.tag() as usize].as_ref()
     }

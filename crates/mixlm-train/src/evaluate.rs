@@ -237,6 +237,8 @@ fn heldout_perplexity<B: burn::tensor::backend::Backend>(
     prepare.keep = None;
     prepare.drop = Vec::new();
     prepare.default_domain = Some(name.clone());
+    // Scoring needs no quality scores, and held-out records need not carry them.
+    prepare.quality_keys = Vec::new();
     prepare.split = Some(Split::Test);
     prepare.test_from_validation = false;
     prepare.force = false;

@@ -36,6 +36,9 @@ use crate::checkpoint::{load_model, write_atomic};
 /// How document quality is scored.
 #[derive(Debug, Clone, PartialEq)]
 pub enum QualityScorer {
+    /// Scores the records already carry (an LLM judge's, say), captured at prepare
+    /// time by `[data.prepare] quality_keys` and mapped onto 0..10 there.
+    Field,
     /// Gopher / C4 rules on the decoded text ([`mixlm_data::quality`]).
     Heuristic,
     /// A reference model's mean NLL per document, mapped to 0..10 by percentile
@@ -170,6 +173,24 @@ pub fn score_quality(
 ) -> Result<BTreeMap<String, f64>> {
     let (source, docs, bar) = open_corpus(options, "quality")?;
     match scorer {
+        QualityScorer::Field => {
+            for (d, (name, offsets)) in docs.iter().enumerate() {
+                let n = offsets.len().saturating_sub(1);
+                let from = source.quality_path(DomainId(d)).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{} was prepared without quality fields: list them in [data.prepare] \
+                         quality_keys (and quality_range) and prepare again, or use \
+                         --scorer heuristic or model",
+                        options.data.display()
+                    )
+                })?;
+                write_values(
+                    &values_path(&options.plan, "quality", name),
+                    &read_values(&from, n)?,
+                )?;
+                bar.inc(n as u64);
+            }
+        }
         QualityScorer::Heuristic => {
             let path = PathBuf::from(&source.manifest().tokenizer.path);
             let tokenizer = PreparedTokenizer::load(&path, None).with_context(|| {

@@ -172,3 +172,68 @@ clusters = 3
     }
     assert!(run.eval.splits[1].average_ppl.is_finite());
 }
+
+/// `--scorer field`: the scores the records carry, captured at prepare time, become
+/// the plan's quality unchanged; a corpus prepared without them is refused clearly.
+#[test]
+fn field_scorer_takes_the_prepared_quality() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokenizer = tmp.path().join("tokenizer.json");
+    write_tokenizer(&tokenizer, 0);
+    let t = texts(24, 4);
+    let lines: String = t
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let domain = ["a", "b"][i % 2];
+            serde_json::json!({"text": x, "meta": {"redpajama_set_name": domain},
+                "llm_quality": (i % 7) as f64 * 10.0})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    write_file(&tmp.path().join("raw/train/x.jsonl"), lines.as_bytes());
+    let config = |out: &str, keys: Vec<String>| PrepareConfig {
+        inputs: vec![tmp.path().join("raw").display().to_string()],
+        tokenizer: tokenizer.clone(),
+        output: tmp.path().join(out),
+        quality_keys: keys,
+        quality_range: [0.0, 100.0],
+        ..PrepareConfig::default()
+    };
+    let scored = config("scored", vec!["llm_quality".into()]);
+    prepare(&scored).unwrap();
+    let options = |data: &std::path::Path| ScoreOptions {
+        data: data.to_path_buf(),
+        plan: data.join("samplemix"),
+        max_doc_tokens: 256,
+        batch_size: 8,
+        backend: BackendKind::Cpu,
+        quiet: true,
+    };
+    let means = score_quality(&options(&scored.output), &QualityScorer::Field).unwrap();
+    for (d, name) in ["a", "b"].iter().enumerate() {
+        let want: Vec<f32> = (0..24)
+            .filter(|i| i % 2 == d)
+            .map(|i| (i % 7) as f32)
+            .collect();
+        let got = read_values(
+            &scored.output.join(format!("samplemix/quality/{name}.f32")),
+            want.len(),
+        )
+        .unwrap();
+        assert_eq!(got, want, "{name}");
+        let mean = want.iter().map(|&v| v as f64).sum::<f64>() / want.len() as f64;
+        assert!((means[*name] - mean).abs() < 1e-9, "{means:?}");
+    }
+
+    let plain = config("plain", vec![]);
+    prepare(&plain).unwrap();
+    let e = score_quality(&options(&plain.output), &QualityScorer::Field)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("prepared without quality fields") && e.contains("quality_keys"),
+        "{e}"
+    );
+}

@@ -234,6 +234,9 @@ pub enum SkipKind {
     BadDomain,
     /// No text at `data.prepare.text_key`, or not a string.
     BadText,
+    /// A `data.prepare.quality_keys` field missing, not a number, or a sum outside
+    /// `data.prepare.quality_range`.
+    BadQuality,
     /// A `.zst` stream that is truncated or corrupt; the complete lines before the
     /// damage are kept (under `skip`).
     CorruptCompression,
@@ -253,6 +256,7 @@ impl SkipKind {
             SkipKind::InvalidUtf8 => "invalid_utf8",
             SkipKind::BadDomain => "bad_domain",
             SkipKind::BadText => "bad_text",
+            SkipKind::BadQuality => "bad_quality",
             SkipKind::CorruptCompression => "corrupt_compression",
             SkipKind::CorruptFile => "corrupt_file",
             SkipKind::EmptyFile => "empty_file",
@@ -282,6 +286,11 @@ impl SkipKind {
             SkipKind::BadText => {
                 "fix the record, check data.prepare.text_key, or set data.prepare.on_error = \
                  \"skip\" to skip such records (they are counted in the manifest)"
+            }
+            SkipKind::BadQuality => {
+                "fix the record, check data.prepare.quality_keys and quality_range, or set \
+                 data.prepare.on_error = \"skip\" to skip such records (they are counted in the \
+                 manifest)"
             }
             _ => {
                 "fix or remove the line, or set data.prepare.on_error = \"skip\" to skip bad \
@@ -328,11 +337,13 @@ impl SkipReport {
 }
 
 /// A document ready for tokenizing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Document {
     pub text: String,
     /// The domain after renaming.
     pub domain: String,
+    /// The record's quality on 0..10 (`data.prepare.quality_keys`), if asked for.
+    pub quality: Option<f32>,
     /// The input's own split; `None`: decided by [`hash_split`].
     pub split: Option<Split>,
     /// Index of the file in the resolved inputs, and the 1-based line, for messages.
@@ -354,6 +365,73 @@ pub struct IngestOptions {
     on_error: OnError,
     /// The domain of records without one.
     pub(super) default_domain: Option<String>,
+    /// The quality fields, if documents carry a score.
+    pub(super) quality: Option<QualityFields>,
+}
+
+/// The numeric fields whose sum is a document's quality, and the range of that sum
+/// mapped onto 0..10 (`data.prepare.quality_keys` / `quality_range`).
+#[derive(Debug, Clone)]
+pub(super) struct QualityFields {
+    pub(super) keys: Vec<String>,
+    pub(super) pointers: Vec<String>,
+    pub(super) range: [f64; 2],
+}
+
+impl QualityFields {
+    /// The sum of the fields' values mapped from `range` onto 0..10, or the problem.
+    pub(super) fn score(
+        &self,
+        mut value: impl FnMut(usize) -> Result<f64, String>,
+    ) -> Result<f32, (SkipKind, String)> {
+        let mut sum = 0.0;
+        for i in 0..self.keys.len() {
+            sum += value(i).map_err(|why| {
+                (
+                    SkipKind::BadQuality,
+                    format!(
+                        "the quality `{}` (data.prepare.quality_keys) {why}",
+                        self.keys[i]
+                    ),
+                )
+            })?;
+        }
+        let [lo, hi] = self.range;
+        // A sum of decimals may miss an end by a rounding error.
+        let slack = 1e-9 * (hi - lo);
+        if !(lo - slack..=hi + slack).contains(&sum) {
+            return Err((
+                SkipKind::BadQuality,
+                format!(
+                    "the quality {} = {sum} is outside data.prepare.quality_range [{lo}, {hi}]",
+                    self.keys.join(" + ")
+                ),
+            ));
+        }
+        Ok((10.0 * ((sum - lo) / (hi - lo)).clamp(0.0, 1.0)) as f32)
+    }
+}
+
+/// A JSON value as a quality number: a number, or a string holding one.
+pub(super) fn json_number(v: Option<&serde_json::Value>) -> Result<f64, String> {
+    let n = match v {
+        None => return Err("is missing".into()),
+        Some(serde_json::Value::Number(n)) => n.as_f64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+        Some(other) => return Err(format!("is {}, not a number", describe(other))),
+    };
+    match n {
+        Some(x) if x.is_finite() => Ok(x),
+        _ => Err(format!("is {}, not a finite number", v.expect("present"))),
+    }
+}
+
+/// What one record holds: its raw domain, text, and quality if asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Record {
+    pub(super) domain: String,
+    pub(super) text: String,
+    pub(super) quality: Option<f32>,
 }
 
 impl IngestOptions {
@@ -375,7 +453,19 @@ impl IngestOptions {
             drop: drop.iter().cloned().collect(),
             on_error,
             default_domain: None,
+            quality: None,
         }
+    }
+
+    /// Documents carry the sum of these numeric fields, mapped from `range` onto 0..10
+    /// (no keys: no quality).
+    pub fn with_quality(mut self, keys: &[String], range: [f64; 2]) -> Self {
+        self.quality = (!keys.is_empty()).then(|| QualityFields {
+            keys: keys.to_vec(),
+            pointers: keys.iter().map(|k| json_pointer(k)).collect(),
+            range,
+        });
+        self
     }
 
     /// Records without a domain field go to `domain` instead of being bad input.
@@ -495,8 +585,8 @@ impl Ingestor {
         self.problem(file, Some(line), SkipKind::EncodeFailed, detail)
     }
 
-    /// Extracts `(domain, text)` from one line, or says what is wrong with it.
-    fn parse_line(&self, line: &[u8]) -> Result<(String, String), (SkipKind, String)> {
+    /// Extracts the record from one line, or says what is wrong with it.
+    fn parse_line(&self, line: &[u8]) -> Result<Record, (SkipKind, String)> {
         let s = std::str::from_utf8(line).map_err(|e| {
             (
                 SkipKind::InvalidUtf8,
@@ -535,7 +625,15 @@ impl Ingestor {
                 return Err(field_problem(&self.options, SkipKind::BadText, found));
             }
         };
-        Ok((domain, text))
+        let quality = match &self.options.quality {
+            None => None,
+            Some(q) => Some(q.score(|i| json_number(v.pointer(&q.pointers[i])))?),
+        };
+        Ok(Record {
+            domain,
+            text,
+            quality,
+        })
     }
 
     /// Renames, then applies `drop` and `keep`: the domain to store the document
@@ -574,7 +672,7 @@ impl Ingestor {
     /// `consumed` is advanced by the bytes read from disk (compressed bytes for
     /// `.zst`). Returns `Ok(false)` when the sink refused a document (`SinkClosed`:
     /// the consumer has stopped, with its own error), `Ok(true)` otherwise.
-    /// Hands one parsed record (`(raw domain, text)` or its problem) to `sink` as a
+    /// Hands one parsed record (or its problem) to `sink` as a
     /// [`Document`] after renaming and checking its domain; problems are reported
     /// (or skipped and counted) against `line` of `file`. `Ok(false)`: the sink
     /// closed, stop reading.
@@ -583,10 +681,14 @@ impl Ingestor {
         index: usize,
         file: &InputFile,
         line: u64,
-        record: Result<(String, String), (SkipKind, String)>,
+        record: Result<Record, (SkipKind, String)>,
         sink: &mut dyn FnMut(Document) -> Result<(), SinkClosed>,
     ) -> Result<bool, PrepareError> {
-        let (raw_domain, text) = match record {
+        let Record {
+            domain: raw_domain,
+            text,
+            quality,
+        } = match record {
             Ok(r) => r,
             Err((kind, detail)) => {
                 self.problem(&file.path, Some(line), kind, detail)?;
@@ -604,6 +706,7 @@ impl Ingestor {
         let doc = Document {
             text,
             domain,
+            quality,
             split: file.split,
             file: index,
             line,
@@ -798,7 +901,11 @@ mod tests {
     fn parse_line_extracts_and_diagnoses() {
         let ing = Ingestor::new(opts(OnError::Fail));
         let ok = br#"{"text":"hi","meta":{"redpajama_set_name":"A","x":1},"id":3}"#;
-        assert_eq!(ing.parse_line(ok).unwrap(), ("A".into(), "hi".into()));
+        let r = ing.parse_line(ok).unwrap();
+        assert_eq!(
+            (r.domain.as_str(), r.text.as_str(), r.quality),
+            ("A", "hi", None)
+        );
         let kind = |l: &[u8]| ing.parse_line(l).unwrap_err().0;
         assert_eq!(kind(b"{\"text\": "), SkipKind::InvalidJson);
         assert_eq!(kind(b"[1,2]"), SkipKind::InvalidJson);

@@ -68,6 +68,12 @@ pub struct ManifestOptions {
     pub eos_id: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_domain: Option<String>,
+    /// Fields whose sum is each training document's quality (`train/*.quality.f32`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quality_keys: Vec<String>,
+    /// Set with `quality_keys`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality_range: Option<[f64; 2]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

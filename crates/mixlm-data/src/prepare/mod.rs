@@ -81,6 +81,14 @@ pub struct PrepareConfig {
     pub default_domain: Option<String>,
     /// Put every document into this split, whatever its path says (held-out sets).
     pub split: Option<Split>,
+    /// Numeric fields (dotted paths) holding a quality score the records already carry,
+    /// such as an LLM judge's per-dimension scores (SampleMix's seven dimensions):
+    /// their sum, mapped from `quality_range` onto 0..10, is stored per training
+    /// document (`train/<domain>.quality.f32`) for `mixlm score quality --scorer
+    /// field`. A record missing one, or outside the range, is bad input.
+    pub quality_keys: Vec<String>,
+    /// The range of the sum of `quality_keys`, mapped onto 0..10.
+    pub quality_range: [f64; 2],
     pub on_error: OnError,
     /// Hash split only (inputs that name no split): fraction sent to validation.
     pub validation_fraction: f64,
@@ -111,6 +119,8 @@ impl Default for PrepareConfig {
             drop: Vec::new(),
             default_domain: None,
             split: None,
+            quality_keys: Vec::new(),
+            quality_range: [0.0, 10.0],
             on_error: OnError::Fail,
             validation_fraction: 0.005,
             test_fraction: 0.005,
@@ -150,10 +160,13 @@ impl PrepareConfig {
                 "is not set: give the folder to write shards to".into(),
             );
         }
-        for (field, key) in [
+        let keys = [
             ("text_key", &self.text_key),
             ("domain_key", &self.domain_key),
-        ] {
+        ]
+        .into_iter()
+        .chain(self.quality_keys.iter().map(|k| ("quality_keys", k)));
+        for (field, key) in keys {
             if key.is_empty() || key.split('.').any(str::is_empty) {
                 return err(
                     field,
@@ -177,6 +190,13 @@ impl PrepareConfig {
                      must be below 1",
                     self.validation_fraction + self.test_fraction
                 ),
+            );
+        }
+        let [lo, hi] = self.quality_range;
+        if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+            return err(
+                "quality_range",
+                format!("[{lo}, {hi}] is not a range [low, high] with low < high"),
             );
         }
         if self.batch_documents == 0 {
@@ -222,6 +242,8 @@ impl PrepareConfig {
             test_from_validation: self.test_from_validation,
             eos_id: self.eos_id,
             default_domain: self.default_domain.clone(),
+            quality_keys: self.quality_keys.clone(),
+            quality_range: (!self.quality_keys.is_empty()).then_some(self.quality_range),
         }
     }
 }
@@ -492,6 +514,9 @@ fn shards_intact(dir: &Path, m: &Manifest) -> bool {
             let size = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).ok();
             size(shards::bin_path(&d, name)) == Some(c.bin_bytes(m.token_dtype))
                 && size(shards::idx_path(&d, name)) == Some(c.idx_bytes())
+                && (*split != Split::Train
+                    || m.options.quality_keys.is_empty()
+                    || size(shards::quality_path(&d, name)) == Some(c.documents * 4))
         })
     })
 }
@@ -507,7 +532,10 @@ fn clear_previous(output: &Path) -> Result<(), PrepareError> {
         for entry in entries {
             let path = entry.map_err(|e| PrepareError::io(&dir, e))?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.ends_with(".bin") || name.ends_with(".idx") || name.ends_with(TMP_SUFFIX) {
+            if [".bin", ".idx", ".f32", TMP_SUFFIX]
+                .iter()
+                .any(|s| name.ends_with(s))
+            {
                 std::fs::remove_file(&path).map_err(|e| PrepareError::io(&path, e))?;
             }
         }
@@ -634,7 +662,8 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary, PrepareError> {
         &config.drop,
         config.on_error,
     )
-    .with_default_domain(config.default_domain.clone());
+    .with_default_domain(config.default_domain.clone())
+    .with_quality(&config.quality_keys, config.quality_range);
     let built = match build(config, &manifest, &tok, options) {
         Ok(b) => b,
         Err(e) => {
@@ -917,14 +946,24 @@ fn build(
                         std::collections::hash_map::Entry::Vacant(v) => {
                             let dir = config.output.join(split.name());
                             std::fs::create_dir_all(&dir).map_err(|e| PrepareError::io(&dir, e))?;
-                            let w = ShardWriter::create(&dir, &doc.domain, tok.dtype)
+                            let mut w = ShardWriter::create(&dir, &doc.domain, tok.dtype)
                                 .map_err(|e| PrepareError::io(&dir, e))?;
+                            if split == Split::Train && doc.quality.is_some() {
+                                w = w
+                                    .with_quality(&dir, &doc.domain)
+                                    .map_err(|e| PrepareError::io(&dir, e))?;
+                            }
                             v.insert(w)
                         }
                     };
                     writer
                         .push_document(&ids)
                         .map_err(|e| PrepareError::io(writer.bin_path(), e))?;
+                    if let (Split::Train, Some(q)) = (split, doc.quality) {
+                        writer
+                            .push_quality(q)
+                            .map_err(|e| PrepareError::io(writer.bin_path(), e))?;
+                    }
                     docs_done += 1;
                     tokens_done += ids.len() as u64;
                 }

@@ -1,13 +1,16 @@
 //! Reading `.parquet` inputs (SlimPajama-6B: columns `text`, `meta` (a struct with
 //! `redpajama_set_name`) and `__index_level_0__`).
 //!
-//! The dotted keys of `data.prepare.text_key` / `domain_key` are followed through
+//! The dotted keys of `data.prepare.text_key` / `domain_key` (and `quality_keys`,
+//! which may name numeric columns) are followed through
 //! struct columns; where the path meets a string column before its end (a `meta`
 //! column holding JSON text, as some exports store it), the rest of the key is looked
-//! up in that JSON. Only the root columns the two keys name are decoded, one record
+//! up in that JSON. Only the root columns the keys name are decoded, one record
 //! batch at a time, so memory stays bounded whatever the file size.
 
-use super::ingest::{describe, field_problem, Document, Ingestor, InputFile, SinkClosed};
+use super::ingest::{
+    describe, field_problem, json_number, Document, Ingestor, InputFile, Record, SinkClosed,
+};
 use super::{PrepareError, SkipKind};
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch};
@@ -27,6 +30,8 @@ const BATCH_ROWS: usize = 1024;
 enum Value<'a> {
     Missing,
     Str(Cow<'a, str>),
+    /// A number (only quality keys accept one).
+    Num(f64),
     /// A value of another type: its description for the message.
     Other(String),
     /// Bytes that are not UTF-8, with the offset of the first bad byte.
@@ -45,8 +50,10 @@ struct KeyColumn {
     json_rest: Option<String>,
 }
 
-/// The string in `array` at `row` (no null check), or what else is there.
-fn string_at(array: &dyn Array, row: usize) -> Value<'_> {
+/// The string or number in `array` at `row` (no null check), or what else is there.
+fn leaf_at(array: &dyn Array, row: usize) -> Value<'_> {
+    use arrow_array::types::*;
+    let num = |x: f64| Value::Num(x);
     let bytes = |b: &[u8]| -> Value<'_> {
         match std::str::from_utf8(b) {
             Ok(s) => Value::Str(Cow::Owned(s.to_string())),
@@ -60,6 +67,16 @@ fn string_at(array: &dyn Array, row: usize) -> Value<'_> {
         DataType::Binary => bytes(array.as_binary::<i32>().value(row)),
         DataType::LargeBinary => bytes(array.as_binary::<i64>().value(row)),
         DataType::BinaryView => bytes(array.as_binary_view().value(row)),
+        DataType::Float32 => num(array.as_primitive::<Float32Type>().value(row) as f64),
+        DataType::Float64 => num(array.as_primitive::<Float64Type>().value(row)),
+        DataType::Int8 => num(array.as_primitive::<Int8Type>().value(row) as f64),
+        DataType::Int16 => num(array.as_primitive::<Int16Type>().value(row) as f64),
+        DataType::Int32 => num(array.as_primitive::<Int32Type>().value(row) as f64),
+        DataType::Int64 => num(array.as_primitive::<Int64Type>().value(row) as f64),
+        DataType::UInt8 => num(array.as_primitive::<UInt8Type>().value(row) as f64),
+        DataType::UInt16 => num(array.as_primitive::<UInt16Type>().value(row) as f64),
+        DataType::UInt32 => num(array.as_primitive::<UInt32Type>().value(row) as f64),
+        DataType::UInt64 => num(array.as_primitive::<UInt64Type>().value(row) as f64),
         other => Value::Other(format!("a `{other}` column")),
     }
 }
@@ -123,8 +140,8 @@ impl KeyColumn {
             return Value::Missing;
         }
         let leaf = match &self.dictionary {
-            Some((keys, values)) => string_at(values.as_ref(), keys[row]),
-            None => string_at(self.levels.last().expect("root").as_ref(), row),
+            Some((keys, values)) => leaf_at(values.as_ref(), keys[row]),
+            None => leaf_at(self.levels.last().expect("root").as_ref(), row),
         };
         let Some(pointer) = &self.json_rest else {
             return leaf;
@@ -135,10 +152,28 @@ impl KeyColumn {
         match serde_json::from_str::<serde_json::Value>(&text) {
             Ok(mut v) => match v.pointer_mut(pointer).map(|x| x.take()) {
                 Some(serde_json::Value::String(s)) => Value::Str(Cow::Owned(s)),
+                Some(serde_json::Value::Number(n)) => n.as_f64().map_or_else(
+                    || Value::Other("a number out of range".to_string()),
+                    Value::Num,
+                ),
                 Some(other) => Value::Other(describe(&other).to_string()),
                 None => Value::Missing,
             },
             Err(_) => Value::Other("a string column that does not hold JSON".to_string()),
+        }
+    }
+}
+
+impl KeyColumn {
+    /// The value in `row` as a quality number, or what is wrong with it.
+    fn number(&self, row: usize) -> Result<f64, String> {
+        match self.value(row) {
+            Value::Num(x) if x.is_finite() => Ok(x),
+            Value::Num(x) => Err(format!("is {x}, not a finite number")),
+            Value::Str(s) => json_number(Some(&serde_json::Value::String(s.into_owned()))),
+            Value::Missing => Err("is missing".into()),
+            Value::Other(what) => Err(format!("is {what}, not a number")),
+            Value::NotUtf8(_) => Err("is not valid UTF-8".into()),
         }
     }
 }
@@ -180,11 +215,16 @@ impl Ingestor {
             return Ok(true);
         }
 
-        // The root columns the two keys start at.
+        // The root columns the keys start at.
         let text_key = self.options.text_key.clone();
         let domain_key = self.options.domain_key.clone();
         let text_segments: Vec<&str> = text_key.split('.').collect();
         let domain_segments: Vec<&str> = domain_key.split('.').collect();
+        let quality = self.options.quality.clone();
+        let quality_segments: Vec<Vec<&str>> = quality
+            .iter()
+            .flat_map(|q| q.keys.iter().map(|k| k.split('.').collect()))
+            .collect();
         let root_names: Vec<String> = builder
             .parquet_schema()
             .root_schema()
@@ -193,10 +233,17 @@ impl Ingestor {
             .map(|f| f.name().to_string())
             .collect();
         let mut roots = Vec::new();
-        for (segments, kind, setting) in [
+        let keys = [
             (&domain_segments, SkipKind::BadDomain, "domain_key"),
             (&text_segments, SkipKind::BadText, "text_key"),
-        ] {
+        ]
+        .into_iter()
+        .chain(
+            quality_segments
+                .iter()
+                .map(|s| (s, SkipKind::BadQuality, "quality_keys")),
+        );
+        for (segments, kind, setting) in keys {
             match root_names.iter().position(|n| n == segments[0]) {
                 Some(i) => roots.push(i),
                 None => {
@@ -216,6 +263,8 @@ impl Ingestor {
                 }
             }
         }
+        roots.sort_unstable();
+        roots.dedup();
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots.iter().copied());
         let reader = builder
             .with_projection(mask)
@@ -270,11 +319,34 @@ impl Ingestor {
                     break;
                 }
             };
+            let quality_cols: Result<Vec<KeyColumn>, String> = quality_segments
+                .iter()
+                .map(|s| KeyColumn::resolve(column(s[0]), s))
+                .collect();
+            let quality_cols = match quality_cols {
+                Ok(c) => c,
+                Err(detail) => {
+                    self.problem(
+                        path,
+                        None,
+                        SkipKind::BadQuality,
+                        format!("{detail} (data.prepare.quality_keys)"),
+                    )?;
+                    break;
+                }
+            };
             for row in 0..batch.num_rows() {
                 let row_no = rows_done + row as u64 + 1;
-                let record = self
-                    .key_value(&domain_col, row, SkipKind::BadDomain)
-                    .and_then(|d| Ok((d, self.key_value(&text_col, row, SkipKind::BadText)?)));
+                let record = (|| {
+                    Ok(Record {
+                        domain: self.key_value(&domain_col, row, SkipKind::BadDomain)?,
+                        text: self.key_value(&text_col, row, SkipKind::BadText)?,
+                        quality: match &quality {
+                            None => None,
+                            Some(q) => Some(q.score(|i| quality_cols[i].number(row))?),
+                        },
+                    })
+                })();
                 if !self.emit(index, file, row_no, record, sink)? {
                     return Ok(false);
                 }
@@ -298,6 +370,7 @@ impl Ingestor {
     ) -> Result<String, (SkipKind, String)> {
         match column.value(row) {
             Value::Str(s) => Ok(s.into_owned()),
+            Value::Num(_) => Err(field_problem(&self.options, kind, Some("a number"))),
             Value::Missing => match (kind, &self.options.default_domain) {
                 (SkipKind::BadDomain, Some(d)) => Ok(d.clone()),
                 _ => Err(field_problem(&self.options, kind, None)),

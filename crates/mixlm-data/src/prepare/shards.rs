@@ -1,6 +1,8 @@
 //! Writing token shards: `<split>/<domain>.bin` (the domain's documents, each
 //! followed by EOS, as flat little-endian tokens) and `<split>/<domain>.idx` (the
-//! little-endian `u64` token offset where each document starts, then the total).
+//! little-endian `u64` token offset where each document starts, then the total);
+//! with `data.prepare.quality_keys`, also `train/<domain>.quality.f32` (each training
+//! document's quality on 0..10, little-endian `f32`, in document order).
 //!
 //! Both files are written under temporary names (`*.tmp`) and renamed into place only
 //! when complete and synced, so a shard file with its final name is never partial.
@@ -22,6 +24,11 @@ pub fn bin_path(split_dir: &Path, domain: &str) -> PathBuf {
 /// Path of a domain's document index in `dir/<split>/`.
 pub fn idx_path(split_dir: &Path, domain: &str) -> PathBuf {
     split_dir.join(format!("{domain}.idx"))
+}
+
+/// Path of a domain's per-document quality scores in `dir/<split>/`.
+pub fn quality_path(split_dir: &Path, domain: &str) -> PathBuf {
+    split_dir.join(format!("{domain}.quality.f32"))
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
@@ -57,6 +64,8 @@ pub struct ShardWriter {
     idx_tmp: PathBuf,
     bin: BufWriter<File>,
     idx: BufWriter<File>,
+    /// The quality file's final name and writer, when documents carry a score.
+    quality: Option<(PathBuf, BufWriter<File>)>,
     dtype: TokenDtype,
     counts: ShardCounts,
     scratch: Vec<u8>,
@@ -78,10 +87,30 @@ impl ShardWriter {
             idx_tmp,
             bin,
             idx,
+            quality: None,
             dtype,
             counts: ShardCounts::default(),
             scratch: Vec::new(),
         })
+    }
+
+    /// Also writes `split_dir/<domain>.quality.f32`: every document then needs a
+    /// [`ShardWriter::push_quality`].
+    pub fn with_quality(mut self, split_dir: &Path, domain: &str) -> std::io::Result<Self> {
+        let path = quality_path(split_dir, domain);
+        let file = File::create(tmp_path(&path))?;
+        self.quality = Some((path, BufWriter::with_capacity(1 << 16, file)));
+        Ok(self)
+    }
+
+    /// The quality of the document just pushed.
+    pub fn push_quality(&mut self, quality: f32) -> std::io::Result<()> {
+        match &mut self.quality {
+            Some((_, w)) => w.write_all(&quality.to_le_bytes()),
+            None => Err(std::io::Error::other(
+                "this shard was created without quality",
+            )),
+        }
     }
 
     /// Appends one document's tokens (EOS already appended by the caller).
@@ -104,17 +133,29 @@ impl ShardWriter {
         &self.bin_final
     }
 
-    /// Writes the closing index entry, syncs both files and renames them into place.
+    /// Writes the closing index entry, syncs the files and renames them into place.
     pub fn finish(mut self) -> std::io::Result<ShardCounts> {
         self.idx.write_all(&self.counts.tokens.to_le_bytes())?;
-        for (w, tmp, fin) in [
-            (self.bin, &self.bin_tmp, &self.bin_final),
-            (self.idx, &self.idx_tmp, &self.idx_final),
-        ] {
+        let quality = self.quality.map(|(path, w)| (w, tmp_path(&path), path));
+        if let Some((w, _, _)) = &quality {
+            let written = w.get_ref().metadata()?.len() + w.buffer().len() as u64;
+            if written != self.counts.documents * 4 {
+                return Err(std::io::Error::other(format!(
+                    "{} quality values for {} documents",
+                    written / 4,
+                    self.counts.documents
+                )));
+            }
+        }
+        let files = [
+            (self.bin, self.bin_tmp, self.bin_final),
+            (self.idx, self.idx_tmp, self.idx_final),
+        ];
+        for (w, tmp, fin) in files.into_iter().chain(quality) {
             let file = w.into_inner().map_err(|e| e.into_error())?;
             file.sync_all()?;
             drop(file);
-            std::fs::rename(tmp, fin)?;
+            std::fs::rename(&tmp, &fin)?;
         }
         Ok(self.counts)
     }

@@ -924,6 +924,9 @@ fn config_is_validated_with_field_names() {
     bad(&|c| c.validation_fraction = 1.0, "validation_fraction");
     bad(&|c| c.test_fraction = -0.1, "test_fraction");
     bad(&|c| c.validation_fraction = f64::NAN, "validation_fraction");
+    bad(&|c| c.quality_keys = vec!["meta..q".into()], "quality_keys");
+    bad(&|c| c.quality_range = [5.0, 5.0], "quality_range");
+    bad(&|c| c.quality_range = [0.0, f64::INFINITY], "quality_range");
     bad(
         &|c| {
             c.validation_fraction = 0.6;
@@ -1283,4 +1286,154 @@ fn parquet_json_meta_and_dictionary_domains() {
         assert_eq!(got.splits, want.splits);
         assert_same_shards(&from_jsonl.output, &cfg.output);
     }
+}
+
+/// Reads a little-endian `f32` file.
+fn read_f32(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// `quality_keys`: the sum of the fields, mapped from `quality_range` onto 0..10, is
+/// stored per training document in shard order, from jsonl (nested, numbers or numeric
+/// strings) and parquet (numeric columns) alike; bad values follow `on_error`.
+#[test]
+fn quality_fields_are_summed_mapped_and_stored_per_training_document() {
+    use arrow_array::{ArrayRef, Float64Array, Int32Array, StringArray};
+    use std::sync::Arc;
+    let fx = Fixture::new();
+    let t = testutil::texts(40, 5);
+    let domain = |i: usize| if i.is_multiple_of(3) { "Code" } else { "Web" };
+    let (a, b) = (|i: usize| (i % 11) as f64 * 0.5, |i: usize| (i % 4) as i32);
+    let line = |i: usize| {
+        // Every other `a` is a numeric string, as some exports write them.
+        let a = if i.is_multiple_of(2) {
+            serde_json::json!(a(i))
+        } else {
+            serde_json::json!(a(i).to_string())
+        };
+        serde_json::json!({"text": t[i], "meta": {"redpajama_set_name": domain(i),
+            "judge": {"a": a, "b": b(i)}}})
+        .to_string()
+            + "\n"
+    };
+    let train: String = (0..30).map(line).collect();
+    let validation: String = (30..40).map(line).collect();
+    write_file(&fx.path("j/train/x.jsonl"), train.as_bytes());
+    write_file(&fx.path("j/validation/x.jsonl"), validation.as_bytes());
+    let mut cfg = fx.config(&["j"], "oj");
+    cfg.quality_keys = vec!["meta.judge.a".into(), "meta.judge.b".into()];
+    cfg.quality_range = [0.0, 8.0];
+    prepare(&cfg).unwrap();
+    let source = ShardSource::open(&cfg.output, 0).unwrap();
+    for (d, name) in source.domain_names().iter().enumerate() {
+        let want: Vec<f32> = (0..30)
+            .filter(|&i| domain(i) == name)
+            .map(|i| (10.0 * (a(i) + b(i) as f64) / 8.0) as f32)
+            .collect();
+        let path = source.quality_path(DomainId(d)).unwrap();
+        assert_eq!(path, cfg.output.join(format!("train/{name}.quality.f32")));
+        assert_eq!(read_f32(&path), want, "{name}");
+        assert_eq!(
+            want.len() as u64,
+            source.counts(DomainId(d), Split::Train).documents
+        );
+    }
+    assert!(!cfg.output.join("validation/Web.quality.f32").exists());
+    assert!(prepare(&cfg).unwrap().up_to_date);
+    // A lost quality file is noticed and rebuilt.
+    std::fs::remove_file(cfg.output.join("train/Web.quality.f32")).unwrap();
+    let again = prepare(&cfg).unwrap();
+    assert!(!again.up_to_date);
+    assert!(cfg.output.join("train/Web.quality.f32").exists());
+    // Other keys are another corpus.
+    cfg.quality_range = [0.0, 9.0];
+    let e = prepare(&cfg).unwrap_err().to_string();
+    assert!(e.contains("data.prepare.quality_range"), "{e}");
+    cfg.quality_range = [0.0, 8.0];
+
+    // The same records as parquet with numeric columns.
+    let n = 30;
+    let cols: Vec<(&str, ArrayRef)> = vec![
+        (
+            "text",
+            Arc::new(StringArray::from_iter_values(t[..n].iter())),
+        ),
+        (
+            "source",
+            Arc::new(StringArray::from_iter_values((0..n).map(domain))),
+        ),
+        ("a", Arc::new(Float64Array::from_iter_values((0..n).map(a)))),
+        ("b", Arc::new(Int32Array::from_iter_values((0..n).map(b)))),
+    ];
+    write_file(
+        &fx.path("p/train.parquet"),
+        &testutil::parquet_bytes(cols, 7),
+    );
+    let mut pq = fx.config(&["p"], "op");
+    pq.domain_key = "source".into();
+    pq.quality_keys = vec!["a".into(), "b".into()];
+    pq.quality_range = [0.0, 8.0];
+    prepare(&pq).unwrap();
+    for name in ["Code", "Web"] {
+        let f = format!("train/{name}.quality.f32");
+        assert_eq!(
+            read_f32(&pq.output.join(&f)),
+            read_f32(&cfg.output.join(&f))
+        );
+    }
+    let mut no_column = pq.clone();
+    no_column.quality_keys = vec!["a".into(), "c".into()];
+    no_column.output = fx.path("op2");
+    let e = prepare(&no_column).unwrap_err().to_string();
+    assert!(
+        e.contains("no column `c`") && e.contains("quality_keys"),
+        "{e}"
+    );
+
+    // A missing field and an out-of-range sum: errors naming the line and the key,
+    // or skipped and counted, the quality file staying aligned with the shard.
+    let mut bad = train.clone();
+    bad += &(serde_json::json!({"text": "no b here", "meta": {"redpajama_set_name": "Web",
+        "judge": {"a": 1}}})
+    .to_string()
+        + "\n");
+    bad += &(serde_json::json!({"text": "too good", "meta": {"redpajama_set_name": "Web",
+        "judge": {"a": 7, "b": 3}}})
+    .to_string()
+        + "\n");
+    write_file(&fx.path("k/train/x.jsonl"), bad.as_bytes());
+    let mut k = fx.config(&["k"], "ok");
+    k.quality_keys = cfg.quality_keys.clone();
+    k.quality_range = [0.0, 8.0];
+    let e = prepare(&k).unwrap_err().to_string();
+    assert!(
+        e.contains("x.jsonl:31") && e.contains("`meta.judge.b`") && e.contains("is missing"),
+        "{e}"
+    );
+    assert!(!k.output.join(MANIFEST_FILE).exists());
+    k.on_error = OnError::Skip;
+    let s = prepare(&k).unwrap();
+    assert_eq!(s.skipped.count(SkipKind::BadQuality), 2);
+    assert!(
+        s.skipped.examples[1].contains("x.jsonl:32")
+            && s.skipped.examples[1].contains("outside data.prepare.quality_range [0, 8]"),
+        "{:?}",
+        s.skipped.examples
+    );
+    assert_eq!(
+        read_f32(&k.output.join("train/Web.quality.f32")),
+        read_f32(&cfg.output.join("train/Web.quality.f32"))
+    );
+
+    // Without quality keys there is no quality file.
+    let plain = fx.config(&["j"], "oplain");
+    prepare(&plain).unwrap();
+    assert!(ShardSource::open(&plain.output, 0)
+        .unwrap()
+        .quality_path(DomainId(0))
+        .is_none());
 }
