@@ -246,6 +246,10 @@ enum ScoreCommand {
         k: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Documents k-means is fitted on (a seeded sample); the rest are assigned to
+        /// its centroids in chunks, so memory stays flat on large corpora.
+        #[arg(long, default_value_t = 200_000)]
+        fit_documents: usize,
     },
 }
 
@@ -453,7 +457,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Score { what } => {
-            use mixlm_train::samplemix::{score_diversity, score_quality, Embedder, QualityScorer};
+            use mixlm_train::samplemix::{
+                score_diversity, score_quality, DiversityOptions, Embedder, QualityScorer,
+            };
             match what {
                 ScoreCommand::Quality { args, scorer } => {
                     let scorer = match scorer.as_str() {
@@ -478,6 +484,7 @@ fn run(cli: Cli) -> Result<()> {
                     dim,
                     k,
                     seed,
+                    fit_documents,
                 } => {
                     let embedder = match embed.as_str() {
                         "tfidf" => Embedder::TfIdf { dim },
@@ -487,10 +494,16 @@ fn run(cli: Cli) -> Result<()> {
                         other => anyhow::bail!("--embed {other}: use tfidf or model"),
                     };
                     let options = args.options()?;
-                    let report = score_diversity(&options, &embedder, k, seed)?;
+                    let diversity = DiversityOptions {
+                        embedder,
+                        k,
+                        seed,
+                        fit_documents,
+                    };
+                    let report = score_diversity(&options, &diversity)?;
                     println!(
-                        "{} clusters in {} iterations; sizes {:?}\n",
-                        report.k, report.iterations, report.sizes
+                        "{} clusters fitted on {} documents in {} iterations; sizes {:?}\n",
+                        report.k, report.fit_documents, report.iterations, report.sizes
                     );
                     println!("{}", mixlm_train::samplemix::overlap_markdown(&report));
                     println!("written: {}", options.plan.join("diversity").display());

@@ -14,48 +14,78 @@ use mixlm_mixing::samplemix::{cluster_diversity, SampleMixError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// Model-free document embeddings: `[documents, dim]` row-major, each row L2-normalised
-/// (zero for an empty document). Unigrams and bigrams of token ids are hashed into
-/// `dim` buckets; a bucket's weight is its term frequency times
-/// `idf = ln((1 + N) / (1 + df)) + 1` over the `N` documents.
-pub fn hashed_tfidf(documents: &[&[u32]], dim: usize) -> Vec<f32> {
-    assert!(dim > 0, "embedding dimension must be > 0");
-    let bucket = |a: u32, b: Option<u32>| -> usize {
-        // SplitMix64 finaliser over the n-gram: cheap and well spread.
-        let mut z = (a as u64) << 32 | b.map_or(0xFFFF_FFFF, |b| b as u64);
-        z = z.wrapping_add(b.map_or(0x9E37_79B9_7F4A_7C15, |_| 0xBF58_476D_1CE4_E5B9));
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % dim as u64) as usize
-    };
-    let mut out = vec![0f32; documents.len() * dim];
-    let mut df = vec![0u32; dim];
-    for (row, doc) in out.chunks_exact_mut(dim).zip(documents) {
-        for (i, &t) in doc.iter().enumerate() {
-            row[bucket(t, None)] += 1.0;
-            if let Some(&next) = doc.get(i + 1) {
-                row[bucket(t, Some(next))] += 1.0;
+/// Hashed unigram + bigram TF-IDF embeddings: `dim` buckets, with the inverse
+/// document frequencies of a fitting set, so that a sample fixes the embedding and the
+/// rest of a corpus is embedded chunk by chunk in the same space.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TfIdf {
+    pub dim: usize,
+    /// `ln((1 + N) / (1 + df)) + 1` per bucket over the `N` fitting documents.
+    pub idf: Vec<f32>,
+}
+
+/// The bucket of a unigram (`b = None`) or bigram.
+fn bucket(a: u32, b: Option<u32>, dim: usize) -> usize {
+    // SplitMix64 finaliser over the n-gram: cheap and well spread.
+    let mut z = (a as u64) << 32 | b.map_or(0xFFFF_FFFF, |b| b as u64);
+    z = z.wrapping_add(b.map_or(0x9E37_79B9_7F4A_7C15, |_| 0xBF58_476D_1CE4_E5B9));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) % dim as u64) as usize
+}
+
+/// Term frequencies of a document's unigrams and bigrams, hashed into `row`.
+fn term_frequencies(doc: &[u32], row: &mut [f32]) {
+    let dim = row.len();
+    for (i, &t) in doc.iter().enumerate() {
+        row[bucket(t, None, dim)] += 1.0;
+        if let Some(&next) = doc.get(i + 1) {
+            row[bucket(t, Some(next), dim)] += 1.0;
+        }
+    }
+}
+
+impl TfIdf {
+    /// Document frequencies over `documents`.
+    pub fn fit(documents: &[&[u32]], dim: usize) -> Self {
+        assert!(dim > 0, "embedding dimension must be > 0");
+        let mut df = vec![0u32; dim];
+        let mut row = vec![0f32; dim];
+        for doc in documents {
+            row.fill(0.0);
+            term_frequencies(doc, &mut row);
+            for (d, &v) in df.iter_mut().zip(&row) {
+                *d += u32::from(v > 0.0);
             }
         }
-        for (d, &v) in df.iter_mut().zip(row.iter()) {
-            *d += u32::from(v > 0.0);
-        }
+        let n = documents.len() as f32;
+        let idf = df
+            .iter()
+            .map(|&d| ((1.0 + n) / (1.0 + d as f32)).ln() + 1.0)
+            .collect();
+        Self { dim, idf }
     }
-    let n = documents.len() as f32;
-    let idf: Vec<f32> = df
-        .iter()
-        .map(|&d| ((1.0 + n) / (1.0 + d as f32)).ln() + 1.0)
-        .collect();
-    for row in out.chunks_exact_mut(dim) {
-        for (v, w) in row.iter_mut().zip(&idf) {
-            *v *= w;
+
+    /// `[documents, dim]` row-major, each row L2-normalised (zero for an empty
+    /// document).
+    pub fn embed(&self, documents: &[&[u32]]) -> Vec<f32> {
+        let mut out = vec![0f32; documents.len() * self.dim];
+        for (row, doc) in out.chunks_exact_mut(self.dim).zip(documents) {
+            term_frequencies(doc, row);
+            row.iter_mut().zip(&self.idf).for_each(|(v, w)| *v *= w);
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            if norm > 0.0 {
+                row.iter_mut().for_each(|v| *v /= norm);
+            }
         }
-        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            row.iter_mut().for_each(|v| *v /= norm);
-        }
+        out
     }
-    out
+}
+
+/// Model-free document embeddings of a whole set: [`TfIdf`] fitted on it and applied
+/// to it.
+pub fn hashed_tfidf(documents: &[&[u32]], dim: usize) -> Vec<f32> {
+    TfIdf::fit(documents, dim).embed(documents)
 }
 
 /// A k-means clustering of `n` points.
@@ -179,38 +209,76 @@ pub fn kmeans<B: Backend>(
     }
 }
 
-impl KMeans {
-    /// Members of each cluster.
-    pub fn sizes(&self) -> Vec<usize> {
-        let mut s = vec![0; self.k];
-        self.assignment.iter().for_each(|&c| s[c] += 1);
-        s
+/// The nearest of `centroids` (`[k, dim]`) to each of `points` (`[n, dim]`), and the
+/// Euclidean distance to it: how a corpus too large to cluster at once is assigned,
+/// chunk by chunk, to the clusters fitted on a sample.
+pub fn assign<B: Backend>(
+    points: &[f32],
+    centroids: &[f32],
+    dim: usize,
+    device: &B::Device,
+) -> (Vec<usize>, Vec<f32>) {
+    let (n, k) = (points.len() / dim, centroids.len() / dim);
+    if n == 0 {
+        return (Vec::new(), Vec::new());
+    }
+    let x: Tensor<B, 2> = Tensor::from_data(TensorData::new(points.to_vec(), [n, dim]), device);
+    let c: Tensor<B, 2> = Tensor::from_data(TensorData::new(centroids.to_vec(), [k, dim]), device);
+    let d2 = squared_distances(&x, &c);
+    let (min, arg) = d2.min_dim_with_indices(1);
+    let arg = arg
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .expect("indices");
+    (
+        arg.into_iter().map(|i| i as usize).collect(),
+        to_vec(min).into_iter().map(f32::sqrt).collect(),
+    )
+}
+
+/// Per-cluster tallies of assigned points, accumulated in any number of pieces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterStats {
+    pub sizes: Vec<usize>,
+    distance_sums: Vec<f64>,
+}
+
+impl ClusterStats {
+    pub fn new(k: usize) -> Self {
+        Self {
+            sizes: vec![0; k],
+            distance_sums: vec![0.0; k],
+        }
+    }
+
+    /// One point of `cluster` at `distance` from its centroid.
+    pub fn add(&mut self, cluster: usize, distance: f32) {
+        self.sizes[cluster] += 1;
+        self.distance_sums[cluster] += distance as f64;
     }
 
     /// Mean distance of each cluster's members to its centroid (0 when empty).
     pub fn compactness(&self) -> Vec<f64> {
-        let mut sum = vec![0f64; self.k];
-        for (&c, &d) in self.assignment.iter().zip(&self.distance) {
-            sum[c] += d as f64;
-        }
-        sum.iter()
-            .zip(self.sizes())
-            .map(|(s, n)| if n == 0 { 0.0 } else { s / n as f64 })
+        self.distance_sums
+            .iter()
+            .zip(&self.sizes)
+            .map(|(s, &n)| if n == 0 { 0.0 } else { s / n as f64 })
             .collect()
     }
 
-    /// Distance from each centroid to the nearest other one (0 for a single cluster
-    /// or an empty one).
-    pub fn separation(&self) -> Vec<f64> {
-        let sizes = self.sizes();
-        let c = |i: usize| &self.centroids[i * self.dim..(i + 1) * self.dim];
-        (0..self.k)
+    /// Distance from each centroid (`[k, dim]`) to the nearest other non-empty one
+    /// (0 for a single cluster or an empty one).
+    pub fn separation(&self, centroids: &[f32], dim: usize) -> Vec<f64> {
+        let k = self.sizes.len();
+        let c = |i: usize| &centroids[i * dim..(i + 1) * dim];
+        (0..k)
             .map(|i| {
-                if sizes[i] == 0 {
+                if self.sizes[i] == 0 {
                     return 0.0;
                 }
-                (0..self.k)
-                    .filter(|&j| j != i && sizes[j] > 0)
+                (0..k)
+                    .filter(|&j| j != i && self.sizes[j] > 0)
                     .map(|j| {
                         c(i).iter()
                             .zip(c(j))
@@ -224,10 +292,43 @@ impl KMeans {
             .collect()
     }
 
+    /// Each cluster's diversity in `[0, 1]`: [`cluster_diversity`] (compactness x
+    /// separation, min-max normalised).
+    pub fn diversity(&self, centroids: &[f32], dim: usize) -> Result<Vec<f64>, SampleMixError> {
+        cluster_diversity(&self.compactness(), &self.separation(centroids, dim))
+    }
+}
+
+impl KMeans {
+    /// The tallies of the clustered points.
+    pub fn stats(&self) -> ClusterStats {
+        let mut s = ClusterStats::new(self.k);
+        for (&c, &d) in self.assignment.iter().zip(&self.distance) {
+            s.add(c, d);
+        }
+        s
+    }
+
+    /// Members of each cluster.
+    pub fn sizes(&self) -> Vec<usize> {
+        self.stats().sizes
+    }
+
+    /// Mean distance of each cluster's members to its centroid (0 when empty).
+    pub fn compactness(&self) -> Vec<f64> {
+        self.stats().compactness()
+    }
+
+    /// Distance from each centroid to the nearest other one (0 for a single cluster
+    /// or an empty one).
+    pub fn separation(&self) -> Vec<f64> {
+        self.stats().separation(&self.centroids, self.dim)
+    }
+
     /// Each point's diversity in `[0, 1]`: its cluster's
     /// [`cluster_diversity`] (compactness x separation, min-max normalised).
     pub fn diversity(&self) -> Result<Vec<f64>, SampleMixError> {
-        let per_cluster = cluster_diversity(&self.compactness(), &self.separation())?;
+        let per_cluster = self.stats().diversity(&self.centroids, self.dim)?;
         Ok(self.assignment.iter().map(|&c| per_cluster[c]).collect())
     }
 }
@@ -294,6 +395,60 @@ mod tests {
         assert!((c[label] - mean).abs() < 1e-9);
         let s = km.separation();
         assert!((s[label] - 3.0).abs() < 0.3, "{s:?}");
+    }
+
+    #[test]
+    fn chunked_assignment_reproduces_the_fit_and_its_statistics() {
+        let points = blobs(&[(0.0, 0.0, 0.5), (6.0, 1.0, 1.5), (-5.0, 8.0, 1.0)], 40);
+        let km = kmeans::<B>(&points, 2, 3, 50, 3, &Default::default());
+        // Assigning the same points in uneven chunks gives the fit's clusters and
+        // distances, and the tallies give the same statistics.
+        let mut stats = ClusterStats::new(3);
+        let mut at = 0;
+        for len in [1, 17, 50, 52] {
+            let (a, d) = assign::<B>(
+                &points[at * 2..(at + len) * 2],
+                &km.centroids,
+                2,
+                &Default::default(),
+            );
+            assert_eq!(a, km.assignment[at..at + len]);
+            for (i, (&c, &x)) in a.iter().zip(&d).enumerate() {
+                assert!((x - km.distance[at + i]).abs() < 1e-4);
+                stats.add(c, x);
+            }
+            at += len;
+        }
+        assert_eq!(at, 120);
+        assert_eq!(stats.sizes, km.sizes());
+        for (a, b) in stats.compactness().iter().zip(km.compactness()) {
+            assert!((a - b).abs() < 1e-5);
+        }
+        assert_eq!(stats.separation(&km.centroids, 2), km.separation());
+        // A new point goes to the centroid it is nearest to, at that distance.
+        let (a, d) = assign::<B>(&[6.0, 4.0], &km.centroids, 2, &Default::default());
+        let c = &km.centroids[a[0] * 2..a[0] * 2 + 2];
+        assert!(
+            (c[0] - 6.0).abs() < 0.5 && (c[1] - 1.0).abs() < 0.5,
+            "{c:?}"
+        );
+        let want = ((c[0] - 6.0).powi(2) + (c[1] - 4.0).powi(2)).sqrt();
+        assert!((d[0] - want).abs() < 1e-4);
+    }
+
+    #[test]
+    fn tfidf_fitted_on_a_sample_embeds_other_documents_in_its_space() {
+        let docs: Vec<Vec<u32>> = (0..20).map(|i| (i..i + 30).collect()).collect();
+        let refs: Vec<&[u32]> = docs.iter().map(Vec::as_slice).collect();
+        let fitted = TfIdf::fit(&refs, 64);
+        // idf by the formula: a bucket in no document gets ln(21) + 1.
+        let unseen = fitted.idf.iter().fold(0f32, |m, &v| m.max(v));
+        assert!((unseen - (21f32.ln() + 1.0)).abs() < 1e-6);
+        // Embedding in pieces equals embedding at once.
+        let all = fitted.embed(&refs);
+        let parts = [fitted.embed(&refs[..7]), fitted.embed(&refs[7..])].concat();
+        assert_eq!(all, parts);
+        assert_eq!(hashed_tfidf(&refs, 64), all);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mixlm_data::prepare::PreparedTokenizer;
 use mixlm_data::resampled::{counts_bytes, counts_path};
 use mixlm_data::{ShardSource, Split, TokenSource};
-use mixlm_eval::diversity::{hashed_tfidf, kmeans, KMeans};
+use mixlm_eval::diversity::{assign, kmeans, ClusterStats, TfIdf};
 use mixlm_eval::perplexity::{model_nll, score_stream, PerplexityOptions};
 use mixlm_mixing::samplemix::{expected_counts, sample_counts, sample_weights, SampleSummary};
 use mixlm_mixing::DomainId;
@@ -355,6 +355,9 @@ pub fn nll_to_quality(nll: &[Vec<f32>]) -> Vec<Vec<f32>> {
 pub struct ClusterReport {
     pub k: usize,
     pub iterations: usize,
+    /// Documents k-means was fitted on (the rest were assigned to its centroids).
+    #[serde(default)]
+    pub fit_documents: usize,
     pub sizes: Vec<usize>,
     pub compactness: Vec<f64>,
     pub separation: Vec<f64>,
@@ -363,129 +366,403 @@ pub struct ClusterReport {
     pub overlap: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
-/// Embeds every training document, clusters with k-means on the device, and writes
-/// each document's diversity into `<plan>/diversity/`, with `clusters.json` and
-/// `overlap.md`.
-pub fn score_diversity(
-    options: &ScoreOptions,
-    embedder: &Embedder,
+/// `mixlm score diversity`: how documents are embedded and clustered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiversityOptions {
+    pub embedder: Embedder,
+    /// Clusters.
+    pub k: usize,
+    /// Seeds the fitting sample and k-means++.
+    pub seed: u64,
+    /// Documents k-means is fitted on: a seeded uniform sample of the corpus (all of
+    /// it when smaller). The rest is assigned to the fitted centroids chunk by chunk,
+    /// so memory does not grow with the corpus.
+    pub fit_documents: usize,
+}
+
+impl DiversityOptions {
+    /// TF-IDF (1024 buckets), seed 0, fitted on up to 200,000 documents.
+    pub fn tfidf(k: usize) -> Self {
+        Self {
+            embedder: Embedder::TfIdf { dim: 1024 },
+            k,
+            seed: 0,
+            fit_documents: 200_000,
+        }
+    }
+}
+
+/// What a clustering was fitted with (`kmeans/fit.json`): a rerun with the same
+/// settings reuses the centroids and the domains already assigned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct FitRecord {
+    embedder: String,
     k: usize,
     seed: u64,
+    fit_documents: usize,
+    max_doc_tokens: usize,
+    /// Training documents per domain when it was fitted.
+    documents: Vec<(String, usize)>,
+    /// Filled in by the fit.
+    dim: usize,
+    clusters: usize,
+    iterations: usize,
+}
+
+impl FitRecord {
+    fn same_settings(&self, other: &FitRecord) -> bool {
+        (
+            &self.embedder,
+            self.k,
+            self.seed,
+            self.fit_documents,
+            self.max_doc_tokens,
+            &self.documents,
+        ) == (
+            &other.embedder,
+            other.k,
+            other.seed,
+            other.fit_documents,
+            other.max_doc_tokens,
+            &other.documents,
+        )
+    }
+}
+
+/// Documents read and embedded at a time when assigning.
+const ASSIGN_CHUNK: usize = 4096;
+
+/// An embedder ready on a device.
+enum Embed<B: burn::tensor::backend::Backend> {
+    TfIdf(TfIdf),
+    Model {
+        model: Box<mixlm_model::Transformer<B>>,
+        max: usize,
+        d_model: usize,
+        eos: u32,
+        batch_size: usize,
+    },
+}
+
+impl<B: burn::tensor::backend::Backend> Embed<B> {
+    fn dim(&self) -> usize {
+        match self {
+            Embed::TfIdf(t) => t.dim,
+            Embed::Model { d_model, .. } => *d_model,
+        }
+    }
+
+    /// `[texts, dim]` row-major.
+    fn embed(&self, texts: &[Vec<u32>], device: &B::Device) -> Vec<f32> {
+        match self {
+            Embed::TfIdf(t) => texts
+                .par_chunks(256)
+                .flat_map_iter(|c| {
+                    let refs: Vec<&[u32]> = c.iter().map(Vec::as_slice).collect();
+                    t.embed(&refs)
+                })
+                .collect(),
+            Embed::Model {
+                model,
+                max,
+                d_model,
+                eos,
+                batch_size,
+            } => {
+                let mut out = Vec::with_capacity(texts.len() * d_model);
+                for chunk in texts.chunks(*batch_size) {
+                    let len = chunk
+                        .iter()
+                        .map(|t| t.len().min(*max))
+                        .max()
+                        .unwrap_or(1)
+                        .max(1);
+                    let mut ids = Vec::with_capacity(chunk.len() * len);
+                    let mut mask = Vec::with_capacity(chunk.len() * len);
+                    for t in chunk {
+                        let t = &t[..t.len().min(*max)];
+                        ids.extend(t.iter().map(|&x| x as i64));
+                        ids.extend(std::iter::repeat_n(*eos as i64, len - t.len()));
+                        mask.extend(std::iter::repeat_n(1f32, t.len()));
+                        mask.extend(std::iter::repeat_n(0f32, len - t.len()));
+                    }
+                    let b = chunk.len();
+                    let tokens =
+                        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, len]), device);
+                    let mask =
+                        Tensor::<B, 3>::from_data(TensorData::new(mask, [b, len, 1]), device);
+                    // Causal: padding after a document does not change its states.
+                    let h = model.hidden(tokens) * mask.clone();
+                    let pooled = h.sum_dim(1).reshape([b, *d_model])
+                        / mask.sum_dim(1).reshape([b, 1]).clamp_min(1.0);
+                    out.extend(
+                        pooled
+                            .into_data()
+                            .convert::<f32>()
+                            .into_vec::<f32>()
+                            .expect("f32"),
+                    );
+                }
+                out
+            }
+        }
+    }
+}
+
+fn u32_bytes(values: impl IntoIterator<Item = u32>) -> Vec<u8> {
+    values.into_iter().flat_map(u32::to_le_bytes).collect()
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// Embeds the training documents, fits k-means on a sample of them on the device,
+/// assigns every document to its nearest centroid, and writes each document's
+/// diversity into `<plan>/diversity/`, with `clusters.json` and `overlap.md`.
+///
+/// The fit (`<plan>/kmeans/`) and each domain's assignment are kept, so an
+/// interrupted run continues with the domains not yet assigned.
+pub fn score_diversity(
+    options: &ScoreOptions,
+    diversity: &DiversityOptions,
 ) -> Result<ClusterReport> {
-    let (source, docs, bar) = open_corpus(options, "embedding")?;
+    let (source, docs, bar) = open_corpus(options, "assigning")?;
+    let kdir = options.plan.join("kmeans");
+    let wanted = FitRecord {
+        embedder: match &diversity.embedder {
+            Embedder::TfIdf { dim } => format!("tfidf:{dim}"),
+            Embedder::Model { checkpoint } => format!("model:{}", checkpoint.display()),
+        },
+        k: diversity.k,
+        seed: diversity.seed,
+        fit_documents: diversity.fit_documents,
+        max_doc_tokens: options.max_doc_tokens,
+        documents: docs
+            .iter()
+            .map(|(n, o)| (n.clone(), o.len().saturating_sub(1)))
+            .collect(),
+        dim: 0,
+        clusters: 0,
+        iterations: 0,
+    };
 
     struct Job<'a> {
         options: &'a ScoreOptions,
+        diversity: &'a DiversityOptions,
         source: &'a ShardSource,
         docs: &'a [(String, Vec<u64>)],
-        embedder: &'a Embedder,
-        k: usize,
-        seed: u64,
+        kdir: &'a Path,
+        wanted: &'a FitRecord,
         bar: &'a ProgressBar,
     }
     impl OnBackend for Job<'_> {
-        type Output = KMeans;
-        fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<KMeans> {
-            let o = self.options;
-            let texts: Vec<Vec<u32>> = self
-                .docs
-                .iter()
-                .enumerate()
-                .flat_map(|(d, (_, offs))| {
-                    (0..offs.len().saturating_sub(1))
-                        .map(move |i| doc_tokens(self.source, d, offs, i, o.max_doc_tokens))
-                })
-                .collect();
-            let (embeddings, dim) = match self.embedder {
-                Embedder::TfIdf { dim } => {
-                    let refs: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
-                    self.bar.inc(texts.len() as u64);
-                    (hashed_tfidf(&refs, *dim), *dim)
-                }
+        type Output = (FitRecord, Vec<f32>);
+        fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<(FitRecord, Vec<f32>)> {
+            let Job {
+                options: o,
+                diversity,
+                source,
+                docs,
+                kdir,
+                wanted,
+                bar,
+            } = self;
+            let read = |d: usize, i: usize| doc_tokens(source, d, &docs[d].1, i, o.max_doc_tokens);
+            let model = match &diversity.embedder {
+                Embedder::TfIdf { .. } => None,
                 Embedder::Model { checkpoint } => {
-                    let (model, config) = load_model::<B::InnerBackend>(checkpoint, device)?;
-                    let max = o.max_doc_tokens.min(config.max_seq_len);
-                    let mut out = Vec::with_capacity(texts.len() * config.d_model);
-                    for chunk in texts.chunks(o.batch_size.max(1)) {
-                        let len = chunk
-                            .iter()
-                            .map(|t| t.len().min(max))
-                            .max()
-                            .unwrap_or(1)
-                            .max(1);
-                        let mut ids = Vec::with_capacity(chunk.len() * len);
-                        let mut mask = Vec::with_capacity(chunk.len() * len);
-                        for t in chunk {
-                            let t = &t[..t.len().min(max)];
-                            ids.extend(t.iter().map(|&x| x as i64));
-                            ids.extend(std::iter::repeat_n(
-                                self.source.eos_id() as i64,
-                                len - t.len(),
-                            ));
-                            mask.extend(std::iter::repeat_n(1f32, t.len()));
-                            mask.extend(std::iter::repeat_n(0f32, len - t.len()));
-                        }
-                        let b = chunk.len();
-                        let tokens = Tensor::<B::InnerBackend, 2, Int>::from_data(
-                            TensorData::new(ids, [b, len]),
-                            device,
-                        );
-                        let mask = Tensor::<B::InnerBackend, 3>::from_data(
-                            TensorData::new(mask, [b, len, 1]),
-                            device,
-                        );
-                        // Causal: padding after a document does not change its states.
-                        let h = model.hidden(tokens) * mask.clone();
-                        let pooled = h.sum_dim(1).reshape([b, config.d_model])
-                            / mask.sum_dim(1).reshape([b, 1]).clamp_min(1.0);
-                        out.extend(
-                            pooled
-                                .into_data()
-                                .convert::<f32>()
-                                .into_vec::<f32>()
-                                .expect("f32"),
-                        );
-                        self.bar.inc(b as u64);
-                    }
-                    (out, config.d_model)
+                    Some(load_model::<B::InnerBackend>(checkpoint, device)?)
                 }
             };
-            self.bar.set_message("k-means");
-            Ok(kmeans::<B::InnerBackend>(
-                &embeddings,
-                dim,
-                self.k,
-                100,
-                self.seed,
-                device,
-            ))
+            let ready = |idf: Option<Vec<f32>>| -> Embed<B::InnerBackend> {
+                match (&diversity.embedder, &model) {
+                    (Embedder::TfIdf { dim }, _) => Embed::TfIdf(TfIdf {
+                        dim: *dim,
+                        idf: idf.expect("fitted idf"),
+                    }),
+                    (Embedder::Model { .. }, Some((m, config))) => Embed::Model {
+                        model: Box::new(m.clone()),
+                        max: o.max_doc_tokens.min(config.max_seq_len),
+                        d_model: config.d_model,
+                        eos: source.eos_id(),
+                        batch_size: o.batch_size.max(1),
+                    },
+                    _ => unreachable!("the model is loaded for model embeddings"),
+                }
+            };
+
+            // The fit: reused when made with the same settings, else redone (and the
+            // assignments made against the old one removed first).
+            let fit_path = kdir.join("fit.json");
+            let old: Option<FitRecord> = std::fs::read(&fit_path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let centroids_path = kdir.join("centroids.f32");
+            let idf_path = kdir.join("idf.f32");
+            let reusable = old.filter(|f| {
+                f.same_settings(wanted)
+                    && has_values(&centroids_path, f.clusters * f.dim)
+                    && (model.is_some() || has_values(&idf_path, f.dim))
+            });
+            let (fit, centroids, embed) = if let Some(fit) = reusable {
+                let centroids = f32_values(&std::fs::read(&centroids_path)?);
+                let idf = model
+                    .is_none()
+                    .then(|| std::fs::read(&idf_path).map(|b| f32_values(&b)))
+                    .transpose()?;
+                (fit, centroids, ready(idf))
+            } else {
+                match std::fs::remove_file(&fit_path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| fit_path.display().to_string())
+                    }
+                    _ => {}
+                }
+                for sub in ["assign", "distance"] {
+                    let dir = kdir.join(sub);
+                    if dir.exists() {
+                        std::fs::remove_dir_all(&dir)
+                            .with_context(|| format!("cannot remove {}", dir.display()))?;
+                    }
+                }
+                // A seeded uniform sample, in corpus order.
+                let all: Vec<(usize, usize)> = docs
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(d, (_, offs))| {
+                        (0..offs.len().saturating_sub(1)).map(move |i| (d, i))
+                    })
+                    .collect();
+                let m = diversity.fit_documents.clamp(1, all.len().max(1));
+                let mut rng =
+                    <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(diversity.seed);
+                let mut picked = rand::seq::index::sample(&mut rng, all.len(), m).into_vec();
+                picked.sort_unstable();
+                bar.set_message(format!("embedding {m} documents to fit on"));
+                let texts: Vec<Vec<u32>> = picked
+                    .par_iter()
+                    .map(|&j| read(all[j].0, all[j].1))
+                    .collect();
+                let idf = match &diversity.embedder {
+                    Embedder::TfIdf { dim } => {
+                        let refs: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
+                        Some(TfIdf::fit(&refs, *dim).idf)
+                    }
+                    Embedder::Model { .. } => None,
+                };
+                let embed = ready(idf.clone());
+                let points = embed.embed(&texts, device);
+                drop(texts);
+                bar.set_message(format!("k-means on {m} documents"));
+                let km = kmeans::<B::InnerBackend>(
+                    &points,
+                    embed.dim(),
+                    diversity.k,
+                    100,
+                    diversity.seed,
+                    device,
+                );
+                std::fs::create_dir_all(kdir)
+                    .with_context(|| format!("cannot create {}", kdir.display()))?;
+                write_atomic(&centroids_path, &f32_bytes(&km.centroids))?;
+                if let Some(idf) = &idf {
+                    write_atomic(&idf_path, &f32_bytes(idf))?;
+                }
+                let fit = FitRecord {
+                    dim: km.dim,
+                    clusters: km.k,
+                    iterations: km.iterations,
+                    ..wanted.clone()
+                };
+                write_atomic(&fit_path, serde_json::to_string_pretty(&fit)?.as_bytes())?;
+                (fit, km.centroids, embed)
+            };
+
+            // Every document to its nearest centroid, a domain at a time (a finished
+            // domain is skipped on a rerun).
+            bar.set_message("assigning");
+            for (d, (name, offsets)) in docs.iter().enumerate() {
+                let n = offsets.len().saturating_sub(1);
+                let assign_path = kdir.join("assign").join(format!("{name}.u32"));
+                let distance_path = values_path(kdir, "distance", name);
+                if has_values(&assign_path, n) && has_values(&distance_path, n) {
+                    bar.inc(n as u64);
+                    continue;
+                }
+                let (mut clusters, mut distances) = (Vec::with_capacity(n), Vec::with_capacity(n));
+                for start in (0..n).step_by(ASSIGN_CHUNK) {
+                    let texts: Vec<Vec<u32>> = (start..(start + ASSIGN_CHUNK).min(n))
+                        .into_par_iter()
+                        .map(|i| read(d, i))
+                        .collect();
+                    let points = embed.embed(&texts, device);
+                    let (c, dist) = assign::<B::InnerBackend>(&points, &centroids, fit.dim, device);
+                    clusters.extend(c.into_iter().map(|c| c as u32));
+                    distances.extend(dist);
+                    bar.inc(texts.len() as u64);
+                }
+                write_in_folder(&distance_path, &f32_bytes(&distances))?;
+                write_in_folder(&assign_path, &u32_bytes(clusters))?;
+            }
+            Ok((fit, centroids))
         }
     }
-    let km = dispatch(
+    let (fit, centroids) = dispatch(
         options.backend,
         Job {
             options,
+            diversity,
             source: &source,
             docs: &docs,
-            embedder,
-            k,
-            seed,
+            kdir: &kdir,
+            wanted: &wanted,
             bar: &bar,
         },
     )?;
     bar.finish_and_clear();
-    let diversity = km.diversity()?;
-    let mut at = 0;
+
+    // Cluster statistics over the whole corpus, then each document's diversity.
+    let read_domain = |name: &str, n: usize| -> Result<(Vec<u32>, Vec<f32>)> {
+        let path = kdir.join("assign").join(format!("{name}.u32"));
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let clusters: Vec<u32> = bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if clusters.len() != n || clusters.iter().any(|&c| c as usize >= fit.clusters) {
+            anyhow::bail!("{} is damaged: score diversity again", path.display());
+        }
+        Ok((
+            clusters,
+            read_values(&values_path(&kdir, "distance", name), n)?,
+        ))
+    };
+    let mut stats = ClusterStats::new(fit.clusters);
     let mut clusters_of: BTreeMap<String, std::collections::BTreeSet<usize>> = BTreeMap::new();
     for (name, offsets) in &docs {
-        let n = offsets.len().saturating_sub(1);
-        let d: Vec<f32> = diversity[at..at + n].iter().map(|&v| v as f32).collect();
-        clusters_of.insert(
-            name.clone(),
-            km.assignment[at..at + n].iter().copied().collect(),
-        );
+        let (clusters, distances) = read_domain(name, offsets.len().saturating_sub(1))?;
+        for (&c, &x) in clusters.iter().zip(&distances) {
+            stats.add(c as usize, x);
+        }
+        clusters_of.insert(name.clone(), clusters.iter().map(|&c| c as usize).collect());
+    }
+    let per_cluster = stats.diversity(&centroids, fit.dim)?;
+    for (name, offsets) in &docs {
+        let (clusters, _) = read_domain(name, offsets.len().saturating_sub(1))?;
+        let d: Vec<f32> = clusters
+            .iter()
+            .map(|&c| per_cluster[c as usize] as f32)
+            .collect();
         write_values(&values_path(&options.plan, "diversity", name), &d)?;
-        at += n;
     }
     let overlap = clusters_of
         .iter()
@@ -501,11 +778,12 @@ pub fn score_diversity(
         })
         .collect();
     let report = ClusterReport {
-        k: km.k,
-        iterations: km.iterations,
-        sizes: km.sizes(),
-        compactness: km.compactness(),
-        separation: km.separation(),
+        k: fit.clusters,
+        iterations: fit.iterations,
+        fit_documents: diversity.fit_documents.min(stats.sizes.iter().sum()),
+        sizes: stats.sizes.clone(),
+        compactness: stats.compactness(),
+        separation: stats.separation(&centroids, fit.dim),
         overlap,
     };
     write_atomic(
@@ -620,7 +898,7 @@ pub fn model_free_plan(
         )
     });
     if !have_diversity {
-        score_diversity(&scoring, &Embedder::TfIdf { dim: 1024 }, clusters, 0)?;
+        score_diversity(&scoring, &DiversityOptions::tfidf(clusters))?;
     }
     make_plan(options)
 }

@@ -7,15 +7,18 @@ use mixlm_data::{prepare, PrepareConfig, ShardSource, Split, TokenSource};
 use mixlm_mixing::samplemix::SampleSummary;
 use mixlm_mixing::DomainId;
 use mixlm_train::compare::{compare, CompareConfig};
-use mixlm_train::samplemix::{read_values, score_quality, QualityScorer, ScoreOptions};
+use mixlm_train::samplemix::{
+    read_values, score_diversity, score_quality, DiversityOptions, Embedder, QualityScorer,
+    ScoreOptions,
+};
 use mixlm_train::BackendKind;
+use std::path::{Path, PathBuf};
 
-#[test]
-fn samplemix_scores_plans_and_trains_in_a_comparison() {
-    let tmp = tempfile::tempdir().unwrap();
-    let tokenizer = tmp.path().join("tokenizer.json");
+/// Prose-like documents in `prose`, repetitive ones in `spam`, numbers in `nums`
+/// (60 of each in train), prepared into `<tmp>/shards`.
+fn three_domain_corpus(tmp: &Path) -> PathBuf {
+    let tokenizer = tmp.join("tokenizer.json");
     write_tokenizer(&tokenizer, 0);
-    // Prose-like documents in `prose`, repetitive ones in `spam`, numbers in `nums`.
     let t = texts(60, 2);
     let mut rows: Vec<(&str, String)> = Vec::new();
     for (i, x) in t.iter().enumerate() {
@@ -29,22 +32,26 @@ fn samplemix_scores_plans_and_trains_in_a_comparison() {
                 .join(" "),
         ));
     }
+    write_file(&tmp.join("raw/train/a.jsonl"), jsonl(&rows).as_bytes());
     write_file(
-        &tmp.path().join("raw/train/a.jsonl"),
-        jsonl(&rows).as_bytes(),
-    );
-    write_file(
-        &tmp.path().join("raw/validation/a.jsonl"),
+        &tmp.join("raw/validation/a.jsonl"),
         jsonl(&rows[..30]).as_bytes(),
     );
-    let data = tmp.path().join("shards");
+    let data = tmp.join("shards");
     prepare(&PrepareConfig {
-        inputs: vec![tmp.path().join("raw").display().to_string()],
+        inputs: vec![tmp.join("raw").display().to_string()],
         tokenizer,
         output: data.clone(),
         ..PrepareConfig::default()
     })
     .unwrap();
+    data
+}
+
+#[test]
+fn samplemix_scores_plans_and_trains_in_a_comparison() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = three_domain_corpus(tmp.path());
 
     // Heuristic quality: prose scores above spam and numbers.
     let options = ScoreOptions {
@@ -171,6 +178,45 @@ clusters = 3
         );
     }
     assert!(run.eval.splits[1].average_ppl.is_finite());
+
+    // Model-based scorers with the natural run's checkpoint: NLL percentiles average
+    // 5 over the corpus (mid-ranks), and mean-pooled hidden states cluster all 180
+    // documents in the model's width.
+    let natural = results
+        .results
+        .iter()
+        .find(|r| r.method == "natural")
+        .unwrap();
+    let checkpoint = mixlm_train::evaluate::resolve_checkpoint(&natural.run_dir).unwrap();
+    let checkpoint_dir = checkpoint.clone();
+    let by_model = ScoreOptions {
+        plan: tmp.path().join("by-model"),
+        ..options.clone()
+    };
+    let means = score_quality(
+        &by_model,
+        &QualityScorer::Model {
+            checkpoint: checkpoint.clone(),
+        },
+    )
+    .unwrap();
+    let overall = means.values().sum::<f64>() / 3.0;
+    assert!((overall - 5.0).abs() < 1e-4, "{means:?}");
+    let div = DiversityOptions {
+        embedder: Embedder::Model { checkpoint },
+        k: 3,
+        seed: 0,
+        fit_documents: 90,
+    };
+    let report = score_diversity(&by_model, &div).unwrap();
+    assert_eq!(report.sizes.iter().sum::<usize>(), 180);
+    let fit: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(by_model.plan.join("kmeans/fit.json")).unwrap())
+            .unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(checkpoint_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(fit["dim"], config["hidden_size"], "{fit} {config}");
 }
 
 /// `--scorer field`: the scores the records carry, captured at prepare time, become
@@ -236,4 +282,81 @@ fn field_scorer_takes_the_prepared_quality() {
         e.contains("prepared without quality fields") && e.contains("quality_keys"),
         "{e}"
     );
+}
+
+fn mtime(p: &Path) -> std::time::SystemTime {
+    std::fs::metadata(p).unwrap().modified().unwrap()
+}
+
+/// Diversity fitted on a sample and assigned in chunks: every document scored, the
+/// statistics over the whole corpus, the fit and finished domains reused on a rerun,
+/// an interrupted domain redone to the same result, other settings refitted.
+#[test]
+fn diversity_fits_on_a_sample_assigns_everything_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = three_domain_corpus(tmp.path());
+    let plan = data.join("samplemix");
+    let options = ScoreOptions {
+        data: data.clone(),
+        plan: plan.clone(),
+        max_doc_tokens: 256,
+        batch_size: 8,
+        backend: BackendKind::Cpu,
+        quiet: true,
+    };
+    let mut div = DiversityOptions::tfidf(3);
+    div.fit_documents = 45;
+    let report = score_diversity(&options, &div).unwrap();
+    assert_eq!(report.fit_documents, 45);
+    assert_eq!(report.sizes.iter().sum::<usize>(), 180, "{report:?}");
+    // The three kinds of text are three clusters: each domain sits in one cluster
+    // of its own.
+    for (d, row) in &report.overlap {
+        for (e, share) in row {
+            assert_eq!(*share, if d == e { 1.0 } else { 0.0 }, "{d} {e} {report:?}");
+        }
+    }
+    // Compactness is the mean of the stored distances over each cluster's members.
+    let read_u32 = |p: PathBuf| -> Vec<u32> {
+        std::fs::read(p)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let mut before = Vec::new();
+    for name in ["nums", "prose", "spam"] {
+        let a = read_u32(plan.join(format!("kmeans/assign/{name}.u32")));
+        let x = read_values(&plan.join(format!("kmeans/distance/{name}.f32")), 60).unwrap();
+        assert!(a.iter().all(|&c| c == a[0]), "{name}: {a:?}");
+        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / 60.0;
+        assert!((report.compactness[a[0] as usize] - mean).abs() < 1e-5);
+        let d = read_values(&plan.join(format!("diversity/{name}.f32")), 60).unwrap();
+        assert!(d.iter().all(|&v| (0.0..=1.0).contains(&v) && v == d[0]));
+        before.push(d);
+    }
+
+    // A rerun reuses the fit and the assignments.
+    let fit = plan.join("kmeans/fit.json");
+    let prose = plan.join("kmeans/assign/prose.u32");
+    let (fit_time, prose_time) = (mtime(&fit), mtime(&prose));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // An interrupted run: one domain not assigned yet.
+    std::fs::remove_file(plan.join("kmeans/assign/spam.u32")).unwrap();
+    assert_eq!(score_diversity(&options, &div).unwrap(), report);
+    assert_eq!((mtime(&fit), mtime(&prose)), (fit_time, prose_time));
+    assert!(plan.join("kmeans/assign/spam.u32").exists());
+    for (name, d) in ["nums", "prose", "spam"].iter().zip(&before) {
+        assert_eq!(
+            &read_values(&plan.join(format!("diversity/{name}.f32")), 60).unwrap(),
+            d
+        );
+    }
+
+    // Other settings: a new fit, and the old assignments are not mixed in.
+    div.k = 2;
+    let two = score_diversity(&options, &div).unwrap();
+    assert_eq!(two.k, 2);
+    assert_ne!(mtime(&fit), fit_time);
+    assert!(read_u32(prose).iter().all(|&c| c < 2));
 }
