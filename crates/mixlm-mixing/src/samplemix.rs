@@ -252,6 +252,10 @@ pub struct SampleSummary {
     pub natural: BTreeMap<String, f64>,
     /// `histogram[c]`: documents sampled `c` times.
     pub histogram: Vec<u64>,
+    /// How the scores were made (`quality`, `diversity`), as the scoring steps
+    /// recorded them; filled in by the caller.
+    #[serde(default)]
+    pub scored_with: BTreeMap<String, String>,
 }
 
 impl SampleSummary {
@@ -283,6 +287,7 @@ impl SampleSummary {
             natural: share(&corpus),
             domain_tokens,
             histogram,
+            scored_with: BTreeMap::new(),
         }
     }
 }

@@ -25,7 +25,7 @@ use crate::config::RunConfig;
 use crate::evaluate::{default_max_tokens, evaluate_on, EvalOptions, EvalReport};
 use crate::figures::Figure;
 use crate::metrics::Curves;
-use crate::samplemix::{model_free_plan, PlanOptions};
+use crate::samplemix::{make_plan, model_free_plan, PlanOptions};
 use crate::search::{mix_search, SearchMethod, SearchOptions};
 use crate::trainer::TrainOptions;
 
@@ -74,6 +74,10 @@ pub struct MethodEntry {
     pub alpha: Option<f64>,
     /// `search = "samplemix"`: k-means clusters (default 64).
     pub clusters: Option<usize>,
+    /// `search = "samplemix"`: a folder already scored by `mixlm score quality` and
+    /// `mixlm score diversity` (with any scorer) to plan from; default: the model-free
+    /// scorers, into `<data>/samplemix-model-free/` (scored once per corpus).
+    pub scores: Option<PathBuf>,
 }
 
 /// One finished run.
@@ -137,12 +141,32 @@ impl CompareConfig {
                 (None, None) => {
                     anyhow::bail!("method `{}` needs a [method.mixing] or a search", m.name)
                 }
+                (_, Some(s)) if s == "samplemix" && m.scores.is_some() && m.clusters.is_some() => {
+                    anyhow::bail!(
+                        "method `{}`: clusters applies to the model-free scoring, not to given \
+                         scores; drop one",
+                        m.name
+                    );
+                }
                 (_, Some(s)) if s == "samplemix" => {}
                 (_, Some(s)) => {
                     s.parse::<SearchMethod>()
                         .map_err(|e| anyhow::anyhow!("method `{}`: {e}", m.name))?;
                 }
                 _ => {}
+            }
+            let samplemix_only = [
+                ("alpha", m.alpha.is_some()),
+                ("clusters", m.clusters.is_some()),
+                ("scores", m.scores.is_some()),
+            ];
+            if m.search.as_deref() != Some("samplemix") {
+                if let Some((key, _)) = samplemix_only.iter().find(|(_, set)| *set) {
+                    anyhow::bail!(
+                        "method `{}`: {key} applies only to search = \"samplemix\"",
+                        m.name
+                    );
+                }
             }
         }
         Ok(())
@@ -255,21 +279,24 @@ fn run_one(
             .context("search = \"samplemix\" needs prepared shards (data.source = \"shards\")")?;
         let budget = run.run.steps * run.run.tokens_per_step();
         let plan = config.out_dir.join(format!("{}-plan", run.run.name));
-        model_free_plan(
-            &PlanOptions {
-                scores: crate::samplemix::default_plan(&data),
-                data,
-                plan: plan.clone(),
-                budget,
-                alpha: method
-                    .alpha
-                    .unwrap_or(mixlm_mixing::samplemix::DEFAULT_ALPHA),
-                seed,
-            },
-            method.clusters.unwrap_or(64),
-            kind,
-            quiet,
-        )?;
+        let options = PlanOptions {
+            scores: method
+                .scores
+                .clone()
+                .unwrap_or_else(|| data.join("samplemix-model-free")),
+            data,
+            plan: plan.clone(),
+            budget,
+            alpha: method
+                .alpha
+                .unwrap_or(mixlm_mixing::samplemix::DEFAULT_ALPHA),
+            seed,
+        };
+        if method.scores.is_some() {
+            make_plan(&options)?;
+        } else {
+            model_free_plan(&options, method.clusters.unwrap_or(64), kind, quiet)?;
+        }
         run.mixing = MixingConfig::SampleMix(mixlm_mixing::samplemix::SampleMixConfig { plan });
     } else if let Some(search) = &method.search {
         let mut options = SearchOptions::new(search.parse().map_err(anyhow::Error::msg)?);
@@ -465,6 +492,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("at least one"), "{e}");
+        let e =
+            parse("out_dir = \"x\"\n[[method]]\nname = \"a\"\nsearch = \"doremi\"\nclusters = 8")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains("method `a`: clusters applies only to search = \"samplemix\""),
+            "{e}"
+        );
+        let e = parse(
+            "out_dir = \"x\"\n[[method]]\nname = \"a\"\nsearch = \"samplemix\"\nclusters = 8\nscores = \"s\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not to given scores"), "{e}");
+        parse("out_dir = \"x\"\n[[method]]\nname = \"a\"\nsearch = \"samplemix\"\nscores = \"s\"")
+            .unwrap();
         assert!(
             toml::from_str::<CompareConfig>("out_dir = \"x\"\nsedes = [1]\nmethod = []")
                 .unwrap_err()

@@ -165,6 +165,46 @@ fn doc_tokens(source: &ShardSource, d: usize, offsets: &[u64], i: usize, max: us
     out
 }
 
+impl QualityScorer {
+    /// What `<plan>/quality/scorer.txt` records: scores made otherwise are not reused.
+    fn tag(&self, options: &ScoreOptions) -> String {
+        match self {
+            QualityScorer::Field => "field".into(),
+            QualityScorer::Heuristic => "heuristic".into(),
+            QualityScorer::Model { checkpoint } => format!(
+                "model {} (first {} tokens)",
+                checkpoint.display(),
+                options.max_doc_tokens
+            ),
+        }
+    }
+}
+
+/// The file naming how the scores in `<plan>/<what>/` were made.
+fn scorer_path(plan: &Path, what: &str) -> PathBuf {
+    plan.join(what).join("scorer.txt")
+}
+
+/// Makes `<plan>/<what>/` (and `also`, intermediate results of the same scorer) hold
+/// only scores made with `tag`: scores made otherwise are removed, so a finished
+/// domain is skipped only when it was scored the same way.
+fn claim_folder(plan: &Path, what: &str, also: &[&str], tag: &str) -> Result<()> {
+    let path = scorer_path(plan, what);
+    if std::fs::read_to_string(&path).is_ok_and(|t| t == tag) {
+        return Ok(());
+    }
+    for sub in std::iter::once(&what).chain(also) {
+        let dir = plan.join(sub);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", dir.display()))
+            }
+            _ => {}
+        }
+    }
+    write_in_folder(&path, tag.as_bytes())
+}
+
 /// Scores every training document's quality into `<plan>/quality/`; returns the mean
 /// score per domain.
 pub fn score_quality(
@@ -172,6 +212,7 @@ pub fn score_quality(
     scorer: &QualityScorer,
 ) -> Result<BTreeMap<String, f64>> {
     let (source, docs, bar) = open_corpus(options, "quality")?;
+    claim_folder(&options.plan, "quality", &["nll"], &scorer.tag(options))?;
     match scorer {
         QualityScorer::Field => {
             for (d, (name, offsets)) in docs.iter().enumerate() {
@@ -756,6 +797,18 @@ pub fn score_diversity(
         clusters_of.insert(name.clone(), clusters.iter().map(|&c| c as usize).collect());
     }
     let per_cluster = stats.diversity(&centroids, fit.dim)?;
+    claim_folder(
+        &options.plan,
+        "diversity",
+        &[],
+        &format!(
+            "{}, k-means k = {} fitted on {} documents (seed {})",
+            fit.embedder,
+            fit.clusters,
+            fit.fit_documents.min(stats.sizes.iter().sum()),
+            fit.seed
+        ),
+    )?;
     for (name, offsets) in &docs {
         let (clusters, _) = read_domain(name, offsets.len().saturating_sub(1))?;
         let d: Vec<f32> = clusters
@@ -864,7 +917,12 @@ pub fn make_plan(options: &PlanOptions) -> Result<SampleSummary> {
         )?;
         at += n;
     }
-    let summary = SampleSummary::new(options.budget, &counts, &lengths, &domain_of);
+    let mut summary = SampleSummary::new(options.budget, &counts, &lengths, &domain_of);
+    for what in ["quality", "diversity"] {
+        if let Ok(tag) = std::fs::read_to_string(scorer_path(&options.scores, what)) {
+            summary.scored_with.insert(what.to_string(), tag);
+        }
+    }
     write_in_folder(
         &options.plan.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
@@ -874,7 +932,8 @@ pub fn make_plan(options: &PlanOptions) -> Result<SampleSummary> {
 
 /// The whole pipeline with model-free scorers, as `mixlm compare` runs it for
 /// `search = "samplemix"`: heuristic quality and TF-IDF diversity into
-/// `options.scores` (kept for later runs: scored once per corpus), then the plan.
+/// `options.scores` (kept for later runs: each is redone only when made otherwise),
+/// then the plan.
 pub fn model_free_plan(
     options: &PlanOptions,
     clusters: usize,
@@ -890,16 +949,7 @@ pub fn model_free_plan(
         quiet,
     };
     score_quality(&scoring, &QualityScorer::Heuristic)?;
-    let source = ShardSource::open(&options.data, 0)?;
-    let have_diversity = documents(&source).iter().all(|(name, o)| {
-        has_values(
-            &values_path(&options.scores, "diversity", name),
-            o.len().saturating_sub(1),
-        )
-    });
-    if !have_diversity {
-        score_diversity(&scoring, &DiversityOptions::tfidf(clusters))?;
-    }
+    score_diversity(&scoring, &DiversityOptions::tfidf(clusters))?;
     make_plan(options)
 }
 
@@ -907,10 +957,13 @@ pub fn model_free_plan(
 /// histogram of counts.
 pub fn summary_table(s: &SampleSummary) -> String {
     let mut out = format!(
-        "budget {} tokens, kept {} tokens; {} of {} documents sampled at least once\n\n\
-         domain                   natural   samplemix   tokens kept\n",
+        "budget {} tokens, kept {} tokens; {} of {} documents sampled at least once\n",
         s.budget, s.tokens_kept, s.documents_kept, s.documents
     );
+    for (what, how) in &s.scored_with {
+        out += &format!("{what}: {how}\n");
+    }
+    out += "\ndomain                   natural   samplemix   tokens kept\n";
     for (d, p) in &s.proportions {
         out += &format!(
             "{d:<24} {:>7.3}   {p:>9.3}   {:>11}\n",

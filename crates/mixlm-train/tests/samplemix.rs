@@ -130,6 +130,12 @@ clusters = 3
     let summary: SampleSummary =
         serde_json::from_slice(&std::fs::read(plan.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary.budget, 8 * 8 * 32);
+    assert_eq!(summary.scored_with["quality"], "heuristic");
+    assert!(
+        summary.scored_with["diversity"].starts_with("tfidf:1024, k-means k = 3 fitted on 180"),
+        "{:?}",
+        summary.scored_with
+    );
     let shards = ShardSource::open(&data, 0).unwrap();
     let longest = (0..3)
         .flat_map(|d| {
@@ -156,7 +162,11 @@ clusters = 3
         kept += tokens;
         // Scores for every document were written next to the data.
         let n = o.len() - 1;
-        let div = read_values(&data.join(format!("samplemix/diversity/{name}.f32")), n).unwrap();
+        let div = read_values(
+            &data.join(format!("samplemix-model-free/diversity/{name}.f32")),
+            n,
+        )
+        .unwrap();
         assert!(div.iter().all(|v| (0.0..=1.0).contains(v)));
     }
     assert_eq!(kept, summary.tokens_kept);
@@ -257,7 +267,14 @@ fn field_scorer_takes_the_prepared_quality() {
         backend: BackendKind::Cpu,
         quiet: true,
     };
+    // Heuristic scores first: the field scorer replaces them rather than taking the
+    // finished domains as done.
+    score_quality(&options(&scored.output), &QualityScorer::Heuristic).unwrap();
     let means = score_quality(&options(&scored.output), &QualityScorer::Field).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(scored.output.join("samplemix/quality/scorer.txt")).unwrap(),
+        "field"
+    );
     for (d, name) in ["a", "b"].iter().enumerate() {
         let want: Vec<f32> = (0..24)
             .filter(|i| i % 2 == d)
