@@ -87,8 +87,7 @@ fn write_in_folder(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn write_values(path: &Path, values: &[f32]) -> Result<()> {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    write_in_folder(path, &bytes)
+    write_in_folder(path, &f32_bytes(values))
 }
 
 /// Whether a per-document file for `documents` documents is already there (the
@@ -108,10 +107,7 @@ pub fn read_values(path: &Path, documents: usize) -> Result<Vec<f32>> {
             bytes.len() / 4
         );
     }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+    Ok(f32_values(&bytes))
 }
 
 /// The training documents of each domain: `(name, token offsets)`.
