@@ -289,20 +289,36 @@ pub fn score_quality(
                             bar.inc(n as u64);
                             continue;
                         }
-                        let stream = *offsets.last().unwrap_or(&0);
+                        // The stream of every document's first `max_doc_tokens`
+                        // tokens, so the cost per document is bounded.
+                        let cap = options.max_doc_tokens.max(2) as u64;
+                        let mut kept = Vec::with_capacity(offsets.len());
+                        kept.push(0u64);
+                        for w in offsets.windows(2) {
+                            kept.push(kept[kept.len() - 1] + (w[1] - w[0]).min(cap));
+                        }
+                        let read = |r: std::ops::Range<u64>, out: &mut Vec<u32>| {
+                            let mut p = r.start;
+                            while p < r.end {
+                                let i = kept.partition_point(|&o| o <= p) - 1;
+                                let end = kept[i + 1].min(r.end);
+                                let from = offsets[i] + (p - kept[i]);
+                                source.read_tokens(
+                                    DomainId(d),
+                                    Split::Train,
+                                    from..from + (end - p),
+                                    out,
+                                );
+                                p = end;
+                            }
+                        };
                         let p = PerplexityOptions {
                             seq_len,
                             stride: seq_len,
                             batch_size: options.batch_size,
                             max_tokens: None,
                         };
-                        let s = score_stream(
-                            stream,
-                            offsets,
-                            &p,
-                            |r, out| source.read_tokens(DomainId(d), Split::Train, r, out),
-                            &mut nll,
-                        );
+                        let s = score_stream(*kept.last().unwrap_or(&0), &kept, &p, read, &mut nll);
                         let mut mean: Vec<f32> = s
                             .documents
                             .iter()

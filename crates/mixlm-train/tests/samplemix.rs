@@ -212,6 +212,46 @@ clusters = 3
     .unwrap();
     let overall = means.values().sum::<f64>() / 3.0;
     assert!((overall - 5.0).abs() < 1e-4, "{means:?}");
+    // The model reads each document's first max_doc_tokens: documents that share them
+    // (after documents that share them too) get the same NLL whatever their tails; it
+    // would differ if the tails were read.
+    let prefix = "the quick brown fox jumps over the lazy dog. ";
+    let tails = texts(6, 9);
+    let rows: Vec<(&str, String)> = tails
+        .iter()
+        .map(|x| ("a", format!("{prefix}{x}")))
+        .collect();
+    write_file(
+        &tmp.path().join("prefixed/train/a.jsonl"),
+        jsonl(&rows).as_bytes(),
+    );
+    let prefixed = tmp.path().join("prefixed-shards");
+    prepare(&PrepareConfig {
+        inputs: vec![tmp.path().join("prefixed").display().to_string()],
+        tokenizer: tmp.path().join("tokenizer.json"),
+        output: prefixed.clone(),
+        ..PrepareConfig::default()
+    })
+    .unwrap();
+    let short = ScoreOptions {
+        data: prefixed.clone(),
+        plan: prefixed.join("samplemix"),
+        max_doc_tokens: 8,
+        ..options.clone()
+    };
+    score_quality(
+        &short,
+        &QualityScorer::Model {
+            checkpoint: checkpoint.clone(),
+        },
+    )
+    .unwrap();
+    let nll = read_values(&prefixed.join("samplemix/nll/a.f32"), 6).unwrap();
+    assert!(nll.iter().all(|v| v.is_finite()), "{nll:?}");
+    // (The first has no context; the last window of a stream is shifted back.)
+    for v in &nll[2..5] {
+        assert!((v - nll[1]).abs() < 1e-5, "{nll:?}");
+    }
     let div = DiversityOptions {
         embedder: Embedder::Model { checkpoint },
         k: 3,
