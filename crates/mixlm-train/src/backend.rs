@@ -6,7 +6,11 @@ use std::str::FromStr;
 use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
 
-use crate::config::RunConfig;
+use burn::backend::autodiff::checkpoint::strategy::{
+    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+};
+
+use crate::config::{ActivationCheckpointing, RunConfig};
 use crate::trainer::{train, TrainOptions, TrainOutcome};
 
 /// A compute backend mixlm can train on.
@@ -71,17 +75,25 @@ pub trait OnBackend {
 
 /// Runs `job` on the chosen backend's default device.
 pub fn dispatch<J: OnBackend>(kind: BackendKind, job: J) -> Result<J::Output> {
+    dispatch_with::<NoCheckpointing, J>(kind, job)
+}
+
+/// [`dispatch`] with an autodiff checkpointing strategy (for training).
+fn dispatch_with<C: CheckpointStrategy, J: OnBackend>(
+    kind: BackendKind,
+    job: J,
+) -> Result<J::Output> {
     kind.check_compiled()?;
     match kind {
         BackendKind::Cpu => {
             use burn::backend::{ndarray::NdArrayDevice, Autodiff, NdArray};
-            job.run::<Autodiff<NdArray<f32>>>(&NdArrayDevice::Cpu)
+            job.run::<Autodiff<NdArray<f32>, C>>(&NdArrayDevice::Cpu)
         }
         BackendKind::Wgpu => {
             #[cfg(feature = "wgpu")]
             {
                 use burn::backend::{wgpu::WgpuDevice, Autodiff, Wgpu};
-                job.run::<Autodiff<Wgpu>>(&WgpuDevice::default())
+                job.run::<Autodiff<Wgpu, C>>(&WgpuDevice::default())
             }
             #[cfg(not(feature = "wgpu"))]
             unreachable!("checked above")
@@ -90,7 +102,7 @@ pub fn dispatch<J: OnBackend>(kind: BackendKind, job: J) -> Result<J::Output> {
             #[cfg(feature = "cuda")]
             {
                 use burn::backend::{cuda::CudaDevice, Autodiff, Cuda};
-                job.run::<Autodiff<Cuda>>(&CudaDevice::default())
+                job.run::<Autodiff<Cuda, C>>(&CudaDevice::default())
             }
             #[cfg(not(feature = "cuda"))]
             unreachable!("checked above")
@@ -111,7 +123,12 @@ pub fn train_on(
             train::<B>(self.0, device, self.1)
         }
     }
-    dispatch(kind, Job(config, options))
+    match config.run.activation_checkpointing {
+        ActivationCheckpointing::None => dispatch(kind, Job(config, options)),
+        ActivationCheckpointing::Balanced => {
+            dispatch_with::<BalancedCheckpointing, _>(kind, Job(config, options))
+        }
+    }
 }
 
 #[cfg(test)]

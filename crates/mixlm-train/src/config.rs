@@ -55,6 +55,22 @@ pub struct RunSection {
     pub backend: String,
     /// Print a progress line every N steps when the progress bar is hidden (0 = never).
     pub log_every: u64,
+    /// Recompute activations in the backward pass instead of keeping them (trades
+    /// compute for memory, so larger models or sequences fit).
+    pub activation_checkpointing: ActivationCheckpointing,
+}
+
+/// `[run] activation_checkpointing`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivationCheckpointing {
+    /// Keep every activation the backward pass needs.
+    #[default]
+    None,
+    /// Burn's balanced strategy: the outputs of memory-bound operations (elementwise
+    /// ops, activations, norms' pieces) are recomputed from their checkpointed inputs
+    /// in the backward pass; compute-bound ones (matmuls) are kept.
+    Balanced,
 }
 
 impl RunSection {
@@ -76,6 +92,7 @@ impl Default for RunSection {
             seq_len: 64,
             backend: "cpu".into(),
             log_every: 0,
+            activation_checkpointing: ActivationCheckpointing::None,
         }
     }
 }

@@ -750,3 +750,34 @@ fn mix_search_pipelines_doremi_doge_skill_it() {
     run.run.steps = 4;
     train::<B>(&run, &Default::default(), &TrainOptions { quiet: true }).unwrap();
 }
+
+/// `activation_checkpointing = "balanced"` recomputes activations in the backward
+/// pass: the same losses, step by step, as keeping them.
+#[test]
+fn balanced_activation_checkpointing_trains_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let losses = |name: &str, extra: &[&str]| -> Vec<f64> {
+        let config = short_run(tmp.path(), name, extra);
+        let outcome = mixlm_train::train_on(
+            mixlm_train::BackendKind::Cpu,
+            &config,
+            &TrainOptions { quiet: true },
+        )
+        .unwrap();
+        metrics(&outcome.run_dir)
+            .iter()
+            .filter(|l| l["kind"] == "train")
+            .map(|l| l["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let kept = losses("kept", &[]);
+    let recomputed = losses("recomputed", &["run.activation_checkpointing=\"balanced\""]);
+    assert_eq!(kept.len(), 6);
+    for (a, b) in kept.iter().zip(&recomputed) {
+        assert!((a - b).abs() < 1e-6, "{kept:?} vs {recomputed:?}");
+    }
+    let e = RunConfig::embedded(&["run.activation_checkpointing=\"full\"".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("full") && e.contains("balanced"), "{e}");
+}
