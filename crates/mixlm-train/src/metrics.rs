@@ -41,6 +41,23 @@ pub struct StepRecord {
     pub domain_weights: Option<BTreeMap<String, f64>>,
     pub elapsed_s: f64,
     pub tokens_per_s: f64,
+    /// Where this step's wall-clock went.
+    pub time_s: StepTimes,
+}
+
+/// One step's wall-clock by part (seconds), to see whether anything besides the model
+/// keeps the device waiting. The model's share includes waiting for the device: its
+/// work is asynchronous and is waited for when the losses are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct StepTimes {
+    /// Waiting for the next batch from the loader thread.
+    pub data: f64,
+    /// Inputs to the device, forward, backward, optimizer.
+    pub model: f64,
+    /// The scheduler: proportions, loss weights, feedback, its validation passes.
+    pub mixing: f64,
+    /// Metrics, progress, periodic evaluation and checkpoints (of the previous step).
+    pub other: f64,
 }
 
 /// One per-domain validation pass.

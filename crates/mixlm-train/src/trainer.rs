@@ -30,7 +30,7 @@ use mixlm_model::{ModelConfig, Transformer};
 use crate::alignment::{validation_gradient, DomainGradients};
 use crate::checkpoint::{write_checkpoint, TrainState};
 use crate::config::RunConfig;
-use crate::metrics::{EvalRecord, MetricsWriter, StepRecord};
+use crate::metrics::{EvalRecord, MetricsWriter, StepRecord, StepTimes};
 use crate::optim::{lr_at, AdamW};
 use crate::progress::Progress;
 
@@ -132,7 +132,19 @@ pub fn train<B: AutodiffBackend>(
     let mut progress = Progress::new(run.steps, options.quiet, run.log_every);
     let started = Instant::now();
     let mut last_loss = f64::NAN;
+    // Bookkeeping after a step's record is written counts in the next step's `other`.
+    let mut after_record = Instant::now();
     for step in 0..run.steps {
+        let mut times = StepTimes {
+            other: after_record.elapsed().as_secs_f64(),
+            ..StepTimes::default()
+        };
+        let mut clock = Instant::now();
+        let mut lap = |part: &mut f64| {
+            let now = Instant::now();
+            *part += (now - clock).as_secs_f64();
+            clock = now;
+        };
         if scheduler.wants_validation(step) {
             let val = evaluate(&model);
             scheduler.observe_validation(step, &val);
@@ -174,13 +186,16 @@ pub fn train<B: AutodiffBackend>(
         let mut by_domain = DomainAccumulator::new(k);
         let mut ref_by_domain = DomainAccumulator::new(k);
         let mut excess_by_domain = DomainAccumulator::new(k);
+        lap(&mut times.mixing);
         for _ in 0..run.grad_accum {
             let batch = batches.take();
+            lap(&mut times.data);
             let domains: Vec<DomainId> = batch.picks.iter().map(|(d, _)| *d).collect();
             if let Some(per_domain) = per_domain.as_mut() {
                 let seq_means =
                     per_domain.backward(&model, &batch.windows, &domains, run.seq_len, device);
                 by_domain.add(&seq_means, &domains);
+                lap(&mut times.model);
                 continue;
             }
             let (inputs, targets) =
@@ -200,13 +215,17 @@ pub fn train<B: AutodiffBackend>(
                 ref_by_domain.add(&ref_seq, &domains);
                 excess_by_domain.add(&excess_seq, &domains);
             }
-            let loss = match scheduler.loss_weights(step, &feedback) {
+            lap(&mut times.model);
+            let weights = scheduler.loss_weights(step, &feedback);
+            lap(&mut times.mixing);
+            let loss = match weights {
                 None => token_losses.mean(),
                 Some(w) => weighted_loss(token_losses, &domains, micro.counts(), &w, device),
             };
             let loss = loss.div_scalar(run.grad_accum as f64);
             grads.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
             by_domain.add(&seq_means, &domains);
+            lap(&mut times.model);
         }
         let grads = match (per_domain.as_mut(), &requirements.gradients) {
             (Some(per_domain), Some(target)) => {
@@ -231,6 +250,7 @@ pub fn train<B: AutodiffBackend>(
         };
         let (updated, stats) = optimizer.step(lr, model, grads);
         model = updated;
+        lap(&mut times.model);
 
         let train = by_domain.means();
         last_loss = mean_over_sequences(&train, by_domain.counts());
@@ -241,6 +261,7 @@ pub fn train<B: AutodiffBackend>(
             excess: reference.as_ref().map(|_| excess_by_domain.means()),
         };
         scheduler.observe_train(step, &feedback);
+        lap(&mut times.mixing);
 
         let tokens = (step + 1) * tokens_per_step;
         let elapsed = started.elapsed().as_secs_f64();
@@ -259,7 +280,9 @@ pub fn train<B: AutodiffBackend>(
                 .map(|w| crate::metrics::by_name(&names, w.as_slice())),
             elapsed_s: elapsed,
             tokens_per_s: tokens as f64 / elapsed.max(1e-9),
+            time_s: times,
         };
+        after_record = Instant::now();
         metrics.step(&record)?;
         progress.update(&record, &proportions);
 

@@ -103,6 +103,21 @@ fn short_run_writes_metrics_and_reloadable_checkpoints() {
             }
         }
         assert!((weighted / 8.0 - s["loss"].as_f64().unwrap()).abs() < 1e-6);
+        // The step's time by part: each measured, together within the wall-clock
+        // since the previous step's record.
+        let t = &s["time_s"];
+        let parts: Vec<f64> = ["data", "model", "mixing", "other"]
+            .iter()
+            .map(|p| t[p].as_f64().unwrap())
+            .collect();
+        assert!(parts.iter().all(|&x| x >= 0.0) && parts[1] > 0.0, "{t}");
+        let since = s["elapsed_s"].as_f64().unwrap()
+            - if i == 0 {
+                0.0
+            } else {
+                steps[i - 1]["elapsed_s"].as_f64().unwrap()
+            };
+        assert!(parts.iter().sum::<f64>() <= since + 1e-3, "{t} in {since}");
     }
 
     let ckpt = latest_checkpoint(&outcome.run_dir).unwrap();
