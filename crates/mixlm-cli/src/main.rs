@@ -133,9 +133,12 @@ enum Command {
     ModelInfo {
         /// Presets to describe (all when none is given).
         presets: Vec<String>,
-        /// Context length for the attention FLOPs.
+        /// Context length for the attention FLOPs and the memory estimate.
         #[arg(long, default_value_t = 2048)]
         seq_len: usize,
+        /// Sequences per micro-batch for the memory estimate.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
     },
     /// Tokenize SlimPajama-style jsonl / jsonl.zst / parquet into per-domain token shards.
     Prepare {
@@ -562,15 +565,26 @@ fn run(cli: Cli) -> Result<()> {
             println!("written: {}", report.display());
             Ok(())
         }
-        Command::ModelInfo { presets, seq_len } => {
+        Command::ModelInfo {
+            presets,
+            seq_len,
+            batch_size,
+        } => {
             let names: Vec<String> = if presets.is_empty() {
                 PRESETS.iter().map(|s| s.to_string()).collect()
             } else {
                 presets
             };
             println!(
-                "{:<14} {:>6} {:>15} {:>15} {:>14} {:>14}",
-                "preset", "family", "params", "non-embedding", "fwd GFLOP/tok", "train GFLOP/tok"
+                "{:<14} {:>6} {:>15} {:>15} {:>14} {:>14} {:>10} {:>10}",
+                "preset",
+                "family",
+                "params",
+                "non-embedding",
+                "fwd GFLOP/tok",
+                "train GFLOP/tok",
+                "train GiB",
+                "balanced"
             );
             for name in names {
                 let c = ModelConfig::preset(&name).ok_or_else(|| {
@@ -580,17 +594,27 @@ fn run(cli: Cli) -> Result<()> {
                     )
                 })?;
                 let fwd = c.forward_flops_per_token(seq_len) as f64 / 1e9;
+                let gib = |balanced| {
+                    c.training_memory(batch_size, seq_len, balanced).total() as f64
+                        / (1u64 << 30) as f64
+                };
                 println!(
-                    "{:<14} {:>6} {:>15} {:>15} {:>14.3} {:>14.3}",
+                    "{:<14} {:>6} {:>15} {:>15} {:>14.3} {:>14.3} {:>10.1} {:>10.1}",
                     name,
                     format!("{:?}", c.family).to_lowercase(),
                     group_digits(c.num_params()),
                     group_digits(c.num_non_embedding_params()),
                     fwd,
-                    3.0 * fwd
+                    3.0 * fwd,
+                    gib(false),
+                    gib(true)
                 );
             }
-            println!("(FLOPs at sequence length {seq_len}; training = 3x forward)");
+            println!(
+                "(FLOPs at sequence length {seq_len}; training = 3x forward. Memory: estimated \
+                 f32 training with AdamW at batch {batch_size} x {seq_len}, without and with \
+                 run.activation_checkpointing = \"balanced\"; see ModelConfig::training_memory)"
+            );
             Ok(())
         }
         Command::Prepare {

@@ -8,5 +8,5 @@ pub mod config;
 pub mod hf;
 pub mod model;
 
-pub use config::{Family, ModelConfig, PRESETS};
+pub use config::{Family, ModelConfig, TrainingMemory, PRESETS};
 pub use model::{token_nll, Transformer};
