@@ -378,29 +378,25 @@ mod tests {
             e.contains("a.u32: 5 counts for the 18 training documents of `a`"),
             "{e}"
         );
+        let refusal = || {
+            ResampledSource::open(
+                ShardSource::open(tmp.path().join("shards"), 0).unwrap(),
+                &plan,
+                0,
+            )
+            .err()
+            .unwrap()
+            .to_string()
+        };
         write_plan(&plan, "a", &[1; 18]);
-        let e = ResampledSource::open(
-            ShardSource::open(tmp.path().join("shards"), 0).unwrap(),
-            &plan,
-            0,
-        )
-        .err()
-        .unwrap()
-        .to_string();
+        let e = refusal();
         assert!(
             e.contains("b.u32") && e.contains("run mixlm samplemix"),
             "{e}"
         );
         write_plan(&plan, "b", &[0; 18]);
         write_plan(&plan, "a", &[0; 18]);
-        let e = ResampledSource::open(
-            ShardSource::open(tmp.path().join("shards"), 0).unwrap(),
-            &plan,
-            0,
-        )
-        .err()
-        .unwrap()
-        .to_string();
+        let e = refusal();
         assert!(e.contains("keeps no training tokens"), "{e}");
     }
 }

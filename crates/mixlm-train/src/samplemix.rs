@@ -21,7 +21,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use mixlm_data::prepare::PreparedTokenizer;
-use mixlm_data::resampled::{counts_bytes, counts_path};
+use mixlm_data::resampled::{counts_bytes, counts_path, read_counts};
 use mixlm_data::{ShardSource, Split, TokenSource};
 use mixlm_eval::diversity::{assign, kmeans, ClusterStats, TfIdf};
 use mixlm_eval::perplexity::{model_nll, score_stream, PerplexityOptions};
@@ -190,15 +190,24 @@ fn claim_folder(plan: &Path, what: &str, also: &[&str], tag: &str) -> Result<()>
         return Ok(());
     }
     for sub in std::iter::once(&what).chain(also) {
-        let dir = plan.join(sub);
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("cannot remove {}", dir.display()))
-            }
-            _ => {}
-        }
+        remove_if_present(&plan.join(sub))?;
     }
     write_in_folder(&path, tag.as_bytes())
+}
+
+/// Removes a file or folder (with its contents); one that is not there is fine.
+fn remove_if_present(path: &Path) -> Result<()> {
+    let removed = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match removed {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Scores every training document's quality into `<plan>/quality/`; returns the mean
@@ -445,41 +454,26 @@ impl DiversityOptions {
     }
 }
 
-/// What a clustering was fitted with (`kmeans/fit.json`): a rerun with the same
-/// settings reuses the centroids and the domains already assigned.
+/// What a clustering is fitted with: a rerun with equal settings reuses the
+/// centroids and the domains already assigned.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct FitRecord {
+struct FitSettings {
     embedder: String,
     k: usize,
     seed: u64,
     fit_documents: usize,
     max_doc_tokens: usize,
-    /// Training documents per domain when it was fitted.
+    /// Training documents per domain.
     documents: Vec<(String, usize)>,
-    /// Filled in by the fit.
+}
+
+/// `kmeans/fit.json`: the settings and what the fit found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct FitRecord {
+    settings: FitSettings,
     dim: usize,
     clusters: usize,
     iterations: usize,
-}
-
-impl FitRecord {
-    fn same_settings(&self, other: &FitRecord) -> bool {
-        (
-            &self.embedder,
-            self.k,
-            self.seed,
-            self.fit_documents,
-            self.max_doc_tokens,
-            &self.documents,
-        ) == (
-            &other.embedder,
-            other.k,
-            other.seed,
-            other.fit_documents,
-            other.max_doc_tokens,
-            &other.documents,
-        )
-    }
 }
 
 /// Documents read and embedded at a time when assigning.
@@ -562,8 +556,10 @@ impl<B: burn::tensor::backend::Backend> Embed<B> {
     }
 }
 
-fn u32_bytes(values: impl IntoIterator<Item = u32>) -> Vec<u8> {
-    values.into_iter().flat_map(u32::to_le_bytes).collect()
+/// `<kmeans>/assign/<domain>.u32`: each training document's cluster, in the plan's
+/// `u32` encoding ([`counts_bytes`] / [`read_counts`]).
+fn assign_path(kdir: &Path, domain: &str) -> PathBuf {
+    kdir.join("assign").join(format!("{domain}.u32"))
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -589,7 +585,7 @@ pub fn score_diversity(
 ) -> Result<ClusterReport> {
     let (source, docs, bar) = open_corpus(options, "assigning")?;
     let kdir = options.plan.join("kmeans");
-    let wanted = FitRecord {
+    let wanted = FitSettings {
         embedder: match &diversity.embedder {
             Embedder::TfIdf { dim } => format!("tfidf:{dim}"),
             Embedder::Model { checkpoint } => format!("model:{}", checkpoint.display()),
@@ -602,9 +598,6 @@ pub fn score_diversity(
             .iter()
             .map(|(n, o)| (n.clone(), o.len().saturating_sub(1)))
             .collect(),
-        dim: 0,
-        clusters: 0,
-        iterations: 0,
     };
 
     struct Job<'a> {
@@ -613,7 +606,7 @@ pub fn score_diversity(
         source: &'a ShardSource,
         docs: &'a [(String, Vec<u64>)],
         kdir: &'a Path,
-        wanted: &'a FitRecord,
+        wanted: &'a FitSettings,
         bar: &'a ProgressBar,
     }
     impl OnBackend for Job<'_> {
@@ -661,7 +654,7 @@ pub fn score_diversity(
             let centroids_path = kdir.join("centroids.f32");
             let idf_path = kdir.join("idf.f32");
             let reusable = old.filter(|f| {
-                f.same_settings(wanted)
+                f.settings == *wanted
                     && has_values(&centroids_path, f.clusters * f.dim)
                     && (model.is_some() || has_values(&idf_path, f.dim))
             });
@@ -673,18 +666,8 @@ pub fn score_diversity(
                     .transpose()?;
                 (fit, centroids, ready(idf))
             } else {
-                match std::fs::remove_file(&fit_path) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(e).with_context(|| fit_path.display().to_string())
-                    }
-                    _ => {}
-                }
-                for sub in ["assign", "distance"] {
-                    let dir = kdir.join(sub);
-                    if dir.exists() {
-                        std::fs::remove_dir_all(&dir)
-                            .with_context(|| format!("cannot remove {}", dir.display()))?;
-                    }
+                for stale in ["fit.json", "assign", "distance"] {
+                    remove_if_present(&kdir.join(stale))?;
                 }
                 // A seeded uniform sample, in corpus order.
                 let all: Vec<(usize, usize)> = docs
@@ -730,10 +713,10 @@ pub fn score_diversity(
                     write_atomic(&idf_path, &f32_bytes(idf))?;
                 }
                 let fit = FitRecord {
+                    settings: wanted.clone(),
                     dim: km.dim,
                     clusters: km.k,
                     iterations: km.iterations,
-                    ..wanted.clone()
                 };
                 write_atomic(&fit_path, serde_json::to_string_pretty(&fit)?.as_bytes())?;
                 (fit, km.centroids, embed)
@@ -744,13 +727,14 @@ pub fn score_diversity(
             bar.set_message("assigning");
             for (d, (name, offsets)) in docs.iter().enumerate() {
                 let n = offsets.len().saturating_sub(1);
-                let assign_path = kdir.join("assign").join(format!("{name}.u32"));
+                let assign_path = assign_path(kdir, name);
                 let distance_path = values_path(kdir, "distance", name);
                 if has_values(&assign_path, n) && has_values(&distance_path, n) {
                     bar.inc(n as u64);
                     continue;
                 }
-                let (mut clusters, mut distances) = (Vec::with_capacity(n), Vec::with_capacity(n));
+                let (mut clusters, mut distances): (Vec<u32>, Vec<f32>) =
+                    (Vec::with_capacity(n), Vec::with_capacity(n));
                 for start in (0..n).step_by(ASSIGN_CHUNK) {
                     let texts: Vec<Vec<u32>> = (start..(start + ASSIGN_CHUNK).min(n))
                         .into_par_iter()
@@ -763,7 +747,7 @@ pub fn score_diversity(
                     bar.inc(texts.len() as u64);
                 }
                 write_in_folder(&distance_path, &f32_bytes(&distances))?;
-                write_in_folder(&assign_path, &u32_bytes(clusters))?;
+                write_in_folder(&assign_path, &counts_bytes(&clusters))?;
             }
             Ok((fit, centroids))
         }
@@ -783,26 +767,20 @@ pub fn score_diversity(
     bar.finish_and_clear();
 
     // Cluster statistics over the whole corpus, then each document's diversity.
-    let read_domain = |name: &str, n: usize| -> Result<(Vec<u32>, Vec<f32>)> {
-        let path = kdir.join("assign").join(format!("{name}.u32"));
-        let bytes =
-            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let clusters: Vec<u32> = bytes
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+    let read_assignment = |name: &str, n: usize| -> Result<Vec<u32>> {
+        let path = assign_path(&kdir, name);
+        let clusters = read_counts(&path)?;
         if clusters.len() != n || clusters.iter().any(|&c| c as usize >= fit.clusters) {
             anyhow::bail!("{} is damaged: score diversity again", path.display());
         }
-        Ok((
-            clusters,
-            read_values(&values_path(&kdir, "distance", name), n)?,
-        ))
+        Ok(clusters)
     };
     let mut stats = ClusterStats::new(fit.clusters);
     let mut clusters_of: BTreeMap<String, std::collections::BTreeSet<usize>> = BTreeMap::new();
     for (name, offsets) in &docs {
-        let (clusters, distances) = read_domain(name, offsets.len().saturating_sub(1))?;
+        let n = offsets.len().saturating_sub(1);
+        let clusters = read_assignment(name, n)?;
+        let distances = read_values(&values_path(&kdir, "distance", name), n)?;
         for (&c, &x) in clusters.iter().zip(&distances) {
             stats.add(c as usize, x);
         }
@@ -815,14 +793,14 @@ pub fn score_diversity(
         &[],
         &format!(
             "{}, k-means k = {} fitted on {} documents (seed {})",
-            fit.embedder,
+            fit.settings.embedder,
             fit.clusters,
-            fit.fit_documents.min(stats.sizes.iter().sum()),
-            fit.seed
+            fit.settings.fit_documents.min(stats.sizes.iter().sum()),
+            fit.settings.seed
         ),
     )?;
     for (name, offsets) in &docs {
-        let (clusters, _) = read_domain(name, offsets.len().saturating_sub(1))?;
+        let clusters = read_assignment(name, offsets.len().saturating_sub(1))?;
         let d: Vec<f32> = clusters
             .iter()
             .map(|&c| per_cluster[c as usize] as f32)
