@@ -11,6 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use mixlm_data::{fetch_batch, Split, TokenSource};
 use mixlm_mixing::{DomainId, DomainLosses};
+use mixlm_model::ModelBackend;
 use mixlm_model::Transformer;
 use serde::{Deserialize, Serialize};
 
@@ -97,7 +98,7 @@ pub fn sequence_means<B: Backend>(token_losses: Tensor<B, 2>) -> Vec<f32> {
 
 /// Mean validation loss (nats/token) of every domain over its first `sequences`
 /// validation windows, `batch_size` windows per forward pass.
-pub fn validation_losses<B: Backend>(
+pub fn validation_losses<B: ModelBackend>(
     model: &Transformer<B>,
     source: &dyn TokenSource,
     seq_len: usize,

@@ -19,9 +19,9 @@
 
 use std::ops::Range;
 
-use burn::tensor::backend::Backend;
 use mixlm_data::{Split, TokenSource};
 use mixlm_mixing::DomainId;
+use mixlm_model::ModelBackend;
 use mixlm_model::Transformer;
 use serde::{Deserialize, Serialize};
 
@@ -268,7 +268,7 @@ impl SplitPerplexity {
 
 /// The NLL of every target of a batch of windows under `model`, as [`score_stream`]
 /// wants it.
-pub fn model_nll<'a, B: Backend>(
+pub fn model_nll<'a, B: ModelBackend>(
     model: &'a Transformer<B>,
     device: &B::Device,
 ) -> impl FnMut(&[u32], usize, usize) -> Vec<f32> + 'a {
@@ -285,7 +285,7 @@ pub fn model_nll<'a, B: Backend>(
 }
 
 /// Perplexity of every domain of `split` under `model`.
-pub fn split_perplexity<B: Backend>(
+pub fn split_perplexity<B: ModelBackend>(
     model: &Transformer<B>,
     source: &dyn TokenSource,
     split: Split,

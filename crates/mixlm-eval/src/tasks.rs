@@ -24,8 +24,8 @@
 use std::path::Path;
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use mixlm_model::ModelBackend;
 use mixlm_model::Transformer;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -373,13 +373,13 @@ pub fn score_task(
 
 /// A [`TokenScorer`] over a Burn model: right-padded batches (causal attention, so
 /// padding after a sequence cannot change its scores).
-pub struct ModelScorer<'a, B: Backend> {
+pub struct ModelScorer<'a, B: ModelBackend> {
     pub model: &'a Transformer<B>,
     pub device: B::Device,
     pub max_len: usize,
 }
 
-impl<B: Backend> TokenScorer for ModelScorer<'_, B> {
+impl<B: ModelBackend> TokenScorer for ModelScorer<'_, B> {
     fn max_len(&self) -> usize {
         self.max_len
     }

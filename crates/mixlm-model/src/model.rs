@@ -8,10 +8,9 @@ use burn::nn::{
 };
 use burn::tensor::activation::{gelu, log_softmax, silu};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor, TensorData};
 
+use crate::attention::{causal_attention, ModelBackend};
 use crate::config::{Family, ModelConfig};
 
 /// Normalisation layer: LayerNorm (NeoX) or RMSNorm (Llama).
@@ -81,7 +80,9 @@ impl<B: Backend> Attention<B> {
             head_dim: c.head_dim,
         }
     }
+}
 
+impl<B: ModelBackend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, g, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
@@ -96,12 +97,7 @@ impl<B: Backend> Attention<B> {
         let k = rope.apply(heads(h, g));
         let v = heads(h + g, g);
         let (k, v) = (repeat_kv(k, h / g), repeat_kv(v, h / g));
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
-        let y = attention(q, k, v, None, None, options);
+        let y = causal_attention(q, k, v);
         self.out.forward(y.swap_dims(1, 2).reshape([b, t, h * hd]))
     }
 }
@@ -218,7 +214,9 @@ impl<B: Backend> Block<B> {
             parallel_residual: c.parallel_residual,
         }
     }
+}
 
+impl<B: ModelBackend> Block<B> {
     pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>) -> Tensor<B, 3> {
         if self.parallel_residual {
             // GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
@@ -267,7 +265,7 @@ impl ModelConfig {
     }
 }
 
-impl<B: Backend> Transformer<B> {
+impl<B: ModelBackend> Transformer<B> {
     /// Hidden states after the final norm: `[batch, seq, d_model]`.
     pub fn hidden(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [_, t] = tokens.dims();

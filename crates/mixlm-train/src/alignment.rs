@@ -8,6 +8,7 @@
 //! the model is then updated with the weighted sum of the domain gradients the
 //! scheduler asks for. Memory: one extra gradient copy per domain.
 
+use mixlm_model::TrainBackend;
 use std::marker::PhantomData;
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -21,13 +22,13 @@ use mixlm_mixing::{AlignmentTarget, DomainId, GradientAlignment};
 use mixlm_model::Transformer;
 
 /// One step's gradients, kept apart by domain.
-pub struct DomainGradients<B: AutodiffBackend> {
+pub struct DomainGradients<B: TrainBackend> {
     grads: Vec<GradientsAccumulator<Transformer<B>>>,
     /// Sequences behind each domain's gradient (it is of the sum of their means).
     counts: Vec<usize>,
 }
 
-impl<B: AutodiffBackend> DomainGradients<B> {
+impl<B: TrainBackend> DomainGradients<B> {
     pub fn new(k: usize) -> Self {
         Self {
             grads: (0..k).map(|_| GradientsAccumulator::new()).collect(),
@@ -137,7 +138,7 @@ impl<B: AutodiffBackend> DomainGradients<B> {
 
 /// The gradient of the mean loss over `sequences` validation windows spread evenly
 /// over `domains`, drawn afresh for each `step` (deterministic in `seed`).
-pub fn validation_gradient<B: AutodiffBackend>(
+pub fn validation_gradient<B: TrainBackend>(
     model: &Transformer<B>,
     source: &dyn TokenSource,
     (sequences, domains): (usize, &[DomainId]),
@@ -163,7 +164,7 @@ pub fn validation_gradient<B: AutodiffBackend>(
 
 /// `G[a][b] = <sets[a], sets[b]>` over every parameter of `model` (missing
 /// gradients count as zero).
-pub fn gram_matrix<B: AutodiffBackend>(
+pub fn gram_matrix<B: TrainBackend>(
     model: &Transformer<B>,
     sets: &[&GradientsParams],
 ) -> Vec<Vec<f64>> {

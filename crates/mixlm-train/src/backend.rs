@@ -1,10 +1,10 @@
 //! Run-time backend choice: `--backend cpu|wgpu|cuda`. The trainer is generic over
 //! the Burn backend; the concrete type is picked here, once, at the edge.
 
+use mixlm_model::TrainBackend;
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
-use burn::tensor::backend::AutodiffBackend;
 
 use burn::backend::autodiff::checkpoint::strategy::{
     BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
@@ -70,7 +70,7 @@ impl BackendKind {
 /// a [`BackendKind`] names (closures cannot be generic over a type, traits can).
 pub trait OnBackend {
     type Output;
-    fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<Self::Output>;
+    fn run<B: TrainBackend>(self, device: &B::Device) -> Result<Self::Output>;
 }
 
 /// Runs `job` on the chosen backend's default device.
@@ -119,7 +119,7 @@ pub fn train_on(
     struct Job<'a>(&'a RunConfig, &'a TrainOptions);
     impl OnBackend for Job<'_> {
         type Output = TrainOutcome;
-        fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<TrainOutcome> {
+        fn run<B: TrainBackend>(self, device: &B::Device) -> Result<TrainOutcome> {
             train::<B>(self.0, device, self.1)
         }
     }

@@ -7,10 +7,10 @@
 //! family. The data are the run's own (`run.toml` saved in the checkpoint) unless a
 //! config or `--data` folder says otherwise.
 
+use mixlm_model::TrainBackend;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::AutodiffBackend;
 use mixlm_data::prepare::PreparedTokenizer;
 use mixlm_data::{Split, TokenSource};
 use mixlm_eval::perplexity::{split_perplexity, PerplexityOptions, SplitPerplexity};
@@ -90,7 +90,7 @@ pub fn checkpoint_run_config(dir: &Path, overrides: &[String]) -> Result<Option<
 }
 
 /// Evaluates on backend `B` (inference only: its inner backend).
-pub fn evaluate<B: AutodiffBackend>(
+pub fn evaluate<B: TrainBackend>(
     config: &RunConfig,
     options: &EvalOptions,
     device: &B::Device,
@@ -220,7 +220,7 @@ pub fn heldout_name(input: &str) -> String {
 /// records without a domain field under the set's name) into
 /// `<out>/heldout/<name>/`, which later evaluations reuse while the inputs are
 /// unchanged, and scored domain by domain with the same windows as the splits.
-fn heldout_perplexity<B: burn::tensor::backend::Backend>(
+fn heldout_perplexity<B: mixlm_model::ModelBackend>(
     model: &mixlm_model::Transformer<B>,
     model_vocab: usize,
     config: &RunConfig,
@@ -299,7 +299,7 @@ pub fn evaluate_on(
     struct Job<'a>(&'a RunConfig, &'a EvalOptions);
     impl OnBackend for Job<'_> {
         type Output = EvalReport;
-        fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<EvalReport> {
+        fn run<B: TrainBackend>(self, device: &B::Device) -> Result<EvalReport> {
             evaluate::<B>(self.0, self.1, device)
         }
     }

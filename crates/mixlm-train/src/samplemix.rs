@@ -13,11 +13,11 @@
 //! Quality is scored per domain and a finished domain is not scored again, so an
 //! interrupted scoring run continues where it stopped.
 
+use mixlm_model::TrainBackend;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use mixlm_data::prepare::PreparedTokenizer;
@@ -279,7 +279,7 @@ pub fn score_quality(
             );
             impl OnBackend for Job<'_> {
                 type Output = ();
-                fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<()> {
+                fn run<B: TrainBackend>(self, device: &B::Device) -> Result<()> {
                     let Job(options, source, docs, checkpoint, bar) = self;
                     let (model, config) = load_model::<B::InnerBackend>(checkpoint, device)?;
                     if source.vocab_size() > config.vocab_size {
@@ -480,7 +480,7 @@ struct FitRecord {
 const ASSIGN_CHUNK: usize = 4096;
 
 /// An embedder ready on a device.
-enum Embed<B: burn::tensor::backend::Backend> {
+enum Embed<B: mixlm_model::ModelBackend> {
     TfIdf(TfIdf),
     Model {
         model: Box<mixlm_model::Transformer<B>>,
@@ -491,7 +491,7 @@ enum Embed<B: burn::tensor::backend::Backend> {
     },
 }
 
-impl<B: burn::tensor::backend::Backend> Embed<B> {
+impl<B: mixlm_model::ModelBackend> Embed<B> {
     fn dim(&self) -> usize {
         match self {
             Embed::TfIdf(t) => t.dim,
@@ -611,7 +611,7 @@ pub fn score_diversity(
     }
     impl OnBackend for Job<'_> {
         type Output = (FitRecord, Vec<f32>);
-        fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<(FitRecord, Vec<f32>)> {
+        fn run<B: TrainBackend>(self, device: &B::Device) -> Result<(FitRecord, Vec<f32>)> {
             let Job {
                 options: o,
                 diversity,

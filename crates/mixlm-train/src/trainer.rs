@@ -9,6 +9,7 @@
 //! a step's as soon as its proportions are known, and the next step's too when the
 //! scheduler fixes proportions in advance (static mixtures).
 
+use mixlm_model::TrainBackend;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,7 +17,6 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use mixlm_data::{MixtureSampler, Prefetcher, SamplerState, Split, TokenSource};
 use mixlm_eval::{
@@ -62,7 +62,7 @@ pub fn build_source(config: &RunConfig) -> Result<Box<dyn TokenSource>> {
 
 /// Trains the model a config describes, on backend `B`, and writes
 /// `<out_dir>/<name>/{config.toml, metrics.jsonl, checkpoints/}`.
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: TrainBackend>(
     config: &RunConfig,
     device: &B::Device,
     options: &TrainOptions,
@@ -395,7 +395,7 @@ fn load_reference<B: burn::tensor::backend::Backend>(
 
 /// `sum_i w_i * (mean loss of domain i's tokens)` over the domains present: each
 /// sequence weighs `w_d / n_d` (`n_d` sequences of its domain `d`, all of equal length).
-fn weighted_loss<B: AutodiffBackend>(
+fn weighted_loss<B: TrainBackend>(
     token_losses: Tensor<B, 2>,
     domains: &[DomainId],
     counts: &[usize],

@@ -1,0 +1,623 @@
+//! Tiled causal attention kernels for CubeCL backends (wgpu, CUDA), forward and backward.
+//!
+//! One cube serves one `(batch, head)` and a block of `block` rows; each unit owns one
+//! row and keeps it, and its accumulators, in registers (f32, whatever the storage
+//! precision). The other operand streams through shared memory one tile of `block`
+//! rows at a time, so memory stays `O(seq · head_dim)`:
+//!
+//! - forward: a unit per query row, online softmax over key tiles → output and
+//!   log-sum-exp;
+//! - backward, query side: a unit per query row recomputes `P` from the log-sum-exp
+//!   and accumulates `dQ`; it also writes `delta = rowsum(dO ∘ O)`;
+//! - backward, key side: a unit per key row walks the query tiles at and after its own
+//!   and accumulates `dK` and `dV`. Splitting the backward this way needs no atomics.
+//!
+//! The causal mask skips whole tiles above the diagonal. These are CUDA-core kernels
+//! (no tensor cores yet); `benches/RESULTS.md` tracks how they compare.
+
+use burn::tensor::{DType, Shape, TensorMetadata};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use cubecl::prelude::*;
+
+use super::ModelBackend;
+
+/// Largest head dimension the kernels hold in registers.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Loads row `row` of `a` and `b` (`[.., seq, d]`, contiguous, rows of this head start at
+/// `base`) into tile slot `slot`, scaling `a` by `scale`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_rows<F: Float>(
+    a: &Tensor<F>,
+    b: &Tensor<F>,
+    a_tile: &mut SharedMemory<f32>,
+    b_tile: &mut SharedMemory<f32>,
+    base: usize,
+    row: usize,
+    slot: usize,
+    scale: f32,
+    #[comptime] head_dim: u32,
+) {
+    let d = head_dim as usize;
+    for c in 0..d {
+        a_tile[slot * d + c] = f32::cast_from(a[base + row * d + c]) * scale;
+        b_tile[slot * d + c] = f32::cast_from(b[base + row * d + c]);
+    }
+}
+
+/// `Σ_c x[c] · tile[slot · d + c]`.
+#[cube]
+fn dot_tile(
+    x: &Array<f32>,
+    tile: &SharedMemory<f32>,
+    slot: usize,
+    #[comptime] head_dim: u32,
+) -> f32 {
+    let d = head_dim as usize;
+    let mut sum = f32::new(0.0);
+    for c in 0..d {
+        sum += x[c] * tile[slot * d + c];
+    }
+    sum
+}
+
+/// Reads one row into registers, times `scale`.
+#[cube]
+fn read_row<F: Float>(
+    x: &Tensor<F>,
+    offset: usize,
+    scale: f32,
+    row: &mut Array<f32>,
+    #[comptime] head_dim: u32,
+) {
+    let d = head_dim as usize;
+    for c in 0..d {
+        row[c] = f32::cast_from(x[offset + c]) * scale;
+    }
+}
+
+#[cube]
+fn zeros(row: &mut Array<f32>, #[comptime] head_dim: u32) {
+    let d = head_dim as usize;
+    for c in 0..d {
+        row[c] = 0.0;
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn forward_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<F>,
+    lse: &mut Tensor<f32>,
+    seq: u32,
+    scale: f32,
+    #[comptime] block: u32,
+    #[comptime] head_dim: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let bs = block as usize;
+    let d = head_dim as usize;
+    let t = seq as usize;
+    let z = CUBE_POS_X as usize;
+    let query_block = CUBE_POS_Y as usize;
+    let u = UNIT_POS_X as usize;
+    let i = query_block * bs + u;
+    let base = z * t * d;
+    let active = i < t;
+
+    let mut q_row = Array::<f32>::new(d);
+    let mut acc = Array::<f32>::new(d);
+    let mut scores = Array::<f32>::new(bs);
+    let mut k_tile = SharedMemory::<f32>::new(bs * d);
+    let mut v_tile = SharedMemory::<f32>::new(bs * d);
+    zeros(&mut q_row, head_dim);
+    zeros(&mut acc, head_dim);
+    if active {
+        read_row::<F>(q, base + i * d, scale, &mut q_row, head_dim);
+    }
+    let mut m = f32::new(-1.0e30);
+    let mut l = f32::new(0.0);
+
+    for kt in 0..query_block + 1 {
+        let j = kt * bs + u;
+        if j < t {
+            load_rows::<F>(k, v, &mut k_tile, &mut v_tile, base, j, u, 1.0, head_dim);
+        }
+        sync_cube();
+        if active {
+            let mut tile_max = m;
+            for jj in 0..bs {
+                let mut s = f32::new(-1.0e30);
+                if kt * bs + jj <= i {
+                    s = dot_tile(&q_row, &k_tile, jj, head_dim);
+                }
+                scores[jj] = s;
+                if s > tile_max {
+                    tile_max = s;
+                }
+            }
+            let correction = (m - tile_max).exp();
+            l *= correction;
+            for c in 0..d {
+                acc[c] *= correction;
+            }
+            for jj in 0..bs {
+                if kt * bs + jj <= i {
+                    let p = (scores[jj] - tile_max).exp();
+                    l += p;
+                    for c in 0..d {
+                        acc[c] += p * v_tile[jj * d + c];
+                    }
+                }
+            }
+            m = tile_max;
+        }
+        sync_cube();
+    }
+
+    if active {
+        for c in 0..d {
+            out[base + i * d + c] = F::cast_from(acc[c] / l);
+        }
+        lse[z * t + i] = m + l.ln();
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn backward_query_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &Tensor<F>,
+    grad: &Tensor<F>,
+    lse: &Tensor<f32>,
+    dq: &mut Tensor<F>,
+    delta: &mut Tensor<f32>,
+    seq: u32,
+    scale: f32,
+    #[comptime] block: u32,
+    #[comptime] head_dim: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let bs = block as usize;
+    let d = head_dim as usize;
+    let t = seq as usize;
+    let z = CUBE_POS_X as usize;
+    let query_block = CUBE_POS_Y as usize;
+    let u = UNIT_POS_X as usize;
+    let i = query_block * bs + u;
+    let base = z * t * d;
+    let active = i < t;
+
+    let mut q_row = Array::<f32>::new(d);
+    let mut grad_row = Array::<f32>::new(d);
+    let mut acc = Array::<f32>::new(d);
+    let mut k_tile = SharedMemory::<f32>::new(bs * d);
+    let mut v_tile = SharedMemory::<f32>::new(bs * d);
+    zeros(&mut q_row, head_dim);
+    zeros(&mut grad_row, head_dim);
+    zeros(&mut acc, head_dim);
+    let mut row_lse = f32::new(0.0);
+    let mut row_delta = f32::new(0.0);
+    if active {
+        read_row::<F>(q, base + i * d, scale, &mut q_row, head_dim);
+        read_row::<F>(grad, base + i * d, 1.0, &mut grad_row, head_dim);
+        for c in 0..d {
+            row_delta += grad_row[c] * f32::cast_from(out[base + i * d + c]);
+        }
+        row_lse = lse[z * t + i];
+    }
+
+    for kt in 0..query_block + 1 {
+        let j = kt * bs + u;
+        if j < t {
+            load_rows::<F>(k, v, &mut k_tile, &mut v_tile, base, j, u, 1.0, head_dim);
+        }
+        sync_cube();
+        if active {
+            for jj in 0..bs {
+                if kt * bs + jj <= i {
+                    let p = (dot_tile(&q_row, &k_tile, jj, head_dim) - row_lse).exp();
+                    let dp = dot_tile(&grad_row, &v_tile, jj, head_dim);
+                    let ds = p * (dp - row_delta);
+                    for c in 0..d {
+                        acc[c] += ds * k_tile[jj * d + c];
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+
+    if active {
+        for c in 0..d {
+            dq[base + i * d + c] = F::cast_from(acc[c] * scale);
+        }
+        delta[z * t + i] = row_delta;
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn backward_key_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    grad: &Tensor<F>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
+    dk: &mut Tensor<F>,
+    dv: &mut Tensor<F>,
+    seq: u32,
+    scale: f32,
+    #[comptime] block: u32,
+    #[comptime] head_dim: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let bs = block as usize;
+    let d = head_dim as usize;
+    let t = seq as usize;
+    let z = CUBE_POS_X as usize;
+    let key_block = CUBE_POS_Y as usize;
+    let u = UNIT_POS_X as usize;
+    let j = key_block * bs + u;
+    let base = z * t * d;
+    let active = j < t;
+    let tiles = (t + bs - 1) / bs;
+
+    let mut k_row = Array::<f32>::new(d);
+    let mut v_row = Array::<f32>::new(d);
+    let mut dk_acc = Array::<f32>::new(d);
+    let mut dv_acc = Array::<f32>::new(d);
+    let mut q_tile = SharedMemory::<f32>::new(bs * d);
+    let mut grad_tile = SharedMemory::<f32>::new(bs * d);
+    let mut lse_tile = SharedMemory::<f32>::new(bs);
+    let mut delta_tile = SharedMemory::<f32>::new(bs);
+    zeros(&mut k_row, head_dim);
+    zeros(&mut v_row, head_dim);
+    zeros(&mut dk_acc, head_dim);
+    zeros(&mut dv_acc, head_dim);
+    if active {
+        read_row::<F>(k, base + j * d, 1.0, &mut k_row, head_dim);
+        read_row::<F>(v, base + j * d, 1.0, &mut v_row, head_dim);
+    }
+
+    for qt in key_block..tiles {
+        let i = qt * bs + u;
+        if i < t {
+            // q is stored pre-scaled, so dK = Σ dS (scale · q) needs no final factor.
+            load_rows::<F>(
+                q,
+                grad,
+                &mut q_tile,
+                &mut grad_tile,
+                base,
+                i,
+                u,
+                scale,
+                head_dim,
+            );
+            lse_tile[u] = lse[z * t + i];
+            delta_tile[u] = delta[z * t + i];
+        }
+        sync_cube();
+        if active {
+            for ii in 0..bs {
+                let i = qt * bs + ii;
+                if i >= j && i < t {
+                    let p = (dot_tile(&k_row, &q_tile, ii, head_dim) - lse_tile[ii]).exp();
+                    let dp = dot_tile(&v_row, &grad_tile, ii, head_dim);
+                    let ds = p * (dp - delta_tile[ii]);
+                    for c in 0..d {
+                        dv_acc[c] += p * grad_tile[ii * d + c];
+                        dk_acc[c] += ds * q_tile[ii * d + c];
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+
+    if active {
+        for c in 0..d {
+            dk[base + j * d + c] = F::cast_from(dk_acc[c]);
+            dv[base + j * d + c] = F::cast_from(dv_acc[c]);
+        }
+    }
+}
+
+/// Launch geometry shared by the three kernels.
+struct Launch {
+    batch_heads: usize,
+    seq: usize,
+    head_dim: usize,
+    block: usize,
+}
+
+impl Launch {
+    /// The largest power-of-two row block (8..=64) whose two `[block, head_dim]` f32 tiles
+    /// and two `[block]` vectors fit the device's shared memory.
+    fn new<R: CubeRuntime>(q: &CubeTensor<R>, others: &[&CubeTensor<R>]) -> Self {
+        let shape = q.shape();
+        let [b, h, t, d] = shape.dims::<4>();
+        for other in others {
+            assert_eq!(
+                other.shape(),
+                shape,
+                "causal attention: q, k, v (and gradients) must share one shape"
+            );
+        }
+        assert!(
+            d <= MAX_HEAD_DIM,
+            "causal attention kernels hold a head in registers: head_dim {d} > {MAX_HEAD_DIM}"
+        );
+        let props = &q.client.properties().hardware;
+        let fits = |block: usize| {
+            (2 * block * d + 2 * block) * 4 <= props.max_shared_memory_size
+                && block as u32 <= props.max_units_per_cube
+        };
+        let block = [64, 32, 16, 8]
+            .into_iter()
+            .find(|&bl| fits(bl))
+            .unwrap_or(8);
+        Self {
+            batch_heads: b * h,
+            seq: t,
+            head_dim: d,
+            block,
+        }
+    }
+
+    fn count(&self) -> CubeCount {
+        CubeCount::Static(
+            self.batch_heads as u32,
+            self.seq.div_ceil(self.block) as u32,
+            1,
+        )
+    }
+
+    fn dim(&self) -> CubeDim {
+        CubeDim::new_1d(self.block as u32)
+    }
+
+    fn empty<R: CubeRuntime>(
+        &self,
+        like: &CubeTensor<R>,
+        shape: Shape,
+        dtype: DType,
+    ) -> CubeTensor<R> {
+        empty_device_dtype::<R>(like.client.clone(), like.device.clone(), shape, dtype)
+    }
+
+    fn rows_shape<R: CubeRuntime>(like: &CubeTensor<R>) -> Shape {
+        let [b, h, t, _] = like.shape().dims::<4>();
+        Shape::new([b, h, t])
+    }
+}
+
+fn forward<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    scale: f32,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+    let launch = Launch::new(&q, &[&k, &v]);
+    let out = launch.empty(&q, q.shape(), q.dtype);
+    let lse = launch.empty(&q, Launch::rows_shape(&q), DType::F32);
+    let dtype = q.dtype;
+    forward_kernel::launch::<R>(
+        &q.client.clone(),
+        launch.count(),
+        launch.dim(),
+        q.into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        lse.clone().into_tensor_arg(),
+        launch.seq as u32,
+        scale,
+        launch.block as u32,
+        launch.head_dim as u32,
+        dtype.into(),
+    );
+    (out, lse)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    out: CubeTensor<R>,
+    lse: CubeTensor<R>,
+    grad: CubeTensor<R>,
+    scale: f32,
+) -> [CubeTensor<R>; 3] {
+    let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+    let (out, lse, grad) = (
+        into_contiguous(out),
+        into_contiguous(lse),
+        into_contiguous(grad),
+    );
+    let launch = Launch::new(&q, &[&k, &v, &out, &grad]);
+    let dtype = q.dtype;
+    let client = q.client.clone();
+    let dq = launch.empty(&q, q.shape(), dtype);
+    let dk = launch.empty(&q, q.shape(), dtype);
+    let dv = launch.empty(&q, q.shape(), dtype);
+    let delta = launch.empty(&q, Launch::rows_shape(&q), DType::F32);
+    backward_query_kernel::launch::<R>(
+        &client,
+        launch.count(),
+        launch.dim(),
+        q.clone().into_tensor_arg(),
+        k.clone().into_tensor_arg(),
+        v.clone().into_tensor_arg(),
+        out.into_tensor_arg(),
+        grad.clone().into_tensor_arg(),
+        lse.clone().into_tensor_arg(),
+        dq.clone().into_tensor_arg(),
+        delta.clone().into_tensor_arg(),
+        launch.seq as u32,
+        scale,
+        launch.block as u32,
+        launch.head_dim as u32,
+        dtype.into(),
+    );
+    backward_key_kernel::launch::<R>(
+        &client,
+        launch.count(),
+        launch.dim(),
+        q.into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        grad.into_tensor_arg(),
+        lse.into_tensor_arg(),
+        delta.into_tensor_arg(),
+        dk.clone().into_tensor_arg(),
+        dv.clone().into_tensor_arg(),
+        launch.seq as u32,
+        scale,
+        launch.block as u32,
+        launch.head_dim as u32,
+        dtype.into(),
+    );
+    [dq, dk, dv]
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ModelBackend
+    for CubeBackend<R, F, I, BT>
+{
+    fn causal_attention_forward(
+        q: CubeTensor<R>,
+        k: CubeTensor<R>,
+        v: CubeTensor<R>,
+        scale: f32,
+    ) -> (CubeTensor<R>, CubeTensor<R>) {
+        forward(q, k, v, scale)
+    }
+
+    fn causal_attention_backward(
+        q: CubeTensor<R>,
+        k: CubeTensor<R>,
+        v: CubeTensor<R>,
+        out: CubeTensor<R>,
+        lse: CubeTensor<R>,
+        grad: CubeTensor<R>,
+        scale: f32,
+    ) -> [CubeTensor<R>; 3] {
+        backward(q, k, v, out, lse, grad, scale)
+    }
+}
+
+/// The fusion backend records the kernels as custom operations of its stream; they run
+/// on the inner backend when the stream is flushed.
+#[derive(Debug)]
+struct FusedOp<B> {
+    desc: CustomOpIr,
+    scale: f32,
+    backward: bool,
+    _backend: std::marker::PhantomData<B>,
+}
+
+impl<B: FusionBackend + ModelBackend> Operation<B::FusionRuntime> for FusedOp<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let mut get = |ir: &TensorIr| handles.get_float_tensor::<B>(ir);
+        if self.backward {
+            let ([q, k, v, out, lse, grad], outputs) = self.desc.as_fixed::<6, 3>();
+            let inputs = [q, k, v, out, lse, grad].map(&mut get);
+            let [q, k, v, out, lse, grad] = inputs;
+            let grads = B::causal_attention_backward(q, k, v, out, lse, grad, self.scale);
+            for (ir, g) in outputs.iter().zip(grads) {
+                handles.register_float_tensor::<B>(&ir.id, g);
+            }
+        } else {
+            let ([q, k, v], [out_ir, lse_ir]) = self.desc.as_fixed::<3, 2>();
+            let [q, k, v] = [q, k, v].map(&mut get);
+            let (out, lse) = B::causal_attention_forward(q, k, v, self.scale);
+            handles.register_float_tensor::<B>(&out_ir.id, out);
+            handles.register_float_tensor::<B>(&lse_ir.id, lse);
+        }
+    }
+}
+
+/// Registers a [`FusedOp`] reading `inputs` and producing tensors of `outputs` (shape,
+/// dtype); returns the outputs in order.
+fn register_fused<B: FusionBackend + ModelBackend>(
+    inputs: Vec<burn_fusion::FusionTensor<B::FusionRuntime>>,
+    outputs: Vec<(Shape, DType)>,
+    scale: f32,
+    backward: bool,
+) -> Vec<burn_fusion::FusionTensor<B::FusionRuntime>> {
+    let client = inputs[0].client.clone();
+    let streams = OperationStreams::with_inputs(inputs.iter());
+    let outputs: Vec<TensorIr> = outputs
+        .into_iter()
+        .map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), shape, dtype))
+        .collect();
+    let name = if backward { "backward" } else { "forward" };
+    let desc = CustomOpIr {
+        // The scale is part of the id so that two calls differing only in it never
+        // share a cached stream plan.
+        id: format!("mixlm_causal_attention_{name}(scale={scale:e})"),
+        inputs: inputs.into_iter().map(|t| t.into_ir()).collect(),
+        outputs,
+    };
+    let op = FusedOp::<B> {
+        desc: desc.clone(),
+        scale,
+        backward,
+        _backend: std::marker::PhantomData,
+    };
+    client.register(streams, OperationIr::Custom(desc), op)
+}
+
+impl<B: FusionBackend + ModelBackend> ModelBackend for Fusion<B> {
+    fn causal_attention_forward(
+        q: burn::tensor::ops::FloatTensor<Self>,
+        k: burn::tensor::ops::FloatTensor<Self>,
+        v: burn::tensor::ops::FloatTensor<Self>,
+        scale: f32,
+    ) -> (
+        burn::tensor::ops::FloatTensor<Self>,
+        burn::tensor::ops::FloatTensor<Self>,
+    ) {
+        let [b, h, t, _] = q.shape.dims::<4>();
+        let outputs = vec![
+            (q.shape.clone(), q.dtype),
+            (Shape::new([b, h, t]), DType::F32),
+        ];
+        let mut out = register_fused::<B>(vec![q, k, v], outputs, scale, false).into_iter();
+        (out.next().unwrap(), out.next().unwrap())
+    }
+
+    fn causal_attention_backward(
+        q: burn::tensor::ops::FloatTensor<Self>,
+        k: burn::tensor::ops::FloatTensor<Self>,
+        v: burn::tensor::ops::FloatTensor<Self>,
+        out: burn::tensor::ops::FloatTensor<Self>,
+        lse: burn::tensor::ops::FloatTensor<Self>,
+        grad: burn::tensor::ops::FloatTensor<Self>,
+        scale: f32,
+    ) -> [burn::tensor::ops::FloatTensor<Self>; 3] {
+        let like = (q.shape.clone(), q.dtype);
+        let outputs = vec![like.clone(), like.clone(), like];
+        let grads = register_fused::<B>(vec![q, k, v, out, lse, grad], outputs, scale, true);
+        grads.try_into().expect("three gradients")
+    }
+}
