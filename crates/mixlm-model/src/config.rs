@@ -15,6 +15,41 @@ pub enum Family {
 }
 
 /// Hyperparameters of a decoder-only transformer; the `[model]` TOML section.
+/// Precision of the model's compute: matmuls, attention, rotary embedding and MLP
+/// activations run in it, while parameters (the master weights), optimizer state,
+/// norms, the residual stream, softmax and the loss stay f32 (what PyTorch's autocast
+/// does). bf16 needs no loss scaling; f16 would, which mixlm does not do, so training
+/// configs offer only `f32` and `bf16` (f16 serves evaluation and the tests of this
+/// code path on devices without bf16).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    /// The dtype compute runs in.
+    pub fn dtype(self) -> burn::tensor::FloatDType {
+        use burn::tensor::FloatDType;
+        match self {
+            Self::F32 => FloatDType::F32,
+            Self::Bf16 => FloatDType::BF16,
+            Self::F16 => FloatDType::F16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {

@@ -10,5 +10,5 @@ pub mod hf;
 pub mod model;
 
 pub use attention::{ModelBackend, TrainBackend};
-pub use config::{Family, ModelConfig, TrainingMemory, PRESETS};
+pub use config::{Family, ModelConfig, Precision, TrainingMemory, PRESETS};
 pub use model::{token_nll, Transformer};

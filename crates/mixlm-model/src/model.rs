@@ -8,10 +8,10 @@ use burn::nn::{
 };
 use burn::tensor::activation::{gelu, log_softmax, silu};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::attention::{causal_attention, ModelBackend};
-use crate::config::{Family, ModelConfig};
+use crate::config::{Family, ModelConfig, Precision};
 
 /// Normalisation layer: LayerNorm (NeoX) or RMSNorm (Llama).
 #[derive(Module, Debug)]
@@ -57,6 +57,33 @@ fn linear<B: Backend>(
         .init(device)
 }
 
+/// `linear(x)` in `precision`: input, weight and bias are cast to the compute dtype
+/// (autodiff casts the gradients back to the f32 parameters).
+fn project<B: Backend, const D: usize>(
+    layer: &Linear<B>,
+    x: Tensor<B, D>,
+    precision: Precision,
+) -> Tensor<B, D> {
+    if precision == Precision::F32 {
+        return layer.forward(x);
+    }
+    let dtype = precision.dtype();
+    burn::tensor::module::linear(
+        x.cast(dtype),
+        layer.weight.val().cast(dtype),
+        layer.bias.as_ref().map(|b| b.val().cast(dtype)),
+    )
+}
+
+/// Back to the f32 residual stream.
+fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if x.dtype() == DType::F32 {
+        x
+    } else {
+        x.cast(burn::tensor::FloatDType::F32)
+    }
+}
+
 /// Causal self-attention with a fused QKV projection laid out as `[Q; K; V]`
 /// (`n_heads`, `n_kv_heads`, `n_kv_heads` heads of `head_dim`), rotary embedding on
 /// the first `rotary_dims` of each head, and grouped-query sharing of K/V heads.
@@ -83,10 +110,11 @@ impl<B: Backend> Attention<B> {
 }
 
 impl<B: ModelBackend> Attention<B> {
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>) -> Tensor<B, 3> {
+    /// `x` in f32; the result is f32, computed in `precision`.
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, precision: Precision) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, g, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let qkv = self.qkv.forward(x);
+        let qkv = project(&self.qkv, x, precision);
         let heads = |from: usize, n: usize| {
             qkv.clone()
                 .narrow(2, from * hd, n * hd)
@@ -98,7 +126,11 @@ impl<B: ModelBackend> Attention<B> {
         let v = heads(h + g, g);
         let (k, v) = (repeat_kv(k, h / g), repeat_kv(v, h / g));
         let y = causal_attention(q, k, v);
-        self.out.forward(y.swap_dims(1, 2).reshape([b, t, h * hd]))
+        to_f32(project(
+            &self.out,
+            y.swap_dims(1, 2).reshape([b, t, h * hd]),
+            precision,
+        ))
     }
 }
 
@@ -152,10 +184,14 @@ impl<B: Backend> Rope<B> {
         }
         let [_, _, _, hd] = x.dims();
         let half = self.dims / 2;
+        let (cos, sin) = match x.dtype() {
+            DType::F32 => (self.cos.clone(), self.sin.clone()),
+            dtype => (self.cos.clone().cast(dtype), self.sin.clone().cast(dtype)),
+        };
         let x1 = x.clone().narrow(3, 0, half);
         let x2 = x.clone().narrow(3, half, half);
-        let r1 = x1.clone() * self.cos.clone() - x2.clone() * self.sin.clone();
-        let r2 = x2 * self.cos.clone() + x1 * self.sin.clone();
+        let r1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
+        let r2 = x2 * cos + x1 * sin;
         if self.dims == hd {
             Tensor::cat(vec![r1, r2], 3)
         } else {
@@ -184,13 +220,14 @@ impl<B: Backend> Mlp<B> {
         }
     }
 
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.gate {
-            None => self.down.forward(gelu(self.up.forward(x))),
-            Some(gate) => self
-                .down
-                .forward(silu(gate.forward(x.clone())) * self.up.forward(x)),
-        }
+    /// `x` in f32; the result is f32, computed in `precision`.
+    pub fn forward(&self, x: Tensor<B, 3>, precision: Precision) -> Tensor<B, 3> {
+        let p = precision;
+        let hidden = match &self.gate {
+            None => gelu(project(&self.up, x, p)),
+            Some(gate) => silu(project(gate, x.clone(), p)) * project(&self.up, x, p),
+        };
+        to_f32(project(&self.down, hidden, p))
     }
 }
 
@@ -217,15 +254,18 @@ impl<B: Backend> Block<B> {
 }
 
 impl<B: ModelBackend> Block<B> {
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, precision: Precision) -> Tensor<B, 3> {
+        let p = precision;
         if self.parallel_residual {
             // GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
-            let a = self.attn.forward(self.attn_norm.forward(x.clone()), rope);
-            let m = self.mlp.forward(self.mlp_norm.forward(x.clone()));
+            let a = self
+                .attn
+                .forward(self.attn_norm.forward(x.clone()), rope, p);
+            let m = self.mlp.forward(self.mlp_norm.forward(x.clone()), p);
             x + a + m
         } else {
-            let x = x.clone() + self.attn.forward(self.attn_norm.forward(x), rope);
-            x.clone() + self.mlp.forward(self.mlp_norm.forward(x))
+            let x = x.clone() + self.attn.forward(self.attn_norm.forward(x), rope, p);
+            x.clone() + self.mlp.forward(self.mlp_norm.forward(x), p)
         }
     }
 }
@@ -240,6 +280,9 @@ pub struct Transformer<B: Backend> {
     pub lm_head: Option<Linear<B>>,
     pub rotary_dims: usize,
     pub rope_theta: f64,
+    /// Compute precision of forward passes (a run setting, not saved with the weights).
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl ModelConfig {
@@ -261,6 +304,7 @@ impl ModelConfig {
                 .then(|| linear(self.d_model, self.vocab_size, false, self.init_std, device)),
             rotary_dims: self.rotary_dims(),
             rope_theta: self.rope_theta,
+            precision: Precision::F32,
         }
     }
 }
@@ -272,25 +316,37 @@ impl<B: ModelBackend> Transformer<B> {
         let rope = Rope::new(self.rotary_dims, self.rope_theta, t, &tokens.device());
         let mut x = self.embed.forward(tokens);
         for block in &self.blocks {
-            x = block.forward(x, &rope);
+            x = block.forward(x, &rope, self.precision);
         }
         self.final_norm.forward(x)
     }
 
-    /// Next-token logits: `[batch, seq, vocab]`.
+    /// The same model computing in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// Next-token logits: `[batch, seq, vocab]`, f32 (the output projection runs in
+    /// the model's precision).
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let h = self.hidden(tokens);
-        match &self.lm_head {
-            Some(head) => head.forward(h),
+        let p = self.precision;
+        to_f32(match &self.lm_head {
+            Some(head) => project(head, h, p),
             None => {
                 let [b, t, d] = h.dims();
-                let w = self.embed.weight.val(); // [vocab, d]
+                let mut w = self.embed.weight.val(); // [vocab, d]
+                let mut h = h;
+                if p != Precision::F32 {
+                    (w, h) = (w.cast(p.dtype()), h.cast(p.dtype()));
+                }
                 let v = w.dims()[0];
                 h.reshape([b * t, d])
                     .matmul(w.transpose())
                     .reshape([b, t, v])
             }
-        }
+        })
     }
 
     /// Cross-entropy of every target token, `[batch, seq]` in nats: the quantity both

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use mixlm_data::synthetic::SyntheticConfig;
 use mixlm_data::{Composition, PrepareConfig, TokenSource};
 use mixlm_mixing::MixingConfig;
-use mixlm_model::ModelConfig;
+use mixlm_model::{ModelConfig, Precision};
 use serde::{Deserialize, Serialize};
 
 /// The config compiled into the binary: what plain `mixlm train` runs.
@@ -58,6 +58,9 @@ pub struct RunSection {
     /// Recompute activations in the backward pass instead of keeping them (trades
     /// compute for memory, so larger models or sequences fit).
     pub activation_checkpointing: ActivationCheckpointing,
+    /// `f32` or `bf16`: the precision matmuls and attention compute in; parameters and
+    /// optimizer state stay f32 (see [`Precision`]).
+    pub precision: Precision,
 }
 
 /// `[run] activation_checkpointing`.
@@ -93,6 +96,7 @@ impl Default for RunSection {
             backend: "cpu".into(),
             log_every: 0,
             activation_checkpointing: ActivationCheckpointing::None,
+            precision: Precision::F32,
         }
     }
 }
@@ -436,6 +440,13 @@ impl RunConfig {
         r.backend
             .parse::<crate::BackendKind>()
             .map_err(|e| ConfigError::Invalid(format!("run.backend: {e}")))?;
+        if r.precision == Precision::F16 {
+            return bad(
+                "run.precision = \"f16\" would need loss scaling, which mixlm does not do; \
+                 use \"bf16\" (or \"f32\")"
+                    .into(),
+            );
+        }
         let model = self.model.resolve().map_err(ConfigError::Invalid)?;
         if r.seq_len > model.max_seq_len {
             return bad(format!(

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Tensor, TensorData};
@@ -101,8 +101,17 @@ pub fn train<B: TrainBackend>(
         None => None,
     };
 
+    let dtype = run.precision.dtype().into();
+    if !B::supports_dtype(device, dtype) {
+        bail!(
+            "run.precision = \"{}\": the {} backend cannot compute in {dtype:?} on this \
+             device; use precision = \"f32\" (bf16 needs a GPU that has it, on the cuda backend)",
+            run.precision.name(),
+            B::name(device)
+        );
+    }
     B::seed(device, run.seed);
-    let mut model: Transformer<B> = model_config.init(device);
+    let mut model: Transformer<B> = model_config.init(device).with_precision(run.precision);
     let mut optimizer = AdamW::<B::InnerBackend>::new(config.optimizer.clone());
     let sampler = MixtureSampler::new(k, run.seed, config.data.composition);
     let mut batches = Prefetcher::spawn(

@@ -766,6 +766,36 @@ fn mix_search_pipelines_doremi_doge_skill_it() {
     train::<B>(&run, &Default::default(), &TrainOptions { quiet: true }).unwrap();
 }
 
+/// `run.precision`: f16 is refused by the config (no loss scaling), bf16 by the device
+/// when it has no bf16 (the CPU backend), each with what to do.
+#[test]
+fn precision_is_checked_against_the_config_and_the_device() {
+    let e = RunConfig::embedded(&["run.precision=\"f16\"".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("run.precision") && e.contains("loss scaling") && e.contains("bf16"),
+        "{e}"
+    );
+    let e = RunConfig::embedded(&["run.precision=\"fp8\"".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fp8") && e.contains("bf16"), "{e}");
+    let tmp = tempfile::tempdir().unwrap();
+    let config = short_run(tmp.path(), "bf16-on-cpu", &["run.precision=\"bf16\""]);
+    let e = mixlm_train::train_on(
+        mixlm_train::BackendKind::Cpu,
+        &config,
+        &TrainOptions { quiet: true },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("run.precision = \"bf16\": the ") && e.contains("precision = \"f32\""),
+        "{e}"
+    );
+}
+
 /// `activation_checkpointing = "balanced"` recomputes activations in the backward
 /// pass: the same losses, step by step, as keeping them.
 #[test]
