@@ -97,7 +97,7 @@ class GpuMemoryPoller:
         return (self.peak - self.base) / 1024 if self.enabled else None
 
 
-def run_mixlm(args, preset, precision):
+def run_mixlm(args, preset, precision, attention="fused"):
     """Trains with the mixlm binary; tokens/s over the steps after the warm-up."""
     out = tempfile.mkdtemp(prefix="mixlm-bench-")
     sets = {
@@ -113,8 +113,8 @@ def run_mixlm(args, preset, precision):
         "model.vocab_size": str(PRESETS[preset][1]),
         "mixing.method": json.dumps(args.mixing),
     }
-    if precision != "f32":
-        sets["run.precision"] = json.dumps(precision)
+    sets["run.precision"] = json.dumps(precision)
+    sets["run.attention"] = json.dumps(attention)
     cmd = [args.mixlm, "train", "--config", os.path.join(REPO, "configs/bench/throughput.toml"), "--quiet"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
@@ -235,9 +235,10 @@ def main():
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--backend", default=None, help="mixlm backend (default: cuda, or cpu with --device cpu)")
-    p.add_argument("--precisions", default="bf16,f32",
-                   help="PyTorch precisions to run; mixlm runs f32 (and bf16 once it has it)")
-    p.add_argument("--mixlm-precisions", default="f32")
+    p.add_argument("--precisions", default="bf16,f32", help="PyTorch precisions to run")
+    p.add_argument("--mixlm-precisions", default="bf16,f32")
+    p.add_argument("--mixlm-attention", default="fused",
+                   help="mixlm attention kernels to run: fused, burn (Burn's op), or both")
     p.add_argument("--checkpointing", default="none", choices=["none", "balanced"])
     p.add_argument("--mixing", default="stratified",
                    help="mixlm's mixing method (odm: the scheduler's cost shows against stratified)")
@@ -258,7 +259,9 @@ def main():
         if preset not in PRESETS:
             p.error(f"unknown preset {preset}: one of {', '.join(PRESETS)}")
         fpt = flops_per_token(preset, args.seq)
-        runs = [("mixlm", prec, run_mixlm) for prec in args.mixlm_precisions.split(",")]
+        runs = [(f"mixlm/{attn}", prec, lambda a, pr, pc, attn=attn: run_mixlm(a, pr, pc, attn))
+                for attn in args.mixlm_attention.split(",")
+                for prec in args.mixlm_precisions.split(",")]
         runs += [("pytorch", prec, run_torch) for prec in args.precisions.split(",")]
         for who, prec, fn in runs:
             print(f"{preset}: {who} {prec} ...", file=sys.stderr, flush=True)

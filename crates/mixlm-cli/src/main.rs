@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use mixlm_model::{ModelConfig, PRESETS};
+use mixlm_model::{ModelConfig, Precision, PRESETS};
 use mixlm_train::{train_on, BackendKind, RunConfig, TrainOptions};
 
 #[derive(Parser)]
@@ -576,15 +576,16 @@ fn run(cli: Cli) -> Result<()> {
                 presets
             };
             println!(
-                "{:<14} {:>6} {:>15} {:>15} {:>14} {:>14} {:>10} {:>10}",
+                "{:<14} {:>6} {:>15} {:>15} {:>14} {:>14} {:>10} {:>10} {:>10}",
                 "preset",
                 "family",
                 "params",
                 "non-embedding",
                 "fwd GFLOP/tok",
                 "train GFLOP/tok",
-                "train GiB",
-                "balanced"
+                "f32 GiB",
+                "balanced",
+                "bf16+bal."
             );
             for name in names {
                 let c = ModelConfig::preset(&name).ok_or_else(|| {
@@ -594,26 +595,33 @@ fn run(cli: Cli) -> Result<()> {
                     )
                 })?;
                 let fwd = c.forward_flops_per_token(seq_len) as f64 / 1e9;
-                let gib = |balanced| {
-                    c.training_memory(batch_size, seq_len, balanced).total() as f64
+                let gib = |balanced, precision| {
+                    let compute = mixlm_model::Compute {
+                        precision,
+                        ..Default::default()
+                    };
+                    c.training_memory(batch_size, seq_len, balanced, compute)
+                        .total() as f64
                         / (1u64 << 30) as f64
                 };
                 println!(
-                    "{:<14} {:>6} {:>15} {:>15} {:>14.3} {:>14.3} {:>10.1} {:>10.1}",
+                    "{:<14} {:>6} {:>15} {:>15} {:>14.3} {:>14.3} {:>10.1} {:>10.1} {:>10.1}",
                     name,
                     format!("{:?}", c.family).to_lowercase(),
                     group_digits(c.num_params()),
                     group_digits(c.num_non_embedding_params()),
                     fwd,
                     3.0 * fwd,
-                    gib(false),
-                    gib(true)
+                    gib(false, Precision::F32),
+                    gib(true, Precision::F32),
+                    gib(true, Precision::Bf16)
                 );
             }
             println!(
                 "(FLOPs at sequence length {seq_len}; training = 3x forward. Memory: estimated \
-                 f32 training with AdamW at batch {batch_size} x {seq_len}, without and with \
-                 run.activation_checkpointing = \"balanced\"; see ModelConfig::training_memory)"
+                 training with AdamW and fused attention at batch {batch_size} x {seq_len}: f32 \
+                 without and with run.activation_checkpointing = \"balanced\", and bf16 with \
+                 it; see ModelConfig::training_memory)"
             );
             Ok(())
         }

@@ -377,28 +377,13 @@ mod tests {
         }
     }
 
-    /// A Vulkan driver wgpu can use (CI installs Mesa's lavapipe); absent, the GPU tests
-    /// say so and skip.
-    #[cfg(feature = "cubecl")]
-    fn vulkan_driver() -> bool {
-        let found = ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
-            .iter()
-            .filter_map(|dir| std::fs::read_dir(dir).ok())
-            .flatten()
-            .any(|entry| entry.is_ok());
-        if !found {
-            eprintln!("skipped: no Vulkan driver (apt-get install mesa-vulkan-drivers libvulkan1)");
-        }
-        found
-    }
-
     /// The CubeCL kernels through the fusion backend, as training runs them: shapes with
     /// sequences shorter than, equal to and not a multiple of the row block, and the
     /// head sizes of the presets.
     #[cfg(feature = "cubecl")]
     #[test]
     fn wgpu_kernels_match_burn_fallback_with_gradients() {
-        if !vulkan_driver() {
+        if !crate::vulkan_driver_installed() {
             return;
         }
         type Gpu = Autodiff<burn::backend::Wgpu>;

@@ -50,6 +50,27 @@ impl Precision {
     }
 }
 
+/// Which attention implementation the model calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKernel {
+    /// [`crate::attention::causal_attention`]: tiled kernels on GPUs; under autodiff
+    /// keeps only q, k, v, the output and a log-sum-exp per row, and recomputes the
+    /// probabilities in the backward pass.
+    #[default]
+    Fused,
+    /// Burn's own `attention` op; under autodiff it is Burn's fallback, which keeps
+    /// the `[batch, heads, seq, seq]` score and probability matrices for the backward.
+    Burn,
+}
+
+/// How the model computes (run settings, not part of the weights).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compute {
+    pub precision: Precision,
+    pub attention: AttentionKernel,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -277,27 +298,44 @@ impl ModelConfig {
         self.num_params() - (self.vocab_size * self.d_model) as u64
     }
 
-    /// Estimated device memory (bytes) of f32 training with AdamW at `batch` x
-    /// `seq_len`, as this implementation stores things (see [`TrainingMemory`]).
-    pub fn training_memory(&self, batch: usize, seq_len: usize, balanced: bool) -> TrainingMemory {
+    /// Estimated device memory (bytes) of training with AdamW at `batch` x `seq_len`,
+    /// computing as `compute` says, as this implementation stores things (see
+    /// [`TrainingMemory`]).
+    pub fn training_memory(
+        &self,
+        batch: usize,
+        seq_len: usize,
+        balanced: bool,
+        compute: Compute,
+    ) -> TrainingMemory {
         let n = self.num_params();
         let (d, h) = (self.d_model as u64, self.n_heads as u64);
         let (t, tokens) = (seq_len as u64, (batch * seq_len) as u64);
-        // Floats kept per token and layer for the backward pass: the block's
-        // d-wide tensors (residual input, norm outputs, QKV, rotated Q/K, attention
-        // output, MLP input, the MLP's two 4d-wide tensors: 17 d in all) and the
-        // attention scores and probabilities (2 h t: the fallback attention
-        // materialises the whole [h, t, t] square). Balanced checkpointing recomputes
-        // the memory-bound ones (norms, rotary, GELU, softmax) and keeps about 10 d + h t.
-        let per_token_layer = if balanced {
-            10 * d + h * t
-        } else {
-            17 * d + 2 * h * t
+        let half = compute.precision != Precision::F32;
+        // Values kept per token and layer for the backward pass: the block's d-wide
+        // tensors (residual input, norm outputs, QKV, rotated Q/K, attention output,
+        // MLP input, the MLP's two 4d-wide tensors: 17 d in all). Balanced
+        // checkpointing recomputes the memory-bound ones (norms, rotary, GELU) and
+        // keeps about 10 d. In bf16 they are 2 bytes, except the 3 d of the residual
+        // input and norm outputs, which stay f32.
+        let wide = if balanced { 10 * d } else { 17 * d };
+        let wide_bytes = if half { 2 * wide + 2 * 3 * d } else { 4 * wide };
+        // Attention: the fused kernel keeps one f32 log-sum-exp per row and head; Burn's
+        // fallback keeps the whole [h, t, t] scores and probabilities (the scores alone
+        // under balanced checkpointing).
+        let attention_bytes = match compute.attention {
+            AttentionKernel::Fused => 4 * h,
+            AttentionKernel::Burn => {
+                (if half { 2 } else { 4 }) * (if balanced { 1 } else { 2 }) * h * t
+            }
         };
         TrainingMemory {
-            state: 20 * n,
-            activations: 4 * per_token_layer * tokens * self.n_layers as u64,
-            logits: 4 * 2 * self.vocab_size as u64 * tokens,
+            // f32 weights, gradients, two AdamW moments and the update's temporaries;
+            // bf16 adds the weights' bf16 copies the matmuls keep for the backward.
+            state: 20 * n + if half { 2 * n } else { 0 },
+            activations: (wide_bytes + attention_bytes) * tokens * self.n_layers as u64,
+            // f32 logits and their log-softmax (plus the bf16 logits in bf16).
+            logits: (8 + if half { 2 } else { 0 }) * self.vocab_size as u64 * tokens,
         }
     }
 
@@ -325,23 +363,39 @@ mod tests {
     #[test]
     fn training_memory_follows_its_formula() {
         let c = ModelConfig::preset("pythia-160m").unwrap();
-        let m = c.training_memory(4, 256, false);
+        let burn = Compute {
+            attention: AttentionKernel::Burn,
+            ..Compute::default()
+        };
+        let m = c.training_memory(4, 256, false, burn);
         let tokens = 4 * 256;
         assert_eq!(m.state, 20 * c.num_params());
         assert_eq!(m.activations, 4 * (17 * 768 + 2 * 12 * 256) * tokens * 12);
         assert_eq!(m.logits, 8 * 50_304 * tokens);
-        let b = c.training_memory(4, 256, true);
+        let b = c.training_memory(4, 256, true, burn);
         assert_eq!(b.activations, 4 * (10 * 768 + 12 * 256) * tokens * 12);
         assert_eq!((b.state, b.logits), (m.state, m.logits));
-        // The calibration run: 4.70 GB measured, 4.29 GB with balanced checkpointing.
+        // The calibration run (Burn's attention): 4.70 GB measured, 4.29 GB with
+        // balanced checkpointing.
         let gb = |x: u64| x as f64 / 1e9;
         assert!((gb(m.total()) - 4.60).abs() < 0.02, "{}", gb(m.total()));
         assert!((gb(b.total()) - 4.18).abs() < 0.02, "{}", gb(b.total()));
-        // The attention square dominates at long context: 8 x 2048 on pythia-1b.
-        let big = ModelConfig::preset("pythia-1b")
-            .unwrap()
-            .training_memory(8, 2048, false);
-        assert!(big.activations > big.state);
+        // Fused attention keeps no square: 8 x 2048 on pythia-1b.
+        let big = ModelConfig::preset("pythia-1b").unwrap();
+        let fallback = big.training_memory(8, 2048, false, burn);
+        let fused = big.training_memory(8, 2048, false, Compute::default());
+        assert!(fallback.activations > fallback.state);
+        assert_eq!(fused.activations, (4 * 17 * 2048 + 4 * 8) * 8 * 2048 * 16);
+        let bf16 = Compute {
+            precision: Precision::Bf16,
+            ..Compute::default()
+        };
+        let half = big.training_memory(8, 2048, false, bf16);
+        assert_eq!(
+            half.activations,
+            (2 * 17 * 2048 + 2 * 3 * 2048 + 4 * 8) * 8 * 2048 * 16
+        );
+        assert_eq!(half.state, 22 * big.num_params());
     }
 
     /// Parameter counts of the Hugging Face checkpoints (`sum(p.numel())` of

@@ -9,6 +9,20 @@ pub mod config;
 pub mod hf;
 pub mod model;
 
+/// Whether a Vulkan driver is installed (Linux ICD folders): the wgpu tests of this
+/// workspace run on it (CI installs Mesa's lavapipe) and skip, saying why, without it.
+pub fn vulkan_driver_installed() -> bool {
+    let found = ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
+        .iter()
+        .any(|d| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()));
+    if !found {
+        eprintln!("skipped: no Vulkan driver (apt-get install mesa-vulkan-drivers libvulkan1)");
+    }
+    found
+}
+
 pub use attention::{ModelBackend, TrainBackend};
-pub use config::{Family, ModelConfig, Precision, TrainingMemory, PRESETS};
+pub use config::{
+    AttentionKernel, Compute, Family, ModelConfig, Precision, TrainingMemory, PRESETS,
+};
 pub use model::{token_nll, Transformer};

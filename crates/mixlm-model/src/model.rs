@@ -8,10 +8,12 @@ use burn::nn::{
 };
 use burn::tensor::activation::{gelu, log_softmax, silu};
 use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::attention::{causal_attention, ModelBackend};
-use crate::config::{Family, ModelConfig, Precision};
+use crate::config::{AttentionKernel, Compute, Family, ModelConfig, Precision};
 
 /// Normalisation layer: LayerNorm (NeoX) or RMSNorm (Llama).
 #[derive(Module, Debug)]
@@ -110,8 +112,9 @@ impl<B: Backend> Attention<B> {
 }
 
 impl<B: ModelBackend> Attention<B> {
-    /// `x` in f32; the result is f32, computed in `precision`.
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, precision: Precision) -> Tensor<B, 3> {
+    /// `x` in f32; the result is f32, computed as `compute` says.
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, compute: Compute) -> Tensor<B, 3> {
+        let precision = compute.precision;
         let [b, t, _] = x.dims();
         let (h, g, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let qkv = project(&self.qkv, x, precision);
@@ -125,7 +128,17 @@ impl<B: ModelBackend> Attention<B> {
         let k = rope.apply(heads(h, g));
         let v = heads(h + g, g);
         let (k, v) = (repeat_kv(k, h / g), repeat_kv(v, h / g));
-        let y = causal_attention(q, k, v);
+        let y = match compute.attention {
+            AttentionKernel::Fused => causal_attention(q, k, v),
+            AttentionKernel::Burn => {
+                let options = AttentionModuleOptions {
+                    scale: None,
+                    softcap: None,
+                    is_causal: true,
+                };
+                attention(q, k, v, None, None, options)
+            }
+        };
         to_f32(project(
             &self.out,
             y.swap_dims(1, 2).reshape([b, t, h * hd]),
@@ -254,17 +267,17 @@ impl<B: Backend> Block<B> {
 }
 
 impl<B: ModelBackend> Block<B> {
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, precision: Precision) -> Tensor<B, 3> {
-        let p = precision;
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, compute: Compute) -> Tensor<B, 3> {
+        let (c, p) = (compute, compute.precision);
         if self.parallel_residual {
             // GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
             let a = self
                 .attn
-                .forward(self.attn_norm.forward(x.clone()), rope, p);
+                .forward(self.attn_norm.forward(x.clone()), rope, c);
             let m = self.mlp.forward(self.mlp_norm.forward(x.clone()), p);
             x + a + m
         } else {
-            let x = x.clone() + self.attn.forward(self.attn_norm.forward(x), rope, p);
+            let x = x.clone() + self.attn.forward(self.attn_norm.forward(x), rope, c);
             x.clone() + self.mlp.forward(self.mlp_norm.forward(x), p)
         }
     }
@@ -280,9 +293,9 @@ pub struct Transformer<B: Backend> {
     pub lm_head: Option<Linear<B>>,
     pub rotary_dims: usize,
     pub rope_theta: f64,
-    /// Compute precision of forward passes (a run setting, not saved with the weights).
+    /// How forward passes compute (a run setting, not saved with the weights).
     #[module(skip)]
-    pub precision: Precision,
+    pub compute: Compute,
 }
 
 impl ModelConfig {
@@ -304,7 +317,7 @@ impl ModelConfig {
                 .then(|| linear(self.d_model, self.vocab_size, false, self.init_std, device)),
             rotary_dims: self.rotary_dims(),
             rope_theta: self.rope_theta,
-            precision: Precision::F32,
+            compute: Compute::default(),
         }
     }
 }
@@ -316,14 +329,20 @@ impl<B: ModelBackend> Transformer<B> {
         let rope = Rope::new(self.rotary_dims, self.rope_theta, t, &tokens.device());
         let mut x = self.embed.forward(tokens);
         for block in &self.blocks {
-            x = block.forward(x, &rope, self.precision);
+            x = block.forward(x, &rope, self.compute);
         }
         self.final_norm.forward(x)
     }
 
     /// The same model computing in `precision`.
     pub fn with_precision(mut self, precision: Precision) -> Self {
-        self.precision = precision;
+        self.compute.precision = precision;
+        self
+    }
+
+    /// The same model computing as `compute` says.
+    pub fn with_compute(mut self, compute: Compute) -> Self {
+        self.compute = compute;
         self
     }
 
@@ -331,7 +350,7 @@ impl<B: ModelBackend> Transformer<B> {
     /// the model's precision).
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let h = self.hidden(tokens);
-        let p = self.precision;
+        let p = self.compute.precision;
         to_f32(match &self.lm_head {
             Some(head) => project(head, h, p),
             None => {

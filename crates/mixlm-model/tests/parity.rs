@@ -142,7 +142,7 @@ fn llama_tied_embeddings_match_transformers() {
 #[cfg(feature = "cubecl")]
 #[test]
 fn wgpu_fused_attention_and_half_precision_match_transformers() {
-    if !vulkan_driver() {
+    if !mixlm_model::vulkan_driver_installed() {
         return;
     }
     type Gpu = burn::backend::Wgpu;
@@ -161,25 +161,13 @@ fn wgpu_fused_attention_and_half_precision_match_transformers() {
     }
 }
 
-/// A Vulkan driver wgpu can use (CI installs Mesa's lavapipe); absent, the test says so.
-#[cfg(feature = "cubecl")]
-fn vulkan_driver() -> bool {
-    let found = ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
-        .iter()
-        .any(|d| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()));
-    if !found {
-        eprintln!("skipped: no Vulkan driver (apt-get install mesa-vulkan-drivers libvulkan1)");
-    }
-    found
-}
-
 /// Mixed precision keeps f32 master weights: computing in f16 gives f32 gradients that
 /// agree with the f32 computation's (relative L2 error), for every parameter tensor of
 /// the first block and the embedding.
 #[cfg(feature = "cubecl")]
 #[test]
 fn wgpu_half_precision_gradients_are_f32_and_track_f32() {
-    if !vulkan_driver() {
+    if !mixlm_model::vulkan_driver_installed() {
         return;
     }
     type Gpu = burn::backend::Autodiff<burn::backend::Wgpu>;

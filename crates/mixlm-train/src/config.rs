@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use mixlm_data::synthetic::SyntheticConfig;
 use mixlm_data::{Composition, PrepareConfig, TokenSource};
 use mixlm_mixing::MixingConfig;
-use mixlm_model::{ModelConfig, Precision};
+use mixlm_model::{AttentionKernel, Compute, ModelConfig, Precision};
 use serde::{Deserialize, Serialize};
 
 /// The config compiled into the binary: what plain `mixlm train` runs.
@@ -61,6 +61,9 @@ pub struct RunSection {
     /// `f32` or `bf16`: the precision matmuls and attention compute in; parameters and
     /// optimizer state stay f32 (see [`Precision`]).
     pub precision: Precision,
+    /// `fused` (the default: no `[seq, seq]` matrices kept for the backward) or `burn`
+    /// (Burn's attention op; for comparison).
+    pub attention: AttentionKernel,
 }
 
 /// `[run] activation_checkpointing`.
@@ -77,6 +80,14 @@ pub enum ActivationCheckpointing {
 }
 
 impl RunSection {
+    /// How the model computes in this run.
+    pub fn compute(&self) -> Compute {
+        Compute {
+            precision: self.precision,
+            attention: self.attention,
+        }
+    }
+
     /// Training tokens of one optimizer step.
     pub fn tokens_per_step(&self) -> u64 {
         (self.batch_size * self.grad_accum * self.seq_len) as u64
@@ -97,6 +108,7 @@ impl Default for RunSection {
             log_every: 0,
             activation_checkpointing: ActivationCheckpointing::None,
             precision: Precision::F32,
+            attention: AttentionKernel::Fused,
         }
     }
 }

@@ -111,7 +111,7 @@ pub fn train<B: TrainBackend>(
         );
     }
     B::seed(device, run.seed);
-    let mut model: Transformer<B> = model_config.init(device).with_precision(run.precision);
+    let mut model: Transformer<B> = model_config.init(device).with_compute(run.compute());
     let mut optimizer = AdamW::<B::InnerBackend>::new(config.optimizer.clone());
     let sampler = MixtureSampler::new(k, run.seed, config.data.composition);
     let mut batches = Prefetcher::spawn(

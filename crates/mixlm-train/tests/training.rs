@@ -796,10 +796,12 @@ fn precision_is_checked_against_the_config_and_the_device() {
     );
 }
 
-/// `activation_checkpointing = "balanced"` recomputes activations in the backward
-/// pass: the same losses, step by step, as keeping them.
+/// Settings that change how the step computes but not what: `activation_checkpointing =
+/// "balanced"` recomputes activations in the backward pass (the same losses, step by
+/// step, as keeping them), and `attention = "burn"` runs Burn's attention op instead of
+/// the fused one (the same up to float rounding).
 #[test]
-fn balanced_activation_checkpointing_trains_identically() {
+fn checkpointing_and_attention_kernel_train_like_the_defaults() {
     let tmp = tempfile::tempdir().unwrap();
     let losses = |name: &str, extra: &[&str]| -> Vec<f64> {
         let config = short_run(tmp.path(), name, extra);
@@ -816,10 +818,19 @@ fn balanced_activation_checkpointing_trains_identically() {
             .collect()
     };
     let kept = losses("kept", &[]);
-    let recomputed = losses("recomputed", &["run.activation_checkpointing=\"balanced\""]);
     assert_eq!(kept.len(), 6);
-    for (a, b) in kept.iter().zip(&recomputed) {
-        assert!((a - b).abs() < 1e-6, "{kept:?} vs {recomputed:?}");
+    for (setting, tolerance) in [
+        ("run.activation_checkpointing=\"balanced\"", 1e-6),
+        ("run.attention=\"burn\"", 1e-4),
+    ] {
+        let other = losses("other", &[setting]);
+        assert_eq!(other.len(), kept.len());
+        for (a, b) in kept.iter().zip(&other) {
+            assert!(
+                (a - b).abs() < tolerance,
+                "{setting}: {kept:?} vs {other:?}"
+            );
+        }
     }
     let e = RunConfig::embedded(&["run.activation_checkpointing=\"full\"".to_string()])
         .unwrap_err()

@@ -274,6 +274,8 @@ fn backward_key_kernel<F: Float>(
     let j = key_block * bs + u;
     let base = z * t * d;
     let active = j < t;
+    // Spelled out: `div_ceil` is not a CubeCL intrinsic.
+    #[allow(clippy::manual_div_ceil)]
     let tiles = (t + bs - 1) / bs;
 
     let mut k_row = Array::<f32>::new(d);
