@@ -373,6 +373,14 @@ impl Launch {
             .into_iter()
             .find(|&bl| fits(bl))
             .unwrap_or(8);
+        let (max_x, max_y, _) = props.max_cube_count;
+        assert!(
+            (b * h) as u64 <= max_x as u64 && t.div_ceil(block) as u64 <= max_y as u64,
+            "causal attention: batch x heads = {} (at most {max_x}) or {} row blocks of {block} \
+             (at most {max_y}) exceed this device's grid; use a smaller micro-batch",
+            b * h,
+            t.div_ceil(block)
+        );
         Self {
             batch_heads: b * h,
             seq: t,
