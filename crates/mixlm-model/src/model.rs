@@ -10,7 +10,7 @@ use burn::tensor::activation::{gelu, log_softmax, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
 use crate::attention::{causal_attention, ModelBackend};
 use crate::config::{AttentionKernel, Compute, Family, ModelConfig, Precision};
@@ -60,15 +60,13 @@ fn linear<B: Backend>(
 }
 
 /// `linear(x)` in `precision`: input, weight and bias are cast to the compute dtype
-/// (autodiff casts the gradients back to the f32 parameters).
+/// (autodiff casts the gradients back to the f32 parameters; casting to the dtype a
+/// tensor already has is a no-op, so f32 is `Linear::forward`).
 fn project<B: Backend, const D: usize>(
     layer: &Linear<B>,
     x: Tensor<B, D>,
     precision: Precision,
 ) -> Tensor<B, D> {
-    if precision == Precision::F32 {
-        return layer.forward(x);
-    }
     let dtype = precision.dtype();
     burn::tensor::module::linear(
         x.cast(dtype),
@@ -79,11 +77,7 @@ fn project<B: Backend, const D: usize>(
 
 /// Back to the f32 residual stream.
 fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    if x.dtype() == DType::F32 {
-        x
-    } else {
-        x.cast(burn::tensor::FloatDType::F32)
-    }
+    x.cast(FloatDType::F32)
 }
 
 /// Causal self-attention with a fused QKV projection laid out as `[Q; K; V]`
@@ -197,10 +191,11 @@ impl<B: Backend> Rope<B> {
         }
         let [_, _, _, hd] = x.dims();
         let half = self.dims / 2;
-        let (cos, sin) = match x.dtype() {
-            DType::F32 => (self.cos.clone(), self.sin.clone()),
-            dtype => (self.cos.clone().cast(dtype), self.sin.clone().cast(dtype)),
-        };
+        // The f32 tables in the compute dtype (a no-op in f32).
+        let (cos, sin) = (
+            self.cos.clone().cast(x.dtype()),
+            self.sin.clone().cast(x.dtype()),
+        );
         let x1 = x.clone().narrow(3, 0, half);
         let x2 = x.clone().narrow(3, half, half);
         let r1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
@@ -355,11 +350,8 @@ impl<B: ModelBackend> Transformer<B> {
             Some(head) => project(head, h, p),
             None => {
                 let [b, t, d] = h.dims();
-                let mut w = self.embed.weight.val(); // [vocab, d]
-                let mut h = h;
-                if p != Precision::F32 {
-                    (w, h) = (w.cast(p.dtype()), h.cast(p.dtype()));
-                }
+                let w = self.embed.weight.val().cast(p.dtype()); // [vocab, d]
+                let h = h.cast(p.dtype());
                 let v = w.dims()[0];
                 h.reshape([b * t, d])
                     .matmul(w.transpose())

@@ -68,18 +68,23 @@ fn dot_tile(
     sum
 }
 
-/// Reads one row into registers, times `scale`.
+/// This unit's own row into registers, times `scale`; zeros when the unit is past the
+/// end of the sequence (`active` false), so the registers are always defined.
 #[cube]
 fn read_row<F: Float>(
     x: &Tensor<F>,
     offset: usize,
     scale: f32,
+    active: bool,
     row: &mut Array<f32>,
     #[comptime] head_dim: u32,
 ) {
     let d = head_dim as usize;
     for c in 0..d {
-        row[c] = f32::cast_from(x[offset + c]) * scale;
+        row[c] = 0.0;
+        if active {
+            row[c] = f32::cast_from(x[offset + c]) * scale;
+        }
     }
 }
 
@@ -120,11 +125,8 @@ fn forward_kernel<F: Float>(
     let mut scores = Array::<f32>::new(bs);
     let mut k_tile = SharedMemory::<f32>::new(bs * d);
     let mut v_tile = SharedMemory::<f32>::new(bs * d);
-    zeros(&mut q_row, head_dim);
+    read_row::<F>(q, base + i * d, scale, active, &mut q_row, head_dim);
     zeros(&mut acc, head_dim);
-    if active {
-        read_row::<F>(q, base + i * d, scale, &mut q_row, head_dim);
-    }
     let mut m = f32::new(-1.0e30);
     let mut l = f32::new(0.0);
 
@@ -205,14 +207,12 @@ fn backward_query_kernel<F: Float>(
     let mut acc = Array::<f32>::new(d);
     let mut k_tile = SharedMemory::<f32>::new(bs * d);
     let mut v_tile = SharedMemory::<f32>::new(bs * d);
-    zeros(&mut q_row, head_dim);
-    zeros(&mut grad_row, head_dim);
+    read_row::<F>(q, base + i * d, scale, active, &mut q_row, head_dim);
+    read_row::<F>(grad, base + i * d, 1.0, active, &mut grad_row, head_dim);
     zeros(&mut acc, head_dim);
     let mut row_lse = f32::new(0.0);
     let mut row_delta = f32::new(0.0);
     if active {
-        read_row::<F>(q, base + i * d, scale, &mut q_row, head_dim);
-        read_row::<F>(grad, base + i * d, 1.0, &mut grad_row, head_dim);
         for c in 0..d {
             row_delta += grad_row[c] * f32::cast_from(out[base + i * d + c]);
         }
@@ -286,14 +286,10 @@ fn backward_key_kernel<F: Float>(
     let mut grad_tile = SharedMemory::<f32>::new(bs * d);
     let mut lse_tile = SharedMemory::<f32>::new(bs);
     let mut delta_tile = SharedMemory::<f32>::new(bs);
-    zeros(&mut k_row, head_dim);
-    zeros(&mut v_row, head_dim);
+    read_row::<F>(k, base + j * d, 1.0, active, &mut k_row, head_dim);
+    read_row::<F>(v, base + j * d, 1.0, active, &mut v_row, head_dim);
     zeros(&mut dk_acc, head_dim);
     zeros(&mut dv_acc, head_dim);
-    if active {
-        read_row::<F>(k, base + j * d, 1.0, &mut k_row, head_dim);
-        read_row::<F>(v, base + j * d, 1.0, &mut v_row, head_dim);
-    }
 
     for qt in key_block..tiles {
         let i = qt * bs + u;
