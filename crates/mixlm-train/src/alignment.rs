@@ -8,7 +8,6 @@
 //! the model is then updated with the weighted sum of the domain gradients the
 //! scheduler asks for. Memory: one extra gradient copy per domain.
 
-use mixlm_model::TrainBackend;
 use std::marker::PhantomData;
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -19,7 +18,7 @@ use mixlm_data::seeding::hash_words;
 use mixlm_data::{fetch_batch, Split, TokenSource};
 use mixlm_eval::{inputs_and_targets, sequence_means};
 use mixlm_mixing::{AlignmentTarget, DomainId, GradientAlignment};
-use mixlm_model::Transformer;
+use mixlm_model::{TrainBackend, Transformer};
 
 /// One step's gradients, kept apart by domain.
 pub struct DomainGradients<B: TrainBackend> {

@@ -1,14 +1,13 @@
 //! Run-time backend choice: `--backend cpu|wgpu|cuda`. The trainer is generic over
 //! the Burn backend; the concrete type is picked here, once, at the edge.
 
-use mixlm_model::TrainBackend;
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
-
 use burn::backend::autodiff::checkpoint::strategy::{
     BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
 };
+use mixlm_model::TrainBackend;
 
 use crate::config::{ActivationCheckpointing, RunConfig};
 use crate::trainer::{train, TrainOptions, TrainOutcome};

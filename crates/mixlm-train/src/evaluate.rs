@@ -7,7 +7,6 @@
 //! family. The data are the run's own (`run.toml` saved in the checkpoint) unless a
 //! config or `--data` folder says otherwise.
 
-use mixlm_model::TrainBackend;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -15,6 +14,7 @@ use mixlm_data::prepare::PreparedTokenizer;
 use mixlm_data::{Split, TokenSource};
 use mixlm_eval::perplexity::{split_perplexity, PerplexityOptions, SplitPerplexity};
 use mixlm_eval::tasks::{load_task, score_task, ModelScorer, TaskScore};
+use mixlm_model::{ModelBackend, TrainBackend};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{dispatch, BackendKind, OnBackend};
@@ -220,7 +220,7 @@ pub fn heldout_name(input: &str) -> String {
 /// records without a domain field under the set's name) into
 /// `<out>/heldout/<name>/`, which later evaluations reuse while the inputs are
 /// unchanged, and scored domain by domain with the same windows as the splits.
-fn heldout_perplexity<B: mixlm_model::ModelBackend>(
+fn heldout_perplexity<B: ModelBackend>(
     model: &mixlm_model::Transformer<B>,
     model_vocab: usize,
     config: &RunConfig,

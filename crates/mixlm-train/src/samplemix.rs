@@ -13,7 +13,6 @@
 //! Quality is scored per domain and a finished domain is not scored again, so an
 //! interrupted scoring run continues where it stopped.
 
-use mixlm_model::TrainBackend;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -27,6 +26,7 @@ use mixlm_eval::diversity::{assign, kmeans, ClusterStats, TfIdf};
 use mixlm_eval::perplexity::{model_nll, score_stream, PerplexityOptions};
 use mixlm_mixing::samplemix::{expected_counts, sample_counts, sample_weights, SampleSummary};
 use mixlm_mixing::DomainId;
+use mixlm_model::{ModelBackend, TrainBackend};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -480,7 +480,7 @@ struct FitRecord {
 const ASSIGN_CHUNK: usize = 4096;
 
 /// An embedder ready on a device.
-enum Embed<B: mixlm_model::ModelBackend> {
+enum Embed<B: ModelBackend> {
     TfIdf(TfIdf),
     Model {
         model: Box<mixlm_model::Transformer<B>>,
@@ -491,7 +491,7 @@ enum Embed<B: mixlm_model::ModelBackend> {
     },
 }
 
-impl<B: mixlm_model::ModelBackend> Embed<B> {
+impl<B: ModelBackend> Embed<B> {
     fn dim(&self) -> usize {
         match self {
             Embed::TfIdf(t) => t.dim,

@@ -9,7 +9,6 @@
 //! a step's as soon as its proportions are known, and the next step's too when the
 //! scheduler fixes proportions in advance (static mixtures).
 
-use mixlm_model::TrainBackend;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,7 +24,7 @@ use mixlm_eval::{
 use mixlm_mixing::{
     build_scheduler, DomainId, DomainInfo, DomainLosses, GradientTarget, Scheduler, StepFeedback,
 };
-use mixlm_model::{ModelConfig, Transformer};
+use mixlm_model::{ModelConfig, TrainBackend, Transformer};
 
 use crate::alignment::{validation_gradient, DomainGradients};
 use crate::checkpoint::{write_checkpoint, TrainState};
@@ -70,6 +69,15 @@ pub fn train<B: TrainBackend>(
     config.validate()?;
     let run = &config.run;
     let model_config: ModelConfig = config.model.resolve().map_err(anyhow::Error::msg)?;
+    let dtype = run.precision.dtype().into();
+    if !B::supports_dtype(device, dtype) {
+        bail!(
+            "run.precision = \"{}\": the {} backend cannot compute in {dtype:?} on this \
+             device; use precision = \"f32\" (bf16 needs a GPU that has it, on the cuda backend)",
+            run.precision.name(),
+            B::name(device)
+        );
+    }
     let source: Arc<dyn TokenSource> = Arc::from(build_source(config)?);
     let names = source.domain_names();
     let k = names.len();
@@ -101,15 +109,6 @@ pub fn train<B: TrainBackend>(
         None => None,
     };
 
-    let dtype = run.precision.dtype().into();
-    if !B::supports_dtype(device, dtype) {
-        bail!(
-            "run.precision = \"{}\": the {} backend cannot compute in {dtype:?} on this \
-             device; use precision = \"f32\" (bf16 needs a GPU that has it, on the cuda backend)",
-            run.precision.name(),
-            B::name(device)
-        );
-    }
     B::seed(device, run.seed);
     let mut model: Transformer<B> = model_config.init(device).with_compute(run.compute());
     let mut optimizer = AdamW::<B::InnerBackend>::new(config.optimizer.clone());
