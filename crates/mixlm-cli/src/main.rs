@@ -2,8 +2,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mixlm_model::{ModelConfig, Precision, PRESETS};
 use mixlm_train::{train_on, BackendKind, RunConfig, TrainOptions};
@@ -35,6 +37,11 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Continue the run in this folder (runs/<name>) from its newest valid
+        /// checkpoint, with the config saved there; --set may change only keys that
+        /// keep it the same run (run.steps, eval.*, checkpoint.*, ...).
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "mixing"])]
+        resume: Option<PathBuf>,
     },
     /// Per-domain perplexity of a checkpoint on the validation and test splits (token-
     /// weighted and sequence-mean) and the average per group; writes eval.json and
@@ -289,6 +296,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// A flag Ctrl-C and SIGTERM set, so training stops after the current step with a
+/// checkpoint; a second signal exits at once.
+fn stop_on_signal() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the current step, then writing a checkpoint (again to exit now)");
+    })
+    .context("cannot install the Ctrl-C / SIGTERM handler")?;
+    Ok(stop)
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train {
@@ -297,13 +320,15 @@ fn run(cli: Cli) -> Result<()> {
             backend,
             mixing,
             quiet,
+            resume,
         } => {
             if let Some(b) = backend {
                 overrides.push(format!("run.backend=\"{b}\""));
             }
-            let mut config = match &config {
-                Some(path) => RunConfig::load(path, &overrides)?,
-                None => RunConfig::embedded(&overrides)?,
+            let mut config = match (&resume, &config) {
+                (Some(run_dir), _) => mixlm_train::resume::resume_config(run_dir, &overrides)?,
+                (None, Some(path)) => RunConfig::load(path, &overrides)?,
+                (None, None) => RunConfig::embedded(&overrides)?,
             };
             if let Some(file) = mixing {
                 config = config.with_mixing_file(&file)?;
@@ -322,7 +347,20 @@ fn run(cli: Cli) -> Result<()> {
                 config.run.batch_size * config.run.grad_accum,
                 config.run.seq_len,
             );
-            let outcome = train_on(kind, &config, &TrainOptions { quiet })?;
+            let options = TrainOptions {
+                quiet,
+                resume: resume.is_some(),
+                stop: Some(stop_on_signal()?),
+            };
+            let outcome = train_on(kind, &config, &options)?;
+            if outcome.interrupted {
+                eprintln!(
+                    "\nstopped after step {} with a checkpoint; continue with: mixlm train --resume {}",
+                    outcome.steps,
+                    outcome.run_dir.display()
+                );
+                return Ok(());
+            }
             println!(
                 "\nPer-domain validation perplexity ({} steps, {:.0} tokens/s, final train loss {:.4}):",
                 outcome.steps, outcome.tokens_per_second, outcome.final_train_loss
@@ -357,7 +395,14 @@ fn run(cli: Cli) -> Result<()> {
                 pilot_steps,
             };
             let outcome = mixlm_train::search::mix_search(&config, &options, |c| {
-                train_on(kind, c, &TrainOptions { quiet })
+                train_on(
+                    kind,
+                    c,
+                    &TrainOptions {
+                        quiet,
+                        ..Default::default()
+                    },
+                )
             })?;
             println!("\n{:<40} mean final validation loss", "run");
             for p in &outcome.points {

@@ -3,38 +3,69 @@
 //!   opens with `AutoModelForCausalLM.from_pretrained`;
 //! - `optimizer.safetensors`: AdamW moments by parameter path (`<path>.m`, `<path>.v`);
 //! - `state.json`: step and token counters, sampler cursors, scheduler state;
-//! - `run.toml`: the mixlm config the run was started with.
+//! - `run.toml`: the mixlm config the run was started with;
+//! - `manifest.json`: the size and SHA-256 of every file above, written last.
 //!
 //! A checkpoint is written into a `.tmp` folder, every file fsynced, then renamed into
 //! place, and only then is `checkpoints/latest` (the name of the newest folder)
 //! replaced atomically: a crash leaves either the old or the new checkpoint, never a
-//! half-written one that looks complete.
+//! half-written one that looks complete. Loading checks the manifest, so a checkpoint
+//! truncated or corrupted later (a bad disk, a partial copy) is named and skipped:
+//! [`find_resumable`] falls back to the newest one that verifies.
 
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use std::collections::{BTreeMap, HashMap};
+
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use mixlm_data::SamplerState;
 use mixlm_mixing::Scheduler;
 use mixlm_model::hf::{config_from_hf, hf_config, load_safetensors, to_safetensors};
 use mixlm_model::{ModelConfig, Transformer};
 use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::config::RunConfig;
-use crate::optim::AdamW;
+use crate::optim::{AdamW, Moments};
 
-/// Counters and states that are not tensors.
+/// The files of a checkpoint folder, in the order they are written.
+pub const CHECKPOINT_FILES: [&str; 5] = [
+    "model.safetensors",
+    "config.json",
+    "optimizer.safetensors",
+    "state.json",
+    "run.toml",
+];
+
+/// Counters and states that are not tensors: with the weights and AdamW moments,
+/// everything the next step depends on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
+    /// Optimizer steps completed.
     pub step: u64,
     pub tokens: u64,
+    /// AdamW's bias-correction `t`.
     pub optimizer_steps: u64,
+    /// The data sampler after the last batch consumed (cursors and RNG position).
     pub sampler: SamplerState,
     pub scheduler_name: String,
+    /// [`Scheduler::state`]: everything the mixing method has learned so far.
     pub scheduler: serde_json::Value,
+    /// Per-domain validation loss before training, for the final report of a resumed run.
+    #[serde(default)]
+    pub initial_val: Vec<Option<f64>>,
+    /// Mean training loss of the last step.
+    #[serde(default)]
+    pub last_loss: Option<f64>,
+    /// Wall-clock seconds of training so far, so a resumed run's elapsed time continues.
+    #[serde(default)]
+    pub elapsed_s: f64,
 }
 
 impl TrainState {
@@ -52,9 +83,43 @@ impl TrainState {
             sampler: sampler.clone(),
             scheduler_name: scheduler.name().to_string(),
             scheduler: scheduler.state(),
+            initial_val: Vec::new(),
+            last_loss: None,
+            elapsed_s: 0.0,
         }
     }
 }
+
+/// `manifest.json`: what a complete checkpoint folder holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Layout version of the checkpoint folder.
+    pub format: u32,
+    pub step: u64,
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+/// Size and SHA-256 (hex) of one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl FileDigest {
+    pub fn of(bytes: &[u8]) -> Self {
+        Self {
+            bytes: bytes.len() as u64,
+            sha256: Sha256::digest(bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        }
+    }
+}
+
+/// The current checkpoint layout.
+pub const CHECKPOINT_FORMAT: u32 = 1;
 
 /// Writes `bytes` to `path` through a temporary file, fsync and rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -127,31 +192,234 @@ pub fn write_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
         fs::remove_dir_all(&tmp)?;
     }
     fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let model_bytes = to_safetensors(model, model_config)?;
-    write_file(&tmp.join("model.safetensors"), &model_bytes)?;
+    let files: [Vec<u8>; 5] = [
+        to_safetensors(model, model_config)?,
+        serde_json::to_string_pretty(&hf_config(model_config))?.into_bytes(),
+        optimizer_safetensors(optimizer)?,
+        serde_json::to_string_pretty(state)?.into_bytes(),
+        toml::to_string_pretty(run_config)?.into_bytes(),
+    ];
+    let mut manifest = Manifest {
+        format: CHECKPOINT_FORMAT,
+        step: state.step,
+        files: BTreeMap::new(),
+    };
+    for (file, bytes) in CHECKPOINT_FILES.iter().zip(&files) {
+        write_file(&tmp.join(file), bytes)?;
+        manifest
+            .files
+            .insert(file.to_string(), FileDigest::of(bytes));
+    }
     write_file(
-        &tmp.join("config.json"),
-        serde_json::to_string_pretty(&hf_config(model_config))?.as_bytes(),
+        &tmp.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
-    write_file(
-        &tmp.join("optimizer.safetensors"),
-        &optimizer_safetensors(optimizer)?,
-    )?;
-    write_file(
-        &tmp.join("state.json"),
-        serde_json::to_string_pretty(state)?.as_bytes(),
-    )?;
-    write_file(
-        &tmp.join("run.toml"),
-        toml::to_string_pretty(run_config)?.as_bytes(),
-    )?;
+    sync_dir(&tmp);
     if final_dir.exists() {
         fs::remove_dir_all(&final_dir)?;
     }
     fs::rename(&tmp, &final_dir)
         .with_context(|| format!("cannot move {} into place", tmp.display()))?;
+    sync_dir(&root);
     write_atomic(&root.join("latest"), name.as_bytes())?;
+    if run_config.checkpoint.keep > 0 {
+        prune(&root, run_config.checkpoint.keep)?;
+    }
     Ok(final_dir)
+}
+
+/// Makes a rename inside `dir` durable (a no-op where directories cannot be opened).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// The `step-NNNNNNNN` folders under `checkpoints/`, newest first.
+pub fn checkpoint_dirs(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    let entries = match fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => bail!("cannot list {}: {e}", root.display()),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", root.display()))?;
+        let name = entry.file_name();
+        let Some(step) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue; // `latest`, `*.tmp` leftovers of a crash
+        };
+        if entry.path().is_dir() {
+            found.push((step, entry.path()));
+        }
+    }
+    found.sort_by_key(|d| std::cmp::Reverse(d.0));
+    Ok(found)
+}
+
+/// Deletes all but the newest `keep` checkpoints, and leftovers of interrupted writes.
+fn prune(root: &Path, keep: usize) -> Result<()> {
+    for (_, dir) in checkpoint_dirs(root)?.into_iter().skip(keep) {
+        fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot delete old checkpoint {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Checks a checkpoint folder against its manifest: every file present, of the
+/// recorded size and SHA-256. The error names the first file that is not.
+pub fn verify(dir: &Path) -> Result<Manifest> {
+    let path = dir.join("manifest.json");
+    let text = fs::read(&path).with_context(|| {
+        format!(
+            "{} is missing: the checkpoint was not completely written",
+            path.display()
+        )
+    })?;
+    let manifest: Manifest = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a valid manifest", path.display()))?;
+    if manifest.format != CHECKPOINT_FORMAT {
+        bail!(
+            "{}: checkpoint format {} (this mixlm reads {CHECKPOINT_FORMAT})",
+            path.display(),
+            manifest.format
+        );
+    }
+    for file in CHECKPOINT_FILES {
+        let want = manifest
+            .files
+            .get(file)
+            .with_context(|| format!("{} does not list {file}", path.display()))?;
+        let file_path = dir.join(file);
+        let bytes =
+            fs::read(&file_path).with_context(|| format!("cannot read {}", file_path.display()))?;
+        if bytes.len() as u64 != want.bytes {
+            bail!(
+                "{} has {} bytes, the manifest says {} (truncated?)",
+                file_path.display(),
+                bytes.len(),
+                want.bytes
+            );
+        }
+        if FileDigest::of(&bytes).sha256 != want.sha256 {
+            bail!(
+                "{} does not match its SHA-256 in the manifest (corrupted)",
+                file_path.display()
+            );
+        }
+    }
+    Ok(manifest)
+}
+
+/// The checkpoint a run resumes from: the one `latest` names if it verifies, else the
+/// newest one that does. Each checkpoint skipped is reported in the returned notes.
+pub fn find_resumable(run_dir: &Path) -> Result<(PathBuf, Vec<String>)> {
+    let root = run_dir.join("checkpoints");
+    let mut candidates = checkpoint_dirs(&root)?;
+    if candidates.is_empty() {
+        bail!(
+            "{} has no checkpoint to resume from (set [checkpoint] every = N to write \
+             them during a run)",
+            run_dir.display()
+        );
+    }
+    if let Ok(name) = fs::read_to_string(root.join("latest")) {
+        if let Some(i) = candidates
+            .iter()
+            .position(|(_, d)| d.ends_with(name.trim()))
+        {
+            let named = candidates.remove(i);
+            candidates.insert(0, named);
+        }
+    }
+    let mut notes = Vec::new();
+    for (_, dir) in &candidates {
+        match verify(dir) {
+            Ok(_) => return Ok((dir.clone(), notes)),
+            Err(e) => notes.push(format!("skipping checkpoint {}: {e:#}", dir.display())),
+        }
+    }
+    bail!(
+        "no valid checkpoint in {}:\n  {}",
+        root.display(),
+        notes.join("\n  ")
+    )
+}
+
+/// A checkpoint read back for resuming, on the training backend.
+pub struct Restored<B: burn::tensor::backend::AutodiffBackend> {
+    pub dir: PathBuf,
+    pub model: Transformer<B>,
+    pub model_config: ModelConfig,
+    pub moments: HashMap<String, Moments<B::InnerBackend>>,
+    pub state: TrainState,
+    pub run_config: RunConfig,
+}
+
+/// Loads a verified checkpoint folder: weights, AdamW moments, counters and config.
+pub fn load_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<Restored<B>> {
+    verify(dir)?;
+    let (model, model_config) = load_model::<B>(dir, device)?;
+    let path = dir.join("optimizer.safetensors");
+    let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let moments = optimizer_from_safetensors::<B::InnerBackend>(&bytes, device)
+        .with_context(|| format!("cannot load {}", path.display()))?;
+    let path = dir.join("state.json");
+    let state: TrainState = serde_json::from_slice(
+        &fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not a valid training state", path.display()))?;
+    let path = dir.join("run.toml");
+    let run_config = RunConfig::load(&path, &[])?;
+    Ok(Restored {
+        dir: dir.to_path_buf(),
+        model,
+        model_config,
+        moments,
+        state,
+        run_config,
+    })
+}
+
+/// Reads the moments [`optimizer_safetensors`] wrote (`<path>.m`, `<path>.v`).
+fn optimizer_from_safetensors<B: Backend>(
+    bytes: &[u8],
+    device: &B::Device,
+) -> Result<HashMap<String, Moments<B>>> {
+    let st = SafeTensors::deserialize(bytes)?;
+    let read = |name: &str| -> Result<Tensor<B, 1>> {
+        let view = st.tensor(name)?;
+        if view.dtype() != Dtype::F32 || view.shape().len() != 1 {
+            bail!("{name}: expected a 1-d f32 tensor");
+        }
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let n = values.len();
+        Ok(Tensor::from_data(TensorData::new(values, [n]), device))
+    };
+    let mut moments = HashMap::new();
+    for name in st.names() {
+        let Some(key) = name.strip_suffix(".m") else {
+            continue;
+        };
+        let m = read(name)?;
+        let v = read(&format!("{key}.v"))?;
+        if m.dims() != v.dims() {
+            bail!("{key}: first and second moments differ in size");
+        }
+        moments.insert(key.to_string(), Moments { m, v });
+    }
+    Ok(moments)
 }
 
 /// The checkpoint folder `checkpoints/latest` points at.

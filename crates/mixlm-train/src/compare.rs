@@ -269,7 +269,16 @@ fn run_one(
             return Ok(r);
         }
     }
-    let train = |c: &RunConfig| train_on(kind, c, &TrainOptions { quiet });
+    let train = |c: &RunConfig| {
+        train_on(
+            kind,
+            c,
+            &TrainOptions {
+                quiet,
+                ..Default::default()
+            },
+        )
+    };
     let mut extra_steps = 0;
     if method.search.as_deref() == Some("samplemix") {
         // The token budget is what the run trains on.

@@ -288,6 +288,8 @@ impl Default for EvalSection {
 pub struct CheckpointSection {
     /// Write a checkpoint every N steps (0 = only at the end).
     pub every: u64,
+    /// How many of the newest checkpoints to keep on disk (0 = all).
+    pub keep: usize,
     /// Write the final checkpoint at all.
     pub save_final: bool,
 }
@@ -296,6 +298,7 @@ impl Default for CheckpointSection {
     fn default() -> Self {
         Self {
             every: 0,
+            keep: 3,
             save_final: true,
         }
     }

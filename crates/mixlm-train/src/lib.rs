@@ -10,6 +10,7 @@ pub mod figures;
 pub mod metrics;
 pub mod optim;
 pub mod progress;
+pub mod resume;
 pub mod samplemix;
 pub mod search;
 pub mod trainer;

@@ -120,6 +120,20 @@ impl MetricsWriter {
         })
     }
 
+    /// Continues an existing file (a resumed run, after
+    /// [`crate::resume::truncate_metrics`]).
+    pub fn append(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {} for appending", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+        })
+    }
+
     fn write<T: Serialize>(&mut self, record: &T) -> Result<()> {
         serde_json::to_writer(&mut self.out, record)?;
         self.out

@@ -54,6 +54,18 @@ impl Progress {
         }
     }
 
+    /// A resumed run: the bar starts at the checkpoint's step, and its rate and ETA
+    /// count only the steps of this process.
+    pub fn start_at(&mut self, step: u64) {
+        self.bar.set_position(step);
+        self.bar.reset_eta();
+    }
+
+    /// Stops drawing without marking the run finished (it was interrupted).
+    pub fn abandon(&self) {
+        self.bar.abandon();
+    }
+
     pub fn finish(&self) {
         self.bar.finish();
     }

@@ -10,6 +10,7 @@
 //! scheduler fixes proportions in advance (static mixtures).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,20 +25,28 @@ use mixlm_eval::{
 use mixlm_mixing::{
     build_scheduler, DomainId, DomainInfo, DomainLosses, GradientTarget, Scheduler, StepFeedback,
 };
+use mixlm_model::hf::hf_config;
 use mixlm_model::{ModelConfig, TrainBackend, Transformer};
 
 use crate::alignment::{validation_gradient, DomainGradients};
-use crate::checkpoint::{write_checkpoint, TrainState};
+use crate::checkpoint::{find_resumable, load_checkpoint, write_checkpoint, Restored, TrainState};
 use crate::config::RunConfig;
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord, StepTimes};
 use crate::optim::{lr_at, AdamW};
 use crate::progress::Progress;
+use crate::resume::{check_continues, truncate_metrics};
 
-/// Switches for how a run reports, not what it computes.
+/// Switches for how a run starts and reports, not what it computes.
 #[derive(Debug, Clone, Default)]
 pub struct TrainOptions {
     /// Hide the progress bar (tests); log lines still follow `run.log_every`.
     pub quiet: bool,
+    /// Continue `<out_dir>/<name>` from its newest valid checkpoint instead of starting
+    /// over; the config must be the one saved there, up to [`crate::resume::SAFE_KEYS`].
+    pub resume: bool,
+    /// Set from outside (Ctrl-C, SIGTERM) to stop after the current step with a
+    /// checkpoint.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// What a finished run reports.
@@ -52,6 +61,11 @@ pub struct TrainOutcome {
     pub steps: u64,
     /// The static mixture the scheduler learned (DoReMi, DoGE proxy runs).
     pub learned: Option<mixlm_mixing::Proportions>,
+    /// The step a resumed run continued from.
+    pub resumed_from: Option<u64>,
+    /// Stopped by [`TrainOptions::stop`] before `run.steps`, after writing a checkpoint
+    /// (`steps` says where); `rows` is then empty.
+    pub interrupted: bool,
 }
 
 /// Builds the token source a `[data]` section names.
@@ -91,13 +105,24 @@ pub fn train<B: TrainBackend>(
     )?;
 
     let run_dir = PathBuf::from(&run.out_dir).join(&run.name);
+    let restored = match options.resume {
+        true => Some(restore::<B>(&run_dir, config, &model_config, device)?),
+        false => None,
+    };
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
     crate::checkpoint::write_atomic(
         &run_dir.join("config.toml"),
         toml::to_string_pretty(config)?.as_bytes(),
     )?;
-    let mut metrics = MetricsWriter::create(&run_dir.join("metrics.jsonl"))?;
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let mut metrics = match &restored {
+        Some(r) => {
+            truncate_metrics(&metrics_path, r.state.step)?;
+            MetricsWriter::append(&metrics_path)?
+        }
+        None => MetricsWriter::create(&metrics_path)?,
+    };
 
     let requirements = scheduler.requirements();
     let reference = match requirements.reference_model {
@@ -110,9 +135,33 @@ pub fn train<B: TrainBackend>(
     };
 
     B::seed(device, run.seed);
-    let mut model: Transformer<B> = model_config.init(device).with_compute(run.compute());
     let mut optimizer = AdamW::<B::InnerBackend>::new(config.optimizer.clone());
-    let sampler = MixtureSampler::new(k, run.seed, config.data.composition);
+    let mut sampler = MixtureSampler::new(k, run.seed, config.data.composition);
+    let (mut model, start, saved_initial, saved_loss, elapsed_before) = match restored {
+        Some(r) => {
+            let s = r.state;
+            optimizer.moments = r.moments;
+            optimizer.steps = s.optimizer_steps;
+            sampler
+                .restore(s.sampler)
+                .with_context(|| format!("in {}", r.dir.display()))?;
+            if s.scheduler_name != scheduler.name() {
+                bail!(
+                    "{}: the checkpoint's mixing state is from `{}`, the run mixes with `{}`",
+                    r.dir.display(),
+                    s.scheduler_name,
+                    scheduler.name()
+                );
+            }
+            scheduler
+                .restore(&s.scheduler)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", r.dir.join("state.json").display()))?;
+            let initial = (s.initial_val.len() == k).then_some(DomainLosses(s.initial_val));
+            (r.model, s.step, initial, s.last_loss, s.elapsed_s)
+        }
+        None => (model_config.init(device), 0, None, None, 0.0),
+    };
+    model = model.with_compute(run.compute());
     let mut batches = Prefetcher::spawn(
         source.clone(),
         sampler,
@@ -121,7 +170,7 @@ pub fn train<B: TrainBackend>(
         run.seq_len,
     );
     // Steps whose micro-batches have all been requested.
-    let mut requested_steps = 0u64;
+    let mut requested_steps = start;
 
     let evaluate = |model: &Transformer<B>| -> DomainLosses {
         validation_losses(
@@ -134,15 +183,45 @@ pub fn train<B: TrainBackend>(
         )
     };
     let tokens_per_step = run.tokens_per_step();
-    let initial = evaluate(&model);
-    metrics.eval(&EvalRecord::new(0, 0, &names, &initial))?;
+    let initial = match saved_initial {
+        Some(initial) => initial,
+        None => {
+            let initial = evaluate(&model);
+            if start == 0 {
+                metrics.eval(&EvalRecord::new(0, 0, &names, &initial))?;
+            }
+            initial
+        }
+    };
 
     let mut progress = Progress::new(run.steps, options.quiet, run.log_every);
+    progress.start_at(start);
     let started = Instant::now();
-    let mut last_loss = f64::NAN;
+    let mut last_loss = saved_loss.unwrap_or(f64::NAN);
+    let mut interrupted = false;
+    let mut completed = start;
+    let stop_requested = || {
+        options
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::SeqCst))
+    };
+    let save = |step: u64,
+                model: &Transformer<B>,
+                optimizer: &AdamW<B::InnerBackend>,
+                sampler: &SamplerState,
+                scheduler: &dyn Scheduler,
+                last_loss: f64| {
+        let mut state =
+            TrainState::new(step, step * tokens_per_step, optimizer, sampler, scheduler);
+        state.initial_val = initial.0.clone();
+        state.last_loss = last_loss.is_finite().then_some(last_loss);
+        state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+        write_checkpoint(&run_dir, model, &model_config, optimizer, &state, config)
+    };
     // Bookkeeping after a step's record is written counts in the next step's `other`.
     let mut after_record = Instant::now();
-    for step in 0..run.steps {
+    for step in start..run.steps {
         let mut times = StepTimes {
             other: after_record.elapsed().as_secs_f64(),
             ..StepTimes::default()
@@ -272,7 +351,7 @@ pub fn train<B: TrainBackend>(
         lap(&mut times.mixing);
 
         let tokens = (step + 1) * tokens_per_step;
-        let elapsed = started.elapsed().as_secs_f64();
+        let elapsed = elapsed_before + started.elapsed().as_secs_f64();
         let record = StepRecord {
             kind: "train",
             step: step + 1,
@@ -293,6 +372,7 @@ pub fn train<B: TrainBackend>(
         after_record = Instant::now();
         metrics.step(&record)?;
         progress.update(&record, &proportions);
+        completed = step + 1;
 
         let at_end = step + 1 == run.steps;
         if config.eval.every > 0 && (step + 1).is_multiple_of(config.eval.every) && !at_end {
@@ -303,22 +383,42 @@ pub fn train<B: TrainBackend>(
             )?;
             progress.eval_line(step + 1, &names, &val);
         }
-        if config.checkpoint.every > 0
+        let periodic = config.checkpoint.every > 0
             && (step + 1).is_multiple_of(config.checkpoint.every)
-            && !at_end
-        {
-            let state = TrainState::new(
+            && !at_end;
+        let stopping = !at_end && stop_requested();
+        if periodic || stopping {
+            let sampler = batches.consumed_state();
+            save(
                 step + 1,
-                tokens,
+                &model,
                 &optimizer,
-                batches.consumed_state(),
+                sampler,
                 scheduler.as_ref(),
-            );
-            write_checkpoint(&run_dir, &model, &model_config, &optimizer, &state, config)?;
+                last_loss,
+            )?;
+        }
+        if stopping {
+            interrupted = true;
+            progress.abandon();
+            break;
         }
     }
-    progress.finish();
     let elapsed = started.elapsed().as_secs_f64();
+    let trained_tokens = (completed - start) * tokens_per_step;
+    if interrupted {
+        return Ok(TrainOutcome {
+            run_dir,
+            rows: Vec::new(),
+            final_train_loss: last_loss,
+            tokens_per_second: trained_tokens as f64 / elapsed.max(1e-9),
+            steps: completed,
+            learned: None,
+            resumed_from: options.resume.then_some(start),
+            interrupted: true,
+        });
+    }
+    progress.finish();
     let tokens = run.steps * tokens_per_step;
 
     let last = evaluate(&model);
@@ -342,14 +442,15 @@ pub fn train<B: TrainBackend>(
         );
     }
     if config.checkpoint.save_final {
-        let state = TrainState::new(
+        let sampler = batches.consumed_state();
+        save(
             run.steps,
-            tokens,
+            &model,
             &optimizer,
-            batches.consumed_state(),
+            sampler,
             scheduler.as_ref(),
-        );
-        write_checkpoint(&run_dir, &model, &model_config, &optimizer, &state, config)?;
+            last_loss,
+        )?;
     }
     let rows = names
         .iter()
@@ -365,10 +466,45 @@ pub fn train<B: TrainBackend>(
         run_dir,
         rows,
         final_train_loss: last_loss,
-        tokens_per_second: tokens as f64 / elapsed.max(1e-9),
+        tokens_per_second: trained_tokens as f64 / elapsed.max(1e-9),
         steps: run.steps,
         learned,
+        resumed_from: options.resume.then_some(start),
+        interrupted: false,
     })
+}
+
+/// Loads the checkpoint `run_dir` resumes from and checks it belongs to this config.
+fn restore<B: TrainBackend>(
+    run_dir: &std::path::Path,
+    config: &RunConfig,
+    model_config: &ModelConfig,
+    device: &B::Device,
+) -> Result<Restored<B>> {
+    let (dir, notes) = find_resumable(run_dir)?;
+    for note in notes {
+        eprintln!("warning: {note}");
+    }
+    let restored = load_checkpoint::<B>(&dir, device)?;
+    check_continues(&restored.run_config, config)
+        .with_context(|| format!("cannot resume from {}", dir.display()))?;
+    if hf_config(&restored.model_config) != hf_config(model_config) {
+        bail!(
+            "{}: the saved model does not match the config's [model]",
+            dir.display()
+        );
+    }
+    let step = restored.state.step;
+    if step >= config.run.steps {
+        bail!(
+            "{} already finished: its checkpoint is at step {step} and run.steps = {}; \
+             continue it with --set run.steps=N (N > {step})",
+            run_dir.display(),
+            config.run.steps
+        );
+    }
+    eprintln!("resuming {} from {}", run_dir.display(), dir.display());
+    Ok(restored)
 }
 
 /// Loads a scheduler's frozen reference model (DoReMi), from a checkpoint folder or a

@@ -1,0 +1,208 @@
+//! Continuing a run that stopped: which config it continues with, and how its
+//! `metrics.jsonl` is cut back to the checkpoint it resumes from.
+//!
+//! A resumed run continues with the config saved in its checkpoint. Keys that only
+//! change how long it runs or how it reports ([`SAFE_KEYS`]) may be overridden; any
+//! other change would make the continuation a different run than the one whose state
+//! was saved, and is refused with the key named.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::checkpoint::{find_resumable, write_atomic};
+use crate::config::RunConfig;
+
+/// Config keys a resumed run may change (`section.key`, or `section.*` for a whole
+/// section).
+pub const SAFE_KEYS: [&str; 9] = [
+    "run.steps",
+    "run.log_every",
+    "run.backend",
+    "run.activation_checkpointing",
+    "run.attention",
+    "eval.*",
+    "checkpoint.*",
+    "faults.on_nan",
+    "faults.lr_backoff",
+];
+
+fn is_safe(key: &str) -> bool {
+    SAFE_KEYS.iter().any(|safe| match safe.strip_suffix(".*") {
+        Some(section) => key.split('.').next() == Some(section),
+        None => key == *safe,
+    })
+}
+
+/// The config of the run in `run_dir`, as its newest valid checkpoint saved it, with
+/// `overrides` applied (each must be a [`SAFE_KEYS`] key). The run's name and output
+/// folder follow `run_dir`, wherever it has been moved.
+pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<RunConfig> {
+    for spec in overrides {
+        let key = spec
+            .split_once('=')
+            .map_or(spec.as_str(), |(k, _)| k)
+            .trim();
+        if !is_safe(key) {
+            bail!(
+                "--set {key}: cannot change on resume (it would no longer continue the same \
+                 run); keys that may change: {}. Start a new run to change it",
+                SAFE_KEYS.join(", ")
+            );
+        }
+    }
+    let (checkpoint, _) = find_resumable(run_dir)?;
+    let saved = checkpoint.join("run.toml");
+    let mut config = RunConfig::load(&saved, overrides)?;
+    let (out_dir, name) = split_run_dir(run_dir)?;
+    config.run.out_dir = out_dir;
+    config.run.name = name;
+    config.validate()?;
+    Ok(config)
+}
+
+fn split_run_dir(run_dir: &Path) -> Result<(String, String)> {
+    let name = run_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{} is not a run folder", run_dir.display()))?;
+    let parent = run_dir.parent().map(PathBuf::from).unwrap_or_default();
+    let out_dir = if parent.as_os_str().is_empty() {
+        ".".to_string()
+    } else {
+        parent.display().to_string()
+    };
+    Ok((out_dir, name.to_string()))
+}
+
+/// The dotted keys whose values differ between two configs.
+pub fn changed_keys(a: &RunConfig, b: &RunConfig) -> Result<Vec<String>> {
+    let (a, b) = (toml::Value::try_from(a)?, toml::Value::try_from(b)?);
+    let mut out = Vec::new();
+    diff("", &a, &b, &mut out);
+    Ok(out)
+}
+
+fn diff(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (toml::Value::Table(x), toml::Value::Table(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match (x.get(k), y.get(k)) {
+                    (Some(v), Some(w)) => diff(&key, v, w, out),
+                    _ => out.push(key),
+                }
+            }
+        }
+        _ if a != b => out.push(prefix.to_string()),
+        _ => {}
+    }
+}
+
+/// Checks that `config` continues the run `saved` describes: the same except for
+/// [`SAFE_KEYS`] (and the run's name and folder, which follow where it lives now).
+pub fn check_continues(saved: &RunConfig, config: &RunConfig) -> Result<()> {
+    let changed: Vec<String> = changed_keys(saved, config)?
+        .into_iter()
+        .filter(|k| !is_safe(k) && k != "run.name" && k != "run.out_dir")
+        .collect();
+    if !changed.is_empty() {
+        bail!(
+            "the config differs from the one the checkpoint was written with in {}: a \
+             resumed run may change only {}",
+            changed.join(", "),
+            SAFE_KEYS.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Cuts `metrics.jsonl` back to the records of steps up to `step` (evaluations
+/// included), so that the resumed run appends each later step exactly once. A torn
+/// last line of a killed run is dropped; the file is replaced atomically.
+/// Returns how many lines were dropped.
+pub fn truncate_metrics(path: &Path, step: u64) -> Result<usize> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => bail!("cannot read {}: {e}", path.display()),
+    };
+    let mut kept = String::with_capacity(text.len());
+    let mut dropped = 0;
+    for line in text.lines() {
+        let line_step = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+        match line_step {
+            Some(s) if s <= step => {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+            _ => dropped += 1,
+        }
+    }
+    write_atomic(path, kept.as_bytes())?;
+    Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_keys_and_sections() {
+        assert!(is_safe("run.steps"));
+        assert!(is_safe("eval.every"));
+        assert!(is_safe("checkpoint.keep"));
+        assert!(!is_safe("run.seed"));
+        assert!(!is_safe("optimizer.lr"));
+        assert!(!is_safe("evaluation.every"));
+        assert!(!is_safe("run.steps_extra"));
+    }
+
+    #[test]
+    fn changed_keys_are_named() {
+        let a = RunConfig::embedded(&[]).unwrap();
+        let b = RunConfig::embedded(&["optimizer.lr=0.01".into(), "run.steps=500".into()]).unwrap();
+        assert_eq!(
+            changed_keys(&a, &b).unwrap(),
+            vec!["optimizer.lr".to_string(), "run.steps".to_string()]
+        );
+        let e = check_continues(&a, &b).unwrap_err().to_string();
+        assert!(e.contains("in optimizer.lr:"), "{e}");
+        assert!(!e.contains("in optimizer.lr, run.steps"), "{e}");
+        let c = RunConfig::embedded(&["run.steps=500".into(), "eval.every=7".into()]).unwrap();
+        check_continues(&a, &c).unwrap();
+    }
+
+    #[test]
+    fn metrics_are_cut_back_to_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut text = String::from("{\"kind\":\"eval\",\"step\":0}\n");
+        for s in 1..=7 {
+            text += &format!("{{\"kind\":\"train\",\"step\":{s}}}\n");
+        }
+        text += "{\"kind\":\"eval\",\"step\":4}\n{\"kind\":\"train\",\"st"; // torn
+        fs::write(&path, &text).unwrap();
+        assert_eq!(truncate_metrics(&path, 4).unwrap(), 4);
+        let steps: Vec<u64> = fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, vec![0, 1, 2, 3, 4, 4]);
+    }
+}
