@@ -115,7 +115,7 @@ def run_mixlm(args, preset, precision, attention="fused"):
     }
     sets["run.precision"] = json.dumps(precision)
     sets["run.attention"] = json.dumps(attention)
-    cmd = [args.mixlm, "train", "--config", os.path.join(REPO, "configs/bench/throughput.toml"), "--quiet"]
+    cmd = [args.mixlm, "train", "--config", os.path.join(REPO, "configs/bench/throughput.toml"), "--quiet", "--overwrite"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     with GpuMemoryPoller(args.device) as mem:

@@ -42,6 +42,10 @@ enum Command {
         /// keep it the same run (run.steps, eval.*, checkpoint.*, ...).
         #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "mixing"])]
         resume: Option<PathBuf>,
+        /// Start over even if the run folder already holds a run (its metrics and
+        /// checkpoints are replaced).
+        #[arg(long, conflicts_with = "resume")]
+        overwrite: bool,
     },
     /// Per-domain perplexity of a checkpoint on the validation and test splits (token-
     /// weighted and sequence-mean) and the average per group; writes eval.json and
@@ -321,6 +325,7 @@ fn run(cli: Cli) -> Result<()> {
             mixing,
             quiet,
             resume,
+            overwrite,
         } => {
             if let Some(b) = backend {
                 overrides.push(format!("run.backend=\"{b}\""));
@@ -351,6 +356,7 @@ fn run(cli: Cli) -> Result<()> {
                 quiet,
                 resume: resume.is_some(),
                 stop: Some(stop_on_signal()?),
+                overwrite,
             };
             let outcome = train_on(kind, &config, &options)?;
             if outcome.interrupted {
@@ -400,6 +406,7 @@ fn run(cli: Cli) -> Result<()> {
                     c,
                     &TrainOptions {
                         quiet,
+                        overwrite: true,
                         ..Default::default()
                     },
                 )

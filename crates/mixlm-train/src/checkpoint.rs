@@ -66,6 +66,19 @@ pub struct TrainState {
     /// Wall-clock seconds of training so far, so a resumed run's elapsed time continues.
     #[serde(default)]
     pub elapsed_s: f64,
+    /// Learning-rate factor from `faults.on_nan = "rollback"`.
+    #[serde(default = "one")]
+    pub lr_scale: f64,
+    /// Steps whose update was skipped (`faults.on_nan = "skip"`).
+    #[serde(default)]
+    pub skipped_steps: u64,
+    /// The loss-spike detector's window.
+    #[serde(default)]
+    pub spikes: Option<crate::faults::SpikeDetector>,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl TrainState {
@@ -86,6 +99,9 @@ impl TrainState {
             initial_val: Vec::new(),
             last_loss: None,
             elapsed_s: 0.0,
+            lr_scale: 1.0,
+            skipped_steps: 0,
+            spikes: None,
         }
     }
 }
@@ -192,28 +208,38 @@ pub fn write_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
         fs::remove_dir_all(&tmp)?;
     }
     fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let files: [Vec<u8>; 5] = [
-        to_safetensors(model, model_config)?,
-        serde_json::to_string_pretty(&hf_config(model_config))?.into_bytes(),
-        optimizer_safetensors(optimizer)?,
-        serde_json::to_string_pretty(state)?.into_bytes(),
-        toml::to_string_pretty(run_config)?.into_bytes(),
-    ];
-    let mut manifest = Manifest {
-        format: CHECKPOINT_FORMAT,
-        step: state.step,
-        files: BTreeMap::new(),
+    let write_all = || -> Result<()> {
+        let files: [Vec<u8>; 5] = [
+            to_safetensors(model, model_config)?,
+            serde_json::to_string_pretty(&hf_config(model_config))?.into_bytes(),
+            optimizer_safetensors(optimizer)?,
+            serde_json::to_string_pretty(state)?.into_bytes(),
+            toml::to_string_pretty(run_config)?.into_bytes(),
+        ];
+        let mut manifest = Manifest {
+            format: CHECKPOINT_FORMAT,
+            step: state.step,
+            files: BTreeMap::new(),
+        };
+        for (file, bytes) in CHECKPOINT_FILES.iter().zip(&files) {
+            write_file(&tmp.join(file), bytes)?;
+            manifest
+                .files
+                .insert(file.to_string(), FileDigest::of(bytes));
+        }
+        write_file(
+            &tmp.join("manifest.json"),
+            serde_json::to_string_pretty(&manifest)?.as_bytes(),
+        )
     };
-    for (file, bytes) in CHECKPOINT_FILES.iter().zip(&files) {
-        write_file(&tmp.join(file), bytes)?;
-        manifest
-            .files
-            .insert(file.to_string(), FileDigest::of(bytes));
+    if let Err(e) = write_all() {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e.context(format!(
+            "checkpoint at step {} not written; the earlier checkpoints in {} are intact",
+            state.step,
+            root.display()
+        )));
     }
-    write_file(
-        &tmp.join("manifest.json"),
-        serde_json::to_string_pretty(&manifest)?.as_bytes(),
-    )?;
     sync_dir(&tmp);
     if final_dir.exists() {
         fs::remove_dir_all(&final_dir)?;

@@ -275,6 +275,8 @@ fn run_one(
             c,
             &TrainOptions {
                 quiet,
+                // A run without result.json did not finish: it starts over.
+                overwrite: true,
                 ..Default::default()
             },
         )

@@ -32,6 +32,8 @@ pub struct RunConfig {
     pub eval: EvalSection,
     #[serde(default)]
     pub checkpoint: CheckpointSection,
+    #[serde(default)]
+    pub faults: crate::faults::FaultsSection,
 }
 
 /// `[run]`: what to train for how long, and where results go.
@@ -499,6 +501,7 @@ impl RunConfig {
                 s.warmup_steps, r.steps
             ));
         }
+        self.faults.validate().map_err(ConfigError::Invalid)?;
         let source = self.open_source()?;
         let vocab = source.vocab_size();
         if vocab > model.vocab_size {

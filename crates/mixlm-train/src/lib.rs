@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod evaluate;
+pub mod faults;
 pub mod figures;
 pub mod metrics;
 pub mod optim;

@@ -29,6 +29,9 @@ pub struct StepRecord {
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// The update was not applied (a NaN loss or gradient norm, `faults.on_nan = "skip"`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
     /// Mean training loss of each domain's sequences in this step (null if none).
     pub domain_loss: BTreeMap<String, Option<f64>>,
     /// Sequences of each domain in this step.

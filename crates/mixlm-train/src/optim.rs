@@ -34,6 +34,17 @@ pub struct AdamW<B: Backend> {
 pub struct StepStats {
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Whether the update was applied: not when the norm is NaN or infinite.
+    pub applied: bool,
+}
+
+impl StepStats {
+    pub fn not_applied(grad_norm: f64) -> Self {
+        Self {
+            grad_norm,
+            applied: false,
+        }
+    }
 }
 
 impl<B: Backend> AdamW<B> {
@@ -61,6 +72,9 @@ impl<B: Backend> AdamW<B> {
             .map(|s| s.into_scalar().elem::<f64>())
             .unwrap_or(0.0)
             .sqrt();
+        if !grad_norm.is_finite() {
+            return (module, StepStats::not_applied(grad_norm));
+        }
         let clip = if self.config.grad_clip > 0.0 && grad_norm > self.config.grad_clip {
             self.config.grad_clip / (grad_norm + 1e-6)
         } else {
@@ -75,7 +89,13 @@ impl<B: Backend> AdamW<B> {
             path: Vec::new(),
         };
         let module = module.map(&mut mapper);
-        (module, StepStats { grad_norm })
+        (
+            module,
+            StepStats {
+                grad_norm,
+                applied: true,
+            },
+        )
     }
 }
 

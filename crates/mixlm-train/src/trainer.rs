@@ -31,8 +31,9 @@ use mixlm_model::{ModelConfig, TrainBackend, Transformer};
 use crate::alignment::{validation_gradient, DomainGradients};
 use crate::checkpoint::{find_resumable, load_checkpoint, write_checkpoint, Restored, TrainState};
 use crate::config::RunConfig;
+use crate::faults::{FaultLog, FaultRecord, OnNan, SpikeDetector};
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord, StepTimes};
-use crate::optim::{lr_at, AdamW};
+use crate::optim::{lr_at, AdamW, StepStats};
 use crate::progress::Progress;
 use crate::resume::{check_continues, truncate_metrics};
 
@@ -47,6 +48,9 @@ pub struct TrainOptions {
     /// Set from outside (Ctrl-C, SIGTERM) to stop after the current step with a
     /// checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Start over in a run folder that already holds a run (its metrics and
+    /// checkpoints are replaced); without it such a start is refused.
+    pub overwrite: bool,
 }
 
 /// What a finished run reports.
@@ -107,7 +111,10 @@ pub fn train<B: TrainBackend>(
     let run_dir = PathBuf::from(&run.out_dir).join(&run.name);
     let restored = match options.resume {
         true => Some(restore::<B>(&run_dir, config, &model_config, device)?),
-        false => None,
+        false => {
+            refuse_to_overwrite(&run_dir, options.overwrite)?;
+            None
+        }
     };
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
@@ -137,38 +144,35 @@ pub fn train<B: TrainBackend>(
     B::seed(device, run.seed);
     let mut optimizer = AdamW::<B::InnerBackend>::new(config.optimizer.clone());
     let mut sampler = MixtureSampler::new(k, run.seed, config.data.composition);
-    let (mut model, start, saved_initial, saved_loss, elapsed_before) = match restored {
+    let (mut model, saved) = match restored {
         Some(r) => {
-            let s = r.state;
-            optimizer.moments = r.moments;
-            optimizer.steps = s.optimizer_steps;
-            sampler
-                .restore(s.sampler)
-                .with_context(|| format!("in {}", r.dir.display()))?;
-            if s.scheduler_name != scheduler.name() {
-                bail!(
-                    "{}: the checkpoint's mixing state is from `{}`, the run mixes with `{}`",
-                    r.dir.display(),
-                    s.scheduler_name,
-                    scheduler.name()
-                );
-            }
-            scheduler
-                .restore(&s.scheduler)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", r.dir.join("state.json").display()))?;
-            let initial = (s.initial_val.len() == k).then_some(DomainLosses(s.initial_val));
-            (r.model, s.step, initial, s.last_loss, s.elapsed_s)
+            let (model, state) = continue_from(r, &mut optimizer, &mut sampler, &mut *scheduler)?;
+            (model, Some(state))
         }
-        None => (model_config.init(device), 0, None, None, 0.0),
+        None => (model_config.init(device), None),
     };
     model = model.with_compute(run.compute());
-    let mut batches = Prefetcher::spawn(
-        source.clone(),
-        sampler,
-        Split::Train,
-        run.batch_size,
-        run.seq_len,
-    );
+    let start = saved.as_ref().map_or(0, |s| s.step);
+    let saved_initial = saved
+        .as_ref()
+        .filter(|s| s.initial_val.len() == k)
+        .map(|s| DomainLosses(s.initial_val.clone()));
+    let elapsed_before = saved.as_ref().map_or(0.0, |s| s.elapsed_s);
+    let faults = &config.faults;
+    let mut counters = Counters::new(saved.as_ref(), faults);
+    let fault_log = FaultLog::new(&run_dir);
+    let mut injected_nan: std::collections::BTreeSet<u64> =
+        faults.inject_nan_steps.iter().copied().collect();
+    let spawn = |sampler: MixtureSampler| {
+        Prefetcher::spawn(
+            source.clone(),
+            sampler,
+            Split::Train,
+            run.batch_size,
+            run.seq_len,
+        )
+    };
+    let mut batches = spawn(sampler);
     // Steps whose micro-batches have all been requested.
     let mut requested_steps = start;
 
@@ -197,9 +201,10 @@ pub fn train<B: TrainBackend>(
     let mut progress = Progress::new(run.steps, options.quiet, run.log_every);
     progress.start_at(start);
     let started = Instant::now();
-    let mut last_loss = saved_loss.unwrap_or(f64::NAN);
     let mut interrupted = false;
     let mut completed = start;
+    // Steps in a row whose update was not applied (NaN), rollbacks included.
+    let mut consecutive_bad = 0u64;
     let stop_requested = || {
         options
             .stop
@@ -211,17 +216,18 @@ pub fn train<B: TrainBackend>(
                 optimizer: &AdamW<B::InnerBackend>,
                 sampler: &SamplerState,
                 scheduler: &dyn Scheduler,
-                last_loss: f64| {
+                counters: &Counters| {
         let mut state =
             TrainState::new(step, step * tokens_per_step, optimizer, sampler, scheduler);
         state.initial_val = initial.0.clone();
-        state.last_loss = last_loss.is_finite().then_some(last_loss);
         state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+        counters.save_into(&mut state);
         write_checkpoint(&run_dir, model, &model_config, optimizer, &state, config)
     };
     // Bookkeeping after a step's record is written counts in the next step's `other`.
     let mut after_record = Instant::now();
-    for step in start..run.steps {
+    let mut step = start;
+    while step < run.steps {
         let mut times = StepTimes {
             other: after_record.elapsed().as_secs_f64(),
             ..StepTimes::default()
@@ -259,13 +265,16 @@ pub fn train<B: TrainBackend>(
             }
             requested_steps += 1;
         }
-        let lr = lr_at(
-            step,
-            config.optimizer.lr,
-            config.schedule.min_lr,
-            config.schedule.warmup_steps,
-            run.steps,
-        );
+        let lr = counters.lr_scale
+            * lr_at(
+                step,
+                config.optimizer.lr,
+                config.schedule.min_lr,
+                config.schedule.warmup_steps,
+                run.steps,
+            );
+        // `(domain, window)` of every sequence of the step, for fault reports.
+        let mut picks: Vec<(DomainId, u64)> = Vec::new();
 
         let mut grads = GradientsAccumulator::<Transformer<B>>::new();
         let mut per_domain =
@@ -277,6 +286,7 @@ pub fn train<B: TrainBackend>(
         for _ in 0..run.grad_accum {
             let batch = batches.take();
             lap(&mut times.data);
+            picks.extend_from_slice(&batch.picks);
             let domains: Vec<DomainId> = batch.picks.iter().map(|(d, _)| *d).collect();
             if let Some(per_domain) = per_domain.as_mut() {
                 let seq_means =
@@ -335,12 +345,119 @@ pub fn train<B: TrainBackend>(
             }
             _ => grads.grads(),
         };
-        let (updated, stats) = optimizer.step(lr, model, grads);
-        model = updated;
-        lap(&mut times.model);
-
         let train = by_domain.means();
-        last_loss = mean_over_sequences(&train, by_domain.counts());
+        let mut step_loss = mean_over_sequences(&train, by_domain.counts());
+        if injected_nan.remove(&(step + 1)) {
+            step_loss = f64::NAN;
+        }
+        // A non-finite loss never reaches the optimizer; a non-finite gradient norm
+        // makes it leave the model as it was.
+        let stats = if step_loss.is_finite() {
+            let (updated, stats) = optimizer.step(lr, model, grads);
+            model = updated;
+            stats
+        } else {
+            StepStats::not_applied(f64::NAN)
+        };
+        lap(&mut times.model);
+        if stats.applied {
+            consecutive_bad = 0;
+            counters.last_loss = step_loss;
+            if let Some(mean) = counters.spikes.observe(step_loss) {
+                eprintln!(
+                    "warning: loss spike at step {}: {step_loss:.4} against a mean of {mean:.4} \
+                     over the last {} steps (batch in {})",
+                    step + 1,
+                    faults.spike_window,
+                    fault_log.path().display()
+                );
+                let fault = fault_record("spike", "logged", step + 1, step_loss, &stats);
+                fault_log.write(&FaultRecord {
+                    mean: Some(mean),
+                    ..fault(&names, &train, &picks)
+                })?;
+            }
+        } else {
+            consecutive_bad += 1;
+            let fault = fault_record("nan", "", step + 1, step_loss, &stats);
+            let what = format!(
+                "step {}: the loss is {step_loss} and the gradient norm {}",
+                step + 1,
+                stats.grad_norm
+            );
+            if consecutive_bad > faults.max_consecutive || faults.on_nan == OnNan::Stop {
+                fault_log.write(&FaultRecord {
+                    action: "stopped",
+                    ..fault(&names, &train, &picks)
+                })?;
+                bail!(
+                    "{what}; stopping (faults.on_nan = \"{}\", {consecutive_bad} bad step(s) in a \
+                     row, faults.max_consecutive = {}). The batch is in {}. Resume from the last \
+                     checkpoint with `mixlm train --resume {}` (--set faults.on_nan=\"rollback\" \
+                     lowers the learning rate each time it goes back)",
+                    faults.on_nan.name(),
+                    faults.max_consecutive,
+                    fault_log.path().display(),
+                    run_dir.display()
+                );
+            }
+            if faults.on_nan == OnNan::Rollback {
+                let (dir, notes) = find_resumable(&run_dir).with_context(|| {
+                    format!("{what}; faults.on_nan = \"rollback\" needs a checkpoint")
+                })?;
+                for note in notes {
+                    eprintln!("warning: {note}");
+                }
+                let restored = load_checkpoint::<B>(&dir, device)?;
+                let mut sampler = MixtureSampler::new(k, run.seed, config.data.composition);
+                optimizer = AdamW::new(config.optimizer.clone());
+                let (restored_model, state) =
+                    continue_from(restored, &mut optimizer, &mut sampler, &mut *scheduler)?;
+                model = restored_model.with_compute(run.compute());
+                let lr_scale = counters.lr_scale * faults.lr_backoff;
+                counters = Counters::new(Some(&state), faults);
+                counters.lr_scale = lr_scale;
+                fault_log.write(&FaultRecord {
+                    action: "rolled_back",
+                    rolled_back_to: Some(state.step),
+                    lr_scale: Some(lr_scale),
+                    ..fault(&names, &train, &picks)
+                })?;
+                eprintln!(
+                    "warning: {what}; rolled back to {} with the learning rate scaled by {lr_scale}",
+                    dir.display()
+                );
+                drop(metrics);
+                truncate_metrics(&metrics_path, state.step)?;
+                metrics = MetricsWriter::append(&metrics_path)?;
+                batches = spawn(sampler);
+                requested_steps = state.step;
+                step = state.step;
+                completed = state.step;
+                progress.start_at(state.step);
+                after_record = Instant::now();
+                continue;
+            }
+            counters.skipped += 1;
+            fault_log.write(&FaultRecord {
+                action: "skipped",
+                ..fault(&names, &train, &picks)
+            })?;
+            eprintln!(
+                "warning: {what}; update skipped ({} so far, details in {})",
+                counters.skipped,
+                fault_log.path().display()
+            );
+        }
+        // Schedulers learn from finite losses only; a domain whose loss is not finite
+        // counts as absent from the step.
+        let train = DomainLosses(
+            train
+                .0
+                .iter()
+                .map(|l| l.filter(|l| l.is_finite()))
+                .collect(),
+        );
         let feedback = StepFeedback {
             train,
             sequences: by_domain.counts().to_vec(),
@@ -357,8 +474,9 @@ pub fn train<B: TrainBackend>(
             step: step + 1,
             tokens,
             lr,
-            loss: last_loss,
+            loss: step_loss,
             grad_norm: stats.grad_norm,
+            skipped: !stats.applied,
             domain_loss: crate::metrics::by_name(&names, &feedback.train.0),
             sequences: crate::metrics::by_name(&names, &feedback.sequences),
             proportions: crate::metrics::by_name(&names, proportions.as_slice()),
@@ -395,7 +513,7 @@ pub fn train<B: TrainBackend>(
                 &optimizer,
                 sampler,
                 scheduler.as_ref(),
-                last_loss,
+                &counters,
             )?;
         }
         if stopping {
@@ -403,7 +521,9 @@ pub fn train<B: TrainBackend>(
             progress.abandon();
             break;
         }
+        step += 1;
     }
+    let last_loss = counters.last_loss;
     let elapsed = started.elapsed().as_secs_f64();
     let trained_tokens = (completed - start) * tokens_per_step;
     if interrupted {
@@ -449,7 +569,7 @@ pub fn train<B: TrainBackend>(
             &optimizer,
             sampler,
             scheduler.as_ref(),
-            last_loss,
+            &counters,
         )?;
     }
     let rows = names
@@ -472,6 +592,122 @@ pub fn train<B: TrainBackend>(
         resumed_from: options.resume.then_some(start),
         interrupted: false,
     })
+}
+
+/// What a run counts across steps besides the model, optimizer, sampler and scheduler;
+/// checkpointed so a resumed run continues them.
+struct Counters {
+    /// Mean training loss of the last applied step.
+    last_loss: f64,
+    /// Learning-rate factor from rollbacks.
+    lr_scale: f64,
+    /// Steps whose update was skipped.
+    skipped: u64,
+    spikes: SpikeDetector,
+}
+
+impl Counters {
+    fn new(saved: Option<&TrainState>, faults: &crate::faults::FaultsSection) -> Self {
+        Self {
+            last_loss: saved.and_then(|s| s.last_loss).unwrap_or(f64::NAN),
+            lr_scale: saved.map_or(1.0, |s| s.lr_scale),
+            skipped: saved.map_or(0, |s| s.skipped_steps),
+            spikes: saved
+                .and_then(|s| s.spikes.clone())
+                .unwrap_or_else(|| SpikeDetector::new(faults.spike_factor, faults.spike_window)),
+        }
+    }
+
+    fn save_into(&self, state: &mut TrainState) {
+        state.last_loss = self.last_loss.is_finite().then_some(self.last_loss);
+        state.lr_scale = self.lr_scale;
+        state.skipped_steps = self.skipped;
+        state.spikes = Some(self.spikes.clone());
+    }
+}
+
+/// A fault report of a step; the caller adds the domain names, losses and batch.
+fn fault_record(
+    kind: &'static str,
+    action: &'static str,
+    step: u64,
+    loss: f64,
+    stats: &StepStats,
+) -> impl Fn(&[String], &DomainLosses, &[(DomainId, u64)]) -> FaultRecord {
+    let grad_norm = stats.grad_norm;
+    move |names, losses, picks| FaultRecord {
+        kind,
+        step,
+        action,
+        loss,
+        grad_norm: grad_norm.is_finite().then_some(grad_norm),
+        mean: None,
+        rolled_back_to: None,
+        lr_scale: None,
+        domain_loss: crate::metrics::by_name(names, &losses.0),
+        sequences: picks
+            .iter()
+            .map(|(d, w)| (names[d.0].clone(), *w))
+            .collect(),
+    }
+}
+
+/// Puts a checkpoint's optimizer moments, sampler cursors and scheduler state in
+/// place, checking they fit this run; returns its model and counters.
+fn continue_from<B: TrainBackend>(
+    r: Restored<B>,
+    optimizer: &mut AdamW<B::InnerBackend>,
+    sampler: &mut MixtureSampler,
+    scheduler: &mut dyn Scheduler,
+) -> Result<(Transformer<B>, TrainState)> {
+    let s = r.state;
+    optimizer.moments = r.moments;
+    optimizer.steps = s.optimizer_steps;
+    sampler
+        .restore(s.sampler.clone())
+        .with_context(|| format!("in {}", r.dir.display()))?;
+    if s.scheduler_name != scheduler.name() {
+        bail!(
+            "{}: the checkpoint's mixing state is from `{}`, the run mixes with `{}`",
+            r.dir.display(),
+            s.scheduler_name,
+            scheduler.name()
+        );
+    }
+    scheduler
+        .restore(&s.scheduler)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", r.dir.join("state.json").display()))?;
+    Ok((r.model, s))
+}
+
+/// A fresh start must not silently replace the metrics and checkpoints of an earlier
+/// run of the same name.
+fn refuse_to_overwrite(run_dir: &std::path::Path, overwrite: bool) -> Result<()> {
+    let metrics = run_dir.join("metrics.jsonl");
+    let has_run = std::fs::metadata(&metrics).is_ok_and(|m| m.len() > 0)
+        || run_dir.join("checkpoints").is_dir();
+    if !has_run {
+        return Ok(());
+    }
+    if !overwrite {
+        bail!(
+            "{} already holds a run: continue it with `mixlm train --resume {0}`, start over \
+             with --overwrite (its metrics and checkpoints are replaced), or choose another \
+             run.name",
+            run_dir.display()
+        );
+    }
+    let checkpoints = run_dir.join("checkpoints");
+    if checkpoints.is_dir() {
+        std::fs::remove_dir_all(&checkpoints)
+            .with_context(|| format!("cannot delete {}", checkpoints.display()))?;
+    }
+    let faults = run_dir.join("faults.jsonl");
+    if faults.exists() {
+        std::fs::remove_file(&faults)
+            .with_context(|| format!("cannot delete {}", faults.display()))?;
+    }
+    Ok(())
 }
 
 /// Loads the checkpoint `run_dir` resumes from and checks it belongs to this config.

@@ -1,0 +1,224 @@
+//! What the trainer does when a step goes wrong: a NaN or infinite loss or gradient
+//! norm (`[faults] on_nan`), and loss spikes (logged with the batch's sequences).
+//!
+//! Every fault is appended to `runs/<name>/faults.jsonl`, one JSON object per event,
+//! so `metrics.jsonl` keeps exactly one record per step and the faults of a run can
+//! be read apart from it.
+
+use std::collections::VecDeque;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// `[faults] on_nan`: what a step whose loss or gradient norm is not finite does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNan {
+    /// Leave the model and optimizer as they were, count the step, go on with the
+    /// next batch.
+    #[default]
+    Skip,
+    /// Reload the newest checkpoint, multiply the learning rate by `lr_backoff`, and
+    /// train on from there.
+    Rollback,
+    /// Stop the run with a report (the last checkpoint stays the resume point).
+    Stop,
+}
+
+impl OnNan {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnNan::Skip => "skip",
+            OnNan::Rollback => "rollback",
+            OnNan::Stop => "stop",
+        }
+    }
+}
+
+/// `[faults]`: the policies for bad steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultsSection {
+    pub on_nan: OnNan,
+    /// Learning-rate factor applied at each rollback, in (0, 1].
+    pub lr_backoff: f64,
+    /// Most skipped or rolled-back steps in a row before the run stops anyway.
+    pub max_consecutive: u64,
+    /// A step whose loss exceeds `spike_factor` x the mean of the previous
+    /// `spike_window` steps is logged as a spike (0 = off).
+    pub spike_factor: f64,
+    pub spike_window: usize,
+    /// Steps (1-based) whose loss is replaced by NaN: a way to try the `on_nan`
+    /// policy before a long run depends on it. Empty in real runs.
+    pub inject_nan_steps: Vec<u64>,
+}
+
+impl Default for FaultsSection {
+    fn default() -> Self {
+        Self {
+            on_nan: OnNan::Skip,
+            lr_backoff: 0.5,
+            max_consecutive: 10,
+            spike_factor: 2.0,
+            spike_window: 50,
+            inject_nan_steps: Vec::new(),
+        }
+    }
+}
+
+impl FaultsSection {
+    /// Range checks, as [`crate::RunConfig::validate`] reports them.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.lr_backoff > 0.0 && self.lr_backoff <= 1.0) {
+            return Err(format!(
+                "faults.lr_backoff = {} must be within (0, 1]",
+                self.lr_backoff
+            ));
+        }
+        if self.max_consecutive == 0 {
+            return Err("faults.max_consecutive must be >= 1".into());
+        }
+        if !(self.spike_factor == 0.0 || self.spike_factor > 1.0) || !self.spike_factor.is_finite()
+        {
+            return Err(format!(
+                "faults.spike_factor = {} must be 0 (off) or > 1",
+                self.spike_factor
+            ));
+        }
+        if self.spike_factor > 0.0 && self.spike_window < 2 {
+            return Err("faults.spike_window must be >= 2".into());
+        }
+        Ok(())
+    }
+}
+
+/// Flags steps whose loss jumps well above the recent mean.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpikeDetector {
+    factor: f64,
+    window: usize,
+    recent: VecDeque<f64>,
+}
+
+impl SpikeDetector {
+    pub fn new(factor: f64, window: usize) -> Self {
+        Self {
+            factor,
+            window,
+            recent: VecDeque::with_capacity(window),
+        }
+    }
+
+    /// Feeds a step's loss; returns the running mean it spiked above, if it did.
+    /// Checking starts once the window is full; non-finite losses are not fed.
+    pub fn observe(&mut self, loss: f64) -> Option<f64> {
+        if self.factor <= 0.0 || !loss.is_finite() {
+            return None;
+        }
+        let mean = (self.recent.len() == self.window)
+            .then(|| self.recent.iter().sum::<f64>() / self.window as f64);
+        if self.recent.len() == self.window {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(loss);
+        mean.filter(|m| loss > self.factor * m)
+    }
+}
+
+/// One line of `faults.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultRecord {
+    /// `nan` or `spike`.
+    pub kind: &'static str,
+    /// The step (1-based) it happened at.
+    pub step: u64,
+    /// What was done: `skipped`, `rolled_back`, `stopped`, `logged`.
+    pub action: &'static str,
+    pub loss: f64,
+    pub grad_norm: Option<f64>,
+    /// Running mean the spike was measured against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean: Option<f64>,
+    /// Checkpoint step a rollback went back to, and the learning-rate scale after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolled_back_to: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr_scale: Option<f64>,
+    /// Per-domain mean loss of the step's sequences.
+    pub domain_loss: std::collections::BTreeMap<String, Option<f64>>,
+    /// `(domain, window index)` of every sequence of the step, to find the data.
+    pub sequences: Vec<(String, u64)>,
+}
+
+/// Appends [`FaultRecord`]s to `faults.jsonl`.
+pub struct FaultLog {
+    path: PathBuf,
+}
+
+impl FaultLog {
+    pub fn new(run_dir: &Path) -> Self {
+        Self {
+            path: run_dir.join("faults.jsonl"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn write(&self, record: &FaultRecord) -> Result<()> {
+        let mut line = serde_json::to_string(record)?;
+        line.push('\n');
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|_| f.sync_data()))
+            .with_context(|| format!("cannot write {} (disk full?)", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spikes_are_measured_against_the_previous_window() {
+        let mut d = SpikeDetector::new(2.0, 3);
+        for l in [1.0, 1.2, 0.8] {
+            assert_eq!(d.observe(l), None, "window not full yet");
+        }
+        assert_eq!(d.observe(1.9), None, "1.9 < 2 x mean 1.0");
+        // Window now 1.2, 0.8, 1.9: mean 1.3, threshold 2.6.
+        assert_eq!(d.observe(f64::NAN), None, "non-finite losses are not fed");
+        let mean = d.observe(2.7).expect("2.7 > 2 x 1.3");
+        assert!((mean - 1.3).abs() < 1e-12, "{mean}");
+        let mut off = SpikeDetector::new(0.0, 3);
+        assert!((0..10).all(|i| off.observe(10f64.powi(i)).is_none()));
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        let ok = FaultsSection::default();
+        ok.validate().unwrap();
+        let bad = |f: FaultsSection| f.validate().unwrap_err();
+        assert!(bad(FaultsSection {
+            lr_backoff: 0.0,
+            ..ok.clone()
+        })
+        .contains("faults.lr_backoff = 0"));
+        assert!(bad(FaultsSection {
+            spike_factor: 0.5,
+            ..ok.clone()
+        })
+        .contains("faults.spike_factor = 0.5"));
+        assert!(bad(FaultsSection {
+            max_consecutive: 0,
+            ..ok
+        })
+        .contains("max_consecutive"));
+    }
+}
