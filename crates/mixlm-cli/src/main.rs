@@ -47,6 +47,17 @@ enum Command {
         #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
     },
+    /// Check a run folder (config, metrics, checkpoints' checksums, whether it can be
+    /// resumed), one checkpoint folder, or a prepared dataset (manifest against shards,
+    /// token ids, tokenizer hash); prints what it found, exits 1 if anything is wrong.
+    Doctor {
+        /// runs/<name>, runs/<name>/checkpoints/step-N, or a `mixlm prepare` output.
+        path: PathBuf,
+        /// A tokenizer.json to check a dataset's shards against (default: the one its
+        /// manifest names).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
     /// Per-domain perplexity of a checkpoint on the validation and test splits (token-
     /// weighted and sequence-mean) and the average per group; writes eval.json and
     /// eval.md next to the checkpoint (or into --out).
@@ -373,6 +384,21 @@ fn run(cli: Cli) -> Result<()> {
             );
             print!("{}", mixlm_eval::format_table(&outcome.rows));
             println!("results: {}", outcome.run_dir.display());
+            Ok(())
+        }
+        Command::Doctor { path, tokenizer } => {
+            let findings = mixlm_train::doctor::doctor(&path, tokenizer.as_deref());
+            for f in &findings {
+                println!("{f}");
+            }
+            let failed = findings
+                .iter()
+                .filter(|f| f.level == mixlm_train::doctor::Level::Fail)
+                .count();
+            if failed > 0 {
+                anyhow::bail!("{failed} problem(s) found in {}", path.display());
+            }
+            println!("no problems found in {}", path.display());
             Ok(())
         }
         Command::MixSearch {
