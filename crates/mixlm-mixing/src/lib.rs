@@ -16,6 +16,8 @@
 //! segments in step 2 and reads validation losses between them in step 1, DoReMi
 //! reads the reference losses carried in [`StepFeedback::reference`].
 
+mod guard;
+pub use guard::{finite_losses, FiniteFeedback};
 pub mod aioli;
 mod config;
 pub mod doge;
@@ -227,12 +229,13 @@ pub fn build_scheduler(
     domains: &DomainInfo,
 ) -> Result<Box<dyn Scheduler>, MixingConfigError> {
     config.validate(&domains.names)?;
-    Ok(match config {
+    let scheduler: Box<dyn Scheduler> = match config {
         MixingConfig::Odm(c) => Box::new(OdmScheduler::new(c, domains)?),
         MixingConfig::Aioli(c) => Box::new(AioliScheduler::new(c, domains)?),
         MixingConfig::SkillIt(c) => Box::new(SkillItScheduler::new(c, domains)?),
         MixingConfig::Doremi(c) => Box::new(DoReMiScheduler::new(c, domains)?),
         MixingConfig::Doge(c) => Box::new(DogeScheduler::new(c, domains)?),
         _ => Box::new(StaticScheduler::from_config(config, domains)?),
-    })
+    };
+    Ok(Box::new(FiniteFeedback(scheduler)))
 }

@@ -127,6 +127,12 @@ pub fn linear_policy(rewards: &[f64], eps: f64) -> Vec<f64> {
         .collect()
 }
 
+/// The largest reward one step can contribute. A diverged step's loss (or, in the
+/// official variant, `exp` of a loss above ~710) would otherwise overflow the rewards
+/// to infinity and the policy to NaN; `1e100` (`exp(230)`) is far beyond the reward of
+/// any loss a run that is still learning produces.
+pub const MAX_REWARD: f64 = 1e100;
+
 /// ODM as a [`Scheduler`].
 #[derive(Debug, Clone)]
 pub struct OdmScheduler {
@@ -210,7 +216,7 @@ impl Scheduler for OdmScheduler {
                 OdmVariant::Official => loss.exp(),
             };
             let r = &mut self.state.rewards[i];
-            *r = alpha * *r + (1.0 - alpha) * reward;
+            *r = alpha * *r + (1.0 - alpha) * reward.min(MAX_REWARD);
         }
     }
 

@@ -549,6 +549,7 @@ fn mix_search_grid_and_law() {
             &Default::default(),
             &TrainOptions {
                 quiet: true,
+                overwrite: true,
                 ..Default::default()
             },
         )
@@ -730,6 +731,7 @@ fn mix_search_pipelines_doremi_doge_skill_it() {
             &Default::default(),
             &TrainOptions {
                 quiet: true,
+                overwrite: true,
                 ..Default::default()
             },
         )
@@ -868,6 +870,7 @@ fn checkpointing_and_attention_kernel_train_like_the_defaults() {
             &config,
             &TrainOptions {
                 quiet: true,
+                overwrite: true,
                 ..Default::default()
             },
         )
