@@ -540,7 +540,7 @@ pub struct Ingestor {
 }
 
 /// The sink returned an error: stop reading (the error itself is the sink's).
-pub(crate) struct SinkClosed;
+pub struct SinkClosed;
 
 impl Ingestor {
     pub fn new(options: IngestOptions) -> Self {
@@ -714,7 +714,11 @@ impl Ingestor {
         Ok(sink(doc).is_ok())
     }
 
-    pub(crate) fn read_file(
+    /// Reads one input file (jsonl, jsonl.zst or parquet) and hands each document to
+    /// `sink`; bad records follow `on_error`. `index` is the file's number in the
+    /// manifest, `consumed` counts the bytes read (for progress). `Ok(false)`: the
+    /// sink closed. Public so the reader can be fuzzed on its own.
+    pub fn read_file(
         &mut self,
         index: usize,
         file: &InputFile,

@@ -22,14 +22,16 @@ mod parquet_input;
 pub mod shards;
 pub mod tokenize;
 
-pub use ingest::{hash_split, Document, InputFile, SkipKind, SkipReport};
+pub use ingest::{
+    hash_split, resolve_inputs, Document, IngestOptions, Ingestor, InputFile, SinkClosed, SkipKind,
+    SkipReport,
+};
 pub use manifest::{Manifest, ManifestOptions, SplitMethod, TokenizerRecord, MANIFEST_FILE};
 pub use shards::ShardCounts;
 pub use tokenize::{PreparedTokenizer, TokenDtype};
 
 use crate::source::Split;
 use indicatif::{ProgressBar, ProgressStyle};
-use ingest::{IngestOptions, Ingestor, SinkClosed};
 use manifest::{ManifestReadError, FORMAT_VERSION, HASH_SPLIT_RULE};
 use serde::{Deserialize, Serialize};
 use shards::{ShardWriter, TMP_SUFFIX};
