@@ -1,19 +1,8 @@
 //! The command line's contract: one clear line for each kind of user error, and
 //! model-info's parameter counts.
 
-use std::process::Command;
-
-fn mixlm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mixlm"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::mixlm;
 
 /// `--set` arguments for a 2-step run of the tiny demo model writing into `dir`.
 fn tiny_run(dir: &std::path::Path, extra: &[&str]) -> Vec<String> {

@@ -2,21 +2,11 @@
 //! found and named, and the exit status says whether anything is wrong.
 
 use std::path::Path;
-use std::process::Command;
 
 use mixlm_data::prepare::testutil::{jsonl, texts, write_file, write_tokenizer};
 
-fn mixlm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mixlm"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::mixlm;
 
 fn doctor(path: &Path, extra: &[&str]) -> (bool, String) {
     let mut args = vec!["doctor", path.to_str().unwrap()];

@@ -53,6 +53,16 @@ pub struct TrainOptions {
     pub overwrite: bool,
 }
 
+impl TrainOptions {
+    /// No progress bar, otherwise the defaults (tests, and jobs that print their own).
+    pub fn quiet() -> Self {
+        Self {
+            quiet: true,
+            ..Self::default()
+        }
+    }
+}
+
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {

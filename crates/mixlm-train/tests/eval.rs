@@ -27,16 +27,9 @@ fn train_short(dir: &std::path::Path, extra: &[&str]) -> std::path::PathBuf {
     ];
     o.extend(extra.iter().map(|s| s.to_string()));
     let config = RunConfig::embedded(&o).unwrap();
-    train::<B>(
-        &config,
-        &Default::default(),
-        &TrainOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .run_dir
+    train::<B>(&config, &Default::default(), &TrainOptions::quiet())
+        .unwrap()
+        .run_dir
 }
 
 fn eval(

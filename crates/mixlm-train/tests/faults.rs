@@ -27,10 +27,7 @@ fn config(dir: &std::path::Path, name: &str, extra: &[&str]) -> RunConfig {
 }
 
 fn run(config: &RunConfig) -> anyhow::Result<mixlm_train::TrainOutcome> {
-    let options = TrainOptions {
-        quiet: true,
-        ..Default::default()
-    };
+    let options = TrainOptions::quiet();
     train::<B>(config, &Default::default(), &options)
 }
 

@@ -88,10 +88,7 @@ fn checkpoint_files() -> &'static Vec<(String, Vec<u8>)> {
             "eval.every=0".into(),
         ];
         let config = RunConfig::embedded(&overrides).unwrap();
-        let options = TrainOptions {
-            quiet: true,
-            ..Default::default()
-        };
+        let options = TrainOptions::quiet();
         let outcome = train::<B>(&config, &Default::default(), &options).unwrap();
         let ckpt = latest_checkpoint(&outcome.run_dir).unwrap();
         CHECKPOINT_FILES

@@ -72,15 +72,7 @@ fn short_run_writes_metrics_and_reloadable_checkpoints() {
     let tmp = tempfile::tempdir().unwrap();
     let config = short_run(tmp.path(), "short", &["run.grad_accum=2"]);
     let device = Default::default();
-    let outcome = train::<B>(
-        &config,
-        &device,
-        &TrainOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let outcome = train::<B>(&config, &device, &TrainOptions::quiet()).unwrap();
     let lines = metrics(&outcome.run_dir);
     let steps: Vec<_> = lines.iter().filter(|l| l["kind"] == "train").collect();
     let evals: Vec<_> = lines.iter().filter(|l| l["kind"] == "eval").collect();
@@ -192,10 +184,7 @@ fn runs_are_deterministic_on_cpu() {
         let outcome = train::<B>(
             &short_run(tmp.path(), name, &[]),
             &device,
-            &TrainOptions {
-                quiet: true,
-                ..Default::default()
-            },
+            &TrainOptions::quiet(),
         )
         .unwrap();
         let mut lines = metrics(&outcome.run_dir);
@@ -220,15 +209,7 @@ fn demo_run_halves_perplexity_and_nears_the_floor() {
     let tmp = tempfile::tempdir().unwrap();
     let config =
         RunConfig::embedded(&[format!("run.out_dir=\"{}\"", tmp.path().display())]).unwrap();
-    let outcome = train::<B>(
-        &config,
-        &Default::default(),
-        &TrainOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let outcome = train::<B>(&config, &Default::default(), &TrainOptions::quiet()).unwrap();
     print!("{}", mixlm_eval::format_table(&outcome.rows));
     let domains = &config.data.synthetic.domains;
     assert_eq!(outcome.rows.len(), domains.len());
@@ -275,15 +256,7 @@ fn odm_moves_towards_the_domain_with_the_highest_loss() {
         ];
         o.extend_from_slice(extra);
         let config = short_run(tmp.path(), name, &o);
-        let outcome = train::<B>(
-            &config,
-            &Default::default(),
-            &TrainOptions {
-                quiet: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let outcome = train::<B>(&config, &Default::default(), &TrainOptions::quiet()).unwrap();
         metrics(&outcome.run_dir)
             .into_iter()
             .filter(|l| l["kind"] == "train")
@@ -367,16 +340,9 @@ fn aioli_recovers_known_transfer_and_is_not_worse_than_stratified() {
         let mut o: Vec<&str> = common.to_vec();
         o.extend_from_slice(extra);
         let config = short_run(tmp.path(), name, &o);
-        train::<B>(
-            &config,
-            &Default::default(),
-            &TrainOptions {
-                quiet: true,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .run_dir
+        train::<B>(&config, &Default::default(), &TrainOptions::quiet())
+            .unwrap()
+            .run_dir
     };
     let aioli = run(
         "aioli",
@@ -475,16 +441,9 @@ fn doremi_proxy_learns_a_mixture_from_excess_loss() {
         o.extend_from_slice(extra);
         let o: Vec<&str> = o.iter().map(String::as_str).collect();
         let config = short_run(tmp.path(), name, &o);
-        train::<B>(
-            &config,
-            &Default::default(),
-            &TrainOptions {
-                quiet: true,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .run_dir
+        train::<B>(&config, &Default::default(), &TrainOptions::quiet())
+            .unwrap()
+            .run_dir
     };
     let reference = run("reference", &["run.steps=200".into()]);
     let proxy = run(
@@ -662,16 +621,9 @@ fn doge_proxy_upweights_domains_aligned_with_the_target() {
              { name = \"other\", first_token = 33, num_tokens = 32, order = 1, successors = 4 }]",
         ],
     );
-    let run_dir = train::<B>(
-        &config,
-        &Default::default(),
-        &TrainOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .run_dir;
+    let run_dir = train::<B>(&config, &Default::default(), &TrainOptions::quiet())
+        .unwrap()
+        .run_dir;
     let names = ["twin_a", "twin_b", "other"];
     let lines = metrics(&run_dir);
     let steps: Vec<&serde_json::Value> = lines.iter().filter(|l| l["kind"] == "train").collect();
@@ -812,15 +764,7 @@ fn mix_search_pipelines_doremi_doge_skill_it() {
     let mut run = final_run(&skill);
     run.run.name = "skill-final".into();
     run.run.steps = 4;
-    train::<B>(
-        &run,
-        &Default::default(),
-        &TrainOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    train::<B>(&run, &Default::default(), &TrainOptions::quiet()).unwrap();
 }
 
 /// `run.precision`: f16 is refused by the config (no loss scaling), bf16 by the device
@@ -843,10 +787,7 @@ fn precision_is_checked_against_the_config_and_the_device() {
     let e = mixlm_train::train_on(
         mixlm_train::BackendKind::Cpu,
         &config,
-        &TrainOptions {
-            quiet: true,
-            ..Default::default()
-        },
+        &TrainOptions::quiet(),
     )
     .unwrap_err()
     .to_string();
