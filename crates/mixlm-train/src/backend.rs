@@ -122,17 +122,106 @@ pub fn train_on(
             train::<B>(self.0, device, self.1)
         }
     }
-    match config.run.activation_checkpointing {
+    let run = || match config.run.activation_checkpointing {
         ActivationCheckpointing::None => dispatch(kind, Job(config, options)),
         ActivationCheckpointing::Balanced => {
             dispatch_with::<BalancedCheckpointing, _>(kind, Job(config, options))
         }
+    };
+    // Burn's backends report an exhausted device memory by panicking; turn that one
+    // panic into an error that says what to change.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(result) => result,
+        Err(panic) => match out_of_memory_advice(panic_message(&panic), config, kind) {
+            Some(advice) => Err(anyhow::anyhow!(advice)),
+            None => std::panic::resume_unwind(panic),
+        },
     }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("")
+}
+
+/// For a panic that reports exhausted device memory: what ran out and what to change.
+pub fn out_of_memory_advice(
+    message: &str,
+    config: &RunConfig,
+    kind: BackendKind,
+) -> Option<String> {
+    let m = message.to_lowercase();
+    let oom = [
+        "out of memory",
+        "outofmemory",
+        "out_of_memory",
+        "failed to allocate",
+    ]
+    .iter()
+    .any(|p| m.contains(p));
+    if !oom {
+        return None;
+    }
+    let r = &config.run;
+    let checkpointing = match r.activation_checkpointing {
+        ActivationCheckpointing::None => {
+            ", or set run.activation_checkpointing = \"balanced\" (recomputes activations in \
+             the backward pass)"
+        }
+        ActivationCheckpointing::Balanced => "",
+    };
+    Some(format!(
+        "out of {} memory training preset {} with micro-batches of {} x {} tokens \
+         (run.batch_size x run.seq_len): lower run.batch_size and raise run.grad_accum to \
+         keep the batch{checkpointing}; `mixlm model-info {} --batch-size {} --seq-len {}` \
+         estimates the memory. The device said: {}",
+        kind.name(),
+        config.model.preset,
+        r.batch_size,
+        r.seq_len,
+        config.model.preset,
+        r.batch_size,
+        r.seq_len,
+        message.lines().next().unwrap_or("").trim()
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_memory_panics_become_advice() {
+        let config = RunConfig::embedded(&["run.batch_size=8".into()]).unwrap();
+        let cuda = "CUDA_ERROR_OUT_OF_MEMORY: out of memory\nbacktrace...";
+        let advice = out_of_memory_advice(cuda, &config, BackendKind::Cuda).unwrap();
+        assert!(
+            advice.starts_with(
+                "out of cuda memory training preset tiny with micro-batches of 8 x 64 tokens"
+            ),
+            "{advice}"
+        );
+        assert!(
+            advice.contains("run.activation_checkpointing = \"balanced\""),
+            "{advice}"
+        );
+        assert!(
+            advice.contains("mixlm model-info tiny --batch-size 8 --seq-len 64"),
+            "{advice}"
+        );
+        assert!(advice.ends_with("The device said: CUDA_ERROR_OUT_OF_MEMORY: out of memory"));
+        let balanced =
+            RunConfig::embedded(&["run.activation_checkpointing=\"balanced\"".into()]).unwrap();
+        let advice = out_of_memory_advice("OutOfMemory", &balanced, BackendKind::Wgpu).unwrap();
+        assert!(!advice.contains("activation_checkpointing"), "{advice}");
+        assert_eq!(
+            out_of_memory_advice("index out of bounds", &config, BackendKind::Cpu),
+            None
+        );
+    }
 
     #[test]
     fn unknown_backend_is_one_line() {
