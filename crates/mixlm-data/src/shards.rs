@@ -503,6 +503,20 @@ impl TokenSource for ShardSource {
         Some(self.doc_offsets(domain, split))
     }
 
+    fn window_documents(
+        &self,
+        domain: DomainId,
+        split: Split,
+        index: u64,
+        seq_len: usize,
+    ) -> Option<[u64; 2]> {
+        let offsets = self.doc_offsets(domain, split);
+        let start = self.window_start(domain, split, index, seq_len);
+        let last = start + seq_len as u64; // the window's last token
+        let doc = |token: u64| offsets.partition_point(|&o| o <= token).saturating_sub(1) as u64;
+        Some([doc(start), doc(last)])
+    }
+
     fn read_stream(
         &self,
         domain: DomainId,

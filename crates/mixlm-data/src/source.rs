@@ -120,6 +120,19 @@ pub trait TokenSource: Send + Sync {
         unreachable!("read_stream on a source without streams")
     }
 
+    /// The documents (numbered in the stream order of [`TokenSource::stream_documents`])
+    /// whose tokens window `index` reads, first and last; `None` for sources without
+    /// documents. Fault reports name the documents of a bad batch with it.
+    fn window_documents(
+        &self,
+        _domain: DomainId,
+        _split: Split,
+        _index: u64,
+        _seq_len: usize,
+    ) -> Option<[u64; 2]> {
+        None
+    }
+
     /// Best achievable mean cross-entropy (nats/token) over the `seq_len` predictions
     /// of a window of this domain, when known (synthetic sources); `None` otherwise.
     fn floor_loss(&self, domain: DomainId, seq_len: usize) -> Option<f64>;

@@ -149,8 +149,20 @@ pub struct FaultRecord {
     pub lr_scale: Option<f64>,
     /// Per-domain mean loss of the step's sequences.
     pub domain_loss: std::collections::BTreeMap<String, Option<f64>>,
-    /// `(domain, window index)` of every sequence of the step, to find the data.
-    pub sequences: Vec<(String, u64)>,
+    /// Every sequence of the step, to find the data.
+    pub sequences: Vec<SequenceRef>,
+}
+
+/// Where one training sequence came from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SequenceRef {
+    pub domain: String,
+    /// The sampler's window index in the domain (epochs included).
+    pub window: u64,
+    /// First and last document (stream order of the prepared training split) whose
+    /// tokens the window holds; absent for the synthetic corpus.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub documents: Option<[u64; 2]>,
 }
 
 /// Appends [`FaultRecord`]s to `faults.jsonl`.

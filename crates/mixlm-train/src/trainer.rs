@@ -31,7 +31,7 @@ use mixlm_model::{ModelConfig, TrainBackend, Transformer};
 use crate::alignment::{validation_gradient, DomainGradients};
 use crate::checkpoint::{find_resumable, load_checkpoint, write_checkpoint, Restored, TrainState};
 use crate::config::RunConfig;
-use crate::faults::{FaultLog, FaultRecord, OnNan, SpikeDetector};
+use crate::faults::{FaultLog, FaultRecord, OnNan, SequenceRef, SpikeDetector};
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord, StepTimes};
 use crate::optim::{lr_at, AdamW, StepStats};
 use crate::progress::Progress;
@@ -370,6 +370,16 @@ pub fn train<B: TrainBackend>(
             StepStats::not_applied(f64::NAN)
         };
         lap(&mut times.model);
+        let batch_refs = || -> Vec<SequenceRef> {
+            picks
+                .iter()
+                .map(|&(d, window)| SequenceRef {
+                    domain: names[d.0].clone(),
+                    window,
+                    documents: source.window_documents(d, Split::Train, window, run.seq_len),
+                })
+                .collect()
+        };
         if stats.applied {
             consecutive_bad = 0;
             counters.last_loss = step_loss;
@@ -384,7 +394,7 @@ pub fn train<B: TrainBackend>(
                 let fault = fault_record("spike", "logged", step + 1, step_loss, &stats);
                 fault_log.write(&FaultRecord {
                     mean: Some(mean),
-                    ..fault(&names, &train, &picks)
+                    ..fault(&names, &train, batch_refs())
                 })?;
             }
         } else {
@@ -398,7 +408,7 @@ pub fn train<B: TrainBackend>(
             if consecutive_bad > faults.max_consecutive || faults.on_nan == OnNan::Stop {
                 fault_log.write(&FaultRecord {
                     action: "stopped",
-                    ..fault(&names, &train, &picks)
+                    ..fault(&names, &train, batch_refs())
                 })?;
                 bail!(
                     "{what}; stopping (faults.on_nan = \"{}\", {consecutive_bad} bad step(s) in a \
@@ -431,7 +441,7 @@ pub fn train<B: TrainBackend>(
                     action: "rolled_back",
                     rolled_back_to: Some(state.step),
                     lr_scale: Some(lr_scale),
-                    ..fault(&names, &train, &picks)
+                    ..fault(&names, &train, batch_refs())
                 })?;
                 eprintln!(
                     "warning: {what}; rolled back to {} with the learning rate scaled by {lr_scale}",
@@ -451,7 +461,7 @@ pub fn train<B: TrainBackend>(
             counters.skipped += 1;
             fault_log.write(&FaultRecord {
                 action: "skipped",
-                ..fault(&names, &train, &picks)
+                ..fault(&names, &train, batch_refs())
             })?;
             eprintln!(
                 "warning: {what}; update skipped ({} so far, details in {})",
@@ -643,9 +653,9 @@ fn fault_record(
     step: u64,
     loss: f64,
     stats: &StepStats,
-) -> impl Fn(&[String], &DomainLosses, &[(DomainId, u64)]) -> FaultRecord {
+) -> impl Fn(&[String], &DomainLosses, Vec<SequenceRef>) -> FaultRecord {
     let grad_norm = stats.grad_norm;
-    move |names, losses, picks| FaultRecord {
+    move |names, losses, sequences| FaultRecord {
         kind,
         step,
         action,
@@ -655,10 +665,7 @@ fn fault_record(
         rolled_back_to: None,
         lr_scale: None,
         domain_loss: crate::metrics::by_name(names, &losses.0),
-        sequences: picks
-            .iter()
-            .map(|(d, w)| (names[d.0].clone(), *w))
-            .collect(),
+        sequences,
     }
 }
 

@@ -214,6 +214,12 @@ fn prepare_counts_match_and_shards_round_trip() {
                     assert_eq!(epoch, 0);
                     let win = src.window(d, split, i, seq_len);
                     assert_eq!(win.len(), seq_len + 1);
+                    // The documents its first and last token belong to.
+                    let [first, last] = src.window_documents(d, split, i, seq_len).unwrap();
+                    let (start, end) = (w * seq_len as u64, w * seq_len as u64 + seq_len as u64);
+                    let (first, last) = (first as usize, last as usize);
+                    assert!(off[first] <= start && start < off[first + 1], "window {w}");
+                    assert!(off[last] <= end && end < off[last + 1], "window {w}");
                     assert!(
                         by_position[w as usize].replace(win).is_none(),
                         "window {w} twice"
