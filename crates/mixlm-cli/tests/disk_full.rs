@@ -145,3 +145,40 @@ fn a_full_disk_keeps_earlier_checkpoints_and_the_run_resumes() {
     assert!(ok, "{stderr}");
     assert_eq!(records(&run_dir), records(&reference.path().join("full")));
 }
+
+/// The disk fills while `metrics.jsonl` grows: the run stops naming the file, and every
+/// record written before stays readable (a torn last line at most, which a resume drops).
+#[test]
+fn a_full_disk_while_logging_names_the_metrics_file() {
+    let Some(fs) = SmallFs::mount(64) else {
+        return;
+    };
+    let (ok, stderr) = train(
+        &fs.dir,
+        "log",
+        &[
+            "run.steps=400",
+            "checkpoint.every=0",
+            "checkpoint.save_final=false",
+        ],
+    );
+    assert!(!ok, "400 records cannot fit 64 KiB: {stderr}");
+    assert!(
+        stderr.contains("metrics.jsonl (disk full?)") && stderr.contains("No space left on device"),
+        "{stderr}"
+    );
+    let text = std::fs::read_to_string(fs.dir.join("log/metrics.jsonl")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let complete = if text.ends_with('\n') {
+        &lines[..]
+    } else {
+        &lines[..lines.len() - 1]
+    };
+    assert!(complete.len() > 10, "{} records", complete.len());
+    for (i, line) in complete.iter().enumerate() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}", i + 1));
+        if i > 0 {
+            assert_eq!(v["step"], i as u64, "steps in order, none lost");
+        }
+    }
+}
