@@ -4,11 +4,10 @@
 //! record, under `"fail"` it stops with an error naming the file. The same entry point
 //! is a cargo-fuzz target (`tests/fuzz`, `scripts/fuzz.sh`) for coverage-guided runs.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use mixlm_data::prepare::{resolve_inputs, IngestOptions, Ingestor};
+use mixlm_data::prepare::{resolve_inputs, IngestOptions, Ingestor, OnError};
 use mixlm_data::PrepareError;
 use proptest::prelude::*;
 
@@ -18,17 +17,8 @@ fn read(name: &str, bytes: &[u8], skip: bool) -> Result<(u64, u64), PrepareError
     let path = dir.path().join(name);
     std::fs::write(&path, bytes).unwrap();
     let files = resolve_inputs(&[path.display().to_string()]).unwrap();
-    let on_error = if skip { "skip" } else { "fail" };
-    let on_error = serde_json::from_value(serde_json::json!(on_error)).unwrap();
-    let options = IngestOptions::new(
-        "text",
-        "meta.redpajama_set_name",
-        &BTreeMap::new(),
-        None,
-        &[],
-        on_error,
-    );
-    let mut ingestor = Ingestor::new(options);
+    let on_error = if skip { OnError::Skip } else { OnError::Fail };
+    let mut ingestor = Ingestor::new(IngestOptions::slimpajama(on_error));
     let mut docs = 0u64;
     let consumed = Arc::new(AtomicU64::new(0));
     ingestor.read_file(0, &files[0], &consumed, &mut |_doc| {

@@ -29,7 +29,6 @@ use mixlm_model::{ModelConfig, Transformer};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::config::RunConfig;
 use crate::optim::{AdamW, Moments};
@@ -126,10 +125,7 @@ impl FileDigest {
     pub fn of(bytes: &[u8]) -> Self {
         Self {
             bytes: bytes.len() as u64,
-            sha256: Sha256::digest(bytes)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            sha256: mixlm_data::prepare::tokenize::sha256_hex(bytes),
         }
     }
 }
@@ -386,12 +382,34 @@ pub struct Restored<B: burn::tensor::backend::AutodiffBackend> {
     pub run_config: RunConfig,
 }
 
-/// Loads a verified checkpoint folder: weights, AdamW moments, counters and config.
+/// Verifies a checkpoint folder against its manifest, then loads it: weights, AdamW
+/// moments, counters and config.
 pub fn load_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
     dir: &Path,
     device: &B::Device,
 ) -> Result<Restored<B>> {
     verify(dir)?;
+    read_checkpoint(dir, device)
+}
+
+/// Loads the checkpoint a run in `run_dir` continues from ([`find_resumable`], which
+/// has verified it, so its files are hashed once), reporting each one skipped.
+pub fn load_newest<B: burn::tensor::backend::AutodiffBackend>(
+    run_dir: &Path,
+    device: &B::Device,
+) -> Result<Restored<B>> {
+    let (dir, notes) = find_resumable(run_dir)?;
+    for note in notes {
+        eprintln!("warning: {note}");
+    }
+    read_checkpoint(&dir, device)
+}
+
+/// [`load_checkpoint`] without the manifest check.
+fn read_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<Restored<B>> {
     let (model, model_config) = load_model::<B>(dir, device)?;
     let path = dir.join("optimizer.safetensors");
     let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;

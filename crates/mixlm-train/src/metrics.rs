@@ -123,9 +123,10 @@ impl MetricsWriter {
         })
     }
 
-    /// Continues an existing file (a resumed run, after
-    /// [`crate::resume::truncate_metrics`]).
-    pub fn append(path: &Path) -> Result<Self> {
+    /// Continues an existing file from the records of steps up to `step` (a resumed or
+    /// rolled-back run; see [`crate::resume::truncate_metrics`]).
+    pub fn resume(path: &Path, step: u64) -> Result<Self> {
+        crate::resume::truncate_metrics(path, step)?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)

@@ -29,13 +29,13 @@ use mixlm_model::hf::hf_config;
 use mixlm_model::{ModelConfig, TrainBackend, Transformer};
 
 use crate::alignment::{validation_gradient, DomainGradients};
-use crate::checkpoint::{find_resumable, load_checkpoint, write_checkpoint, Restored, TrainState};
+use crate::checkpoint::{load_newest, write_checkpoint, Restored, TrainState};
 use crate::config::RunConfig;
 use crate::faults::{FaultLog, FaultRecord, OnNan, SequenceRef, SpikeDetector};
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord, StepTimes};
 use crate::optim::{lr_at, AdamW, StepStats};
 use crate::progress::Progress;
-use crate::resume::{check_continues, truncate_metrics};
+use crate::resume::check_continues;
 
 /// Switches for how a run starts and reports, not what it computes.
 #[derive(Debug, Clone, Default)]
@@ -134,10 +134,7 @@ pub fn train<B: TrainBackend>(
     )?;
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut metrics = match &restored {
-        Some(r) => {
-            truncate_metrics(&metrics_path, r.state.step)?;
-            MetricsWriter::append(&metrics_path)?
-        }
+        Some(r) => MetricsWriter::resume(&metrics_path, r.state.step)?,
         None => MetricsWriter::create(&metrics_path)?,
     };
 
@@ -211,8 +208,6 @@ pub fn train<B: TrainBackend>(
     let mut progress = Progress::new(run.steps, options.quiet, run.log_every);
     progress.start_at(start);
     let started = Instant::now();
-    let mut interrupted = false;
-    let mut completed = start;
     // Steps in a row whose update was not applied (NaN), rollbacks included.
     let mut consecutive_bad = 0u64;
     let stop_requested = || {
@@ -370,15 +365,24 @@ pub fn train<B: TrainBackend>(
             StepStats::not_applied(f64::NAN)
         };
         lap(&mut times.model);
-        let batch_refs = || -> Vec<SequenceRef> {
-            picks
+        let fault = |kind: &'static str, action: &'static str| FaultRecord {
+            kind,
+            step: step + 1,
+            action,
+            loss: step_loss,
+            grad_norm: stats.grad_norm.is_finite().then_some(stats.grad_norm),
+            mean: None,
+            rolled_back_to: None,
+            lr_scale: None,
+            domain_loss: crate::metrics::by_name(&names, &train.0),
+            sequences: picks
                 .iter()
                 .map(|&(d, window)| SequenceRef {
                     domain: names[d.0].clone(),
                     window,
                     documents: source.window_documents(d, Split::Train, window, run.seq_len),
                 })
-                .collect()
+                .collect(),
         };
         if stats.applied {
             consecutive_bad = 0;
@@ -391,25 +395,20 @@ pub fn train<B: TrainBackend>(
                     faults.spike_window,
                     fault_log.path().display()
                 );
-                let fault = fault_record("spike", "logged", step + 1, step_loss, &stats);
                 fault_log.write(&FaultRecord {
                     mean: Some(mean),
-                    ..fault(&names, &train, batch_refs())
+                    ..fault("spike", "logged")
                 })?;
             }
         } else {
             consecutive_bad += 1;
-            let fault = fault_record("nan", "", step + 1, step_loss, &stats);
             let what = format!(
                 "step {}: the loss is {step_loss} and the gradient norm {}",
                 step + 1,
                 stats.grad_norm
             );
             if consecutive_bad > faults.max_consecutive || faults.on_nan == OnNan::Stop {
-                fault_log.write(&FaultRecord {
-                    action: "stopped",
-                    ..fault(&names, &train, batch_refs())
-                })?;
+                fault_log.write(&fault("nan", "stopped"))?;
                 bail!(
                     "{what}; stopping (faults.on_nan = \"{}\", {consecutive_bad} bad step(s) in a \
                      row, faults.max_consecutive = {}). The batch is in {}. Resume from the last \
@@ -422,13 +421,10 @@ pub fn train<B: TrainBackend>(
                 );
             }
             if faults.on_nan == OnNan::Rollback {
-                let (dir, notes) = find_resumable(&run_dir).with_context(|| {
+                let restored = load_newest::<B>(&run_dir, device).with_context(|| {
                     format!("{what}; faults.on_nan = \"rollback\" needs a checkpoint")
                 })?;
-                for note in notes {
-                    eprintln!("warning: {note}");
-                }
-                let restored = load_checkpoint::<B>(&dir, device)?;
+                let dir = restored.dir.clone();
                 let mut sampler = MixtureSampler::new(k, run.seed, config.data.composition);
                 optimizer = AdamW::new(config.optimizer.clone());
                 let (restored_model, state) =
@@ -441,43 +437,32 @@ pub fn train<B: TrainBackend>(
                     action: "rolled_back",
                     rolled_back_to: Some(state.step),
                     lr_scale: Some(lr_scale),
-                    ..fault(&names, &train, batch_refs())
+                    ..fault("nan", "rolled_back")
                 })?;
                 eprintln!(
                     "warning: {what}; rolled back to {} with the learning rate scaled by {lr_scale}",
                     dir.display()
                 );
                 drop(metrics);
-                truncate_metrics(&metrics_path, state.step)?;
-                metrics = MetricsWriter::append(&metrics_path)?;
+                metrics = MetricsWriter::resume(&metrics_path, state.step)?;
                 batches = spawn(sampler);
                 requested_steps = state.step;
                 step = state.step;
-                completed = state.step;
                 progress.start_at(state.step);
                 after_record = Instant::now();
                 continue;
             }
             counters.skipped += 1;
-            fault_log.write(&FaultRecord {
-                action: "skipped",
-                ..fault(&names, &train, batch_refs())
-            })?;
+            fault_log.write(&fault("nan", "skipped"))?;
             eprintln!(
                 "warning: {what}; update skipped ({} so far, details in {})",
                 counters.skipped,
                 fault_log.path().display()
             );
         }
-        // Schedulers learn from finite losses only; a domain whose loss is not finite
-        // counts as absent from the step.
-        let train = DomainLosses(
-            train
-                .0
-                .iter()
-                .map(|l| l.filter(|l| l.is_finite()))
-                .collect(),
-        );
+        // A domain whose loss is not finite counts as absent from the step, in the
+        // metrics as for the scheduler.
+        let train = mixlm_mixing::finite_losses(&train);
         let feedback = StepFeedback {
             train,
             sequences: by_domain.counts().to_vec(),
@@ -510,7 +495,6 @@ pub fn train<B: TrainBackend>(
         after_record = Instant::now();
         metrics.step(&record)?;
         progress.update(&record, &proportions);
-        completed = step + 1;
 
         let at_end = step + 1 == run.steps;
         if config.eval.every > 0 && (step + 1).is_multiple_of(config.eval.every) && !at_end {
@@ -536,17 +520,18 @@ pub fn train<B: TrainBackend>(
                 &counters,
             )?;
         }
+        step += 1;
         if stopping {
-            interrupted = true;
             progress.abandon();
             break;
         }
-        step += 1;
     }
+    // Steps completed: `run.steps`, or fewer when a stop request ended the loop.
+    let completed = step;
     let last_loss = counters.last_loss;
     let elapsed = started.elapsed().as_secs_f64();
     let trained_tokens = (completed - start) * tokens_per_step;
-    if interrupted {
+    if completed < run.steps {
         return Ok(TrainOutcome {
             run_dir,
             rows: Vec::new(),
@@ -646,29 +631,6 @@ impl Counters {
     }
 }
 
-/// A fault report of a step; the caller adds the domain names, losses and batch.
-fn fault_record(
-    kind: &'static str,
-    action: &'static str,
-    step: u64,
-    loss: f64,
-    stats: &StepStats,
-) -> impl Fn(&[String], &DomainLosses, Vec<SequenceRef>) -> FaultRecord {
-    let grad_norm = stats.grad_norm;
-    move |names, losses, sequences| FaultRecord {
-        kind,
-        step,
-        action,
-        loss,
-        grad_norm: grad_norm.is_finite().then_some(grad_norm),
-        mean: None,
-        rolled_back_to: None,
-        lr_scale: None,
-        domain_loss: crate::metrics::by_name(names, &losses.0),
-        sequences,
-    }
-}
-
 /// Puts a checkpoint's optimizer moments, sampler cursors and scheduler state in
 /// place, checking they fit this run; returns its model and counters.
 fn continue_from<B: TrainBackend>(
@@ -734,11 +696,8 @@ fn restore<B: TrainBackend>(
     model_config: &ModelConfig,
     device: &B::Device,
 ) -> Result<Restored<B>> {
-    let (dir, notes) = find_resumable(run_dir)?;
-    for note in notes {
-        eprintln!("warning: {note}");
-    }
-    let restored = load_checkpoint::<B>(&dir, device)?;
+    let restored = load_newest::<B>(run_dir, device)?;
+    let dir = &restored.dir;
     check_continues(&restored.run_config, config)
         .with_context(|| format!("cannot resume from {}", dir.display()))?;
     if hf_config(&restored.model_config) != hf_config(model_config) {

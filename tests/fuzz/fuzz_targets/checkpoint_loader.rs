@@ -34,7 +34,9 @@ fuzz_target!(|data: &[u8]| {
     };
     for (name, bytes) in CHECKPOINT_FILES.iter().zip(&parts) {
         std::fs::write(dir.path().join(name), bytes).unwrap();
-        manifest.files.insert(name.to_string(), FileDigest::of(bytes));
+        manifest
+            .files
+            .insert(name.to_string(), FileDigest::of(bytes));
     }
     std::fs::write(
         dir.path().join("manifest.json"),

@@ -457,6 +457,18 @@ impl IngestOptions {
         }
     }
 
+    /// SlimPajama's layout (`text`, `meta.redpajama_set_name`), no renames or filters.
+    pub fn slimpajama(on_error: OnError) -> Self {
+        Self::new(
+            "text",
+            "meta.redpajama_set_name",
+            &BTreeMap::new(),
+            None,
+            &[],
+            on_error,
+        )
+    }
+
     /// Documents carry the sum of these numeric fields, mapped from `range` onto 0..10
     /// (no keys: no quality).
     pub fn with_quality(mut self, keys: &[String], range: [f64; 2]) -> Self {
@@ -852,14 +864,7 @@ mod tests {
     use super::*;
 
     fn opts(on_error: OnError) -> IngestOptions {
-        IngestOptions::new(
-            "text",
-            "meta.redpajama_set_name",
-            &BTreeMap::new(),
-            None,
-            &[],
-            on_error,
-        )
+        IngestOptions::slimpajama(on_error)
     }
 
     #[test]
