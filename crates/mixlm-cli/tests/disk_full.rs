@@ -182,3 +182,125 @@ fn a_full_disk_while_logging_names_the_metrics_file() {
         }
     }
 }
+
+/// Writes a one-file jsonl corpus of `n` documents over two domains.
+fn corpus(path: &Path, n: usize, seed: u64) {
+    use mixlm_data::prepare::testutil::{jsonl, texts, write_file};
+    let texts = texts(n, seed);
+    let records: Vec<(&str, String)> = texts
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (if i % 3 == 0 { "Beta" } else { "Alpha" }, t))
+        .collect();
+    write_file(path, jsonl(&records).as_bytes());
+}
+
+fn prepare(input: &Path, tokenizer: &Path, output: &Path, force: bool) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mixlm"));
+    cmd.arg("prepare")
+        .arg("--input")
+        .arg(input)
+        .arg("--tokenizer")
+        .arg(tokenizer)
+        .arg("--output")
+        .arg(output);
+    if force {
+        cmd.arg("--force");
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The disk fills while `mixlm prepare --force` rebuilds a finished dataset: the error
+/// names what ran out, the old dataset is still there whole (`mixlm doctor` passes), no
+/// staging folder is left, and a rebuild that fits replaces it.
+#[test]
+fn a_full_disk_during_a_rebuild_keeps_the_previous_dataset() {
+    let Some(fs) = SmallFs::mount(1024) else {
+        return;
+    };
+    let inputs = tempfile::tempdir().unwrap();
+    let tokenizer = inputs.path().join("tokenizer.json");
+    mixlm_data::prepare::testutil::write_tokenizer(&tokenizer, 0);
+    let small = inputs.path().join("small.jsonl");
+    let big = inputs.path().join("big.jsonl");
+    corpus(&small, 1500, 1);
+    corpus(&big, 4500, 2);
+    let out = fs.dir.join("data");
+    let (ok, stderr) = prepare(&small, &tokenizer, &out, false);
+    assert!(ok, "{stderr}");
+    let used: u64 = walk(&out).iter().map(|p| p.metadata().unwrap().len()).sum();
+    assert!(
+        (250_000..450_000).contains(&used),
+        "the small dataset takes {used} bytes: the test's sizes need adjusting"
+    );
+    let before: Vec<(PathBuf, Vec<u8>)> = walk(&out)
+        .into_iter()
+        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+        .collect();
+
+    let (ok, stderr) = prepare(&big, &tokenizer, &out, true);
+    assert!(
+        !ok,
+        "three times the data cannot fit next to the old dataset"
+    );
+    assert!(
+        stderr.contains(".building/")
+            && stderr.contains("No space left on device")
+            && stderr.contains("the dataset already there is intact and usable"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("No space left").count(),
+        1,
+        "each cause said once: {stderr}"
+    );
+    let after: Vec<(PathBuf, Vec<u8>)> = walk(&out)
+        .into_iter()
+        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+        .collect();
+    assert!(after == before, "the old dataset changed");
+    let doctor = Command::new(env!("CARGO_BIN_EXE_mixlm"))
+        .arg("doctor")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        doctor.status.success(),
+        "{}",
+        String::from_utf8_lossy(&doctor.stdout)
+    );
+
+    // A rebuild that fits next to the old one replaces it.
+    let smaller = inputs.path().join("smaller.jsonl");
+    corpus(&smaller, 1000, 3);
+    let (ok, stderr) = prepare(&smaller, &tokenizer, &out, true);
+    assert!(ok, "{stderr}");
+    let m = mixlm_data::prepare::Manifest::read(&out).unwrap().unwrap();
+    assert_eq!(m.inputs.len(), 1);
+    assert!(m.inputs[0].path.ends_with("smaller.jsonl"));
+    assert!(walk(&out)
+        .iter()
+        .all(|p| !p.to_string_lossy().contains(".building")));
+}
+
+/// Every file under `dir`, sorted.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    files
+}

@@ -340,5 +340,5 @@ fn resume_refuses_changes_that_make_another_run() {
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("has no checkpoint to resume from"), "{e}");
+    assert!(e.contains("has no checkpoint to resume or evaluate"), "{e}");
 }

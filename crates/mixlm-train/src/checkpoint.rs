@@ -317,17 +317,19 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
             .get(file)
             .with_context(|| format!("{} does not list {file}", path.display()))?;
         let file_path = dir.join(file);
-        let bytes =
-            fs::read(&file_path).with_context(|| format!("cannot read {}", file_path.display()))?;
-        if bytes.len() as u64 != want.bytes {
+        let size = fs::metadata(&file_path)
+            .with_context(|| format!("cannot read {}", file_path.display()))?
+            .len();
+        if size != want.bytes {
             bail!(
-                "{} has {} bytes, the manifest says {} (truncated?)",
+                "{} has {size} bytes, the manifest says {} (truncated?)",
                 file_path.display(),
-                bytes.len(),
                 want.bytes
             );
         }
-        if FileDigest::of(&bytes).sha256 != want.sha256 {
+        let (_, sha256) = mixlm_data::prepare::tokenize::sha256_file(&file_path)
+            .with_context(|| format!("cannot read {}", file_path.display()))?;
+        if sha256 != want.sha256 {
             bail!(
                 "{} does not match its SHA-256 in the manifest (corrupted)",
                 file_path.display()
@@ -344,7 +346,7 @@ pub fn find_resumable(run_dir: &Path) -> Result<(PathBuf, Vec<String>)> {
     let mut candidates = checkpoint_dirs(&root)?;
     if candidates.is_empty() {
         bail!(
-            "{} has no checkpoint to resume from (set [checkpoint] every = N to write \
+            "{} has no checkpoint to resume or evaluate (set [checkpoint] every = N to write \
              them during a run)",
             run_dir.display()
         );
@@ -466,18 +468,15 @@ fn optimizer_from_safetensors<B: Backend>(
     Ok(moments)
 }
 
-/// The checkpoint folder `checkpoints/latest` points at.
+/// The newest valid checkpoint of a run (what evaluation and DoReMi's reference load):
+/// the one `checkpoints/latest` names if it verifies, else the newest one that does,
+/// with a warning for each one skipped.
 pub fn latest_checkpoint(run_dir: &Path) -> Result<PathBuf> {
-    let root = run_dir.join("checkpoints");
-    let latest = root.join("latest");
-    let name = fs::read_to_string(&latest).with_context(|| {
-        format!(
-            "no checkpoint in {} (missing {})",
-            run_dir.display(),
-            latest.display()
-        )
-    })?;
-    Ok(root.join(name.trim()))
+    let (dir, notes) = find_resumable(run_dir)?;
+    for note in notes {
+        eprintln!("warning: {note}");
+    }
+    Ok(dir)
 }
 
 /// Loads the model of a checkpoint folder (or any folder with HF `config.json` and

@@ -183,3 +183,26 @@ fn an_undamaged_checkpoint_loads() {
     let restored = load_checkpoint::<B>(&ckpt, &Default::default()).unwrap();
     assert_eq!(restored.state.step, 2);
 }
+
+/// Evaluation and DoReMi's reference load a run's newest checkpoint that verifies: a
+/// corrupt newest one is skipped, not loaded.
+#[test]
+fn the_latest_checkpoint_of_a_run_is_a_verified_one() {
+    let run = tempfile::tempdir().unwrap();
+    let root = run.path().join("checkpoints");
+    let good = write_checkpoint(&root, checkpoint_files());
+    let newer = root.join("step-00000004");
+    std::fs::create_dir_all(&newer).unwrap();
+    for entry in std::fs::read_dir(&good).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), newer.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(root.join("latest"), "step-00000004").unwrap();
+    assert_eq!(latest_checkpoint(run.path()).unwrap(), newer);
+    let weights = newer.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&weights, bytes).unwrap();
+    assert_eq!(latest_checkpoint(run.path()).unwrap(), good);
+}

@@ -11,6 +11,11 @@
 //! - [`shards`]: the shard files, written under temporary names and renamed;
 //! - [`manifest`]: what was made and from what, written last.
 //!
+//! Rebuilding (`force`) a folder that holds a finished dataset
+//! writes the new one under `OUT/.building/` and swaps it in by renames only once it
+//! is complete, so a full disk or a crash mid-rebuild leaves the old dataset usable
+//! (at the cost of room for both while it runs).
+//!
 //! One reader thread decodes and parses the inputs into batches of documents; the
 //! calling thread tokenizes each batch on the rayon pool and appends the results in
 //! input order, so the shards are identical whatever the number of threads, and only
@@ -288,6 +293,17 @@ pub enum PrepareError {
         path.display()
     )]
     BadManifest { path: PathBuf, problem: String },
+    /// A rebuild over a finished dataset failed; that dataset was left as it was.
+    #[error(
+        "{source}\nthe rebuild of {} stopped; the dataset already there is intact and \
+         usable (its manifest and shards were not touched); free space or fix the cause, \
+         then run the prepare again",
+        output.display()
+    )]
+    RebuildFailed {
+        output: PathBuf,
+        source: Box<PrepareError>,
+    },
 }
 
 impl PrepareError {
@@ -545,6 +561,54 @@ fn clear_previous(output: &Path) -> Result<(), PrepareError> {
     Ok(())
 }
 
+/// Where a rebuild over a finished dataset writes, inside the output folder (same
+/// filesystem, so the swap is a rename).
+const STAGING_DIR: &str = ".building";
+/// Where the replaced dataset's split folders go during the swap, then deleted.
+const PREVIOUS_DIR: &str = ".previous";
+
+fn remove_dir_if_there(dir: &Path) -> Result<(), PrepareError> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(PrepareError::io(dir, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Deletes `output`'s manifest (durably), marking the folder unfinished.
+fn remove_manifest(output: &Path) -> Result<(), PrepareError> {
+    let path = output.join(MANIFEST_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => manifest::sync_dir(output),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(PrepareError::io(&path, e)),
+    }
+    Ok(())
+}
+
+/// Replaces `output`'s dataset with the complete one in `staging` by renames only:
+/// the old manifest goes first (so no old manifest ever describes new shards), the
+/// old split folders move to `previous`, the new ones and then the new manifest move in.
+/// A crash in between leaves a folder without manifest, which the next prepare rebuilds.
+fn swap_in(output: &Path, staging: &Path, previous: &Path) -> Result<(), PrepareError> {
+    let rename =
+        |from: &Path, to: &Path| std::fs::rename(from, to).map_err(|e| PrepareError::io(from, e));
+    remove_manifest(output)?;
+    std::fs::create_dir(previous).map_err(|e| PrepareError::io(previous, e))?;
+    for split in Split::ALL {
+        let old = output.join(split.name());
+        if old.exists() {
+            rename(&old, &previous.join(split.name()))?;
+        }
+        let new = staging.join(split.name());
+        if new.exists() {
+            rename(&new, &old)?;
+        }
+    }
+    rename(&staging.join(MANIFEST_FILE), &output.join(MANIFEST_FILE))?;
+    manifest::sync_dir(output);
+    Ok(())
+}
+
 /// Prepares `config.output` from `config.inputs` (see the module docs), or does
 /// nothing if it is already prepared from the same inputs, tokenizer and options.
 ///
@@ -608,9 +672,13 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary, PrepareError> {
     let output = &config.output;
     let manifest_path = output.join(MANIFEST_FILE);
     let mut warnings = Vec::new();
+    // A finished, intact dataset already there is kept until its replacement is
+    // complete: a full disk or a crash mid-rebuild must not lose it.
+    let mut keep_previous = false;
     match Manifest::read(output) {
         Ok(Some(old)) => {
             let changes = old.differences(&manifest);
+            keep_previous = config.force && shards_intact(output, &old);
             if !config.force {
                 if !changes.is_empty() {
                     return Err(PrepareError::Changed {
@@ -646,15 +714,35 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary, PrepareError> {
         Err(ManifestReadError::Io(e)) => return Err(PrepareError::io(&manifest_path, e)),
     }
 
-    // From here on the folder is being rebuilt: first make it unfinished, so an
-    // interruption can never leave an old manifest over new shards.
     std::fs::create_dir_all(output).map_err(|e| PrepareError::io(output, e))?;
-    match std::fs::remove_file(&manifest_path) {
-        Ok(()) => manifest::sync_dir(output),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(PrepareError::io(&manifest_path, e)),
-    }
-    clear_previous(output)?;
+    let staging = output.join(STAGING_DIR);
+    let previous = output.join(PREVIOUS_DIR);
+    // What an interrupted rebuild left (never a finished dataset: that has a manifest).
+    remove_dir_if_there(&staging)?;
+    remove_dir_if_there(&previous)?;
+    let dir = if keep_previous {
+        std::fs::create_dir(&staging).map_err(|e| PrepareError::io(&staging, e))?;
+        staging.clone()
+    } else {
+        // Nothing finished to keep: rebuild in place, first making the folder
+        // unfinished, so an interruption never leaves an old manifest over new shards.
+        remove_manifest(output)?;
+        clear_previous(output)?;
+        output.clone()
+    };
+    // Leaves no partial shards behind; the previous dataset, if kept, is untouched.
+    let discard = |e: PrepareError| {
+        if keep_previous {
+            let _ = std::fs::remove_dir_all(&staging);
+            PrepareError::RebuildFailed {
+                output: output.clone(),
+                source: Box::new(e),
+            }
+        } else {
+            let _ = clear_previous(output);
+            e
+        }
+    };
 
     let options = IngestOptions::new(
         &config.text_key,
@@ -666,14 +754,7 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary, PrepareError> {
     )
     .with_default_domain(config.default_domain.clone())
     .with_quality(&config.quality_keys, config.quality_range);
-    let built = match build(config, &manifest, &tok, options) {
-        Ok(b) => b,
-        Err(e) => {
-            // Leave no partial shards behind (there is no manifest either way).
-            let _ = clear_previous(output);
-            return Err(e);
-        }
-    };
+    let built = build(config, &dir, &manifest, &tok, options).map_err(discard)?;
     let Built {
         splits,
         ingestor,
@@ -681,13 +762,7 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary, PrepareError> {
     } = built;
 
     let splits = if config.test_from_validation {
-        match split_validation_in_half(output, splits, tok.dtype) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = clear_previous(output);
-                return Err(e);
-            }
-        }
+        split_validation_in_half(&dir, splits, tok.dtype).map_err(discard)?
     } else {
         splits
     };
@@ -737,9 +812,21 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary, PrepareError> {
             warnings.push(format!("{n} empty input file(s) skipped"));
         }
     }
-    manifest
-        .write(output)
-        .map_err(|e| PrepareError::io(&manifest_path, e))?;
+    if keep_previous {
+        // The new manifest is written in the staging folder first, so everything that
+        // needs space is written while the previous dataset is still whole; the swap
+        // only renames.
+        manifest
+            .write(&staging)
+            .map_err(|e| discard(PrepareError::io(&staging.join(MANIFEST_FILE), e)))?;
+        swap_in(output, &staging, &previous)?;
+        let _ = std::fs::remove_dir_all(&previous);
+        let _ = std::fs::remove_dir_all(&staging);
+    } else {
+        manifest
+            .write(output)
+            .map_err(|e| PrepareError::io(&manifest_path, e))?;
+    }
     let mut summary =
         PrepareSummary::from_manifest(output, &manifest, start.elapsed().as_secs_f64(), warnings);
     summary.input_bytes = input_bytes;
@@ -836,6 +923,7 @@ struct Built {
 /// Reads, tokenizes and writes every shard (see the module docs for the threads).
 fn build(
     config: &PrepareConfig,
+    output: &Path,
     manifest: &Manifest,
     tok: &PreparedTokenizer,
     options: IngestOptions,
@@ -946,7 +1034,7 @@ fn build(
                     let writer = match writers.entry(key) {
                         std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                         std::collections::hash_map::Entry::Vacant(v) => {
-                            let dir = config.output.join(split.name());
+                            let dir = output.join(split.name());
                             std::fs::create_dir_all(&dir).map_err(|e| PrepareError::io(&dir, e))?;
                             let mut w = ShardWriter::create(&dir, &doc.domain, tok.dtype)
                                 .map_err(|e| PrepareError::io(&dir, e))?;
@@ -1003,7 +1091,7 @@ fn build(
         splits.entry(split).or_default().insert(domain, counts);
     }
     for split in splits.keys() {
-        manifest::sync_dir(&config.output.join(split.name()));
+        manifest::sync_dir(&output.join(split.name()));
     }
     Ok(Built {
         splits,

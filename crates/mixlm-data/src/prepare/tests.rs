@@ -796,6 +796,72 @@ fn rerun_is_up_to_date_and_changes_are_refused_unless_forced() {
     assert!(e.contains("input added") && e.contains("t.jsonl"), "{e}");
 }
 
+/// Entries of `dir` (files and folders), sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_failed_forced_rebuild_leaves_the_finished_dataset_as_it_was() {
+    let fx = Fixture::new();
+    write_two_domain_corpus(&fx);
+    let mut cfg = fx.config(&["corpus"], "out");
+    let first = prepare(&cfg).unwrap();
+    let manifest = std::fs::read(cfg.output.join(MANIFEST_FILE)).unwrap();
+    let before = mtimes(&cfg.output);
+    let layout = entries(&cfg.output);
+    // The rebuild fails on a bad record, after shards were written.
+    let input = fx.path("corpus/train/a.jsonl");
+    let mut content = std::fs::read(&input).unwrap();
+    content.extend_from_slice(b"{\"text\": \"cut off\n");
+    std::fs::write(&input, content).unwrap();
+    cfg.force = true;
+    let e = prepare(&cfg).unwrap_err();
+    assert!(matches!(e, PrepareError::RebuildFailed { .. }), "{e:?}");
+    let e = e.to_string();
+    assert!(e.contains("a.jsonl:"), "names the bad line: {e}");
+    assert!(
+        e.contains("the dataset already there is intact and usable"),
+        "{e}"
+    );
+    assert_eq!(entries(&cfg.output), layout, "no staging folder left");
+    assert_eq!(mtimes(&cfg.output), before, "nothing rewritten");
+    assert_eq!(
+        std::fs::read(cfg.output.join(MANIFEST_FILE)).unwrap(),
+        manifest
+    );
+    let source = ShardSource::open(&cfg.output, 0).unwrap();
+    assert_eq!(source.manifest().splits, first.splits);
+
+    // With the input fixed, the rebuild swaps the new dataset in and tidies up.
+    write_two_domain_corpus(&fx);
+    cfg.keep = Some(vec!["Alpha".into()]);
+    let s = prepare(&cfg).unwrap();
+    assert_eq!(s.splits[&Split::Train].len(), 1);
+    assert_eq!(entries(&cfg.output), layout, "no staging folder left");
+    assert!(!cfg.output.join("train/Beta.bin").exists());
+    let m = Manifest::read(&cfg.output).unwrap().unwrap();
+    assert_eq!(m.options.keep, Some(vec!["Alpha".to_string()]));
+    assert!(shards_intact(&cfg.output, &m));
+
+    // What a rebuild interrupted mid-swap leaves (no manifest, staging folders) is
+    // rebuilt from scratch by the next prepare, without force.
+    std::fs::create_dir_all(cfg.output.join(".building/train")).unwrap();
+    std::fs::write(cfg.output.join(".building/train/Alpha.bin"), b"new").unwrap();
+    std::fs::create_dir_all(cfg.output.join(".previous/train")).unwrap();
+    std::fs::remove_file(cfg.output.join(MANIFEST_FILE)).unwrap();
+    cfg.force = false;
+    let s = prepare(&cfg).unwrap();
+    assert!(!s.up_to_date);
+    assert_eq!(entries(&cfg.output), layout);
+    ShardSource::open(&cfg.output, 0).unwrap();
+}
+
 #[test]
 fn interrupted_prepare_is_refused_by_the_loader_and_redone() {
     let fx = Fixture::new();

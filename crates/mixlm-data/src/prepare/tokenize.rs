@@ -89,10 +89,19 @@ impl std::fmt::Display for TokenDtype {
 
 /// Hex SHA-256 of some bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(bytes))
+}
+
+/// Size and hex SHA-256 of a file, streamed (checkpoints of large models do not fit
+/// in memory twice).
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<(u64, String)> {
+    let mut hasher = Sha256::new();
+    let bytes = std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    Ok((bytes, hex(&hasher.finalize())))
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A loaded tokenizer with what the manifest records about it.
