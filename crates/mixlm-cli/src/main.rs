@@ -46,6 +46,10 @@ enum Command {
         /// checkpoints are replaced).
         #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
+        /// Train data-parallel on N devices of the backend (overrides
+        /// distributed.devices; with --backend cpu, N ndarray replicas).
+        #[arg(long, value_name = "N")]
+        devices: Option<usize>,
     },
     /// Check a run folder (config, metrics, checkpoints' checksums, whether it can be
     /// resumed), one checkpoint folder, or a prepared dataset (manifest against shards,
@@ -351,9 +355,13 @@ fn run(cli: Cli) -> Result<()> {
             quiet,
             resume,
             overwrite,
+            devices,
         } => {
             if let Some(b) = backend {
                 overrides.push(format!("run.backend=\"{b}\""));
+            }
+            if let Some(n) = devices {
+                overrides.push(format!("distributed.devices={n}"));
             }
             let mut config = match (&resume, &config) {
                 (Some(run_dir), _) => mixlm_train::resume::resume_config(run_dir, &overrides)?,
@@ -374,9 +382,20 @@ fn run(cli: Cli) -> Result<()> {
                 model.num_params() as f64 / 1e6,
                 config.mixing.method_name(),
                 config.run.steps,
-                config.run.batch_size * config.run.grad_accum,
+                config.run.batch_size * config.run.grad_accum * config.distributed.devices,
                 config.run.seq_len,
             );
+            let peers = config.distributed.devices;
+            if peers > 1 {
+                eprintln!(
+                    "data-parallel: {peers} peers x micro-batch {} x {} accumulation step(s) = \
+                     global batch of {} sequences ({} tokens per step)",
+                    config.run.batch_size,
+                    config.run.grad_accum,
+                    peers * config.run.batch_size * config.run.grad_accum,
+                    config.tokens_per_step()
+                );
+            }
             let options = TrainOptions {
                 quiet,
                 resume: resume.is_some(),

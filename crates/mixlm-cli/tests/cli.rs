@@ -298,3 +298,49 @@ fn eval_prints_the_table_and_writes_reports() {
         "{err}"
     );
 }
+
+/// `--devices 2` on the CPU: the start line states the global batch, the run trains and
+/// reports once, and resuming it on another number of peers is refused, naming both.
+#[test]
+fn train_on_two_cpu_peers_then_refuse_another_count_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = tiny_run(dir.path(), &["run.grad_accum=3"]);
+    let mut args = vec!["train", "--quiet", "--devices", "2"];
+    args.extend(run.iter().map(String::as_str));
+    let (ok, stdout, stderr) = mixlm(&args);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains(
+            "data-parallel: 2 peers x micro-batch 4 x 3 accumulation step(s) = global batch \
+             of 24 sequences (384 tokens per step)"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(
+        stdout.matches("Per-domain validation perplexity").count(),
+        1,
+        "{stdout}"
+    );
+    let run_dir = dir.path().join("demo");
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let last_train = metrics
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"train\""))
+        .next_back()
+        .unwrap();
+    assert!(last_train.contains("\"tokens\":768"), "{last_train}");
+    let (ok, _, stderr) = mixlm(&[
+        "train",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--devices",
+        "3",
+        "--set",
+        "run.steps=4",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--devices 3") && stderr.contains("trained on 2 peer(s)"),
+        "{stderr}"
+    );
+}

@@ -47,11 +47,28 @@ impl Prefetcher {
     /// from `split` per request, continuing `sampler`'s sequence.
     pub fn spawn(
         source: Arc<dyn TokenSource>,
-        mut sampler: MixtureSampler,
+        sampler: MixtureSampler,
         split: Split,
         batch_size: usize,
         seq_len: usize,
     ) -> Self {
+        Self::spawn_shard(source, sampler, split, batch_size, seq_len, 0, 1)
+    }
+
+    /// [`Prefetcher::spawn`] for data-parallel peer `rank` of `world`: every request
+    /// draws `world` micro-batches from the shared stream and reads only the
+    /// `rank`-th. The peers thus split, between them, exactly the batches one device
+    /// would draw, and their sampler states stay identical (one checkpoint serves all).
+    pub fn spawn_shard(
+        source: Arc<dyn TokenSource>,
+        mut sampler: MixtureSampler,
+        split: Split,
+        batch_size: usize,
+        seq_len: usize,
+        rank: usize,
+        world: usize,
+    ) -> Self {
+        assert!(rank < world, "peer {rank} of {world}");
         let consumed = sampler.state();
         let (req_tx, req_rx) = channel::<(Proportions, Composition)>();
         let (batch_tx, batch_rx) = channel::<Prefetched>();
@@ -59,7 +76,13 @@ impl Prefetcher {
             .name("mixlm-prefetch".into())
             .spawn(move || {
                 for (proportions, composition) in req_rx {
-                    let picks = sampler.next_batch_as(&proportions, composition, batch_size);
+                    let mut picks = Vec::new();
+                    for peer in 0..world {
+                        let drawn = sampler.next_batch_as(&proportions, composition, batch_size);
+                        if peer == rank {
+                            picks = drawn;
+                        }
+                    }
                     let windows = fetch_batch(source.as_ref(), split, &picks, seq_len);
                     let batch = Prefetched {
                         picks,
@@ -155,6 +178,45 @@ mod tests {
 
     fn corpus() -> Arc<dyn TokenSource> {
         Arc::new(SyntheticCorpus::new(&SyntheticConfig::default()).unwrap())
+    }
+
+    /// Three peers' shards interleave into exactly the stream one device draws, and
+    /// every peer carries the same sampler state.
+    #[test]
+    fn peer_shards_partition_the_single_device_stream() {
+        let source = corpus();
+        let k = source.domain_names().len();
+        let p = Proportions::from_weights((1..=k).map(|i| i as f64).collect()).unwrap();
+        for composition in [Composition::Sample, Composition::Fixed] {
+            let mut reference = MixtureSampler::new(k, 5, composition);
+            let mut peers: Vec<Prefetcher> = (0..3)
+                .map(|rank| {
+                    Prefetcher::spawn_shard(
+                        source.clone(),
+                        MixtureSampler::new(k, 5, composition),
+                        Split::Train,
+                        4,
+                        7,
+                        rank,
+                        3,
+                    )
+                })
+                .collect();
+            for _ in 0..5 {
+                let mut states = Vec::new();
+                for peer in &mut peers {
+                    peer.request(&p, composition);
+                    let got = peer.take();
+                    assert_eq!(got.picks, reference.next_batch(&p, 4));
+                    assert_eq!(
+                        got.windows,
+                        fetch_batch(source.as_ref(), Split::Train, &got.picks, 7)
+                    );
+                    states.push(got.state_after);
+                }
+                assert!(states.iter().all(|s| *s == reference.state()));
+            }
+        }
     }
 
     #[test]

@@ -84,6 +84,21 @@ impl DomainAccumulator {
     pub fn counts(&self) -> &[usize] {
         &self.counts
     }
+
+    /// Sum of the sequence means per domain.
+    pub fn sums(&self) -> &[f64] {
+        &self.sums
+    }
+
+    /// Adds another accumulator's sequences (e.g. another data-parallel peer's).
+    pub fn merge(&mut self, sums: &[f64], counts: &[usize]) {
+        assert_eq!(sums.len(), self.sums.len(), "same domains");
+        assert_eq!(counts.len(), self.counts.len(), "same domains");
+        for (d, (&s, &n)) in sums.iter().zip(counts).enumerate() {
+            self.sums[d] += s;
+            self.counts[d] += n;
+        }
+    }
 }
 
 /// Mean loss of each sequence of a `[batch, seq]` token-loss tensor (one device sync).

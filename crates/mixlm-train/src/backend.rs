@@ -10,7 +10,7 @@ use burn::backend::autodiff::checkpoint::strategy::{
 use mixlm_model::TrainBackend;
 
 use crate::config::{ActivationCheckpointing, RunConfig};
-use crate::trainer::{train, TrainOptions, TrainOutcome};
+use crate::trainer::{train, train_data_parallel, TrainOptions, TrainOutcome};
 
 /// A compute backend mixlm can train on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,29 +70,44 @@ impl BackendKind {
 pub trait OnBackend {
     type Output;
     fn run<B: TrainBackend>(self, device: &B::Device) -> Result<Self::Output>;
+
+    /// The job on several devices (data-parallel training); one device by default.
+    fn run_on<B: TrainBackend>(self, devices: &[B::Device]) -> Result<Self::Output>
+    where
+        Self: Sized,
+    {
+        self.run::<B>(&devices[0])
+    }
 }
 
 /// Runs `job` on the chosen backend's default device.
 pub fn dispatch<J: OnBackend>(kind: BackendKind, job: J) -> Result<J::Output> {
-    dispatch_with::<NoCheckpointing, J>(kind, job)
+    dispatch_with::<NoCheckpointing, J>(kind, 1, job)
 }
 
-/// [`dispatch`] with an autodiff checkpointing strategy (for training).
+/// [`dispatch`] with an autodiff checkpointing strategy (for training), on `n`
+/// devices: the default one when `n` is 1, else devices `0..n` of the backend (with
+/// `cpu`, `n` handles on the one CPU).
 fn dispatch_with<C: CheckpointStrategy, J: OnBackend>(
     kind: BackendKind,
+    n: usize,
     job: J,
 ) -> Result<J::Output> {
     kind.check_compiled()?;
     match kind {
         BackendKind::Cpu => {
             use burn::backend::{ndarray::NdArrayDevice, Autodiff, NdArray};
-            job.run::<Autodiff<NdArray<f32>, C>>(&NdArrayDevice::Cpu)
+            job.run_on::<Autodiff<NdArray<f32>, C>>(&vec![NdArrayDevice::Cpu; n])
         }
         BackendKind::Wgpu => {
             #[cfg(feature = "wgpu")]
             {
                 use burn::backend::{wgpu::WgpuDevice, Autodiff, Wgpu};
-                job.run::<Autodiff<Wgpu, C>>(&WgpuDevice::default())
+                let devices: Vec<WgpuDevice> = match n {
+                    1 => vec![WgpuDevice::default()],
+                    n => (0..n).map(WgpuDevice::DiscreteGpu).collect(),
+                };
+                job.run_on::<Autodiff<Wgpu, C>>(&devices)
             }
             #[cfg(not(feature = "wgpu"))]
             unreachable!("checked above")
@@ -101,7 +116,8 @@ fn dispatch_with<C: CheckpointStrategy, J: OnBackend>(
             #[cfg(feature = "cuda")]
             {
                 use burn::backend::{cuda::CudaDevice, Autodiff, Cuda};
-                job.run::<Autodiff<Cuda, C>>(&CudaDevice::default())
+                let devices: Vec<CudaDevice> = (0..n).map(CudaDevice::new).collect();
+                job.run_on::<Autodiff<Cuda, C>>(&devices)
             }
             #[cfg(not(feature = "cuda"))]
             unreachable!("checked above")
@@ -121,11 +137,17 @@ pub fn train_on(
         fn run<B: TrainBackend>(self, device: &B::Device) -> Result<TrainOutcome> {
             train::<B>(self.0, device, self.1)
         }
+        fn run_on<B: TrainBackend>(self, devices: &[B::Device]) -> Result<TrainOutcome> {
+            train_data_parallel::<B>(self.0, devices, self.1)
+        }
     }
+    let n = config.distributed.devices;
     let run = || match config.run.activation_checkpointing {
-        ActivationCheckpointing::None => dispatch(kind, Job(config, options)),
+        ActivationCheckpointing::None => {
+            dispatch_with::<NoCheckpointing, _>(kind, n, Job(config, options))
+        }
         ActivationCheckpointing::Balanced => {
-            dispatch_with::<BalancedCheckpointing, _>(kind, Job(config, options))
+            dispatch_with::<BalancedCheckpointing, _>(kind, n, Job(config, options))
         }
     };
     // Burn's backends report an exhausted device memory by panicking; turn that one

@@ -74,6 +74,13 @@ pub struct TrainState {
     /// The loss-spike detector's window.
     #[serde(default)]
     pub spikes: Option<crate::faults::SpikeDetector>,
+    /// Data-parallel peers of the run (1 on one device); a resume must use as many.
+    #[serde(default = "one_peer")]
+    pub world_size: usize,
+}
+
+fn one_peer() -> usize {
+    1
 }
 
 fn one() -> f64 {
@@ -101,6 +108,7 @@ impl TrainState {
             lr_scale: 1.0,
             skipped_steps: 0,
             spikes: None,
+            world_size: 1,
         }
     }
 }

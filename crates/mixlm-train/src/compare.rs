@@ -288,7 +288,7 @@ fn run_one(
             .data
             .shard_dir()
             .context("search = \"samplemix\" needs prepared shards (data.source = \"shards\")")?;
-        let budget = run.run.steps * run.run.tokens_per_step();
+        let budget = run.run.steps * run.tokens_per_step();
         let plan = config.out_dir.join(format!("{}-plan", run.run.name));
         let options = PlanOptions {
             scores: method
@@ -359,7 +359,7 @@ fn run_one(
         steps: outcome.steps,
         extra_steps,
         tokens_per_second: outcome.tokens_per_second,
-        wall_s: (outcome.steps * run.run.tokens_per_step()) as f64
+        wall_s: (outcome.steps * run.tokens_per_step()) as f64
             / outcome.tokens_per_second.max(1e-9),
         curves: Curves::read(&outcome.run_dir.join("metrics.jsonl"))?,
         run_dir: outcome.run_dir,

@@ -34,6 +34,8 @@ pub struct RunConfig {
     pub checkpoint: CheckpointSection,
     #[serde(default)]
     pub faults: crate::faults::FaultsSection,
+    #[serde(default)]
+    pub distributed: DistributedSection,
 }
 
 /// `[run]`: what to train for how long, and where results go.
@@ -91,6 +93,7 @@ impl RunSection {
     }
 
     /// Training tokens of one optimizer step.
+    /// Tokens of one peer's share of a step (see [`RunConfig::tokens_per_step`]).
     pub fn tokens_per_step(&self) -> u64 {
         (self.batch_size * self.grad_accum * self.seq_len) as u64
     }
@@ -306,6 +309,29 @@ impl Default for CheckpointSection {
     }
 }
 
+/// `[distributed]`: data-parallel training over several devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedSection {
+    /// Peers on this machine, one per device of `run.backend` (with `cpu`, that many
+    /// ndarray replicas). Each draws its own share of every step's batch: the global
+    /// batch is `devices x run.batch_size x run.grad_accum` sequences.
+    pub devices: usize,
+    /// Seconds a peer may wait for the others in one collective operation before the
+    /// run stops, naming the peer that did not arrive (checkpoints and evaluation on
+    /// peer 0 happen while the others wait: keep it above their duration).
+    pub timeout_s: u64,
+}
+
+impl Default for DistributedSection {
+    fn default() -> Self {
+        Self {
+            devices: 1,
+            timeout_s: 1800,
+        }
+    }
+}
+
 /// A config problem: which file or override, and what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -323,6 +349,12 @@ pub enum ConfigError {
 }
 
 impl RunConfig {
+    /// Tokens of one optimizer step over all peers: the global batch, in which the
+    /// learning-rate schedule and token counts are expressed.
+    pub fn tokens_per_step(&self) -> u64 {
+        self.run.tokens_per_step() * self.distributed.devices as u64
+    }
+
     /// Parses TOML text, applies `section.key=value` overrides, and validates.
     /// `origin` names the file in error messages.
     pub fn from_toml(text: &str, origin: &str, overrides: &[String]) -> Result<Self, ConfigError> {
@@ -449,6 +481,8 @@ impl RunConfig {
             ("run.seq_len", r.seq_len),
             ("eval.sequences", self.eval.sequences),
             ("eval.batch_size", self.eval.batch_size),
+            ("distributed.devices", self.distributed.devices),
+            ("distributed.timeout_s", self.distributed.timeout_s as usize),
         ] {
             if v == 0 {
                 return bad(format!("{key} must be > 0"));

@@ -168,12 +168,23 @@ pub struct SequenceRef {
 /// Appends [`FaultRecord`]s to `faults.jsonl`.
 pub struct FaultLog {
     path: PathBuf,
+    /// Only data-parallel peer 0 writes (every peer sees the same faults).
+    enabled: bool,
 }
 
 impl FaultLog {
     pub fn new(run_dir: &Path) -> Self {
         Self {
             path: run_dir.join("faults.jsonl"),
+            enabled: true,
+        }
+    }
+
+    /// A log that writes nothing (data-parallel peers other than peer 0).
+    pub fn disabled(run_dir: &Path) -> Self {
+        Self {
+            enabled: false,
+            ..Self::new(run_dir)
         }
     }
 
@@ -182,6 +193,9 @@ impl FaultLog {
     }
 
     pub fn write(&self, record: &FaultRecord) -> Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
         let mut line = serde_json::to_string(record)?;
         line.push('\n');
         OpenOptions::new()

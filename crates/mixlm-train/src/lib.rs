@@ -5,6 +5,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod compare;
 pub mod config;
+pub mod distributed;
 pub mod doctor;
 pub mod evaluate;
 pub mod faults;

@@ -105,7 +105,8 @@ impl EvalRecord {
 /// every step it finished.
 pub struct MetricsWriter {
     path: PathBuf,
-    out: BufWriter<File>,
+    /// `None`: a data-parallel peer other than peer 0, which writes nothing.
+    out: Option<BufWriter<File>>,
 }
 
 impl MetricsWriter {
@@ -119,7 +120,7 @@ impl MetricsWriter {
             .with_context(|| format!("cannot open {} for writing", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
-            out: BufWriter::new(file),
+            out: Some(BufWriter::new(file)),
         })
     }
 
@@ -134,15 +135,25 @@ impl MetricsWriter {
             .with_context(|| format!("cannot open {} for appending", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
-            out: BufWriter::new(file),
+            out: Some(BufWriter::new(file)),
         })
     }
 
+    /// A writer that writes nothing (data-parallel peers other than peer 0).
+    pub fn disabled(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            out: None,
+        }
+    }
+
     fn write<T: Serialize>(&mut self, record: &T) -> Result<()> {
-        serde_json::to_writer(&mut self.out, record)?;
-        self.out
-            .write_all(b"\n")
-            .and_then(|_| self.out.flush())
+        let Some(out) = self.out.as_mut() else {
+            return Ok(());
+        };
+        serde_json::to_writer(&mut *out, record)?;
+        out.write_all(b"\n")
+            .and_then(|_| out.flush())
             .with_context(|| format!("cannot write to {} (disk full?)", self.path.display()))
     }
 

@@ -16,7 +16,7 @@ use crate::config::RunConfig;
 
 /// Config keys a resumed run may change (`section.key`, or `section.*` for a whole
 /// section).
-pub const SAFE_KEYS: [&str; 9] = [
+pub const SAFE_KEYS: [&str; 10] = [
     "run.steps",
     "run.log_every",
     "run.backend",
@@ -26,6 +26,7 @@ pub const SAFE_KEYS: [&str; 9] = [
     "checkpoint.*",
     "faults.on_nan",
     "faults.lr_backoff",
+    "distributed.timeout_s",
 ];
 
 fn is_safe(key: &str) -> bool {
@@ -39,11 +40,17 @@ fn is_safe(key: &str) -> bool {
 /// `overrides` applied (each must be a [`SAFE_KEYS`] key). The run's name and output
 /// folder follow `run_dir`, wherever it has been moved.
 pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<RunConfig> {
+    // `distributed.devices` may be given (`--devices`) but must equal the saved one.
+    let mut devices: Option<&str> = None;
+    let mut safe: Vec<String> = Vec::new();
     for spec in overrides {
-        let key = spec
-            .split_once('=')
-            .map_or(spec.as_str(), |(k, _)| k)
-            .trim();
+        let (key, value) = spec.split_once('=').unwrap_or((spec.as_str(), ""));
+        let key = key.trim();
+        if key == "distributed.devices" {
+            devices = Some(value.trim());
+            continue;
+        }
+        safe.push(spec.clone());
         if !is_safe(key) {
             bail!(
                 "--set {key}: cannot change on resume (it would no longer continue the same \
@@ -54,7 +61,16 @@ pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<RunConfig> 
     }
     let (checkpoint, _) = find_resumable(run_dir)?;
     let saved = checkpoint.join("run.toml");
-    let mut config = RunConfig::load(&saved, overrides)?;
+    let mut config = RunConfig::load(&saved, &safe)?;
+    if let Some(devices) = devices {
+        let trained_on = config.distributed.devices;
+        if devices != trained_on.to_string() {
+            bail!(
+                "--devices {devices}: {} was trained on {trained_on} peer(s) and resumes only                  on as many (which sequences each peer reads, and the checkpointed sampler                  stream, depend on it); resume with --devices {trained_on}, or start a new run",
+                run_dir.display()
+            );
+        }
+    }
     let (out_dir, name) = split_run_dir(run_dir)?;
     config.run.out_dir = out_dir;
     config.run.name = name;

@@ -31,6 +31,7 @@ use mixlm_model::{ModelConfig, TrainBackend, Transformer};
 use crate::alignment::{validation_gradient, DomainGradients};
 use crate::checkpoint::{load_newest, write_checkpoint, Restored, TrainState};
 use crate::config::RunConfig;
+use crate::distributed::{check_agreement, checksum, run_peers, Peer, Rank};
 use crate::faults::{FaultLog, FaultRecord, OnNan, SequenceRef, SpikeDetector};
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord, StepTimes};
 use crate::optim::{lr_at, AdamW, StepStats};
@@ -88,14 +89,68 @@ pub fn build_source(config: &RunConfig) -> Result<Box<dyn TokenSource>> {
 }
 
 /// Trains the model a config describes, on backend `B`, and writes
-/// `<out_dir>/<name>/{config.toml, metrics.jsonl, checkpoints/}`.
+/// `<out_dir>/<name>/{config.toml, metrics.jsonl, checkpoints/}`. With
+/// `distributed.devices = N > 1`, N data-parallel peers share `device`.
 pub fn train<B: TrainBackend>(
     config: &RunConfig,
     device: &B::Device,
     options: &TrainOptions,
 ) -> Result<TrainOutcome> {
+    train_data_parallel::<B>(
+        config,
+        &vec![device.clone(); config.distributed.devices],
+        options,
+    )
+}
+
+/// [`train`] with one data-parallel peer per device of `devices` (as many as
+/// `distributed.devices`), threads of this process (see [`crate::distributed`]).
+pub fn train_data_parallel<B: TrainBackend>(
+    config: &RunConfig,
+    devices: &[B::Device],
+    options: &TrainOptions,
+) -> Result<TrainOutcome> {
     config.validate()?;
+    let world = config.distributed.devices;
+    if devices.len() != world {
+        bail!(
+            "distributed.devices = {world}, but {} device(s) were given",
+            devices.len()
+        );
+    }
+    if world == 1 {
+        return train_peer::<B>(config, &devices[0], options, &Peer::solo(&devices[0]));
+    }
+    // Burn's collective server is one per backend and process: one group at a time.
+    static GROUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _group = GROUP.lock().unwrap_or_else(|e| e.into_inner());
+    let timeout = std::time::Duration::from_secs(config.distributed.timeout_s);
+    run_peers::<B::InnerBackend, _, _>(world, timeout, |rank, heartbeat| {
+        let device = &devices[rank.rank];
+        let peer = Peer::register(rank, device, heartbeat)?;
+        let outcome = train_peer::<B>(config, device, options, &peer);
+        if outcome.is_ok() {
+            peer.finish();
+        }
+        outcome
+    })
+}
+
+/// Serialises model initialisation: Burn's CPU backend seeds one global generator, so
+/// data-parallel peers initialising at once would draw from it in turn and peer 0's
+/// weights (broadcast to the others) would depend on thread timing.
+static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// One peer's training loop (the only peer of a run on one device).
+fn train_peer<B: TrainBackend>(
+    config: &RunConfig,
+    device: &B::Device,
+    options: &TrainOptions,
+    peer: &Peer<B::InnerBackend>,
+) -> Result<TrainOutcome> {
     let run = &config.run;
+    let Rank { world, .. } = peer.rank();
+    let leader = peer.rank().is_leader();
     let model_config: ModelConfig = config.model.resolve().map_err(anyhow::Error::msg)?;
     let dtype = run.precision.dtype().into();
     if !B::supports_dtype(device, dtype) {
@@ -118,27 +173,47 @@ pub fn train<B: TrainBackend>(
         },
     )?;
 
+    let requirements = scheduler.requirements();
+    if world > 1 && requirements.gradients.is_some() {
+        bail!(
+            "mixing.method = \"{}\" weighs per-domain gradients, which data-parallel \
+             training does not combine across peers yet; train it on one device \
+             (distributed.devices = 1)",
+            config.mixing.method_name()
+        );
+    }
     let run_dir = PathBuf::from(&run.out_dir).join(&run.name);
     let restored = match options.resume {
-        true => Some(restore::<B>(&run_dir, config, &model_config, device)?),
+        true => Some(restore::<B>(
+            &run_dir,
+            config,
+            &model_config,
+            device,
+            world,
+        )?),
         false => {
-            refuse_to_overwrite(&run_dir, options.overwrite)?;
+            if leader {
+                refuse_to_overwrite(&run_dir, options.overwrite)?;
+            }
             None
         }
     };
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
-    crate::checkpoint::write_atomic(
-        &run_dir.join("config.toml"),
-        toml::to_string_pretty(config)?.as_bytes(),
-    )?;
     let metrics_path = run_dir.join("metrics.jsonl");
-    let mut metrics = match &restored {
-        Some(r) => MetricsWriter::resume(&metrics_path, r.state.step)?,
-        None => MetricsWriter::create(&metrics_path)?,
+    let mut metrics = if leader {
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
+        crate::checkpoint::write_atomic(
+            &run_dir.join("config.toml"),
+            toml::to_string_pretty(config)?.as_bytes(),
+        )?;
+        match &restored {
+            Some(r) => MetricsWriter::resume(&metrics_path, r.state.step)?,
+            None => MetricsWriter::create(&metrics_path)?,
+        }
+    } else {
+        MetricsWriter::disabled(&metrics_path)
     };
 
-    let requirements = scheduler.requirements();
     let reference = match requirements.reference_model {
         Some(path) => Some(load_reference::<B::InnerBackend>(
             &path,
@@ -148,7 +223,6 @@ pub fn train<B: TrainBackend>(
         None => None,
     };
 
-    B::seed(device, run.seed);
     let mut optimizer = AdamW::<B::InnerBackend>::new(config.optimizer.clone());
     let mut sampler = MixtureSampler::new(k, run.seed, config.data.composition);
     let (mut model, saved) = match restored {
@@ -156,7 +230,14 @@ pub fn train<B: TrainBackend>(
             let (model, state) = continue_from(r, &mut optimizer, &mut sampler, &mut *scheduler)?;
             (model, Some(state))
         }
-        None => (model_config.init(device), None),
+        None => {
+            let model = {
+                let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
+                B::seed(device, run.seed);
+                crate::distributed::materialize(model_config.init(device))
+            };
+            (peer.broadcast_model(model)?, None)
+        }
     };
     model = model.with_compute(run.compute());
     let start = saved.as_ref().map_or(0, |s| s.step);
@@ -167,16 +248,21 @@ pub fn train<B: TrainBackend>(
     let elapsed_before = saved.as_ref().map_or(0.0, |s| s.elapsed_s);
     let faults = &config.faults;
     let mut counters = Counters::new(saved.as_ref(), faults);
-    let fault_log = FaultLog::new(&run_dir);
+    let fault_log = match leader {
+        true => FaultLog::new(&run_dir),
+        false => FaultLog::disabled(&run_dir),
+    };
     let mut injected_nan: std::collections::BTreeSet<u64> =
         faults.inject_nan_steps.iter().copied().collect();
     let spawn = |sampler: MixtureSampler| {
-        Prefetcher::spawn(
+        Prefetcher::spawn_shard(
             source.clone(),
             sampler,
             Split::Train,
             run.batch_size,
             run.seq_len,
+            peer.rank().rank,
+            world,
         )
     };
     let mut batches = spawn(sampler);
@@ -193,9 +279,25 @@ pub fn train<B: TrainBackend>(
             device,
         )
     };
-    let tokens_per_step = run.tokens_per_step();
+    // What a scheduler learns from validation, the same on every peer: peer 0
+    // measures it and hands it to the others.
+    let shared_evaluate = |model: &Transformer<B>| -> Result<DomainLosses> {
+        let mine = if leader {
+            evaluate(model).0
+        } else {
+            vec![None; k]
+        };
+        let encoded: Vec<f64> = mine.iter().map(|l| l.unwrap_or(f64::NAN)).collect();
+        let all = peer.gather("validation losses", &encoded)?;
+        Ok(DomainLosses(
+            all[0].iter().map(|&l| (!l.is_nan()).then_some(l)).collect(),
+        ))
+    };
+    let tokens_per_step = config.tokens_per_step();
     let initial = match saved_initial {
         Some(initial) => initial,
+        // Only peer 0 reports (the metrics, the final table).
+        None if !leader => DomainLosses(vec![None; k]),
         None => {
             let initial = evaluate(&model);
             if start == 0 {
@@ -205,7 +307,8 @@ pub fn train<B: TrainBackend>(
         }
     };
 
-    let mut progress = Progress::new(run.steps, options.quiet, run.log_every);
+    let quiet = options.quiet || !leader;
+    let mut progress = Progress::new(run.steps, quiet, if leader { run.log_every } else { 0 });
     progress.start_at(start);
     let started = Instant::now();
     // Steps in a row whose update was not applied (NaN), rollbacks included.
@@ -226,8 +329,13 @@ pub fn train<B: TrainBackend>(
             TrainState::new(step, step * tokens_per_step, optimizer, sampler, scheduler);
         state.initial_val = initial.0.clone();
         state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+        state.world_size = world;
         counters.save_into(&mut state);
-        write_checkpoint(&run_dir, model, &model_config, optimizer, &state, config)
+        match leader {
+            true => write_checkpoint(&run_dir, model, &model_config, optimizer, &state, config)
+                .map(drop),
+            false => Ok(()),
+        }
     };
     // Bookkeeping after a step's record is written counts in the next step's `other`.
     let mut after_record = Instant::now();
@@ -243,8 +351,9 @@ pub fn train<B: TrainBackend>(
             *part += (now - clock).as_secs_f64();
             clock = now;
         };
+        peer.heartbeat().at_step(step);
         if scheduler.wants_validation(step) {
-            let val = evaluate(&model);
+            let val = shared_evaluate(&model)?;
             scheduler.observe_validation(step, &val);
         }
         // Requested ahead: the scheduler fixed this step's proportions a step earlier.
@@ -312,8 +421,21 @@ pub fn train<B: TrainBackend>(
             if let Some(ref_losses) = ref_losses {
                 let excess = (token_losses.clone().inner() - ref_losses.clone()).clamp_min(0.0);
                 let (ref_seq, excess_seq) = (sequence_means(ref_losses), sequence_means(excess));
-                feedback.reference = Some(DomainAccumulator::of(k, &ref_seq, &domains).means());
-                feedback.excess = Some(DomainAccumulator::of(k, &excess_seq, &domains).means());
+                let mut micro_all = [
+                    micro.clone(),
+                    DomainAccumulator::of(k, &ref_seq, &domains),
+                    DomainAccumulator::of(k, &excess_seq, &domains),
+                ];
+                // DoReMi's weights follow the excess losses of the whole (all peers')
+                // micro-batch, so every peer updates them alike.
+                if world > 1 {
+                    micro_all = merge_across_peers(peer, "micro-batch losses", &micro_all)?;
+                }
+                let [micro_train, micro_ref, micro_excess] = micro_all;
+                feedback =
+                    StepFeedback::train_only(micro_train.means(), micro_train.counts().to_vec());
+                feedback.reference = Some(micro_ref.means());
+                feedback.excess = Some(micro_excess.means());
                 ref_by_domain.add(&ref_seq, &domains);
                 excess_by_domain.add(&excess_seq, &domains);
             }
@@ -348,8 +470,29 @@ pub fn train<B: TrainBackend>(
                     .context("the scheduler asked for per-domain gradients but gave no weights")?;
                 per_domain.combine(&model, &sets, &coefficients)
             }
-            _ => grads.grads(),
+            _ => peer.mean_grads(&model, grads.grads())?,
         };
+        // The global batch's per-domain losses, the stop request of any peer, and a
+        // check that every peer drew with the same proportions.
+        let mut stop_now = stop_requested();
+        if world > 1 {
+            let [train_all, ref_all, excess_all] = [&by_domain, &ref_by_domain, &excess_by_domain];
+            let mut extra = vec![f64::from(u8::from(stop_now))];
+            extra.extend(checksum(proportions.as_slice()));
+            let (merged, extras) = merge_with_extras(
+                peer,
+                "per-domain losses",
+                &[train_all.clone(), ref_all.clone(), excess_all.clone()],
+                &extra,
+            )?;
+            check_agreement(
+                "mixture proportions",
+                step + 1,
+                &extras.iter().map(|e| e[1..].to_vec()).collect::<Vec<_>>(),
+            )?;
+            stop_now = extras.iter().any(|e| e[0] != 0.0);
+            [by_domain, ref_by_domain, excess_by_domain] = merged;
+        }
         let train = by_domain.means();
         let mut step_loss = mean_over_sequences(&train, by_domain.counts());
         if injected_nan.remove(&(step + 1)) {
@@ -387,7 +530,7 @@ pub fn train<B: TrainBackend>(
         if stats.applied {
             consecutive_bad = 0;
             counters.last_loss = step_loss;
-            if let Some(mean) = counters.spikes.observe(step_loss) {
+            if let Some(mean) = counters.spikes.observe(step_loss).filter(|_| leader) {
                 eprintln!(
                     "warning: loss spike at step {}: {step_loss:.4} against a mean of {mean:.4} \
                      over the last {} steps (batch in {})",
@@ -439,12 +582,15 @@ pub fn train<B: TrainBackend>(
                     lr_scale: Some(lr_scale),
                     ..fault("nan", "rolled_back")
                 })?;
-                eprintln!(
-                    "warning: {what}; rolled back to {} with the learning rate scaled by {lr_scale}",
-                    dir.display()
-                );
-                drop(metrics);
-                metrics = MetricsWriter::resume(&metrics_path, state.step)?;
+                if leader {
+                    eprintln!(
+                        "warning: {what}; rolled back to {} with the learning rate scaled by \
+                         {lr_scale}",
+                        dir.display()
+                    );
+                    drop(metrics);
+                    metrics = MetricsWriter::resume(&metrics_path, state.step)?;
+                }
                 batches = spawn(sampler);
                 requested_steps = state.step;
                 step = state.step;
@@ -454,11 +600,13 @@ pub fn train<B: TrainBackend>(
             }
             counters.skipped += 1;
             fault_log.write(&fault("nan", "skipped"))?;
-            eprintln!(
-                "warning: {what}; update skipped ({} so far, details in {})",
-                counters.skipped,
-                fault_log.path().display()
-            );
+            if leader {
+                eprintln!(
+                    "warning: {what}; update skipped ({} so far, details in {})",
+                    counters.skipped,
+                    fault_log.path().display()
+                );
+            }
         }
         // A domain whose loss is not finite counts as absent from the step, in the
         // metrics as for the scheduler.
@@ -497,7 +645,11 @@ pub fn train<B: TrainBackend>(
         progress.update(&record, &proportions);
 
         let at_end = step + 1 == run.steps;
-        if config.eval.every > 0 && (step + 1).is_multiple_of(config.eval.every) && !at_end {
+        if leader
+            && config.eval.every > 0
+            && (step + 1).is_multiple_of(config.eval.every)
+            && !at_end
+        {
             let val = evaluate(&model);
             let epochs = data_epochs(source.as_ref(), batches.consumed_state(), run.seq_len);
             metrics.eval(
@@ -508,7 +660,7 @@ pub fn train<B: TrainBackend>(
         let periodic = config.checkpoint.every > 0
             && (step + 1).is_multiple_of(config.checkpoint.every)
             && !at_end;
-        let stopping = !at_end && stop_requested();
+        let stopping = !at_end && stop_now;
         if periodic || stopping {
             let sampler = batches.consumed_state();
             save(
@@ -545,6 +697,19 @@ pub fn train<B: TrainBackend>(
     }
     progress.finish();
     let tokens = run.steps * tokens_per_step;
+    if !leader {
+        // Peer 0 evaluates, reports and writes the final checkpoint.
+        return Ok(TrainOutcome {
+            run_dir,
+            rows: Vec::new(),
+            final_train_loss: last_loss,
+            tokens_per_second: trained_tokens as f64 / elapsed.max(1e-9),
+            steps: run.steps,
+            learned: scheduler.learned_proportions(),
+            resumed_from: options.resume.then_some(start),
+            interrupted: false,
+        });
+    }
 
     let last = evaluate(&model);
     let epochs = data_epochs(source.as_ref(), batches.consumed_state(), run.seq_len);
@@ -695,9 +860,19 @@ fn restore<B: TrainBackend>(
     config: &RunConfig,
     model_config: &ModelConfig,
     device: &B::Device,
+    world: usize,
 ) -> Result<Restored<B>> {
     let restored = load_newest::<B>(run_dir, device)?;
     let dir = &restored.dir;
+    let trained_on = restored.state.world_size;
+    if trained_on != world {
+        bail!(
+            "{}: the run was trained on {trained_on} data-parallel peer(s) and resumes only on \
+             as many (which sequences each peer reads depends on it); resume with \
+             distributed.devices = {trained_on} (--devices {trained_on})",
+            dir.display()
+        );
+    }
     check_continues(&restored.run_config, config)
         .with_context(|| format!("cannot resume from {}", dir.display()))?;
     if hf_config(&restored.model_config) != hf_config(model_config) {
@@ -747,6 +922,43 @@ fn load_reference<B: burn::tensor::backend::Backend>(
         );
     }
     Ok(model)
+}
+
+/// Sums each of `accs` over the data-parallel peers (one collective operation), in
+/// rank order, so every peer gets the same totals to the bit.
+fn merge_across_peers<B: burn::tensor::backend::Backend, const N: usize>(
+    peer: &Peer<B>,
+    what: &'static str,
+    accs: &[DomainAccumulator; N],
+) -> Result<[DomainAccumulator; N]> {
+    Ok(merge_with_extras(peer, what, accs, &[])?.0)
+}
+
+/// [`merge_across_peers`], also gathering a few values of each peer (by rank).
+fn merge_with_extras<B: burn::tensor::backend::Backend, const N: usize>(
+    peer: &Peer<B>,
+    what: &'static str,
+    accs: &[DomainAccumulator; N],
+    extra: &[f64],
+) -> Result<([DomainAccumulator; N], Vec<Vec<f64>>)> {
+    let k = accs.first().map_or(0, |a| a.counts().len());
+    let mut values: Vec<f64> = Vec::with_capacity(N * 2 * k + extra.len());
+    for acc in accs {
+        values.extend_from_slice(acc.sums());
+        values.extend(acc.counts().iter().map(|&n| n as f64));
+    }
+    values.extend_from_slice(extra);
+    let all = peer.gather(what, &values)?;
+    let mut merged: [DomainAccumulator; N] = std::array::from_fn(|_| DomainAccumulator::new(k));
+    for theirs in &all {
+        for (i, acc) in merged.iter_mut().enumerate() {
+            let part = &theirs[i * 2 * k..(i + 1) * 2 * k];
+            let counts: Vec<usize> = part[k..].iter().map(|&n| n as usize).collect();
+            acc.merge(&part[..k], &counts);
+        }
+    }
+    let extras = all.iter().map(|v| v[N * 2 * k..].to_vec()).collect();
+    Ok((merged, extras))
 }
 
 /// `sum_i w_i * (mean loss of domain i's tokens)` over the domains present: each

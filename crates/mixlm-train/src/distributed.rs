@@ -1,0 +1,554 @@
+//! Data-parallel training on Burn's collective engine (`burn-collective`).
+//!
+//! Every peer holds a full replica of the model and runs the same training loop on
+//! its own device. Per step it reads its share of the global batch, computes its
+//! gradients, and then, through the [`Peer`] handle (the trainer's only way to talk to
+//! the others):
+//! - the gradients are averaged over the peers ([`Peer::mean_grads`]), so every
+//!   replica takes the same AdamW step;
+//! - the per-domain loss sums and counts are gathered ([`Peer::gather`]), so every
+//!   peer's scheduler is fed the global batch's losses and makes the same proportion
+//!   decision, which is checked each step by comparing a hash of the proportions.
+//!
+//! [`run_peers`] runs the peers as threads of this process and watches them: a peer
+//! that fails makes the others stop at once, and one that stops answering makes them
+//! stop after `distributed.timeout_s`, each with an error naming the peer.
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn_collective::{CollectiveConfig, CollectiveError, PeerId, ReduceOperation};
+
+/// This peer's place in a data-parallel run: `rank` of `world` peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rank {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Rank {
+    /// A run on one device.
+    pub const SOLO: Rank = Rank { rank: 0, world: 1 };
+
+    /// Peer 0 writes the metrics, checkpoints and progress; the others only compute.
+    pub fn is_leader(self) -> bool {
+        self.rank == 0
+    }
+}
+
+/// What the watchdog of [`run_peers`] sees of one peer.
+#[derive(Debug, Default)]
+pub struct Heartbeat {
+    /// Collective operations this peer has completed.
+    completed: AtomicU64,
+    /// The optimizer step it is in.
+    step: AtomicU64,
+    /// Set while it waits in a collective operation: which one, since when.
+    waiting: Mutex<Option<(&'static str, Instant)>>,
+    /// Its work returned `Ok` (a thread that ended without it failed).
+    succeeded: AtomicBool,
+}
+
+impl Heartbeat {
+    /// Records the step the peer works on (named in hang reports).
+    pub fn at_step(&self, step: u64) {
+        self.step.store(step, Ordering::Relaxed);
+    }
+
+    fn waiting_since(&self) -> Option<(&'static str, Instant)> {
+        *self.waiting.lock().expect("heartbeat lock")
+    }
+}
+
+/// One peer's handle on the collective (see the module docs). A [`Rank::SOLO`] peer
+/// talks to no one: every operation returns its input.
+pub struct Peer<B: Backend> {
+    rank: Rank,
+    id: PeerId,
+    heartbeat: Arc<Heartbeat>,
+    device: B::Device,
+    _backend: PhantomData<B>,
+}
+
+impl<B: Backend> Peer<B> {
+    /// The peer of a run on one device.
+    pub fn solo(device: &B::Device) -> Self {
+        Self {
+            rank: Rank::SOLO,
+            id: PeerId(0),
+            heartbeat: Arc::default(),
+            device: device.clone(),
+            _backend: PhantomData,
+        }
+    }
+
+    /// Joins the collective of `rank.world` peers of this process (blocks until all
+    /// have joined).
+    pub fn register(rank: Rank, device: &B::Device, heartbeat: Arc<Heartbeat>) -> Result<Self> {
+        let peer = Self {
+            rank,
+            id: PeerId(rank.rank as u32),
+            heartbeat,
+            device: device.clone(),
+            _backend: PhantomData,
+        };
+        if rank.world > 1 {
+            let config = CollectiveConfig::default().with_num_devices(rank.world);
+            peer.wait("registration", || {
+                burn_collective::register::<B>(peer.id, device.clone(), config)
+            })?;
+        }
+        Ok(peer)
+    }
+
+    pub fn rank(&self) -> Rank {
+        self.rank
+    }
+
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.heartbeat
+    }
+
+    /// Runs one collective operation, visible to the watchdog while it waits.
+    fn wait<T>(
+        &self,
+        what: &'static str,
+        op: impl FnOnce() -> Result<T, CollectiveError>,
+    ) -> Result<T> {
+        *self.heartbeat.waiting.lock().expect("heartbeat lock") = Some((what, Instant::now()));
+        let result = op();
+        *self.heartbeat.waiting.lock().expect("heartbeat lock") = None;
+        self.heartbeat.completed.fetch_add(1, Ordering::Relaxed);
+        result.map_err(|e| {
+            anyhow!(
+                "peer {}: the {what} with the other peers failed ({e:?}); another peer \
+                 stopped (its error is reported above or below)",
+                self.rank.rank
+            )
+        })
+    }
+
+    /// Averages each parameter's gradient over the peers, in the module's parameter
+    /// order (the same on every peer, whatever the parameter ids).
+    pub fn mean_grads<AB, M>(&self, model: &M, grads: GradientsParams) -> Result<GradientsParams>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        if self.rank.world == 1 {
+            return Ok(grads);
+        }
+        let mut visitor = MeanGrads::<AB> {
+            peer: self,
+            grads,
+            error: None,
+        };
+        model.visit(&mut visitor);
+        match visitor.error {
+            Some(e) => Err(e),
+            None => Ok(visitor.grads),
+        }
+    }
+
+    /// Gives every peer peer 0's parameters (a fresh model is initialised on each
+    /// peer, and random initialisation need not agree across devices or processes).
+    pub fn broadcast_model<AB, M>(&self, model: M) -> Result<M>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        if self.rank.world == 1 {
+            return Ok(model);
+        }
+        let mut mapper = Broadcast::<AB> {
+            peer: self,
+            error: None,
+        };
+        let model = model.map(&mut mapper);
+        match mapper.error {
+            Some(e) => Err(e),
+            None => Ok(model),
+        }
+    }
+
+    /// Every peer's `values`, indexed by rank, identical on every peer to the bit.
+    ///
+    /// Each peer writes its values into its own slots of a zero vector and the vectors
+    /// are summed: every slot then has one non-zero term, so the sum is exact
+    /// whatever order the all-reduce adds in. An `f64` travels as two `f32`s (its
+    /// rounding and the remainder), which keeps about 48 bits of it.
+    pub fn gather(&self, what: &'static str, values: &[f64]) -> Result<Vec<Vec<f64>>> {
+        let world = self.rank.world;
+        if world == 1 {
+            return Ok(vec![values.to_vec()]);
+        }
+        let m = values.len();
+        let mut slots = vec![0f32; world * m * 2];
+        for (i, &v) in values.iter().enumerate() {
+            let hi = v as f32;
+            let lo = if v.is_finite() && hi.is_finite() {
+                (v - f64::from(hi)) as f32
+            } else {
+                0.0
+            };
+            slots[(self.rank.rank * m + i) * 2] = hi;
+            slots[(self.rank.rank * m + i) * 2 + 1] = lo;
+        }
+        let n = slots.len();
+        let tensor = Tensor::<B, 1>::from_data(TensorData::new(slots, [n]), &self.device);
+        let summed = self.wait(what, || {
+            burn_collective::all_reduce::<B>(
+                self.id,
+                tensor.into_primitive().tensor(),
+                ReduceOperation::Sum,
+            )
+        })?;
+        let summed: Vec<f32> = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(summed))
+            .into_data()
+            .to_vec()
+            .map_err(|e| anyhow!("gathered values: {e:?}"))?;
+        Ok(summed
+            .chunks_exact(m * 2)
+            .map(|peer| {
+                peer.chunks_exact(2)
+                    .map(|p| f64::from(p[0]) + f64::from(p[1]))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Leaves the collective (after the last operation).
+    pub fn finish(&self) {
+        if self.rank.world > 1 {
+            let _ = burn_collective::finish_collective::<B>(self.id);
+        }
+    }
+}
+
+struct MeanGrads<'a, AB: AutodiffBackend> {
+    peer: &'a Peer<AB::InnerBackend>,
+    grads: GradientsParams,
+    error: Option<anyhow::Error>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for MeanGrads<'_, AB> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        if self.error.is_some() {
+            return;
+        }
+        let Some(grad) = self.grads.remove::<AB::InnerBackend, D>(param.id) else {
+            self.error = Some(anyhow!(
+                "peer {}: a parameter has no gradient, so the peers cannot average them",
+                self.peer.rank.rank
+            ));
+            return;
+        };
+        let id = self.peer.id;
+        match self.peer.wait("gradient all-reduce", || {
+            burn_collective::all_reduce::<AB::InnerBackend>(
+                id,
+                grad.into_primitive().tensor(),
+                ReduceOperation::Mean,
+            )
+        }) {
+            Ok(mean) => self.grads.register(
+                param.id,
+                Tensor::<AB::InnerBackend, D>::from_primitive(TensorPrimitive::Float(mean)),
+            ),
+            Err(e) => self.error = Some(e),
+        }
+    }
+}
+
+struct Broadcast<'a, AB: AutodiffBackend> {
+    peer: &'a Peer<AB::InnerBackend>,
+    error: Option<anyhow::Error>,
+}
+
+impl<AB: AutodiffBackend> ModuleMapper<AB> for Broadcast<'_, AB> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+        let (id, tensor, mapper) = param.consume();
+        if self.error.is_some() {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let shape = tensor.shape();
+        let flat = tensor.clone().inner().reshape([shape.num_elements()]);
+        let mine = self
+            .peer
+            .rank
+            .is_leader()
+            .then(|| flat.into_primitive().tensor());
+        let peer = self.peer.id;
+        match self.peer.wait("broadcast of the initial weights", || {
+            burn_collective::broadcast::<AB::InnerBackend>(peer, mine)
+        }) {
+            Ok(t) => {
+                let t = Tensor::<AB::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(t))
+                    .reshape(shape);
+                Param::from_mapped_value(id, Tensor::from_inner(t).require_grad(), mapper)
+            }
+            Err(e) => {
+                self.error = Some(e);
+                Param::from_mapped_value(id, tensor, mapper)
+            }
+        }
+    }
+}
+
+/// Draws a fresh model's initial weights now, in parameter order. Burn initialises
+/// parameters lazily, on first use; left so, the draws from the backend's seeded
+/// generator would happen whenever each peer first touched each parameter, and
+/// peer 0's weights would depend on the other threads.
+pub fn materialize<AB: AutodiffBackend, M: AutodiffModule<AB>>(model: M) -> M {
+    struct Touch;
+    impl<B: Backend> ModuleVisitor<B> for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
+    model.visit(&mut Touch);
+    model
+}
+
+/// A 64-bit hash of some numbers, as four 16-bit pieces (exact through [`Peer::gather`]).
+pub fn checksum(values: &[f64]) -> [f64; 4] {
+    let words: Vec<u64> = values.iter().map(|v| v.to_bits()).collect();
+    let h = mixlm_data::seeding::hash_words(&words);
+    std::array::from_fn(|i| ((h >> (16 * i)) & 0xffff) as f64)
+}
+
+/// Fails loudly when the peers disagree on `what` (each sent [`checksum`]s of theirs).
+pub fn check_agreement(what: &str, step: u64, sums: &[Vec<f64>]) -> Result<()> {
+    if let Some((rank, _)) = sums.iter().enumerate().find(|(_, s)| *s != &sums[0]) {
+        bail!(
+            "peers diverged at step {step}: peer {rank}'s {what} differ from peer 0's. Every \
+             peer must be fed the same losses; this is a bug in mixlm or in the mixing \
+             method's determinism (please report it with the run's config)"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `body` on `world` peers, threads of this process, and returns peer 0's result.
+///
+/// A watchdog polls the peers: when one fails (an error or a panic), the collective
+/// is reset so the others' waits end at once; when one has waited in a collective
+/// operation for `timeout` while a peer has not arrived, the others are stopped the
+/// same way and the error names the late peer and its step. The error returned is
+/// the first peer's own (not the others' "another peer stopped").
+pub fn run_peers<B, T, F>(world: usize, timeout: Duration, body: F) -> Result<T>
+where
+    B: Backend,
+    T: Send,
+    F: Fn(Rank, Arc<Heartbeat>) -> Result<T> + Sync,
+{
+    let beats: Vec<Arc<Heartbeat>> = (0..world).map(|_| Arc::default()).collect();
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let beat = beats[rank].clone();
+                let body = &body;
+                std::thread::Builder::new()
+                    .name(format!("mixlm-peer-{rank}"))
+                    .spawn_scoped(s, move || {
+                        let result = body(Rank { rank, world }, beat.clone());
+                        beat.succeeded.store(result.is_ok(), Ordering::SeqCst);
+                        result
+                    })
+                    .expect("cannot start a peer thread")
+            })
+            .collect();
+        let mut hang: Option<anyhow::Error> = None;
+        while !handles.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(50));
+            if failed.load(Ordering::Relaxed) {
+                continue;
+            }
+            let ended_badly = handles
+                .iter()
+                .zip(&beats)
+                .any(|(h, b)| h.is_finished() && !b.succeeded.load(Ordering::SeqCst));
+            if ended_badly {
+                // A peer failed: the others would wait for it forever.
+                failed.store(true, Ordering::Relaxed);
+                burn_collective::reset_collective::<B>();
+                continue;
+            }
+            if let Some(report) = hung_peer(&beats, timeout) {
+                failed.store(true, Ordering::Relaxed);
+                hang = Some(anyhow!(report));
+                burn_collective::reset_collective::<B>();
+            }
+        }
+        let mut results: Vec<Result<T>> = handles
+            .into_iter()
+            .enumerate()
+            .map(|(rank, h)| {
+                h.join().unwrap_or_else(|panic| {
+                    let msg = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("(no message)");
+                    Err(anyhow!("peer {rank} panicked: {msg}"))
+                })
+            })
+            .collect();
+        if world > 1 {
+            burn_collective::reset_collective::<B>();
+        }
+        if let Some(hang) = hang {
+            return Err(hang);
+        }
+        // The root cause: an error that is not a consequence of another peer's.
+        let first = results.iter().position(|r| match r {
+            Err(e) => !e.to_string().contains("another peer stopped"),
+            Ok(_) => false,
+        });
+        if let Some(i) = first.or_else(|| results.iter().position(Result::is_err)) {
+            let e = results.swap_remove(i).err().expect("an error");
+            return Err(if world > 1 {
+                e.context(format!("data-parallel training stopped: peer {i} failed"))
+            } else {
+                e
+            });
+        }
+        results.swap_remove(0)
+    })
+}
+
+/// A report when some peer has waited in a collective operation for longer than
+/// `timeout`: which peers never arrived, and where each one was.
+fn hung_peer(beats: &[Arc<Heartbeat>], timeout: Duration) -> Option<String> {
+    let (what, since) = beats
+        .iter()
+        .filter_map(|b| b.waiting_since())
+        .min_by_key(|(_, since)| *since)?;
+    if since.elapsed() < timeout {
+        return None;
+    }
+    let late: Vec<String> = beats
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.waiting_since().is_none())
+        .map(|(rank, b)| {
+            format!(
+                "peer {rank} (at step {})",
+                b.step.load(Ordering::Relaxed) + 1
+            )
+        })
+        .collect();
+    let late = if late.is_empty() {
+        "every peer is waiting, in different operations".to_string()
+    } else {
+        late.join(", ")
+    };
+    Some(format!(
+        "data-parallel training stopped: peers waited {}s in the {what} for {late}, which \
+         stopped answering (distributed.timeout_s = {}); resume from the last checkpoint \
+         with `mixlm train --resume`",
+        since.elapsed().as_secs(),
+        timeout.as_secs()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::module::Module;
+    use mixlm_model::{ModelConfig, Transformer};
+
+    type AB = Autodiff<NdArray<f32>>;
+    type IB = NdArray<f32>;
+
+    fn flat(model: &Transformer<AB>) -> Vec<f32> {
+        struct Collect(Vec<f32>);
+        impl ModuleVisitor<AB> for Collect {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+                self.0
+                    .extend(param.val().into_data().to_vec::<f32>().unwrap());
+            }
+        }
+        let mut c = Collect(Vec::new());
+        model.visit(&mut c);
+        c.0
+    }
+
+    /// Three peers: the gather hands every peer every peer's values exactly, and the
+    /// broadcast gives every peer peer 0's weights.
+    #[test]
+    fn gather_is_exact_and_broadcast_copies_peer_zero() {
+        let device = Default::default();
+        let config = ModelConfig::preset("tiny").unwrap();
+        let reference = {
+            <AB as Backend>::seed(&device, 1);
+            flat(&config.init::<AB>(&device))
+        };
+        let seen = Mutex::new(Vec::new());
+        run_peers::<IB, _, _>(3, Duration::from_secs(60), |rank, beat| {
+            let peer = Peer::<IB>::register(rank, &device, beat)?;
+            let r = rank.rank as f64;
+            let mine = [1.0 / 3.0 + r, -1e-9 * r, f64::NAN, 7.0];
+            let all = peer.gather("test", &mine)?;
+            // Peer 0 has the reference weights; the others some other ones.
+            let model = {
+                let _lock = INIT_TEST.lock().unwrap();
+                <AB as Backend>::seed(&device, if rank.rank == 0 { 1 } else { 99 });
+                materialize(config.init::<AB>(&device))
+            };
+            let model = peer.broadcast_model(model)?;
+            peer.finish();
+            seen.lock().unwrap().push((rank.rank, all, flat(&model)));
+            Ok(())
+        })
+        .unwrap();
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(seen.len(), 3);
+        for (rank, all, weights) in &seen {
+            assert_eq!(all.len(), 3, "peer {rank}");
+            for (r, values) in all.iter().enumerate() {
+                let want = [1.0 / 3.0 + r as f64, -1e-9 * r as f64];
+                for (got, want) in values.iter().zip(want) {
+                    assert!(
+                        (got - want).abs() <= want.abs() * 1e-14,
+                        "peer {rank} got {got} for peer {r}'s {want}"
+                    );
+                }
+                assert!(values[2].is_nan());
+                assert_eq!(values[3], 7.0);
+            }
+            // Bit-identical on every peer.
+            let bits = |v: &Vec<Vec<f64>>| -> Vec<u64> {
+                v.iter().flatten().map(|x| x.to_bits()).collect()
+            };
+            assert_eq!(bits(all), bits(&seen[0].1));
+            assert!(*weights == reference, "peer {rank} has other weights");
+        }
+    }
+
+    #[test]
+    fn disagreeing_peers_are_named() {
+        let same = vec![checksum(&[0.25, 0.75]).to_vec(); 3];
+        check_agreement("mixture proportions", 4, &same).unwrap();
+        let mut differ = same.clone();
+        differ[2] = checksum(&[0.25, 0.75000001]).to_vec();
+        let e = check_agreement("mixture proportions", 4, &differ)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("step 4") && e.contains("peer 2's mixture proportions"),
+            "{e}"
+        );
+    }
+
+    static INIT_TEST: Mutex<()> = Mutex::new(());
+}

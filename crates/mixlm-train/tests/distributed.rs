@@ -1,0 +1,206 @@
+//! Data-parallel training with ndarray peers in one process: N peers with micro-batch
+//! b and A accumulation steps train like one device with micro-batch b and N x A
+//! accumulation steps (the same global batch, the same sequences), and every peer
+//! decides the same proportions.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::Tensor;
+use mixlm_train::checkpoint::{latest_checkpoint, load_model};
+use mixlm_train::{train, RunConfig, TrainOptions};
+use serde_json::Value;
+
+type B = Autodiff<NdArray<f32>>;
+
+fn config(dir: &Path, name: &str, devices: usize, accum: usize, extra: &[&str]) -> RunConfig {
+    let mut overrides: Vec<String> = vec![
+        format!("run.out_dir=\"{}\"", dir.display()),
+        format!("run.name=\"{name}\""),
+        "run.steps=5".into(),
+        "run.batch_size=2".into(),
+        format!("run.grad_accum={accum}"),
+        format!("distributed.devices={devices}"),
+        "run.seq_len=16".into(),
+        "schedule.warmup_steps=1".into(),
+        "eval.every=0".into(),
+        "eval.sequences=4".into(),
+        "eval.batch_size=8".into(),
+        "checkpoint.every=0".into(),
+    ];
+    overrides.extend(extra.iter().map(|s| s.to_string()));
+    RunConfig::embedded(&overrides).unwrap()
+}
+
+/// Every parameter of a model, flattened, in module order.
+fn flatten<Bk: burn::tensor::backend::Backend, M: Module<Bk>>(model: &M) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl<Bk: burn::tensor::backend::Backend> ModuleVisitor<Bk> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Bk, D>>) {
+            self.0
+                .extend(param.val().into_data().to_vec::<f32>().unwrap());
+        }
+    }
+    let mut c = Collect(Vec::new());
+    model.visit(&mut c);
+    c.0
+}
+
+/// The parameters of a run's final checkpoint, and the initial ones (the trainer
+/// draws them from `run.seed` in parameter order).
+fn parameters(run_dir: &Path, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let device = Default::default();
+    let (model, config) =
+        load_model::<NdArray<f32>>(&latest_checkpoint(run_dir).unwrap(), &device).unwrap();
+    <B as burn::tensor::backend::Backend>::seed(&device, seed);
+    let init = mixlm_train::distributed::materialize(config.init::<B>(&device));
+    (flatten(&model), flatten(&init))
+}
+
+fn distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+fn train_records(run_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .collect()
+}
+
+fn proportions(record: &Value) -> BTreeMap<String, f64> {
+    record["proportions"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+        .collect()
+}
+
+/// Trains `peers` x accumulation `accum` and one device with `peers * accum`, and
+/// compares the parameters, the losses and the proportions step by step.
+fn matches_one_device(peers: usize, accum: usize, mixing: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let options = TrainOptions::quiet();
+    let device = Default::default();
+    let parallel = train::<B>(
+        &config(dir.path(), "parallel", peers, accum, mixing),
+        &device,
+        &options,
+    )
+    .unwrap();
+    let single = train::<B>(
+        &config(dir.path(), "single", 1, peers * accum, mixing),
+        &device,
+        &options,
+    )
+    .unwrap();
+    assert_eq!(parallel.steps, 5);
+    assert_eq!(parallel.rows.len(), single.rows.len());
+
+    let (a, b) = (
+        train_records(&parallel.run_dir),
+        train_records(&single.run_dir),
+    );
+    assert_eq!(a.len(), 5);
+    for (x, y) in a.iter().zip(&b) {
+        // Token counts are global: the same global batch.
+        assert_eq!(x["tokens"], y["tokens"]);
+        let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        assert!(
+            (lx - ly).abs() < 1e-5,
+            "step {}: loss {lx} vs {ly}",
+            x["step"]
+        );
+        let (px, py) = (proportions(x), proportions(y));
+        for (d, p) in &px {
+            assert!(
+                (p - py[d]).abs() < 1e-9,
+                "step {}: {d} {p} vs {}",
+                x["step"],
+                py[d]
+            );
+        }
+        // Every domain's count of sequences is the global batch's.
+        assert_eq!(x["sequences"], y["sequences"]);
+    }
+
+    let seed = config(dir.path(), "x", 1, 1, mixing).run.seed;
+    let (pa, init) = parameters(&parallel.run_dir, seed);
+    let (pb, _) = parameters(&single.run_dir, seed);
+    assert_eq!(pa.len(), pb.len());
+    // Float sums in another order, amplified by AdamW where gradients are tiny: the
+    // difference must stay a small fraction of how far training moved the weights.
+    let relative = distance(&pa, &pb) / distance(&pb, &init);
+    eprintln!("{peers} peers x {accum}: parameters {relative:e} (relative) from one device's");
+    assert!(
+        relative < 1e-3,
+        "{peers} peers vs one device: parameters differ by {relative:e} of the training's movement"
+    );
+    // Peers other than peer 0 write nothing: one metrics file, one set of checkpoints.
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        2,
+        "only the two run folders"
+    );
+}
+
+#[test]
+fn two_peers_train_like_one_device_stratified() {
+    matches_one_device(2, 1, &["mixing.method=\"stratified\""]);
+}
+
+#[test]
+fn three_peers_train_like_one_device_stratified() {
+    matches_one_device(3, 2, &["mixing.method=\"stratified\""]);
+}
+
+#[test]
+fn two_peers_train_like_one_device_odm() {
+    matches_one_device(2, 2, &["mixing.method=\"odm\""]);
+}
+
+#[test]
+fn three_peers_train_like_one_device_odm() {
+    matches_one_device(3, 1, &["mixing.method=\"odm\""]);
+}
+
+/// A run trained on two peers resumes on two, and is refused on another count with
+/// the reason.
+#[test]
+fn resume_needs_the_same_number_of_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), "r", 2, 1, &["checkpoint.every=2"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let options = TrainOptions {
+        stop: Some(stop),
+        ..TrainOptions::quiet()
+    };
+    let out = train::<B>(&c, &Default::default(), &options).unwrap();
+    assert!(out.interrupted && out.steps == 1, "{out:?}");
+    let resume = TrainOptions {
+        resume: true,
+        ..TrainOptions::quiet()
+    };
+    c.distributed.devices = 3;
+    let e = format!(
+        "{:#}",
+        train::<B>(&c, &Default::default(), &resume).unwrap_err()
+    );
+    assert!(
+        e.contains("trained on 2 data-parallel peer(s)") && e.contains("--devices 2"),
+        "{e}"
+    );
+    c.distributed.devices = 2;
+    let out = train::<B>(&c, &Default::default(), &resume).unwrap();
+    assert_eq!(out.steps, 5);
+    assert_eq!(out.resumed_from, Some(1));
+}
