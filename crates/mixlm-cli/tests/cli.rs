@@ -325,8 +325,7 @@ fn train_on_two_cpu_peers_then_refuse_another_count_on_resume() {
     let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
     let last_train = metrics
         .lines()
-        .filter(|l| l.contains("\"kind\":\"train\""))
-        .next_back()
+        .rfind(|l| l.contains("\"kind\":\"train\""))
         .unwrap();
     assert!(last_train.contains("\"tokens\":768"), "{last_train}");
     let (ok, _, stderr) = mixlm(&[
