@@ -367,8 +367,18 @@ where
             })
             .collect();
         let mut hang: Option<anyhow::Error> = None;
+        let mut gave_up_at: Option<Instant> = None;
         while !handles.iter().all(|h| h.is_finished()) {
             std::thread::sleep(Duration::from_millis(50));
+            if let (Some(report), Some(at)) = (&hang, gave_up_at) {
+                // A peer stuck in its own work (a hung kernel, a deadlock) never
+                // returns, and a thread cannot be killed: after a grace period for the
+                // others to wind down, the process ends with the report.
+                if at.elapsed() > HANG_GRACE {
+                    eprintln!("error: {report}");
+                    std::process::exit(1);
+                }
+            }
             if failed.load(Ordering::Relaxed) {
                 continue;
             }
@@ -385,6 +395,7 @@ where
             if let Some(report) = hung_peer(&beats, timeout) {
                 failed.store(true, Ordering::Relaxed);
                 hang = Some(anyhow!(report));
+                gave_up_at = Some(Instant::now());
                 burn_collective::reset_collective::<B>();
             }
         }
@@ -425,6 +436,9 @@ where
     })
 }
 
+/// How long a hung peer may take to return once the others have given up on it.
+const HANG_GRACE: Duration = Duration::from_secs(30);
+
 /// A report when some peer has waited in a collective operation for longer than
 /// `timeout`: which peers never arrived, and where each one was.
 fn hung_peer(beats: &[Arc<Heartbeat>], timeout: Duration) -> Option<String> {
@@ -452,10 +466,10 @@ fn hung_peer(beats: &[Arc<Heartbeat>], timeout: Duration) -> Option<String> {
         late.join(", ")
     };
     Some(format!(
-        "data-parallel training stopped: peers waited {}s in the {what} for {late}, which \
-         stopped answering (distributed.timeout_s = {}); resume from the last checkpoint \
-         with `mixlm train --resume`",
-        since.elapsed().as_secs(),
+        "data-parallel training stopped: peers waited {:.1}s in the {what} for {late}, \
+         which stopped answering (distributed.timeout_s = {}); resume from the last \
+         checkpoint with `mixlm train --resume`",
+        since.elapsed().as_secs_f64(),
         timeout.as_secs()
     ))
 }
@@ -533,6 +547,63 @@ mod tests {
             assert_eq!(bits(all), bits(&seen[0].1));
             assert!(*weights == reference, "peer {rank} has other weights");
         }
+    }
+
+    /// A peer that fails makes the others stop at once (they are waiting for it in
+    /// a collective operation), and the error is that peer's own.
+    #[test]
+    fn a_failing_peer_stops_the_others_with_its_error() {
+        let device = Default::default();
+        let started = Instant::now();
+        let e = run_peers::<IB, (), _>(3, Duration::from_secs(600), |rank, beat| {
+            let peer = Peer::<IB>::register(rank, &device, beat)?;
+            for step in 0..100u64 {
+                peer.heartbeat().at_step(step);
+                if rank.rank == 1 && step == 3 {
+                    bail!("peer 1 ran out of memory at step 4");
+                }
+                peer.gather("per-domain losses", &[step as f64])?;
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("peer 1 failed") && e.contains("ran out of memory at step 4"),
+            "{e}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "stopped at once"
+        );
+    }
+
+    /// A peer that stops answering makes the others stop after the timeout, naming it
+    /// and its step; it is the one not waiting.
+    #[test]
+    fn a_hung_peer_is_named_after_the_timeout() {
+        let device = Default::default();
+        let started = Instant::now();
+        let e = run_peers::<IB, (), _>(2, Duration::from_millis(500), |rank, beat| {
+            let peer = Peer::<IB>::register(rank, &device, beat)?;
+            for step in 0..10u64 {
+                peer.heartbeat().at_step(step);
+                if rank.rank == 1 && step == 2 {
+                    std::thread::sleep(Duration::from_secs(3));
+                }
+                peer.gather("per-domain losses", &[step as f64])?;
+            }
+            Ok(())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(
+                "s in the per-domain losses for peer 1 (at step 3), which stopped answering"
+            ) && e.contains("distributed.timeout_s"),
+            "{e}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(20));
     }
 
     #[test]
