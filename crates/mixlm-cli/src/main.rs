@@ -50,6 +50,26 @@ enum Command {
         /// distributed.devices; with --backend cpu, N ndarray replicas).
         #[arg(long, value_name = "N")]
         devices: Option<usize>,
+        /// Machines in the run (overrides distributed.nodes); each runs this command
+        /// with its own --node-rank.
+        #[arg(long, value_name = "M")]
+        nodes: Option<usize>,
+        /// This machine's index in 0..M (overrides distributed.node_rank).
+        #[arg(long, value_name = "R")]
+        node_rank: Option<usize>,
+        /// HOST:PORT of the `mixlm orchestrator` the nodes meet through.
+        #[arg(long, value_name = "HOST:PORT")]
+        orchestrator: Option<String>,
+        /// HOST:PORT at which the other nodes reach this one (its data service port).
+        #[arg(long, value_name = "HOST:PORT")]
+        node_address: Option<String>,
+    },
+    /// Serve the meeting point of a multi-node run (`mixlm train --nodes M
+    /// --orchestrator HOST:PORT`) until stopped.
+    Orchestrator {
+        /// Port to listen on.
+        #[arg(long, default_value_t = 29500)]
+        port: u16,
     },
     /// Check a run folder (config, metrics, checkpoints' checksums, whether it can be
     /// resumed), one checkpoint folder, or a prepared dataset (manifest against shards,
@@ -356,12 +376,28 @@ fn run(cli: Cli) -> Result<()> {
             resume,
             overwrite,
             devices,
+            nodes,
+            node_rank,
+            orchestrator,
+            node_address,
         } => {
             if let Some(b) = backend {
                 overrides.push(format!("run.backend=\"{b}\""));
             }
             if let Some(n) = devices {
                 overrides.push(format!("distributed.devices={n}"));
+            }
+            if let Some(n) = nodes {
+                overrides.push(format!("distributed.nodes={n}"));
+            }
+            if let Some(r) = node_rank {
+                overrides.push(format!("distributed.node_rank={r}"));
+            }
+            if let Some(a) = orchestrator {
+                overrides.push(format!("distributed.orchestrator=\"{a}\""));
+            }
+            if let Some(a) = node_address {
+                overrides.push(format!("distributed.node_address=\"{a}\""));
             }
             let mut config = match (&resume, &config) {
                 (Some(run_dir), _) => mixlm_train::resume::resume_config(run_dir, &overrides)?,
@@ -382,13 +418,21 @@ fn run(cli: Cli) -> Result<()> {
                 model.num_params() as f64 / 1e6,
                 config.mixing.method_name(),
                 config.run.steps,
-                config.run.batch_size * config.run.grad_accum * config.distributed.devices,
+                config.run.batch_size * config.run.grad_accum * config.distributed.world_size(),
                 config.run.seq_len,
             );
-            let peers = config.distributed.devices;
+            let d = &config.distributed;
+            let peers = d.world_size();
             if peers > 1 {
+                let layout = match d.nodes {
+                    1 => format!("{peers} peers"),
+                    n => format!(
+                        "{peers} peers ({n} nodes x {} devices; this is node {})",
+                        d.devices, d.node_rank
+                    ),
+                };
                 eprintln!(
-                    "data-parallel: {peers} peers x micro-batch {} x {} accumulation step(s) = \
+                    "data-parallel: {layout} x micro-batch {} x {} accumulation step(s) = \
                      global batch of {} sequences ({} tokens per step)",
                     config.run.batch_size,
                     config.run.grad_accum,
@@ -411,6 +455,15 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
+            if config.distributed.node_rank > 0 {
+                println!(
+                    "node {} done ({} steps); node 0 writes the results to {}",
+                    config.distributed.node_rank,
+                    outcome.steps,
+                    outcome.run_dir.display()
+                );
+                return Ok(());
+            }
             println!(
                 "\nPer-domain validation perplexity ({} steps, {:.0} tokens/s, final train loss {:.4}):",
                 outcome.steps, outcome.tokens_per_second, outcome.final_train_loss
@@ -418,6 +471,10 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", mixlm_eval::format_table(&outcome.rows));
             println!("results: {}", outcome.run_dir.display());
             Ok(())
+        }
+        Command::Orchestrator { port } => {
+            eprintln!("mixlm orchestrator: listening on port {port} (Ctrl-C to stop)");
+            mixlm_train::distributed::run_orchestrator(port)
         }
         Command::Doctor { path, tokenizer } => {
             let findings = mixlm_train::doctor::doctor(&path, tokenizer.as_deref());

@@ -317,16 +317,91 @@ pub struct DistributedSection {
     /// ndarray replicas). Each draws its own share of every step's batch: the global
     /// batch is `devices x run.batch_size x run.grad_accum` sequences.
     pub devices: usize,
+    /// Machines taking part, each running `mixlm train` with the same config and
+    /// `devices`; the run has `nodes x devices` peers.
+    pub nodes: usize,
+    /// This machine's index, `0..nodes`; node 0's first peer writes the run's files.
+    pub node_rank: usize,
+    /// `HOST:PORT` of the orchestrator (`mixlm orchestrator --port PORT`) through which
+    /// the nodes meet (needed with `nodes > 1`).
+    pub orchestrator: String,
+    /// `HOST:PORT` at which the other nodes reach this one; its collective data
+    /// service listens on PORT (needed with `nodes > 1`).
+    pub node_address: String,
+    /// How the nodes combine their gradients (within a node, peers use a tree).
+    pub all_reduce: NodeAllReduce,
     /// Seconds a peer may wait for the others in one collective operation before the
     /// run stops, naming the peer that did not arrive (checkpoints and evaluation on
     /// peer 0 happen while the others wait: keep it above their duration).
     pub timeout_s: u64,
 }
 
+/// `distributed.all_reduce`: burn-collective's strategies between nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeAllReduce {
+    /// Each node sends and receives `2 (M - 1) / M` of the tensor: bandwidth-optimal
+    /// for large gradients.
+    Ring,
+    /// A binary tree: `log2 M` hops, better for small tensors and many nodes.
+    Tree,
+    /// Node 0 sums everyone's and sends the result back: simplest, for 2-3 nodes.
+    Centralized,
+}
+
+impl NodeAllReduce {
+    pub fn strategy(self) -> burn_collective::AllReduceStrategy {
+        match self {
+            Self::Ring => burn_collective::AllReduceStrategy::Ring,
+            Self::Tree => burn_collective::AllReduceStrategy::Tree(2),
+            Self::Centralized => burn_collective::AllReduceStrategy::Centralized,
+        }
+    }
+}
+
+impl DistributedSection {
+    /// Peers of the whole run.
+    pub fn world_size(&self) -> usize {
+        self.devices * self.nodes
+    }
+
+    /// Checks the multi-node keys (the counts are checked with the other sizes).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_rank >= self.nodes {
+            return Err(format!(
+                "distributed.node_rank = {} must be below distributed.nodes = {}",
+                self.node_rank, self.nodes
+            ));
+        }
+        if self.nodes > 1 {
+            for (key, value) in [
+                ("orchestrator", &self.orchestrator),
+                ("node_address", &self.node_address),
+            ] {
+                let port = value.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+                if !matches!(port, Some(Ok(_))) {
+                    return Err(format!(
+                        "distributed.{key} = {value:?}: with distributed.nodes = {} it must be \
+                         HOST:PORT (--{})",
+                        self.nodes,
+                        key.replace('_', "-")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for DistributedSection {
     fn default() -> Self {
         Self {
             devices: 1,
+            nodes: 1,
+            node_rank: 0,
+            orchestrator: String::new(),
+            node_address: String::new(),
+            all_reduce: NodeAllReduce::Ring,
             timeout_s: 1800,
         }
     }
@@ -352,7 +427,7 @@ impl RunConfig {
     /// Tokens of one optimizer step over all peers: the global batch, in which the
     /// learning-rate schedule and token counts are expressed.
     pub fn tokens_per_step(&self) -> u64 {
-        self.run.tokens_per_step() * self.distributed.devices as u64
+        self.run.tokens_per_step() * self.distributed.world_size() as u64
     }
 
     /// Parses TOML text, applies `section.key=value` overrides, and validates.
@@ -482,12 +557,14 @@ impl RunConfig {
             ("eval.sequences", self.eval.sequences),
             ("eval.batch_size", self.eval.batch_size),
             ("distributed.devices", self.distributed.devices),
+            ("distributed.nodes", self.distributed.nodes),
             ("distributed.timeout_s", self.distributed.timeout_s as usize),
         ] {
             if v == 0 {
                 return bad(format!("{key} must be > 0"));
             }
         }
+        self.distributed.validate().map_err(ConfigError::Invalid)?;
         r.backend
             .parse::<crate::BackendKind>()
             .map_err(|e| ConfigError::Invalid(format!("run.backend: {e}")))?;

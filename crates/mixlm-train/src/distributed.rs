@@ -67,6 +67,53 @@ impl Heartbeat {
     }
 }
 
+/// Where the nodes of a multi-node run meet (`[distributed]` `nodes`, `node_rank`,
+/// `orchestrator`, `node_address`).
+#[derive(Debug, Clone)]
+pub struct Nodes {
+    pub nodes: usize,
+    pub orchestrator: String,
+    pub node_address: String,
+    pub all_reduce: crate::config::NodeAllReduce,
+}
+
+impl Nodes {
+    fn configure(&self, config: CollectiveConfig) -> Result<CollectiveConfig> {
+        let ws = |a: &str| -> Result<burn_communication::Address> {
+            format!("ws://{a}")
+                .parse()
+                .map_err(|e| anyhow!("address {a}: {e}"))
+        };
+        let port: u16 = self
+            .node_address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .ok_or_else(|| {
+                anyhow!(
+                    "distributed.node_address = {:?}: no port",
+                    self.node_address
+                )
+            })?;
+        Ok(config
+            .with_global_all_reduce_strategy(self.all_reduce.strategy())
+            .with_num_nodes(self.nodes as u32)
+            .with_global_address(ws(&self.orchestrator)?)
+            .with_node_address(ws(&self.node_address)?)
+            .with_data_service_port(port))
+    }
+}
+
+/// Serves the meeting point of a multi-node run on `port` until the process is
+/// stopped (`mixlm orchestrator`).
+pub fn run_orchestrator(port: u16) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow!("cannot start the orchestrator's runtime: {e}"))?;
+    runtime.block_on(burn_collective::start_global_orchestrator(port));
+    Ok(())
+}
+
 /// One peer's handle on the collective (see the module docs). A [`Rank::SOLO`] peer
 /// talks to no one: every operation returns its input.
 pub struct Peer<B: Backend> {
@@ -92,6 +139,18 @@ impl<B: Backend> Peer<B> {
     /// Joins the collective of `rank.world` peers of this process (blocks until all
     /// have joined).
     pub fn register(rank: Rank, device: &B::Device, heartbeat: Arc<Heartbeat>) -> Result<Self> {
+        Self::register_on_nodes(rank, rank.world, None, device, heartbeat)
+    }
+
+    /// Joins the collective as global peer `rank` (of `rank.world` over all nodes),
+    /// one of `local_peers` in this process; with `nodes`, through the orchestrator.
+    pub fn register_on_nodes(
+        rank: Rank,
+        local_peers: usize,
+        nodes: Option<&Nodes>,
+        device: &B::Device,
+        heartbeat: Arc<Heartbeat>,
+    ) -> Result<Self> {
         let peer = Self {
             rank,
             id: PeerId(rank.rank as u32),
@@ -100,7 +159,10 @@ impl<B: Backend> Peer<B> {
             _backend: PhantomData,
         };
         if rank.world > 1 {
-            let config = CollectiveConfig::default().with_num_devices(rank.world);
+            let mut config = CollectiveConfig::default().with_num_devices(local_peers);
+            if let Some(n) = nodes {
+                config = n.configure(config)?;
+            }
             peer.wait("registration", || {
                 burn_collective::register::<B>(peer.id, device.clone(), config)
             })?;
@@ -123,16 +185,22 @@ impl<B: Backend> Peer<B> {
         op: impl FnOnce() -> Result<T, CollectiveError>,
     ) -> Result<T> {
         *self.heartbeat.waiting.lock().expect("heartbeat lock") = Some((what, Instant::now()));
-        let result = op();
+        // burn-collective panics when its server has stopped (a reset, or a lost
+        // connection to another node): that is an error like the others.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(op));
         *self.heartbeat.waiting.lock().expect("heartbeat lock") = None;
         self.heartbeat.completed.fetch_add(1, Ordering::Relaxed);
-        result.map_err(|e| {
-            anyhow!(
-                "peer {}: the {what} with the other peers failed ({e:?}); another peer \
-                 stopped (its error is reported above or below)",
-                self.rank.rank
-            )
-        })
+        let cause = match result {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => format!("{e:?}"),
+            Err(_) => "the collective server stopped".to_string(),
+        };
+        Err(anyhow!(
+            "peer {}: the {what} was cut off ({cause}): another peer stopped, here or on \
+             another node (a failure reported above, a killed process or a lost \
+             connection); resume from the last checkpoint with `mixlm train --resume`",
+            self.rank.rank
+        ))
     }
 
     /// Averages each parameter's gradient over the peers, in the module's parameter
@@ -278,16 +346,20 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Broadcast<'_, AB> {
         if self.error.is_some() {
             return Param::from_mapped_value(id, tensor, mapper);
         }
+        // Peer 0's values plus zeros from the others: exact, and unlike
+        // burn-collective 0.21's broadcast it also works between nodes.
         let shape = tensor.shape();
-        let flat = tensor.clone().inner().reshape([shape.num_elements()]);
-        let mine = self
-            .peer
-            .rank
-            .is_leader()
-            .then(|| flat.into_primitive().tensor());
+        let mut flat = tensor.clone().inner().reshape([shape.num_elements()]);
+        if !self.peer.rank.is_leader() {
+            flat = flat.zeros_like();
+        }
         let peer = self.peer.id;
         match self.peer.wait("broadcast of the initial weights", || {
-            burn_collective::broadcast::<AB::InnerBackend>(peer, mine)
+            burn_collective::all_reduce::<AB::InnerBackend>(
+                peer,
+                flat.into_primitive().tensor(),
+                ReduceOperation::Sum,
+            )
         }) {
             Ok(t) => {
                 let t = Tensor::<AB::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(t))
@@ -389,14 +461,14 @@ where
             if ended_badly {
                 // A peer failed: the others would wait for it forever.
                 failed.store(true, Ordering::Relaxed);
-                burn_collective::reset_collective::<B>();
+                reset::<B>();
                 continue;
             }
             if let Some(report) = hung_peer(&beats, timeout) {
                 failed.store(true, Ordering::Relaxed);
                 hang = Some(anyhow!(report));
                 gave_up_at = Some(Instant::now());
-                burn_collective::reset_collective::<B>();
+                reset::<B>();
             }
         }
         let mut results: Vec<Result<T>> = handles
@@ -413,9 +485,7 @@ where
                 })
             })
             .collect();
-        if world > 1 {
-            burn_collective::reset_collective::<B>();
-        }
+        reset::<B>();
         if let Some(hang) = hang {
             return Err(hang);
         }
@@ -424,16 +494,22 @@ where
             Err(e) => !e.to_string().contains("another peer stopped"),
             Ok(_) => false,
         });
-        if let Some(i) = first.or_else(|| results.iter().position(Result::is_err)) {
+        if let Some(i) = first {
             let e = results.swap_remove(i).err().expect("an error");
-            return Err(if world > 1 {
-                e.context(format!("data-parallel training stopped: peer {i} failed"))
-            } else {
-                e
-            });
+            return Err(e.context(format!("data-parallel training stopped: peer {i} failed")));
+        }
+        if let Some(i) = results.iter().position(Result::is_err) {
+            let e = results.swap_remove(i).err().expect("an error");
+            return Err(e.context("data-parallel training stopped"));
         }
         results.swap_remove(0)
     })
+}
+
+/// Ends every pending collective operation of this process (its waiters get an
+/// error). Tolerates a collective server that has already stopped.
+fn reset<B: Backend>() {
+    let _ = std::panic::catch_unwind(burn_collective::reset_collective::<B>);
 }
 
 /// How long a hung peer may take to return once the others have given up on it.
@@ -461,7 +537,7 @@ fn hung_peer(beats: &[Arc<Heartbeat>], timeout: Duration) -> Option<String> {
         })
         .collect();
     let late = if late.is_empty() {
-        "every peer is waiting, in different operations".to_string()
+        "a peer on another node (every peer of this one is waiting)".to_string()
     } else {
         late.join(", ")
     };

@@ -111,23 +111,35 @@ pub fn train_data_parallel<B: TrainBackend>(
     options: &TrainOptions,
 ) -> Result<TrainOutcome> {
     config.validate()?;
-    let world = config.distributed.devices;
-    if devices.len() != world {
+    let d = &config.distributed;
+    let local = d.devices;
+    if devices.len() != local {
         bail!(
-            "distributed.devices = {world}, but {} device(s) were given",
+            "distributed.devices = {local}, but {} device(s) were given",
             devices.len()
         );
     }
+    let world = d.world_size();
     if world == 1 {
         return train_peer::<B>(config, &devices[0], options, &Peer::solo(&devices[0]));
     }
+    let nodes = (d.nodes > 1).then(|| crate::distributed::Nodes {
+        nodes: d.nodes,
+        orchestrator: d.orchestrator.clone(),
+        node_address: d.node_address.clone(),
+        all_reduce: d.all_reduce,
+    });
     // Burn's collective server is one per backend and process: one group at a time.
     static GROUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _group = GROUP.lock().unwrap_or_else(|e| e.into_inner());
     let timeout = std::time::Duration::from_secs(config.distributed.timeout_s);
-    run_peers::<B::InnerBackend, _, _>(world, timeout, |rank, heartbeat| {
-        let device = &devices[rank.rank];
-        let peer = Peer::register(rank, device, heartbeat)?;
+    run_peers::<B::InnerBackend, _, _>(local, timeout, |local_rank, heartbeat| {
+        let device = &devices[local_rank.rank];
+        let rank = Rank {
+            rank: d.node_rank * local + local_rank.rank,
+            world,
+        };
+        let peer = Peer::register_on_nodes(rank, local, nodes.as_ref(), device, heartbeat)?;
         let outcome = train_peer::<B>(config, device, options, &peer);
         if outcome.is_ok() {
             peer.finish();
