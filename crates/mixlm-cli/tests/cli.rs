@@ -339,7 +339,8 @@ fn train_on_two_cpu_peers_then_refuse_another_count_on_resume() {
     ]);
     assert!(!ok);
     assert!(
-        stderr.contains("--devices 3") && stderr.contains("trained on 2 peer(s)"),
+        stderr.contains("--devices 3")
+            && stderr.contains("distributed.devices = 2 (2 peer(s) in all)"),
         "{stderr}"
     );
 }

@@ -44,14 +44,15 @@ fn is_safe(key: &str) -> bool {
 /// `overrides` applied (each must be a [`SAFE_KEYS`] key). The run's name and output
 /// folder follow `run_dir`, wherever it has been moved.
 pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<RunConfig> {
-    // `distributed.devices` may be given (`--devices`) but must equal the saved one.
-    let mut devices: Option<&str> = None;
+    // The peer counts may be given again (`--devices`, `--nodes`) but must equal the
+    // saved ones.
+    let mut counts: Vec<(&str, &str)> = Vec::new();
     let mut safe: Vec<String> = Vec::new();
     for spec in overrides {
         let (key, value) = spec.split_once('=').unwrap_or((spec.as_str(), ""));
         let key = key.trim();
-        if key == "distributed.devices" {
-            devices = Some(value.trim());
+        if key == "distributed.devices" || key == "distributed.nodes" {
+            counts.push((key, value.trim()));
             continue;
         }
         safe.push(spec.clone());
@@ -66,12 +67,19 @@ pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<RunConfig> 
     let (checkpoint, _) = find_resumable(run_dir)?;
     let saved = checkpoint.join("run.toml");
     let mut config = RunConfig::load(&saved, &safe)?;
-    if let Some(devices) = devices {
-        let trained_on = config.distributed.devices;
-        if devices != trained_on.to_string() {
+    for (key, value) in counts {
+        let (saved, flag) = match key {
+            "distributed.devices" => (config.distributed.devices, "--devices"),
+            _ => (config.distributed.nodes, "--nodes"),
+        };
+        if value != saved.to_string() {
             bail!(
-                "--devices {devices}: {} was trained on {trained_on} peer(s) and resumes only                  on as many (which sequences each peer reads, and the checkpointed sampler                  stream, depend on it); resume with --devices {trained_on}, or start a new run",
-                run_dir.display()
+                "{flag} {value}: {} was trained with {key} = {saved} ({} peer(s) in all) and \
+                 resumes only on as many (which sequences each peer reads, and the \
+                 checkpointed sampler stream, depend on it); resume with {flag} {saved}, or \
+                 start a new run",
+                run_dir.display(),
+                config.distributed.world_size()
             );
         }
     }
@@ -201,6 +209,38 @@ mod tests {
         assert!(!e.contains("in optimizer.lr, run.steps"), "{e}");
         let c = RunConfig::embedded(&["run.steps=500".into(), "eval.every=7".into()]).unwrap();
         check_continues(&a, &c).unwrap();
+    }
+
+    /// Every node resumes the run node 0 saved: its own rank and addresses differ,
+    /// the number of nodes may not.
+    #[test]
+    fn a_node_resumes_from_its_own_seat_but_not_with_another_world() {
+        let node = |rank: usize, nodes: usize, address: &str| {
+            RunConfig::embedded(&[
+                format!("distributed.nodes={nodes}"),
+                format!("distributed.node_rank={rank}"),
+                "distributed.orchestrator=\"10.0.0.1:29500\"".into(),
+                format!("distributed.node_address=\"{address}\""),
+            ])
+            .unwrap()
+        };
+        let saved = node(0, 2, "10.0.0.1:29501");
+        check_continues(&saved, &node(1, 2, "10.0.0.2:29501")).unwrap();
+        let e = check_continues(&saved, &node(1, 3, "10.0.0.2:29501"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("distributed.nodes"), "{e}");
+        let mut third = node(1, 2, "10.0.0.3:29501");
+        third.distributed.node_rank = 2;
+        let e = third.validate().unwrap_err().to_string();
+        assert!(e.contains("node_rank = 2 must be below"), "{e}");
+        let e = RunConfig::embedded(&["distributed.nodes=2".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("distributed.orchestrator") && e.contains("HOST:PORT"),
+            "{e}"
+        );
     }
 
     #[test]
