@@ -201,7 +201,7 @@ fn train_peer<B: TrainBackend>(
             config,
             &model_config,
             device,
-            world,
+            peer.rank(),
         )?),
         false => {
             if leader {
@@ -872,7 +872,7 @@ fn restore<B: TrainBackend>(
     config: &RunConfig,
     model_config: &ModelConfig,
     device: &B::Device,
-    world: usize,
+    Rank { rank, world }: Rank,
 ) -> Result<Restored<B>> {
     let restored = load_newest::<B>(run_dir, device)?;
     let dir = &restored.dir;
@@ -902,7 +902,9 @@ fn restore<B: TrainBackend>(
             config.run.steps
         );
     }
-    eprintln!("resuming {} from {}", run_dir.display(), dir.display());
+    if rank == 0 {
+        eprintln!("resuming {} from {}", run_dir.display(), dir.display());
+    }
     Ok(restored)
 }
 
