@@ -161,7 +161,8 @@ pub fn train_on(
     }
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
+/// The text a panic was raised with ("" when it carries none).
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
     panic
         .downcast_ref::<String>()
         .map(String::as_str)

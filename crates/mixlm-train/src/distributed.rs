@@ -46,8 +46,6 @@ impl Rank {
 /// What the watchdog of [`run_peers`] sees of one peer.
 #[derive(Debug, Default)]
 pub struct Heartbeat {
-    /// Collective operations this peer has completed.
-    completed: AtomicU64,
     /// The optimizer step it is in.
     step: AtomicU64,
     /// Set while it waits in a collective operation: which one, since when.
@@ -112,6 +110,20 @@ pub fn run_orchestrator(port: u16) -> Result<()> {
         .map_err(|e| anyhow!("cannot start the orchestrator's runtime: {e}"))?;
     runtime.block_on(burn_collective::start_global_orchestrator(port));
     Ok(())
+}
+
+/// A collective operation that ended because another peer stopped: a consequence,
+/// never the root cause [`run_peers`] reports when the peer that stopped has its own.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "peer {rank}: the {what} was cut off ({cause}): another peer stopped, here or on \
+     another node (a failure reported above, a killed process or a lost connection); \
+     resume from the last checkpoint with `mixlm train --resume`"
+)]
+struct CutOff {
+    rank: usize,
+    what: &'static str,
+    cause: String,
 }
 
 /// One peer's handle on the collective (see the module docs). A [`Rank::SOLO`] peer
@@ -189,18 +201,30 @@ impl<B: Backend> Peer<B> {
         // connection to another node): that is an error like the others.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(op));
         *self.heartbeat.waiting.lock().expect("heartbeat lock") = None;
-        self.heartbeat.completed.fetch_add(1, Ordering::Relaxed);
         let cause = match result {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => format!("{e:?}"),
             Err(_) => "the collective server stopped".to_string(),
         };
-        Err(anyhow!(
-            "peer {}: the {what} was cut off ({cause}): another peer stopped, here or on \
-             another node (a failure reported above, a killed process or a lost \
-             connection); resume from the last checkpoint with `mixlm train --resume`",
-            self.rank.rank
-        ))
+        Err(CutOff {
+            rank: self.rank.rank,
+            what,
+            cause,
+        }
+        .into())
+    }
+
+    /// One all-reduce of `tensor` with the other peers (the same call on every peer).
+    fn all_reduce<const D: usize>(
+        &self,
+        what: &'static str,
+        tensor: Tensor<B, D>,
+        op: ReduceOperation,
+    ) -> Result<Tensor<B, D>> {
+        let reduced = self.wait(what, || {
+            burn_collective::all_reduce::<B>(self.id, tensor.into_primitive().tensor(), op)
+        })?;
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(reduced)))
     }
 
     /// Averages each parameter's gradient over the peers, in the module's parameter
@@ -271,14 +295,8 @@ impl<B: Backend> Peer<B> {
         }
         let n = slots.len();
         let tensor = Tensor::<B, 1>::from_data(TensorData::new(slots, [n]), &self.device);
-        let summed = self.wait(what, || {
-            burn_collective::all_reduce::<B>(
-                self.id,
-                tensor.into_primitive().tensor(),
-                ReduceOperation::Sum,
-            )
-        })?;
-        let summed: Vec<f32> = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(summed))
+        let summed: Vec<f32> = self
+            .all_reduce(what, tensor, ReduceOperation::Sum)?
             .into_data()
             .to_vec()
             .map_err(|e| anyhow!("gathered values: {e:?}"))?;
@@ -318,18 +336,11 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for MeanGrads<'_, AB> {
             ));
             return;
         };
-        let id = self.peer.id;
-        match self.peer.wait("gradient all-reduce", || {
-            burn_collective::all_reduce::<AB::InnerBackend>(
-                id,
-                grad.into_primitive().tensor(),
-                ReduceOperation::Mean,
-            )
-        }) {
-            Ok(mean) => self.grads.register(
-                param.id,
-                Tensor::<AB::InnerBackend, D>::from_primitive(TensorPrimitive::Float(mean)),
-            ),
+        match self
+            .peer
+            .all_reduce("gradient all-reduce", grad, ReduceOperation::Mean)
+        {
+            Ok(mean) => self.grads.register(param.id, mean),
             Err(e) => self.error = Some(e),
         }
     }
@@ -348,24 +359,16 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Broadcast<'_, AB> {
         }
         // Peer 0's values plus zeros from the others: exact, and unlike
         // burn-collective 0.21's broadcast it also works between nodes.
-        let shape = tensor.shape();
-        let mut flat = tensor.clone().inner().reshape([shape.num_elements()]);
+        let mut mine = tensor.clone().inner();
         if !self.peer.rank.is_leader() {
-            flat = flat.zeros_like();
+            mine = mine.zeros_like();
         }
-        let peer = self.peer.id;
-        match self.peer.wait("broadcast of the initial weights", || {
-            burn_collective::all_reduce::<AB::InnerBackend>(
-                peer,
-                flat.into_primitive().tensor(),
-                ReduceOperation::Sum,
-            )
-        }) {
-            Ok(t) => {
-                let t = Tensor::<AB::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(t))
-                    .reshape(shape);
-                Param::from_mapped_value(id, Tensor::from_inner(t).require_grad(), mapper)
-            }
+        match self.peer.all_reduce(
+            "broadcast of the initial weights",
+            mine,
+            ReduceOperation::Sum,
+        ) {
+            Ok(t) => Param::from_mapped_value(id, Tensor::from_inner(t).require_grad(), mapper),
             Err(e) => {
                 self.error = Some(e);
                 Param::from_mapped_value(id, tensor, mapper)
@@ -422,7 +425,8 @@ where
     F: Fn(Rank, Arc<Heartbeat>) -> Result<T> + Sync,
 {
     let beats: Vec<Arc<Heartbeat>> = (0..world).map(|_| Arc::default()).collect();
-    let failed = AtomicBool::new(false);
+    // Set once the watchdog has stopped the peers (it then only waits for them).
+    let mut failed = false;
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
@@ -451,7 +455,7 @@ where
                     std::process::exit(1);
                 }
             }
-            if failed.load(Ordering::Relaxed) {
+            if failed {
                 continue;
             }
             let ended_badly = handles
@@ -460,12 +464,12 @@ where
                 .any(|(h, b)| h.is_finished() && !b.succeeded.load(Ordering::SeqCst));
             if ended_badly {
                 // A peer failed: the others would wait for it forever.
-                failed.store(true, Ordering::Relaxed);
+                failed = true;
                 reset::<B>();
                 continue;
             }
             if let Some(report) = hung_peer(&beats, timeout) {
-                failed.store(true, Ordering::Relaxed);
+                failed = true;
                 hang = Some(anyhow!(report));
                 gave_up_at = Some(Instant::now());
                 reset::<B>();
@@ -476,11 +480,10 @@ where
             .enumerate()
             .map(|(rank, h)| {
                 h.join().unwrap_or_else(|panic| {
-                    let msg = panic
-                        .downcast_ref::<String>()
-                        .map(String::as_str)
-                        .or_else(|| panic.downcast_ref::<&str>().copied())
-                        .unwrap_or("(no message)");
+                    let msg = match crate::backend::panic_message(&panic) {
+                        "" => "(no message)",
+                        msg => msg,
+                    };
                     Err(anyhow!("peer {rank} panicked: {msg}"))
                 })
             })
@@ -490,9 +493,9 @@ where
             return Err(hang);
         }
         // The root cause: an error that is not a consequence of another peer's.
-        let first = results.iter().position(|r| match r {
-            Err(e) => !e.to_string().contains("another peer stopped"),
-            Ok(_) => false,
+        let first = results.iter().position(|r| {
+            r.as_ref()
+                .is_err_and(|e| e.downcast_ref::<CutOff>().is_none())
         });
         if let Some(i) = first {
             let e = results.swap_remove(i).err().expect("an error");
