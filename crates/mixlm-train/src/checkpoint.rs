@@ -399,24 +399,20 @@ pub fn load_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
     device: &B::Device,
 ) -> Result<Restored<B>> {
     verify(dir)?;
-    read_checkpoint(dir, device)
+    load_verified(dir, device)
 }
 
-/// Loads the checkpoint a run in `run_dir` continues from ([`find_resumable`], which
-/// has verified it, so its files are hashed once), reporting each one skipped.
+/// Loads the checkpoint a run in `run_dir` continues from ([`latest_checkpoint`],
+/// which has verified it, so its files are hashed once).
 pub fn load_newest<B: burn::tensor::backend::AutodiffBackend>(
     run_dir: &Path,
     device: &B::Device,
 ) -> Result<Restored<B>> {
-    let (dir, notes) = find_resumable(run_dir)?;
-    for note in notes {
-        eprintln!("warning: {note}");
-    }
-    read_checkpoint(&dir, device)
+    load_verified(&latest_checkpoint(run_dir)?, device)
 }
 
-/// [`load_checkpoint`] without the manifest check.
-fn read_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
+/// [`load_checkpoint`] of a folder already verified (by [`latest_checkpoint`]).
+pub fn load_verified<B: burn::tensor::backend::AutodiffBackend>(
     dir: &Path,
     device: &B::Device,
 ) -> Result<Restored<B>> {

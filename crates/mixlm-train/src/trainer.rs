@@ -29,7 +29,9 @@ use mixlm_model::hf::hf_config;
 use mixlm_model::{ModelConfig, TrainBackend, Transformer};
 
 use crate::alignment::{validation_gradient, DomainGradients};
-use crate::checkpoint::{load_newest, write_checkpoint, Restored, TrainState};
+use crate::checkpoint::{
+    latest_checkpoint, load_newest, load_verified, write_checkpoint, Restored, TrainState,
+};
 use crate::config::RunConfig;
 use crate::distributed::{check_agreement, checksum, run_peers, Peer, Rank};
 use crate::faults::{FaultLog, FaultRecord, OnNan, SequenceRef, SpikeDetector};
@@ -120,8 +122,17 @@ pub fn train_data_parallel<B: TrainBackend>(
         );
     }
     let world = d.world_size();
+    // The checkpoint a resumed run continues from, verified once for all peers.
+    let resume_from = match options.resume {
+        true => Some(latest_checkpoint(
+            &PathBuf::from(&config.run.out_dir).join(&config.run.name),
+        )?),
+        false => None,
+    };
+    let resume_from = resume_from.as_deref();
     if world == 1 {
-        return train_peer::<B>(config, &devices[0], options, &Peer::solo(&devices[0]));
+        let peer = Peer::solo(&devices[0]);
+        return train_peer::<B>(config, &devices[0], options, resume_from, &peer);
     }
     let nodes = (d.nodes > 1).then(|| crate::distributed::Nodes {
         nodes: d.nodes,
@@ -140,7 +151,7 @@ pub fn train_data_parallel<B: TrainBackend>(
             world,
         };
         let peer = Peer::register_on_nodes(rank, local, nodes.as_ref(), device, heartbeat)?;
-        let outcome = train_peer::<B>(config, device, options, &peer);
+        let outcome = train_peer::<B>(config, device, options, resume_from, &peer);
         if outcome.is_ok() {
             peer.finish();
         }
@@ -153,11 +164,13 @@ pub fn train_data_parallel<B: TrainBackend>(
 /// weights (broadcast to the others) would depend on thread timing.
 static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// One peer's training loop (the only peer of a run on one device).
+/// One peer's training loop (the only peer of a run on one device); `resume_from`:
+/// the verified checkpoint a resumed run continues from.
 fn train_peer<B: TrainBackend>(
     config: &RunConfig,
     device: &B::Device,
     options: &TrainOptions,
+    resume_from: Option<&std::path::Path>,
     peer: &Peer<B::InnerBackend>,
 ) -> Result<TrainOutcome> {
     let run = &config.run;
@@ -195,15 +208,16 @@ fn train_peer<B: TrainBackend>(
         );
     }
     let run_dir = PathBuf::from(&run.out_dir).join(&run.name);
-    let restored = match options.resume {
-        true => Some(restore::<B>(
+    let restored = match resume_from {
+        Some(dir) => Some(restore::<B>(
             &run_dir,
+            dir,
             config,
             &model_config,
             device,
             peer.rank(),
         )?),
-        false => {
+        None => {
             if leader {
                 refuse_to_overwrite(&run_dir, options.overwrite)?;
             }
@@ -294,6 +308,9 @@ fn train_peer<B: TrainBackend>(
     // What a scheduler learns from validation, the same on every peer: peer 0
     // measures it and hands it to the others.
     let shared_evaluate = |model: &Transformer<B>| -> Result<DomainLosses> {
+        if world == 1 {
+            return Ok(evaluate(model));
+        }
         let mine = if leader {
             evaluate(model).0
         } else {
@@ -441,7 +458,7 @@ fn train_peer<B: TrainBackend>(
                 // DoReMi's weights follow the excess losses of the whole (all peers')
                 // micro-batch, so every peer updates them alike.
                 if world > 1 {
-                    micro_all = merge_across_peers(peer, "micro-batch losses", &micro_all)?;
+                    micro_all = merge_across_peers(peer, "micro-batch losses", micro_all)?;
                 }
                 let [micro_train, micro_ref, micro_excess] = micro_all;
                 feedback =
@@ -488,13 +505,12 @@ fn train_peer<B: TrainBackend>(
         // check that every peer drew with the same proportions.
         let mut stop_now = stop_requested();
         if world > 1 {
-            let [train_all, ref_all, excess_all] = [&by_domain, &ref_by_domain, &excess_by_domain];
             let mut extra = vec![f64::from(u8::from(stop_now))];
             extra.extend(checksum(proportions.as_slice()));
             let (merged, extras) = merge_with_extras(
                 peer,
                 "per-domain losses",
-                &[train_all.clone(), ref_all.clone(), excess_all.clone()],
+                [by_domain, ref_by_domain, excess_by_domain],
                 &extra,
             )?;
             check_agreement(
@@ -695,31 +711,26 @@ fn train_peer<B: TrainBackend>(
     let last_loss = counters.last_loss;
     let elapsed = started.elapsed().as_secs_f64();
     let trained_tokens = (completed - start) * tokens_per_step;
-    if completed < run.steps {
+    let interrupted = completed < run.steps;
+    if !interrupted {
+        progress.finish();
+    }
+    let tokens = run.steps * tokens_per_step;
+    // A stop request ended the loop after a checkpoint; or this is not peer 0, which
+    // alone evaluates, reports and writes the final checkpoint.
+    if interrupted || !leader {
         return Ok(TrainOutcome {
             run_dir,
             rows: Vec::new(),
             final_train_loss: last_loss,
             tokens_per_second: trained_tokens as f64 / elapsed.max(1e-9),
             steps: completed,
-            learned: None,
+            learned: match interrupted {
+                true => None,
+                false => scheduler.learned_proportions(),
+            },
             resumed_from: options.resume.then_some(start),
-            interrupted: true,
-        });
-    }
-    progress.finish();
-    let tokens = run.steps * tokens_per_step;
-    if !leader {
-        // Peer 0 evaluates, reports and writes the final checkpoint.
-        return Ok(TrainOutcome {
-            run_dir,
-            rows: Vec::new(),
-            final_train_loss: last_loss,
-            tokens_per_second: trained_tokens as f64 / elapsed.max(1e-9),
-            steps: run.steps,
-            learned: scheduler.learned_proportions(),
-            resumed_from: options.resume.then_some(start),
-            interrupted: false,
+            interrupted,
         });
     }
 
@@ -866,16 +877,17 @@ fn refuse_to_overwrite(run_dir: &std::path::Path, overwrite: bool) -> Result<()>
     Ok(())
 }
 
-/// Loads the checkpoint `run_dir` resumes from and checks it belongs to this config.
+/// Loads the checkpoint `dir` (verified) that `run_dir` resumes from and checks it
+/// belongs to this config.
 fn restore<B: TrainBackend>(
     run_dir: &std::path::Path,
+    dir: &std::path::Path,
     config: &RunConfig,
     model_config: &ModelConfig,
     device: &B::Device,
     Rank { rank, world }: Rank,
 ) -> Result<Restored<B>> {
-    let restored = load_newest::<B>(run_dir, device)?;
-    let dir = &restored.dir;
+    let restored = load_verified::<B>(dir, device)?;
     let trained_on = restored.state.world_size;
     if trained_on != world {
         bail!(
@@ -943,7 +955,7 @@ fn load_reference<B: burn::tensor::backend::Backend>(
 fn merge_across_peers<B: burn::tensor::backend::Backend, const N: usize>(
     peer: &Peer<B>,
     what: &'static str,
-    accs: &[DomainAccumulator; N],
+    accs: [DomainAccumulator; N],
 ) -> Result<[DomainAccumulator; N]> {
     Ok(merge_with_extras(peer, what, accs, &[])?.0)
 }
@@ -952,12 +964,12 @@ fn merge_across_peers<B: burn::tensor::backend::Backend, const N: usize>(
 fn merge_with_extras<B: burn::tensor::backend::Backend, const N: usize>(
     peer: &Peer<B>,
     what: &'static str,
-    accs: &[DomainAccumulator; N],
+    accs: [DomainAccumulator; N],
     extra: &[f64],
 ) -> Result<([DomainAccumulator; N], Vec<Vec<f64>>)> {
     let k = accs.first().map_or(0, |a| a.counts().len());
     let mut values: Vec<f64> = Vec::with_capacity(N * 2 * k + extra.len());
-    for acc in accs {
+    for acc in &accs {
         values.extend_from_slice(acc.sums());
         values.extend(acc.counts().iter().map(|&n| n as f64));
     }
