@@ -381,23 +381,19 @@ fn run(cli: Cli) -> Result<()> {
             orchestrator,
             node_address,
         } => {
-            if let Some(b) = backend {
-                overrides.push(format!("run.backend=\"{b}\""));
-            }
-            if let Some(n) = devices {
-                overrides.push(format!("distributed.devices={n}"));
-            }
-            if let Some(n) = nodes {
-                overrides.push(format!("distributed.nodes={n}"));
-            }
-            if let Some(r) = node_rank {
-                overrides.push(format!("distributed.node_rank={r}"));
-            }
-            if let Some(a) = orchestrator {
-                overrides.push(format!("distributed.orchestrator=\"{a}\""));
-            }
-            if let Some(a) = node_address {
-                overrides.push(format!("distributed.node_address=\"{a}\""));
+            // Flags are overrides of their config keys (values in TOML syntax).
+            let quoted = |s: String| format!("\"{s}\"");
+            for (key, value) in [
+                ("run.backend", backend.map(quoted)),
+                ("distributed.devices", devices.map(|n| n.to_string())),
+                ("distributed.nodes", nodes.map(|n| n.to_string())),
+                ("distributed.node_rank", node_rank.map(|r| r.to_string())),
+                ("distributed.orchestrator", orchestrator.map(quoted)),
+                ("distributed.node_address", node_address.map(quoted)),
+            ] {
+                if let Some(value) = value {
+                    overrides.push(format!("{key}={value}"));
+                }
             }
             let mut config = match (&resume, &config) {
                 (Some(run_dir), _) => mixlm_train::resume::resume_config(run_dir, &overrides)?,
@@ -418,7 +414,7 @@ fn run(cli: Cli) -> Result<()> {
                 model.num_params() as f64 / 1e6,
                 config.mixing.method_name(),
                 config.run.steps,
-                config.run.batch_size * config.run.grad_accum * config.distributed.world_size(),
+                config.sequences_per_step(),
                 config.run.seq_len,
             );
             let d = &config.distributed;
@@ -436,7 +432,7 @@ fn run(cli: Cli) -> Result<()> {
                      global batch of {} sequences ({} tokens per step)",
                     config.run.batch_size,
                     config.run.grad_accum,
-                    peers * config.run.batch_size * config.run.grad_accum,
+                    config.sequences_per_step(),
                     config.tokens_per_step()
                 );
             }

@@ -430,6 +430,11 @@ impl RunConfig {
         self.run.tokens_per_step() * self.distributed.world_size() as u64
     }
 
+    /// Sequences of one optimizer step over all peers (the global batch).
+    pub fn sequences_per_step(&self) -> usize {
+        self.run.batch_size * self.run.grad_accum * self.distributed.world_size()
+    }
+
     /// Parses TOML text, applies `section.key=value` overrides, and validates.
     /// `origin` names the file in error messages.
     pub fn from_toml(text: &str, origin: &str, overrides: &[String]) -> Result<Self, ConfigError> {
