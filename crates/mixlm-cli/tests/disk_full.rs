@@ -6,6 +6,8 @@
 //! the machine does not allow it, the test says so and passes; the write paths are also
 //! tested with injected errors in `mixlm-train`'s unit tests.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -74,20 +76,6 @@ fn train(out_dir: &Path, name: &str, extra: &[&str]) -> (bool, String) {
     )
 }
 
-fn records(run_dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: Value = serde_json::from_str(l).expect("no torn line");
-            for timing in ["elapsed_s", "tokens_per_s", "time_s"] {
-                v.as_object_mut().unwrap().remove(timing);
-            }
-            v
-        })
-        .collect()
-}
-
 #[test]
 fn a_full_disk_keeps_earlier_checkpoints_and_the_run_resumes() {
     // One checkpoint of the tiny model is ~1.4 MB (weights 0.47 MB, AdamW moments
@@ -115,7 +103,7 @@ fn a_full_disk_keeps_earlier_checkpoints_and_the_run_resumes() {
         "no half-written checkpoint left"
     );
     mixlm_train::checkpoint::verify(&root.join("step-00000003")).unwrap();
-    let logged = records(&run_dir);
+    let logged = common::metrics(&run_dir);
     assert_eq!(logged.last().unwrap()["step"], 6, "steps 1-6 logged");
 
     // With no more checkpoints to write, the run resumes from step 3 and ends exactly
@@ -123,7 +111,7 @@ fn a_full_disk_keeps_earlier_checkpoints_and_the_run_resumes() {
     // Starting the same run again is refused rather than replacing what was written.
     let (ok, stderr) = train(&fs.dir, "full", &[]);
     assert!(!ok && stderr.contains("already holds a run"), "{stderr}");
-    assert_eq!(records(&run_dir), logged);
+    assert_eq!(common::metrics(&run_dir), logged);
     let resume = Command::new(env!("CARGO_BIN_EXE_mixlm"))
         .args(["train", "--quiet", "--resume"])
         .arg(&run_dir)
@@ -143,7 +131,10 @@ fn a_full_disk_keeps_earlier_checkpoints_and_the_run_resumes() {
     let reference = tempfile::tempdir().unwrap();
     let (ok, stderr) = train(reference.path(), "full", &[]);
     assert!(ok, "{stderr}");
-    assert_eq!(records(&run_dir), records(&reference.path().join("full")));
+    assert_eq!(
+        common::metrics(&run_dir),
+        common::metrics(&reference.path().join("full"))
+    );
 }
 
 /// The disk fills while `metrics.jsonl` grows: the run stops naming the file, and every

@@ -102,18 +102,11 @@ fn node(out: &Path, steps: u32, orchestrator: u16, rank: usize) -> Proc {
     Proc(child)
 }
 
+/// The training records of a finished run, without their wall-clock fields.
 fn train_records(run_dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    common::metrics(run_dir)
+        .into_iter()
         .filter(|v| v["kind"] == "train")
-        .map(|mut v| {
-            for timing in ["elapsed_s", "tokens_per_s", "time_s"] {
-                v.as_object_mut().unwrap().remove(timing);
-            }
-            v
-        })
         .collect()
 }
 
@@ -159,7 +152,7 @@ fn a_killed_node_makes_the_other_stop_with_an_error() {
     let mut n1 = node(&out, 100_000, port, 1);
     // Let them train a few steps together, then kill node 1 as a crash would.
     let start = Instant::now();
-    while train_records(&out.join("demo")).len() < 3 {
+    while common::last_step(&out.join("demo")) < 3 {
         assert!(start.elapsed() < Duration::from_secs(60), "no progress");
         std::thread::sleep(Duration::from_millis(20));
     }

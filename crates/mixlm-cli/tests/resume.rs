@@ -4,11 +4,11 @@
 //! uninterrupted run with the same seed (timing fields aside): every step once, the
 //! same losses, gradient norms, proportions and evaluations.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-use serde_json::Value;
 
 fn mixlm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mixlm"))
@@ -38,39 +38,11 @@ fn train_args(dir: &Path, name: &str, extra: &[&str]) -> Vec<String> {
     args
 }
 
-/// The records of `metrics.jsonl` without their wall-clock fields.
-fn metrics(run_dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            for timing in ["elapsed_s", "tokens_per_s", "time_s"] {
-                o.remove(timing);
-            }
-            v
-        })
-        .collect()
-}
-
-fn last_step(run_dir: &Path) -> u64 {
-    let Ok(text) = std::fs::read_to_string(run_dir.join("metrics.jsonl")) else {
-        return 0;
-    };
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["kind"] == "train")
-        .filter_map(|v| v["step"].as_u64())
-        .max()
-        .unwrap_or(0)
-}
-
 /// Waits until the run has logged step `step`, and returns the step it had reached.
 fn wait_for_step(child: &mut Child, run_dir: &Path, step: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let reached = last_step(run_dir);
+        let reached = common::last_step(run_dir);
         if reached >= step {
             return reached;
         }
@@ -143,7 +115,10 @@ fn kill_and_resume(label: &str, extra: &[&str], kill_after: &[u64]) -> (u64, u64
 
     let from = resume(&run_dir);
     assert!(from <= reached && from > 0, "{label}: resumed from {from}");
-    let (whole, resumed) = (metrics(&tmp.join("whole")), metrics(&run_dir));
+    let (whole, resumed) = (
+        common::metrics(&tmp.join("whole")),
+        common::metrics(&run_dir),
+    );
     assert_eq!(whole.len(), resumed.len(), "{label}: number of records");
     for (a, b) in whole.iter().zip(&resumed) {
         assert_eq!(a, b, "{label}: killed at {reached}, resumed from {from}");
@@ -243,13 +218,16 @@ fn sigterm_checkpoints_exits_zero_and_resumes_exactly() {
         .parse()
         .unwrap();
     assert!(stopped < 48, "{line}");
-    assert_eq!(last_step(&run_dir), stopped);
+    assert_eq!(common::last_step(&run_dir), stopped);
     assert_eq!(
         resume(&run_dir),
         stopped,
         "resumes from the SIGTERM checkpoint"
     );
-    assert_eq!(metrics(&tmp.path().join("whole")), metrics(&run_dir));
+    assert_eq!(
+        common::metrics(&tmp.path().join("whole")),
+        common::metrics(&run_dir)
+    );
 }
 
 /// A corrupted newest checkpoint is detected by its checksum, named, and the run
@@ -298,7 +276,10 @@ fn corrupt_checkpoint_is_named_and_skipped() {
         stderr.contains("resuming") && stderr.contains("checkpoints/step-00000006"),
         "{stderr}"
     );
-    assert_eq!(metrics(&dir.join("whole")), metrics(&run_dir));
+    assert_eq!(
+        common::metrics(&dir.join("whole")),
+        common::metrics(&run_dir)
+    );
 }
 
 #[test]
