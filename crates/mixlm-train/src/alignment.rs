@@ -7,9 +7,16 @@
 //! once) goes to the scheduler as a [`GradientAlignment`] of mean-loss gradients;
 //! the model is then updated with the weighted sum of the domain gradients the
 //! scheduler asks for. Memory: one extra gradient copy per domain.
+//!
+//! Data-parallel: each domain's gradient and sequence count are summed over the
+//! peers before anything is computed from them (K gradient all-reduces a step instead
+//! of one), and the validation target is split over the peers and summed, so every
+//! peer sees the Gram matrix of the global batch, to the bit, and the scheduler's
+//! weights are the same everywhere.
 
 use std::marker::PhantomData;
 
+use anyhow::Result;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -19,6 +26,8 @@ use mixlm_data::{fetch_batch, Split, TokenSource};
 use mixlm_eval::{inputs_and_targets, sequence_means};
 use mixlm_mixing::{AlignmentTarget, DomainId, GradientAlignment};
 use mixlm_model::{TrainBackend, Transformer};
+
+use crate::distributed::{Peer, Rank};
 
 /// One step's gradients, kept apart by domain.
 pub struct DomainGradients<B: TrainBackend> {
@@ -73,17 +82,54 @@ impl<B: TrainBackend> DomainGradients<B> {
         seq_means
     }
 
+    /// Ends the step: every domain's gradient and sequence count, summed over the
+    /// peers (a domain no peer drew stays empty).
+    pub fn finish(
+        self,
+        model: &Transformer<B>,
+        peer: &Peer<B::InnerBackend>,
+    ) -> Result<StepGradients> {
+        let local: Vec<f64> = self.counts.iter().map(|&c| c as f64).collect();
+        let counts: Vec<usize> = peer
+            .gather("per-domain sequence counts", &local)?
+            .iter()
+            .fold(vec![0; local.len()], |mut sum, peer| {
+                sum.iter_mut()
+                    .zip(peer)
+                    .for_each(|(s, &c)| *s += c as usize);
+                sum
+            });
+        let mut sets = Vec::with_capacity(counts.len());
+        for (mut grads, &count) in self.grads.into_iter().zip(&counts) {
+            let local = grads.grads();
+            sets.push(if count == 0 {
+                local
+            } else {
+                peer.sum_grads(model, local)?
+            });
+        }
+        Ok(StepGradients { sets, counts })
+    }
+}
+
+/// One step's per-domain gradients (of the sum of each domain's sequence means) over
+/// all peers, and how many sequences each is of.
+pub struct StepGradients {
+    sets: Vec<GradientsParams>,
+    counts: Vec<usize>,
+}
+
+impl StepGradients {
     /// The domains' mean-loss gradients as the scheduler sees them, plus the
     /// alignment with `target` (a mean-loss gradient) when given.
-    pub fn alignment(
-        &mut self,
+    pub fn alignment<B: TrainBackend>(
+        &self,
         model: &Transformer<B>,
         target: Option<&GradientsParams>,
-    ) -> (GradientAlignment, Vec<GradientsParams>) {
+    ) -> GradientAlignment {
         let k = self.counts.len();
-        let sets: Vec<GradientsParams> = self.grads.iter_mut().map(|g| g.grads()).collect();
         let present: Vec<usize> = (0..k).filter(|&d| self.counts[d] > 0).collect();
-        let mut refs: Vec<&GradientsParams> = present.iter().map(|&d| &sets[d]).collect();
+        let mut refs: Vec<&GradientsParams> = present.iter().map(|&d| &self.sets[d]).collect();
         refs.extend(target);
         let raw = gram_matrix::<B>(model, &refs);
         let scale = |d: usize| 1.0 / self.counts[d] as f64;
@@ -104,19 +150,17 @@ impl<B: TrainBackend> DomainGradients<B> {
                 norm_sq: raw[n][n],
             }
         });
-        let alignment = GradientAlignment {
+        GradientAlignment {
             present: (0..k).map(|d| self.counts[d] > 0).collect(),
             gram,
             target,
-        };
-        (alignment, sets)
+        }
     }
 
     /// `sum_i coefficients[i] * (mean-loss gradient of domain i)`.
-    pub fn combine(
+    pub fn combine<B: TrainBackend>(
         &self,
         model: &Transformer<B>,
-        sets: &[GradientsParams],
         coefficients: &[f64],
     ) -> GradientsParams {
         let scaled: Vec<f64> = coefficients
@@ -125,7 +169,7 @@ impl<B: TrainBackend> DomainGradients<B> {
             .map(|(c, &n)| if n == 0 { 0.0 } else { c / n as f64 })
             .collect();
         let mut v = Combine::<B::InnerBackend> {
-            sets,
+            sets: &self.sets,
             coefficients: &scaled,
             out: GradientsParams::new(),
             _b: PhantomData,
@@ -136,16 +180,19 @@ impl<B: TrainBackend> DomainGradients<B> {
 }
 
 /// The gradient of the mean loss over `sequences` validation windows spread evenly
-/// over `domains`, drawn afresh for each `step` (deterministic in `seed`).
+/// over `domains`, drawn afresh for each `step` (deterministic in `seed`). Each peer
+/// computes its share of the windows (every `world`-th), so the peers' results sum
+/// to the gradient of the whole set; a peer with no share returns no gradients.
 pub fn validation_gradient<B: TrainBackend>(
     model: &Transformer<B>,
     source: &dyn TokenSource,
     (sequences, domains): (usize, &[DomainId]),
     (seed, step): (u64, u64),
-    seq_len: usize,
+    (seq_len, rank): (usize, Rank),
     device: &B::Device,
 ) -> GradientsParams {
-    let picks: Vec<(DomainId, u64)> = (0..sequences)
+    let picks: Vec<(DomainId, u64)> = (rank.rank..sequences)
+        .step_by(rank.world)
         .map(|i| {
             let d = domains[i % domains.len()];
             let n = source
@@ -155,9 +202,18 @@ pub fn validation_gradient<B: TrainBackend>(
             (d, hash_words(&[seed, step, i as u64, 0xD06E]) % n)
         })
         .collect();
+    if picks.is_empty() {
+        return GradientsParams::new();
+    }
     let windows = fetch_batch(source, Split::Validation, &picks, seq_len);
-    let (inputs, targets) = inputs_and_targets::<B>(&windows, sequences, seq_len, device);
-    let loss = model.token_losses(inputs, targets).mean();
+    let (inputs, targets) = inputs_and_targets::<B>(&windows, picks.len(), seq_len, device);
+    let token_losses = model.token_losses(inputs, targets);
+    let [rows, _] = token_losses.dims();
+    let loss = token_losses
+        .mean_dim(1)
+        .reshape([rows])
+        .sum()
+        .div_scalar(sequences as f64);
     GradientsParams::from_grads(loss.backward(), model)
 }
 
@@ -294,13 +350,14 @@ mod tests {
 
         let mut per_domain = DomainGradients::<B>::new(k);
         per_domain.backward(&model, &windows, &ids, seq_len, &device);
-        let (alignment, sets) = per_domain.alignment(&model, None);
+        let step = per_domain.finish(&model, &Peer::solo(&device)).unwrap();
+        let alignment = step.alignment(&model, None);
         assert_eq!(alignment.present[..3], [true, true, true]);
         assert!(alignment.present[3..].iter().all(|p| !p));
         let shares: Vec<f64> = (0..k)
             .map(|d| domains.iter().filter(|&&x| x == d).count() as f64 / 6.0)
             .collect();
-        let combined = flat(&model, &per_domain.combine(&model, &sets, &shares));
+        let combined = flat(&model, &step.combine(&model, &shares));
 
         let (inputs, targets) = inputs_and_targets::<B>(&windows, 6, seq_len, &device);
         let loss = model.token_losses(inputs, targets).mean();
@@ -321,7 +378,7 @@ mod tests {
         // accumulated gradient (of a sum of 3 means) is divided by 3.
         let g: Vec<Vec<f64>> = (0..3)
             .map(|d| {
-                flat(&model, &sets[d])
+                flat(&model, &step.sets[d])
                     .iter()
                     .map(|x| x / domains.iter().filter(|&&x| x == d).count() as f64)
                     .collect()
@@ -353,12 +410,18 @@ mod tests {
         let all: Vec<DomainId> = (0..corpus.domain_names().len()).map(DomainId).collect();
         let mut per_domain = DomainGradients::<B>::new(all.len());
         per_domain.backward(&model, &windows, &ids, seq_len, &device);
-        let target =
-            validation_gradient(&model, corpus.as_ref(), (5, &all), (7, 3), seq_len, &device);
-        let again =
-            validation_gradient(&model, corpus.as_ref(), (5, &all), (7, 3), seq_len, &device);
-        let other =
-            validation_gradient(&model, corpus.as_ref(), (5, &all), (7, 4), seq_len, &device);
+        let val = |rank, step| {
+            let shape = (seq_len, rank);
+            validation_gradient(
+                &model,
+                corpus.as_ref(),
+                (5, &all),
+                (7, step),
+                shape,
+                &device,
+            )
+        };
+        let (target, again, other) = (val(Rank::SOLO, 3), val(Rank::SOLO, 3), val(Rank::SOLO, 4));
         let t = flat(&model, &target);
         let max_diff = |a: &[f64], b: &[f64]| {
             a.iter()
@@ -369,12 +432,35 @@ mod tests {
         // The same windows (up to ndarray's reduction order), other windows next step.
         assert!(max_diff(&t, &flat(&model, &again)) < 1e-6);
         assert!(max_diff(&t, &flat(&model, &other)) > 1e-3);
-        let (alignment, sets) = per_domain.alignment(&model, Some(&target));
-        let a = alignment.target.unwrap();
+        let step = per_domain.finish(&model, &Peer::solo(&device)).unwrap();
+        let a = step.alignment(&model, Some(&target)).target.unwrap();
         let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
         assert!((a.norm_sq - dot(&t, &t)).abs() < 1e-4 * a.norm_sq);
-        let g1: Vec<f64> = flat(&model, &sets[1]).iter().map(|x| x / 2.0).collect();
+        let g1: Vec<f64> = flat(&model, &step.sets[1])
+            .iter()
+            .map(|x| x / 2.0)
+            .collect();
         assert!((a.dots[1] - dot(&g1, &t)).abs() < 1e-4 * a.dots[1].abs().max(1e-3));
         assert_eq!(a.dots[0], 0.0);
+
+        // Three peers' shares (2, 2 and 1 of the 5 windows) add up to the whole.
+        let shares: Vec<Vec<f64>> = (0..3)
+            .map(|rank| flat(&model, &val(Rank { rank, world: 3 }, 3)))
+            .collect();
+        let summed: Vec<f64> = (0..t.len())
+            .map(|i| shares.iter().map(|s| s[i]).sum())
+            .collect();
+        assert!(max_diff(&t, &summed) < 1e-6, "{}", max_diff(&t, &summed));
+        assert!(max_diff(&shares[0], &shares[1]) > 1e-3, "different windows");
+        // A peer beyond the windows has no share.
+        let none = validation_gradient(
+            &model,
+            corpus.as_ref(),
+            (2, &all),
+            (7, 3),
+            (seq_len, Rank { rank: 2, world: 3 }),
+            &device,
+        );
+        assert!(flat(&model, &none).is_empty());
     }
 }

@@ -10,6 +10,7 @@ use burn::backend::autodiff::checkpoint::strategy::{
 use mixlm_model::TrainBackend;
 
 use crate::config::{ActivationCheckpointing, RunConfig};
+use crate::distributed::PeerPanic;
 use crate::trainer::{train, train_data_parallel, TrainOptions, TrainOutcome};
 
 /// A compute backend mixlm can train on.
@@ -150,9 +151,27 @@ pub fn train_on(
             dispatch_with::<BalancedCheckpointing, _>(kind, n, Job(config, options))
         }
     };
-    // Burn's backends report an exhausted device memory by panicking; turn that one
-    // panic into an error that says what to change.
+    with_out_of_memory_advice(config, kind, run)
+}
+
+/// Burn's backends report an exhausted device memory by panicking: turns that one
+/// panic, of this thread or of a data-parallel peer, into an error that says what to
+/// change.
+fn with_out_of_memory_advice<T>(
+    config: &RunConfig,
+    kind: BackendKind,
+    run: impl FnOnce() -> Result<T>,
+) -> Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        // Data-parallel peers' panics come back as errors (the others were stopped).
+        Ok(Err(e)) => {
+            let advice = e.chain().find_map(|cause| {
+                let panic = cause.downcast_ref::<PeerPanic>()?;
+                let advice = out_of_memory_advice(&panic.message, config, kind)?;
+                Some(format!("peer {}: {advice}", panic.rank))
+            });
+            Err(advice.map_or(e, |advice| anyhow::anyhow!(advice)))
+        }
         Ok(result) => result,
         Err(panic) => match out_of_memory_advice(panic_message(&panic), config, kind) {
             Some(advice) => Err(anyhow::anyhow!(advice)),
@@ -244,6 +263,39 @@ mod tests {
             out_of_memory_advice("index out of bounds", &config, BackendKind::Cpu),
             None
         );
+    }
+
+    /// A data-parallel peer that runs out of memory gets the same advice as one
+    /// device, naming the peer; other failures pass through as they were.
+    #[test]
+    fn a_peer_out_of_memory_gets_the_advice() {
+        use crate::distributed::run_peers;
+        use std::time::Duration;
+        let _one_group = crate::distributed::ONE_GROUP.lock();
+        let config = RunConfig::embedded(&[]).unwrap();
+        let peers =
+            |fail: fn() -> Result<()>| {
+                with_out_of_memory_advice(&config, BackendKind::Cuda, || {
+                    run_peers::<burn::backend::NdArray, _, _>(2, Duration::from_secs(60), |r, _| {
+                        match r.rank {
+                            1 => fail(),
+                            _ => Ok(()),
+                        }
+                    })
+                })
+                .unwrap_err()
+                .to_string()
+            };
+        let e = peers(|| panic!("CUDA_ERROR_OUT_OF_MEMORY: out of memory"));
+        assert!(
+            e.starts_with("peer 1: out of cuda memory training preset tiny"),
+            "{e}"
+        );
+        assert!(e.ends_with("The device said: CUDA_ERROR_OUT_OF_MEMORY: out of memory"));
+        let e = peers(|| panic!("index out of bounds"));
+        assert_eq!(e, "data-parallel training stopped: peer 1 failed");
+        let e = peers(|| bail!("out of memory, but not a panic"));
+        assert_eq!(e, "data-parallel training stopped: peer 1 failed");
     }
 
     #[test]

@@ -334,6 +334,10 @@ pub struct DistributedSection {
     /// run stops, naming the peer that did not arrive (checkpoints and evaluation on
     /// peer 0 happen while the others wait: keep it above their duration).
     pub timeout_s: u64,
+    /// Runs a one-device run through the data-parallel machinery anyway (gradient
+    /// all-reduce, gathered losses, agreement checks), to measure what that machinery
+    /// costs against the plain path; no effect with several peers.
+    pub always_collective: bool,
 }
 
 /// `distributed.all_reduce`: burn-collective's strategies between nodes.
@@ -363,6 +367,11 @@ impl DistributedSection {
     /// Peers of the whole run.
     pub fn world_size(&self) -> usize {
         self.devices * self.nodes
+    }
+
+    /// Whether the peers talk through burn-collective (always, with several).
+    pub fn collective(&self) -> bool {
+        self.world_size() > 1 || self.always_collective
     }
 
     /// Checks the multi-node keys (the counts are checked with the other sizes).
@@ -403,6 +412,7 @@ impl Default for DistributedSection {
             node_address: String::new(),
             all_reduce: NodeAllReduce::Ring,
             timeout_s: 1800,
+            always_collective: false,
         }
     }
 }

@@ -126,10 +126,21 @@ struct CutOff {
     cause: String,
 }
 
+/// A peer thread that panicked, kept as its own error so the caller can still tell
+/// what the panic said (Burn reports exhausted device memory by panicking).
+#[derive(Debug, thiserror::Error)]
+#[error("peer {rank} panicked: {message}")]
+pub struct PeerPanic {
+    pub rank: usize,
+    pub message: String,
+}
+
 /// One peer's handle on the collective (see the module docs). A [`Rank::SOLO`] peer
 /// talks to no one: every operation returns its input.
 pub struct Peer<B: Backend> {
     rank: Rank,
+    /// Talks through burn-collective (false only for a solo peer).
+    collective: bool,
     id: PeerId,
     heartbeat: Arc<Heartbeat>,
     device: B::Device,
@@ -141,6 +152,7 @@ impl<B: Backend> Peer<B> {
     pub fn solo(device: &B::Device) -> Self {
         Self {
             rank: Rank::SOLO,
+            collective: false,
             id: PeerId(0),
             heartbeat: Arc::default(),
             device: device.clone(),
@@ -156,6 +168,7 @@ impl<B: Backend> Peer<B> {
 
     /// Joins the collective as global peer `rank` (of `rank.world` over all nodes),
     /// one of `local_peers` in this process; with `nodes`, through the orchestrator.
+    /// A world of one joins a collective of one (to measure its cost).
     pub fn register_on_nodes(
         rank: Rank,
         local_peers: usize,
@@ -165,25 +178,29 @@ impl<B: Backend> Peer<B> {
     ) -> Result<Self> {
         let peer = Self {
             rank,
+            collective: true,
             id: PeerId(rank.rank as u32),
             heartbeat,
             device: device.clone(),
             _backend: PhantomData,
         };
-        if rank.world > 1 {
-            let mut config = CollectiveConfig::default().with_num_devices(local_peers);
-            if let Some(n) = nodes {
-                config = n.configure(config)?;
-            }
-            peer.wait("registration", || {
-                burn_collective::register::<B>(peer.id, device.clone(), config)
-            })?;
+        let mut config = CollectiveConfig::default().with_num_devices(local_peers);
+        if let Some(n) = nodes {
+            config = n.configure(config)?;
         }
+        peer.wait("registration", || {
+            burn_collective::register::<B>(peer.id, device.clone(), config)
+        })?;
         Ok(peer)
     }
 
     pub fn rank(&self) -> Rank {
         self.rank
+    }
+
+    /// Whether operations go through burn-collective (else they return their input).
+    pub fn collective(&self) -> bool {
+        self.collective
     }
 
     pub fn heartbeat(&self) -> &Heartbeat {
@@ -228,18 +245,44 @@ impl<B: Backend> Peer<B> {
     }
 
     /// Averages each parameter's gradient over the peers, in the module's parameter
-    /// order (the same on every peer, whatever the parameter ids).
+    /// order (the same on every peer, whatever the parameter ids). Every peer must
+    /// have a gradient for every parameter.
     pub fn mean_grads<AB, M>(&self, model: &M, grads: GradientsParams) -> Result<GradientsParams>
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
-        if self.rank.world == 1 {
+        self.reduce_grads(model, grads, ReduceOperation::Mean)
+    }
+
+    /// Sums each parameter's gradient over the peers, a missing one counting as
+    /// zeros: for gradients some peers may not have, such as those of a domain that
+    /// only some peers drew this step.
+    pub fn sum_grads<AB, M>(&self, model: &M, grads: GradientsParams) -> Result<GradientsParams>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        self.reduce_grads(model, grads, ReduceOperation::Sum)
+    }
+
+    fn reduce_grads<AB, M>(
+        &self,
+        model: &M,
+        grads: GradientsParams,
+        op: ReduceOperation,
+    ) -> Result<GradientsParams>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        if !self.collective {
             return Ok(grads);
         }
-        let mut visitor = MeanGrads::<AB> {
+        let mut visitor = ReduceGrads::<AB> {
             peer: self,
             grads,
+            op,
             error: None,
         };
         model.visit(&mut visitor);
@@ -256,7 +299,7 @@ impl<B: Backend> Peer<B> {
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
-        if self.rank.world == 1 {
+        if !self.collective {
             return Ok(model);
         }
         let mut mapper = Broadcast::<AB> {
@@ -278,7 +321,7 @@ impl<B: Backend> Peer<B> {
     /// rounding and the remainder), which keeps about 48 bits of it.
     pub fn gather(&self, what: &'static str, values: &[f64]) -> Result<Vec<Vec<f64>>> {
         let world = self.rank.world;
-        if world == 1 {
+        if !self.collective {
             return Ok(vec![values.to_vec()]);
         }
         let m = values.len();
@@ -312,35 +355,37 @@ impl<B: Backend> Peer<B> {
 
     /// Leaves the collective (after the last operation).
     pub fn finish(&self) {
-        if self.rank.world > 1 {
+        if self.collective {
             let _ = burn_collective::finish_collective::<B>(self.id);
         }
     }
 }
 
-struct MeanGrads<'a, AB: AutodiffBackend> {
+struct ReduceGrads<'a, AB: AutodiffBackend> {
     peer: &'a Peer<AB::InnerBackend>,
     grads: GradientsParams,
+    op: ReduceOperation,
     error: Option<anyhow::Error>,
 }
 
-impl<AB: AutodiffBackend> ModuleVisitor<AB> for MeanGrads<'_, AB> {
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for ReduceGrads<'_, AB> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
         if self.error.is_some() {
             return;
         }
-        let Some(grad) = self.grads.remove::<AB::InnerBackend, D>(param.id) else {
-            self.error = Some(anyhow!(
-                "peer {}: a parameter has no gradient, so the peers cannot average them",
-                self.peer.rank.rank
-            ));
-            return;
+        let grad = match self.grads.remove::<AB::InnerBackend, D>(param.id) {
+            Some(grad) => grad,
+            None if self.op == ReduceOperation::Sum => param.val().inner().zeros_like(),
+            None => {
+                self.error = Some(anyhow!(
+                    "peer {}: a parameter has no gradient, so the peers cannot average them",
+                    self.peer.rank.rank
+                ));
+                return;
+            }
         };
-        match self
-            .peer
-            .all_reduce("gradient all-reduce", grad, ReduceOperation::Mean)
-        {
-            Ok(mean) => self.grads.register(param.id, mean),
+        match self.peer.all_reduce("gradient all-reduce", grad, self.op) {
+            Ok(reduced) => self.grads.register(param.id, reduced),
             Err(e) => self.error = Some(e),
         }
     }
@@ -480,11 +525,15 @@ where
             .enumerate()
             .map(|(rank, h)| {
                 h.join().unwrap_or_else(|panic| {
-                    let msg = match crate::backend::panic_message(&panic) {
+                    let message = match crate::backend::panic_message(&panic) {
                         "" => "(no message)",
                         msg => msg,
                     };
-                    Err(anyhow!("peer {rank} panicked: {msg}"))
+                    Err(PeerPanic {
+                        rank,
+                        message: message.to_string(),
+                    }
+                    .into())
                 })
             })
             .collect();
@@ -553,6 +602,11 @@ fn hung_peer(beats: &[Arc<Heartbeat>], timeout: Duration) -> Option<String> {
     ))
 }
 
+/// Tests that start collectives take this first: burn-collective has one server per
+/// backend and process, and `cargo test` runs tests as threads of one process.
+#[cfg(test)]
+pub(crate) static ONE_GROUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -580,6 +634,7 @@ mod tests {
     /// broadcast gives every peer peer 0's weights.
     #[test]
     fn gather_is_exact_and_broadcast_copies_peer_zero() {
+        let _one_group = ONE_GROUP.lock().unwrap_or_else(|e| e.into_inner());
         let device = Default::default();
         let config = ModelConfig::preset("tiny").unwrap();
         let reference = {
@@ -632,6 +687,7 @@ mod tests {
     /// a collective operation), and the error is that peer's own.
     #[test]
     fn a_failing_peer_stops_the_others_with_its_error() {
+        let _one_group = ONE_GROUP.lock().unwrap_or_else(|e| e.into_inner());
         let device = Default::default();
         let started = Instant::now();
         let e = run_peers::<IB, (), _>(3, Duration::from_secs(600), |rank, beat| {
@@ -661,6 +717,7 @@ mod tests {
     /// and its step; it is the one not waiting.
     #[test]
     fn a_hung_peer_is_named_after_the_timeout() {
+        let _one_group = ONE_GROUP.lock().unwrap_or_else(|e| e.into_inner());
         let device = Default::default();
         let started = Instant::now();
         let e = run_peers::<IB, (), _>(2, Duration::from_millis(500), |rank, beat| {

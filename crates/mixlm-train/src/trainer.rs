@@ -130,7 +130,7 @@ pub fn train_data_parallel<B: TrainBackend>(
         false => None,
     };
     let resume_from = resume_from.as_deref();
-    if world == 1 {
+    if !d.collective() {
         let peer = Peer::solo(&devices[0]);
         return train_peer::<B>(config, &devices[0], options, resume_from, &peer);
     }
@@ -199,14 +199,6 @@ fn train_peer<B: TrainBackend>(
     )?;
 
     let requirements = scheduler.requirements();
-    if world > 1 && requirements.gradients.is_some() {
-        bail!(
-            "mixing.method = \"{}\" weighs per-domain gradients, which data-parallel \
-             training does not combine across peers yet; train it on one device \
-             (distributed.devices = 1)",
-            config.mixing.method_name()
-        );
-    }
     let run_dir = PathBuf::from(&run.out_dir).join(&run.name);
     let restored = match resume_from {
         Some(dir) => Some(restore::<B>(
@@ -308,7 +300,7 @@ fn train_peer<B: TrainBackend>(
     // What a scheduler learns from validation, the same on every peer: peer 0
     // measures it and hands it to the others.
     let shared_evaluate = |model: &Transformer<B>| -> Result<DomainLosses> {
-        if world == 1 {
+        if !peer.collective() {
             return Ok(evaluate(model));
         }
         let mine = if leader {
@@ -457,7 +449,7 @@ fn train_peer<B: TrainBackend>(
                 ];
                 // DoReMi's weights follow the excess losses of the whole (all peers')
                 // micro-batch, so every peer updates them alike.
-                if world > 1 {
+                if peer.collective() {
                     micro_all = merge_across_peers(peer, "micro-batch losses", micro_all)?;
                 }
                 let [micro_train, micro_ref, micro_excess] = micro_all;
@@ -480,31 +472,35 @@ fn train_peer<B: TrainBackend>(
             by_domain.add(&seq_means, &domains);
             lap(&mut times.model);
         }
-        let grads = match (per_domain.as_mut(), &requirements.gradients) {
+        let grads = match (per_domain.take(), &requirements.gradients) {
             (Some(per_domain), Some(target)) => {
                 let target = match target {
-                    GradientTarget::Validation { sequences, domains } => Some(validation_gradient(
-                        &model,
-                        source.as_ref(),
-                        (*sequences, domains),
-                        (run.seed, step),
-                        run.seq_len,
-                        device,
-                    )),
+                    GradientTarget::Validation { sequences, domains } => {
+                        let own = validation_gradient(
+                            &model,
+                            source.as_ref(),
+                            (*sequences, domains),
+                            (run.seed, step),
+                            (run.seq_len, peer.rank()),
+                            device,
+                        );
+                        Some(peer.sum_grads(&model, own)?)
+                    }
                     GradientTarget::Train => None,
                 };
-                let (alignment, sets) = per_domain.alignment(&model, target.as_ref());
+                let per_domain = per_domain.finish(&model, peer)?;
+                let alignment = per_domain.alignment(&model, target.as_ref());
                 let coefficients = scheduler
                     .gradient_weights(step, lr, &alignment)
                     .context("the scheduler asked for per-domain gradients but gave no weights")?;
-                per_domain.combine(&model, &sets, &coefficients)
+                per_domain.combine(&model, &coefficients)
             }
             _ => peer.mean_grads(&model, grads.grads())?,
         };
         // The global batch's per-domain losses, the stop request of any peer, and a
         // check that every peer drew with the same proportions.
         let mut stop_now = stop_requested();
-        if world > 1 {
+        if peer.collective() {
             let mut extra = vec![f64::from(u8::from(stop_now))];
             extra.extend(checksum(proportions.as_slice()));
             let (merged, extras) = merge_with_extras(

@@ -76,18 +76,21 @@ fn train_records(run_dir: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn proportions(record: &Value) -> BTreeMap<String, f64> {
-    record["proportions"]
+/// A per-domain field of a metrics record (`proportions`, `domain_weights`), empty
+/// when the record has none.
+fn by_domain(record: &Value, field: &str) -> BTreeMap<String, f64> {
+    record[field]
         .as_object()
-        .unwrap()
-        .iter()
+        .into_iter()
+        .flatten()
         .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
         .collect()
 }
 
 /// Trains `peers` x accumulation `accum` and one device with `peers * accum`, and
-/// compares the parameters, the losses and the proportions step by step.
-fn matches_one_device(peers: usize, accum: usize, mixing: &[&str]) {
+/// compares the parameters, the losses, the proportions and (to `weights_tolerance`)
+/// the loss weights step by step.
+fn matches_one_device(peers: usize, accum: usize, mixing: &[&str], weights_tolerance: f64) {
     let dir = tempfile::tempdir().unwrap();
     let options = TrainOptions::quiet();
     let device = Default::default();
@@ -120,14 +123,19 @@ fn matches_one_device(peers: usize, accum: usize, mixing: &[&str]) {
             "step {}: loss {lx} vs {ly}",
             x["step"]
         );
-        let (px, py) = (proportions(x), proportions(y));
-        for (d, p) in &px {
-            assert!(
-                (p - py[d]).abs() < 1e-9,
-                "step {}: {d} {p} vs {}",
-                x["step"],
-                py[d]
-            );
+        for (field, tolerance) in [("proportions", 1e-9), ("domain_weights", weights_tolerance)] {
+            let (px, py) = (by_domain(x, field), by_domain(y, field));
+            assert_eq!(px.len(), py.len(), "{field}");
+            // A weights tolerance is given for the methods that weigh domains.
+            assert!(field == "proportions" || px.is_empty() == (weights_tolerance == 0.0));
+            for (d, p) in &px {
+                assert!(
+                    (p - py[d]).abs() <= tolerance,
+                    "step {}: {field} of {d} {p} vs {}",
+                    x["step"],
+                    py[d]
+                );
+            }
         }
         // Every domain's count of sequences is the global batch's.
         assert_eq!(x["sequences"], y["sequences"]);
@@ -155,22 +163,71 @@ fn matches_one_device(peers: usize, accum: usize, mixing: &[&str]) {
 
 #[test]
 fn two_peers_train_like_one_device_stratified() {
-    matches_one_device(2, 1, &["mixing.method=\"stratified\""]);
+    matches_one_device(2, 1, &["mixing.method=\"stratified\""], 0.0);
 }
 
 #[test]
 fn three_peers_train_like_one_device_stratified() {
-    matches_one_device(3, 2, &["mixing.method=\"stratified\""]);
+    matches_one_device(3, 2, &["mixing.method=\"stratified\""], 0.0);
 }
 
 #[test]
 fn two_peers_train_like_one_device_odm() {
-    matches_one_device(2, 2, &["mixing.method=\"odm\""]);
+    matches_one_device(2, 2, &["mixing.method=\"odm\""], 0.0);
 }
 
 #[test]
 fn three_peers_train_like_one_device_odm() {
-    matches_one_device(3, 1, &["mixing.method=\"odm\""]);
+    matches_one_device(3, 1, &["mixing.method=\"odm\""], 0.0);
+}
+
+/// DoGE's per-domain gradients and validation target are summed over the peers: the
+/// Gram matrix, hence the domain weights and the update, are the global batch's.
+/// (The weights differ from one device's only by f32 sums in another order, which
+/// DoGE's `exp(score / mu)` amplifies.)
+#[test]
+fn two_peers_train_like_one_device_doge() {
+    let doge = [
+        "mixing.method=\"doge\"",
+        "mixing.val_sequences=3",
+        "mixing.mu=0.1",
+    ];
+    matches_one_device(2, 1, &doge, 1e-5);
+}
+
+#[test]
+fn three_peers_train_like_one_device_doge_on_the_train_target() {
+    let doge = ["mixing.method=\"doge\"", "mixing.target=\"train\""];
+    matches_one_device(3, 1, &doge, 1e-5);
+}
+
+/// `distributed.always_collective` sends a one-device run through the collective
+/// path (a collective of one): what it computes is the plain path's, to the bit, so
+/// timing the two measures the machinery's cost alone.
+#[test]
+fn one_peer_through_the_collective_trains_like_the_plain_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let c = config(dir.path(), name, 1, 2, extra);
+        train::<B>(&c, &Default::default(), &TrainOptions::quiet()).unwrap()
+    };
+    let odm = "mixing.method=\"odm\"";
+    let plain = run("plain", &[odm]);
+    let collective = run("collective", &[odm, "distributed.always_collective=true"]);
+    let (a, b) = (
+        train_records(&plain.run_dir),
+        train_records(&collective.run_dir),
+    );
+    assert_eq!(a.len(), 5);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["loss"], y["loss"]);
+        assert_eq!(x["proportions"], y["proportions"]);
+    }
+    let seed = config(dir.path(), "x", 1, 1, &[]).run.seed;
+    assert_eq!(
+        parameters(&plain.run_dir, seed).0,
+        parameters(&collective.run_dir, seed).0
+    );
 }
 
 /// A run trained on two peers resumes on two, and is refused on another count with
