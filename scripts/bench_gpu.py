@@ -22,6 +22,9 @@ It needs no network and no Rust: Python 3 with torch and transformers, and the
 binary. Results: a markdown table on stdout and JSON in --out.
 
     python3 scripts/bench_gpu.py --mixlm dist/mixlm --presets pythia-160m,pythia-1b
+    # what one device through the data-parallel path costs (issue 10's < 1% bar):
+    python3 scripts/bench_gpu.py --mixlm dist/mixlm --presets pythia-160m \
+        --mixlm-precisions bf16 --precisions bf16 --collective --steps 60 --warmup 20
     # CPU smoke test of the script itself (tiny model, a few steps):
     python3 scripts/bench_gpu.py --mixlm target/release/mixlm --device cpu \
         --presets tiny --seq 64 --batch 4 --steps 6 --warmup 2
@@ -97,8 +100,11 @@ class GpuMemoryPoller:
         return (self.peak - self.base) / 1024 if self.enabled else None
 
 
-def run_mixlm(args, preset, precision, attention="fused"):
-    """Trains with the mixlm binary; tokens/s over the steps after the warm-up."""
+def run_mixlm(args, preset, precision, attention="fused", collective=False):
+    """Trains with the mixlm binary; tokens/s over the steps after the warm-up.
+
+    collective: through the data-parallel machinery with one peer
+    (`distributed.always_collective`), to measure its cost against the plain path."""
     out = tempfile.mkdtemp(prefix="mixlm-bench-")
     sets = {
         "run.out_dir": json.dumps(out),
@@ -115,6 +121,8 @@ def run_mixlm(args, preset, precision, attention="fused"):
     }
     sets["run.precision"] = json.dumps(precision)
     sets["run.attention"] = json.dumps(attention)
+    if collective:
+        sets["distributed.always_collective"] = "true"
     cmd = [args.mixlm, "train", "--config", os.path.join(REPO, "configs/bench/throughput.toml"), "--quiet", "--overwrite"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
@@ -243,6 +251,9 @@ def main():
     p.add_argument("--mixing", default="stratified",
                    help="mixlm's mixing method (odm: the scheduler's cost shows against stratified)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--collective", action="store_true",
+                   help="also run each mixlm configuration through the data-parallel path "
+                        "with one peer, and print its cost against the plain path")
     p.add_argument("--out", default="bench-gpu.json")
     args = p.parse_args()
     args.backend = args.backend or args.device
@@ -262,6 +273,11 @@ def main():
         runs = [(f"mixlm/{attn}", prec, lambda a, pr, pc, attn=attn: run_mixlm(a, pr, pc, attn))
                 for attn in args.mixlm_attention.split(",")
                 for prec in args.mixlm_precisions.split(",")]
+        if args.collective:
+            runs += [(f"mixlm/{attn}/collective", prec,
+                      lambda a, pr, pc, attn=attn: run_mixlm(a, pr, pc, attn, collective=True))
+                     for attn in args.mixlm_attention.split(",")
+                     for prec in args.mixlm_precisions.split(",")]
         runs += [("pytorch", prec, run_torch) for prec in args.precisions.split(",")]
         for who, prec, fn in runs:
             print(f"{preset}: {who} {prec} ...", file=sys.stderr, flush=True)
@@ -289,6 +305,16 @@ def main():
         print(f"| {r['preset']} | {r['trainer']} | {r['precision']} | {r['tokens_per_s']:,.0f} | "
               f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_gib'), '.1f')} | {fmt(ratio, '.2f')} | "
               f"{fmt(r.get('outside_model'), '.1%')} |")
+    for r in rows:
+        if not r["trainer"].endswith("/collective") or "tokens_per_s" not in r:
+            continue
+        plain = next((x for x in rows if x["preset"] == r["preset"] and x["precision"] == r["precision"]
+                      and x["trainer"] == r["trainer"][: -len("/collective")] and "tokens_per_s" in x), None)
+        if plain:
+            cost = 1 - r["tokens_per_s"] / plain["tokens_per_s"]
+            r["collective_cost"] = cost
+            print(f"{r['preset']} {r['trainer']} {r['precision']}: the collective path costs "
+                  f"{cost:.2%} of the plain path's tokens/s")
     with open(args.out, "w") as f:
         json.dump({"device": device_name, "args": vars(args), "matmul_peak": peak, "rows": rows}, f, indent=2)
     print(f"\nwritten: {args.out}", file=sys.stderr)

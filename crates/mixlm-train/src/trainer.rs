@@ -159,6 +159,23 @@ pub fn train_data_parallel<B: TrainBackend>(
     })
 }
 
+/// Every peer's `(domain, window)` picks of the step, peer by peer: the global batch.
+fn global_picks<B: burn::tensor::backend::Backend>(
+    peer: &Peer<B>,
+    picks: &[(DomainId, u64)],
+) -> Result<Vec<(DomainId, u64)>> {
+    let encoded: Vec<f64> = picks
+        .iter()
+        .flat_map(|&(d, window)| [d.0 as f64, window as f64])
+        .collect();
+    let all = peer.gather("the step's sequences", &encoded)?;
+    Ok(all
+        .iter()
+        .flat_map(|p| p.chunks_exact(2))
+        .map(|c| (DomainId(c[0] as usize), c[1] as u64))
+        .collect())
+}
+
 /// Serialises model initialisation: Burn's CPU backend seeds one global generator, so
 /// data-parallel peers initialising at once would draw from it in turn and peer 0's
 /// weights (broadcast to the others) would depend on thread timing.
@@ -532,39 +549,46 @@ fn train_peer<B: TrainBackend>(
             StepStats::not_applied(f64::NAN)
         };
         lap(&mut times.model);
-        let fault = |kind: &'static str, action: &'static str| FaultRecord {
-            kind,
-            step: step + 1,
-            action,
-            loss: step_loss,
-            grad_norm: stats.grad_norm.is_finite().then_some(stats.grad_norm),
-            mean: None,
-            rolled_back_to: None,
-            lr_scale: None,
-            domain_loss: crate::metrics::by_name(&names, &train.0),
-            sequences: picks
-                .iter()
-                .map(|&(d, window)| SequenceRef {
-                    domain: names[d.0].clone(),
-                    window,
-                    documents: source.window_documents(d, Split::Train, window, run.seq_len),
-                })
-                .collect(),
+        // A fault report lists the whole global batch: every peer takes the same
+        // branch below (the loss and gradient norm are global), so they gather
+        // their sequences together.
+        let fault = |kind: &'static str, action: &'static str| -> Result<FaultRecord> {
+            Ok(FaultRecord {
+                kind,
+                step: step + 1,
+                action,
+                loss: step_loss,
+                grad_norm: stats.grad_norm.is_finite().then_some(stats.grad_norm),
+                mean: None,
+                rolled_back_to: None,
+                lr_scale: None,
+                domain_loss: crate::metrics::by_name(&names, &train.0),
+                sequences: global_picks(peer, &picks)?
+                    .into_iter()
+                    .map(|(d, window)| SequenceRef {
+                        domain: names[d.0].clone(),
+                        window,
+                        documents: source.window_documents(d, Split::Train, window, run.seq_len),
+                    })
+                    .collect(),
+            })
         };
         if stats.applied {
             consecutive_bad = 0;
             counters.last_loss = step_loss;
-            if let Some(mean) = counters.spikes.observe(step_loss).filter(|_| leader) {
-                eprintln!(
-                    "warning: loss spike at step {}: {step_loss:.4} against a mean of {mean:.4} \
-                     over the last {} steps (batch in {})",
-                    step + 1,
-                    faults.spike_window,
-                    fault_log.path().display()
-                );
+            if let Some(mean) = counters.spikes.observe(step_loss) {
+                if leader {
+                    eprintln!(
+                        "warning: loss spike at step {}: {step_loss:.4} against a mean of \
+                         {mean:.4} over the last {} steps (batch in {})",
+                        step + 1,
+                        faults.spike_window,
+                        fault_log.path().display()
+                    );
+                }
                 fault_log.write(&FaultRecord {
                     mean: Some(mean),
-                    ..fault("spike", "logged")
+                    ..fault("spike", "logged")?
                 })?;
             }
         } else {
@@ -575,7 +599,7 @@ fn train_peer<B: TrainBackend>(
                 stats.grad_norm
             );
             if consecutive_bad > faults.max_consecutive || faults.on_nan == OnNan::Stop {
-                fault_log.write(&fault("nan", "stopped"))?;
+                fault_log.write(&fault("nan", "stopped")?)?;
                 bail!(
                     "{what}; stopping (faults.on_nan = \"{}\", {consecutive_bad} bad step(s) in a \
                      row, faults.max_consecutive = {}). The batch is in {}. Resume from the last \
@@ -604,7 +628,7 @@ fn train_peer<B: TrainBackend>(
                     action: "rolled_back",
                     rolled_back_to: Some(state.step),
                     lr_scale: Some(lr_scale),
-                    ..fault("nan", "rolled_back")
+                    ..fault("nan", "rolled_back")?
                 })?;
                 if leader {
                     eprintln!(
@@ -623,7 +647,7 @@ fn train_peer<B: TrainBackend>(
                 continue;
             }
             counters.skipped += 1;
-            fault_log.write(&fault("nan", "skipped"))?;
+            fault_log.write(&fault("nan", "skipped")?)?;
             if leader {
                 eprintln!(
                     "warning: {what}; update skipped ({} so far, details in {})",

@@ -218,3 +218,30 @@ fn rollback_needs_a_checkpoint() {
         "{e}"
     );
 }
+
+/// With data-parallel peers a fault report lists the whole global batch, every peer's
+/// sequences (peer 0's micro-batch, then peer 1's): the same as one device's
+/// accumulating both micro-batches.
+#[test]
+fn a_fault_report_lists_every_peers_sequences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reports = |name: &str, devices: usize, accum: usize| {
+        let c = config(
+            tmp.path(),
+            name,
+            &[
+                "run.batch_size=2",
+                &format!("run.grad_accum={accum}"),
+                &format!("distributed.devices={devices}"),
+            ],
+        );
+        jsonl(&run(&c).unwrap().run_dir.join("faults.jsonl"))
+    };
+    let (peers, single) = (reports("peers", 2, 1), reports("single", 1, 2));
+    assert_eq!(peers.len(), 2);
+    for (p, s) in peers.iter().zip(&single) {
+        assert_eq!(p["sequences"].as_array().unwrap().len(), 4, "{p}");
+        assert_eq!(p["sequences"], s["sequences"]);
+        assert_eq!((&p["step"], &p["action"]), (&s["step"], &s["action"]));
+    }
+}
