@@ -4,8 +4,8 @@
 //! its own device. Per step it reads its share of the global batch, computes its
 //! gradients, and then, through the [`Peer`] handle (the trainer's only way to talk to
 //! the others):
-//! - the gradients are averaged over the peers ([`Peer::mean_grads`]), so every
-//!   replica takes the same AdamW step;
+//! - the gradients are averaged over the peers ([`Peer::mean_grads`], in buckets of
+//!   consecutive parameters), so every replica takes the same AdamW step;
 //! - the per-domain loss sums and counts are gathered ([`Peer::gather`]), so every
 //!   peer's scheduler is fed the global batch's losses and makes the same proportion
 //!   decision, which is checked each step by comparing a hash of the proportions.
@@ -25,6 +25,10 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_collective::{CollectiveConfig, CollectiveError, PeerId, ReduceOperation};
+
+/// PyTorch DDP's default bucket: large enough that per-message latency is amortised,
+/// small enough to keep the extra copy of the gradients it makes small.
+const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
 
 /// This peer's place in a data-parallel run: `rank` of `world` peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +143,8 @@ pub struct PeerPanic {
 /// talks to no one: every operation returns its input.
 pub struct Peer<B: Backend> {
     rank: Rank,
+    /// Gradients are all-reduced in buckets of about this many bytes.
+    bucket_bytes: usize,
     /// Talks through burn-collective (false only for a solo peer).
     collective: bool,
     id: PeerId,
@@ -152,6 +158,7 @@ impl<B: Backend> Peer<B> {
     pub fn solo(device: &B::Device) -> Self {
         Self {
             rank: Rank::SOLO,
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
             collective: false,
             id: PeerId(0),
             heartbeat: Arc::default(),
@@ -178,6 +185,7 @@ impl<B: Backend> Peer<B> {
     ) -> Result<Self> {
         let peer = Self {
             rank,
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
             collective: true,
             id: PeerId(rank.rank as u32),
             heartbeat,
@@ -196,6 +204,12 @@ impl<B: Backend> Peer<B> {
 
     pub fn rank(&self) -> Rank {
         self.rank
+    }
+
+    /// All-reduces gradients in buckets of about `mb` MiB (0: one per parameter).
+    pub fn with_bucket_mb(mut self, mb: usize) -> Self {
+        self.bucket_bytes = mb << 20;
+        self
     }
 
     /// Whether operations go through burn-collective (else they return their input).
@@ -279,17 +293,37 @@ impl<B: Backend> Peer<B> {
         if !self.collective {
             return Ok(grads);
         }
-        let mut visitor = ReduceGrads::<AB> {
-            peer: self,
+        // Every gradient flattened, in module order, then reduced in buckets of
+        // consecutive parameters: a few large all-reduces instead of one per
+        // parameter (each costs a round of messages between the peers). Elementwise,
+        // the sums are the same whatever the bucketing.
+        let mut take = TakeFlat::<AB> {
+            rank: self.rank.rank,
             grads,
-            op,
+            zeros_for_missing: op == ReduceOperation::Sum,
+            flat: Vec::new(),
             error: None,
         };
-        model.visit(&mut visitor);
-        match visitor.error {
-            Some(e) => Err(e),
-            None => Ok(visitor.grads),
+        model.visit(&mut take);
+        if let Some(e) = take.error {
+            return Err(e);
         }
+        let sizes: Vec<usize> = take.flat.iter().map(|t| t.dims()[0]).collect();
+        let element_bytes = take.flat.first().map_or(4, |t| t.dtype().size());
+        let mut flat = take.flat.into_iter();
+        let mut reduced = Vec::with_capacity(sizes.len());
+        for bucket in buckets(&sizes, self.bucket_bytes / element_bytes) {
+            let parts: Vec<Tensor<B, 1>> = flat.by_ref().take(bucket.len()).collect();
+            let joined = Tensor::cat(parts, 0);
+            let joined = self.all_reduce("gradient all-reduce", joined, op)?;
+            reduced.extend(joined.split_with_sizes(sizes[bucket].to_vec(), 0));
+        }
+        let mut put = PutBack::<AB> {
+            grads: take.grads,
+            reduced: reduced.into_iter(),
+        };
+        model.visit(&mut put);
+        Ok(put.grads)
     }
 
     /// Gives every peer peer 0's parameters (a fresh model is initialised on each
@@ -361,33 +395,69 @@ impl<B: Backend> Peer<B> {
     }
 }
 
-struct ReduceGrads<'a, AB: AutodiffBackend> {
-    peer: &'a Peer<AB::InnerBackend>,
+/// Consecutive ranges of `sizes` (elements) holding up to `capacity` elements each;
+/// a tensor larger than that is a bucket of its own.
+fn buckets(sizes: &[usize], capacity: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut filled) = (0, 0);
+    for (i, &n) in sizes.iter().enumerate() {
+        if i > start && filled + n > capacity {
+            out.push(start..i);
+            (start, filled) = (i, 0);
+        }
+        filled += n;
+    }
+    if start < sizes.len() {
+        out.push(start..sizes.len());
+    }
+    out
+}
+
+/// Takes every parameter's gradient out of `grads`, flattened, in module order.
+struct TakeFlat<AB: AutodiffBackend> {
+    rank: usize,
     grads: GradientsParams,
-    op: ReduceOperation,
+    /// A parameter without a gradient counts as zeros (else it is an error).
+    zeros_for_missing: bool,
+    flat: Vec<Tensor<AB::InnerBackend, 1>>,
     error: Option<anyhow::Error>,
 }
 
-impl<AB: AutodiffBackend> ModuleVisitor<AB> for ReduceGrads<'_, AB> {
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for TakeFlat<AB> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
         if self.error.is_some() {
             return;
         }
         let grad = match self.grads.remove::<AB::InnerBackend, D>(param.id) {
             Some(grad) => grad,
-            None if self.op == ReduceOperation::Sum => param.val().inner().zeros_like(),
+            None if self.zeros_for_missing => param.val().inner().zeros_like(),
             None => {
                 self.error = Some(anyhow!(
                     "peer {}: a parameter has no gradient, so the peers cannot average them",
-                    self.peer.rank.rank
+                    self.rank
                 ));
                 return;
             }
         };
-        match self.peer.all_reduce("gradient all-reduce", grad, self.op) {
-            Ok(reduced) => self.grads.register(param.id, reduced),
-            Err(e) => self.error = Some(e),
-        }
+        let n = grad.shape().num_elements();
+        self.flat.push(grad.reshape([n]));
+    }
+}
+
+/// Registers the reduced gradients, in module order, in their parameters' shapes.
+struct PutBack<AB: AutodiffBackend> {
+    grads: GradientsParams,
+    reduced: std::vec::IntoIter<Tensor<AB::InnerBackend, 1>>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for PutBack<AB> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        let flat = self
+            .reduced
+            .next()
+            .expect("one reduced gradient per parameter");
+        let grad: Tensor<AB::InnerBackend, D> = flat.reshape(param.val().shape());
+        self.grads.register(param.id, grad);
     }
 }
 
@@ -740,6 +810,17 @@ mod tests {
             "{e}"
         );
         assert!(started.elapsed() < Duration::from_secs(20));
+    }
+
+    #[test]
+    fn buckets_hold_consecutive_parameters_up_to_the_capacity() {
+        assert_eq!(
+            buckets(&[3, 4, 2, 10, 1, 1], 8),
+            vec![0..2, 2..3, 3..4, 4..6]
+        );
+        assert_eq!(buckets(&[3, 4], 0), vec![0..1, 1..2]);
+        assert_eq!(buckets(&[3, 4], 7), vec![0..2]);
+        assert_eq!(buckets(&[], 8), Vec::<std::ops::Range<usize>>::new());
     }
 
     #[test]

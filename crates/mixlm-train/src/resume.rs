@@ -16,7 +16,7 @@ use crate::config::RunConfig;
 
 /// Config keys a resumed run may change (`section.key`, or `section.*` for a whole
 /// section).
-pub const SAFE_KEYS: [&str; 14] = [
+pub const SAFE_KEYS: [&str; 15] = [
     "run.steps",
     "run.log_every",
     "run.backend",
@@ -28,6 +28,7 @@ pub const SAFE_KEYS: [&str; 14] = [
     "faults.lr_backoff",
     "distributed.timeout_s",
     "distributed.always_collective",
+    "distributed.bucket_mb",
     // Where each node is and which one this is: the same run from another seat.
     "distributed.node_rank",
     "distributed.orchestrator",

@@ -150,7 +150,8 @@ pub fn train_data_parallel<B: TrainBackend>(
             rank: d.node_rank * local + local_rank.rank,
             world,
         };
-        let peer = Peer::register_on_nodes(rank, local, nodes.as_ref(), device, heartbeat)?;
+        let peer = Peer::register_on_nodes(rank, local, nodes.as_ref(), device, heartbeat)?
+            .with_bucket_mb(d.bucket_mb);
         let outcome = train_peer::<B>(config, device, options, resume_from, &peer);
         if outcome.is_ok() {
             peer.finish();

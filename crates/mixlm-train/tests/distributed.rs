@@ -230,6 +230,22 @@ fn one_peer_through_the_collective_trains_like_the_plain_path() {
     );
 }
 
+/// Three peers repeat to the bit, whether gradients are all-reduced in buckets or
+/// one parameter at a time (the same sums, element by element, in peer order: before
+/// mixlm's patch to burn-collective the order of a sum of three followed a hash map's
+/// random iteration, and this failed).
+#[test]
+fn three_peers_repeat_to_the_bit_whatever_the_bucketing() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, bucket_mb: &str| {
+        let c = config(dir.path(), name, 3, 1, &[bucket_mb]);
+        let out = train::<B>(&c, &Default::default(), &TrainOptions::quiet()).unwrap();
+        parameters(&out.run_dir, c.run.seed).0
+    };
+    let bucketed = run("bucketed", "distributed.bucket_mb=25");
+    assert_eq!(bucketed, run("per-parameter", "distributed.bucket_mb=0"));
+}
+
 /// A run trained on two peers resumes on two, and is refused on another count with
 /// the reason.
 #[test]

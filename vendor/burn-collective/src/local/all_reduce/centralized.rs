@@ -16,7 +16,8 @@ pub(crate) fn all_reduce_sum_centralized<B: Backend>(
 ) -> CollectiveTensorMap<B> {
     // Get corresponding devices for each peer
     let peer_devices = get_peer_devices::<B>(&tensors);
-    let central_device = *tensors.keys().next().unwrap();
+    // mixlm patch: the lowest peer, not whichever the map yields first.
+    let central_device = *tensors.keys().min_by_key(|id| id.0).unwrap();
 
     // Reduce to central device
     let central_tensor = reduce_sum_centralized::<B>(tensors, &central_device);

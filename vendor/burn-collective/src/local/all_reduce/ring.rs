@@ -163,6 +163,9 @@ fn slice_tensors<B: Backend>(
         }
         sliced_tensors.push((id, slices));
     }
+    // mixlm patch: the ring in peer order (the map iterates in a random order), so
+    // sums of three or more peers repeat to the bit.
+    sliced_tensors.sort_by_key(|(id, _)| id.0);
 
     sliced_tensors
 }

@@ -16,11 +16,12 @@ pub(crate) fn all_reduce_sum_tree<B: Backend>(
 ) -> CollectiveTensorMap<B> {
     let mut input = tensors.into_iter().collect::<Vec<_>>();
 
-    // Sort to put devices of the same type together
+    // mixlm patch: peers in a fixed order (peer id among equal devices; the map
+    // iterates in a random order), so sums of three or more peers repeat to the bit.
     input.sort_by(|a, b| {
         let dev_a = B::float_device(&a.1);
         let dev_b = B::float_device(&b.1);
-        dev_a.id().cmp(&dev_b.id())
+        (dev_a.id(), a.0.0).cmp(&(dev_b.id(), b.0.0))
     });
     // Recursive all-reduce
     let out = all_reduce_sum_tree_inner::<B>(input, arity);

@@ -20,6 +20,10 @@ pub(crate) fn reduce_sum_centralized<B: Backend>(
         .expect("Source device id is in the map");
     let central_device = B::float_device(&central_tensor);
 
+    // mixlm patch: add in peer order (the map iterates in a random order), so sums of
+    // three or more peers repeat to the bit.
+    let mut tensors: Vec<_> = tensors.into_iter().collect();
+    tensors.sort_by_key(|(id, _)| id.0);
     for (_, tensor) in tensors {
         let rhs = B::float_to_device(tensor.clone(), &central_device);
         central_tensor = B::float_add(central_tensor, rhs);

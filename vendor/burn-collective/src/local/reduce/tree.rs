@@ -12,18 +12,16 @@ pub(crate) fn reduce_sum_tree<B: Backend>(
     arity: u32,
 ) -> B::FloatTensorPrimitive {
     // Convert hash map to vector of key-value pairs because order matters
-    let mut input = vec![];
     let root_tensor = tensors.remove(root).unwrap();
-    for (_, tensor) in tensors.drain() {
-        input.push(tensor);
-    }
-
-    // Sort to put devices of the same type together
-    input.sort_by(|a, b| {
-        let dev_a = B::float_device(a);
-        let dev_b = B::float_device(b);
-        dev_a.id().cmp(&dev_b.id())
+    // mixlm patch: peers in a fixed order (peer id among equal devices; the map
+    // iterates in a random order), so sums of three or more peers repeat to the bit.
+    let mut with_ids: Vec<_> = tensors.drain().collect();
+    with_ids.sort_by(|a, b| {
+        let dev_a = B::float_device(&a.1);
+        let dev_b = B::float_device(&b.1);
+        (dev_a.id(), a.0.0).cmp(&(dev_b.id(), b.0.0))
     });
+    let mut input: Vec<_> = with_ids.into_iter().map(|(_, tensor)| tensor).collect();
 
     // put the root first
     input.insert(0, root_tensor);
