@@ -395,10 +395,14 @@ fn run(cli: Cli) -> Result<()> {
                     overrides.push(format!("{key}={value}"));
                 }
             }
-            let mut config = match (&resume, &config) {
-                (Some(run_dir), _) => mixlm_train::resume::resume_config(run_dir, &overrides)?,
-                (None, Some(path)) => RunConfig::load(path, &overrides)?,
-                (None, None) => RunConfig::embedded(&overrides)?,
+            let (mut config, resume_from) = match (&resume, &config) {
+                (Some(run_dir), _) => {
+                    let (config, checkpoint) =
+                        mixlm_train::resume::resume_config(run_dir, &overrides)?;
+                    (config, Some(checkpoint))
+                }
+                (None, Some(path)) => (RunConfig::load(path, &overrides)?, None),
+                (None, None) => (RunConfig::embedded(&overrides)?, None),
             };
             if let Some(file) = mixing {
                 config = config.with_mixing_file(&file)?;
@@ -439,6 +443,7 @@ fn run(cli: Cli) -> Result<()> {
             let options = TrainOptions {
                 quiet,
                 resume: resume.is_some(),
+                resume_from,
                 stop: Some(stop_on_signal()?),
                 overwrite,
             };

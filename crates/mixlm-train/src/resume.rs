@@ -43,9 +43,11 @@ fn is_safe(key: &str) -> bool {
 }
 
 /// The config of the run in `run_dir`, as its newest valid checkpoint saved it, with
-/// `overrides` applied (each must be a [`SAFE_KEYS`] key). The run's name and output
-/// folder follow `run_dir`, wherever it has been moved.
-pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<RunConfig> {
+/// `overrides` applied (each must be a [`SAFE_KEYS`] key), and that checkpoint,
+/// verified (hand it to the trainer as [`crate::TrainOptions::resume_from`], which
+/// spares hashing it again). The run's name and output folder follow `run_dir`,
+/// wherever it has been moved.
+pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<(RunConfig, PathBuf)> {
     // The peer counts may be given again (`--devices`, `--nodes`) but must equal the
     // saved ones.
     let mut counts: Vec<(&str, &str)> = Vec::new();
@@ -89,7 +91,7 @@ pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<RunConfig> 
     config.run.out_dir = out_dir;
     config.run.name = name;
     config.validate()?;
-    Ok(config)
+    Ok((config, checkpoint))
 }
 
 fn split_run_dir(run_dir: &Path) -> Result<(String, String)> {

@@ -48,6 +48,10 @@ pub struct TrainOptions {
     /// Continue `<out_dir>/<name>` from its newest valid checkpoint instead of starting
     /// over; the config must be the one saved there, up to [`crate::resume::SAFE_KEYS`].
     pub resume: bool,
+    /// With `resume`: the checkpoint to continue from, already verified by the caller
+    /// ([`crate::resume::resume_config`]); `None`: the trainer finds and verifies the
+    /// newest (hashing every file, about a minute for an 8B preset's).
+    pub resume_from: Option<PathBuf>,
     /// Set from outside (Ctrl-C, SIGTERM) to stop after the current step with a
     /// checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
@@ -123,11 +127,12 @@ pub fn train_data_parallel<B: TrainBackend>(
     }
     let world = d.world_size();
     // The checkpoint a resumed run continues from, verified once for all peers.
-    let resume_from = match options.resume {
-        true => Some(latest_checkpoint(
+    let resume_from = match (options.resume, &options.resume_from) {
+        (true, Some(verified)) => Some(verified.clone()),
+        (true, None) => Some(latest_checkpoint(
             &PathBuf::from(&config.run.out_dir).join(&config.run.name),
         )?),
-        false => None,
+        (false, _) => None,
     };
     let resume_from = resume_from.as_deref();
     if !d.collective() {

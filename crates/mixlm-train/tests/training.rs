@@ -842,3 +842,29 @@ fn checkpointing_and_attention_kernel_train_like_the_defaults() {
         .to_string();
     assert!(e.contains("full") && e.contains("balanced"), "{e}");
 }
+
+/// `mixlm train --resume` verifies the checkpoint once, picking the config, and hands
+/// it on: the trainer continues from the checkpoint it is given without looking for
+/// (and hashing) the newest one again. Given the older of two, it continues from
+/// that one.
+#[test]
+fn resume_continues_from_the_checkpoint_the_caller_verified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = short_run(tmp.path(), "given", &["checkpoint.every=2", "eval.every=0"]);
+    let first = train::<B>(&config, &Default::default(), &TrainOptions::quiet()).unwrap();
+    let (_, newest) = mixlm_train::resume::resume_config(&first.run_dir, &[]).unwrap();
+    assert!(newest.ends_with("step-00000006"), "{}", newest.display());
+    let older = first.run_dir.join("checkpoints/step-00000004");
+    let resumed = train::<B>(
+        &config,
+        &Default::default(),
+        &TrainOptions {
+            quiet: true,
+            resume: true,
+            resume_from: Some(older),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(resumed.resumed_from, Some(4));
+}
