@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::checkpoint::{find_resumable, write_atomic};
+use crate::checkpoint::{latest_checkpoint, write_atomic};
 use crate::config::RunConfig;
 
 /// Config keys a resumed run may change (`section.key`, or `section.*` for a whole
@@ -44,7 +44,7 @@ fn is_safe(key: &str) -> bool {
 
 /// The config of the run in `run_dir`, as its newest valid checkpoint saved it, with
 /// `overrides` applied (each must be a [`SAFE_KEYS`] key), and that checkpoint,
-/// verified (hand it to the trainer as [`crate::TrainOptions::resume_from`], which
+/// verified, with a warning for each newer one skipped (hand it to the trainer as [`crate::TrainOptions::resume_from`], which
 /// spares hashing it again). The run's name and output folder follow `run_dir`,
 /// wherever it has been moved.
 pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<(RunConfig, PathBuf)> {
@@ -68,7 +68,7 @@ pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<(RunConfig,
             );
         }
     }
-    let (checkpoint, _) = find_resumable(run_dir)?;
+    let checkpoint = latest_checkpoint(run_dir)?;
     let saved = checkpoint.join("run.toml");
     let mut config = RunConfig::load(&saved, &safe)?;
     for (key, value) in counts {
