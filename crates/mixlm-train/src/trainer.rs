@@ -182,7 +182,7 @@ fn global_picks<B: burn::tensor::backend::Backend>(
         .collect())
 }
 
-/// Serialises model initialisation: Burn's CPU backend seeds one global generator, so
+/// Serialises model initialisation: Burn's backends seed one global generator, so
 /// data-parallel peers initialising at once would draw from it in turn and peer 0's
 /// weights (broadcast to the others) would depend on thread timing.
 static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -275,7 +275,11 @@ fn train_peer<B: TrainBackend>(
             let model = {
                 let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
                 B::seed(device, run.seed);
-                crate::distributed::materialize(model_config.init(device))
+                let model = crate::distributed::materialize(model_config.init(device));
+                // The GPU backends queue the draws: run them before another peer
+                // may reseed the generator.
+                B::sync(device)?;
+                model
             };
             (peer.broadcast_model(model)?, None)
         }
