@@ -256,6 +256,34 @@ fn three_peers_repeat_to_the_bit_whatever_the_bucketing() {
     assert_eq!(bucketed, run("per-parameter", "distributed.bucket_mb=0"));
 }
 
+/// The same on a GPU backend (CubeCL on wgpu; Mesa's lavapipe in CI), without Burn's
+/// fusion layer, which hides the bug: the collective's server thread computes the
+/// results, and before mixlm's patch to burn-collective a peer could read a result
+/// that thread had queued but not yet run (the run drifted from step 2 on).
+#[cfg(feature = "wgpu")]
+#[test]
+fn one_wgpu_peer_through_the_collective_trains_like_the_plain_path() {
+    if !mixlm_model::vulkan_driver_installed() {
+        return;
+    }
+    type Gpu = Autodiff<burn_wgpu::CubeBackend<burn_wgpu::WgpuRuntime, f32, i32, u32>>;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let c = config(dir.path(), name, 1, 2, extra);
+        let out = train::<Gpu>(&c, &Default::default(), &TrainOptions::quiet()).unwrap();
+        train_records(&out.run_dir)
+            .iter()
+            .map(|r| r["loss"].as_f64().unwrap())
+            .collect::<Vec<f64>>()
+    };
+    let plain = run("plain", &[]);
+    assert_eq!(plain.len(), 5);
+    assert_eq!(
+        plain,
+        run("collective", &["distributed.always_collective=true"])
+    );
+}
+
 /// A run trained on two peers resumes on two, and is refused on another count with
 /// the reason.
 #[test]

@@ -93,6 +93,13 @@ impl<B: Backend> AllReduceOp<B> {
         // all registered callers have sent a tensor to aggregate
         match self.all_reduce(config, global_client).await {
             Ok(mut tensors) => {
+                // mixlm patch: finish the reduction on this thread (the server's) before
+                // handing the results over. GPU backends queue work per thread; a peer
+                // reading a result this thread queued but has not submitted yet reads
+                // whatever the buffer held before.
+                for tensor in tensors.values() {
+                    let _ = B::sync(&B::float_device(tensor));
+                }
                 // Return resulting tensors
                 self.calls.iter().for_each(|call| {
                     let result = tensors
