@@ -110,6 +110,10 @@ enum Command {
         /// perplexity (default: --seq-len, disjoint windows).
         #[arg(long)]
         stride: Option<usize>,
+        /// Compute precision: f32, or bf16 on a GPU that has it (the weights stay
+        /// as stored; f32 whatever the run trained in, unless given).
+        #[arg(long, default_value = "f32")]
+        precision: String,
         /// Windows per forward pass (default: the config's eval.batch_size).
         #[arg(long)]
         batch_size: Option<usize>,
@@ -567,6 +571,7 @@ fn run(cli: Cli) -> Result<()> {
             heldout,
             tokenizer,
             backend,
+            precision,
         } => {
             use mixlm_train::evaluate::{
                 checkpoint_run_config, default_max_tokens, evaluate_on, resolve_checkpoint,
@@ -575,6 +580,8 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(b) = backend {
                 overrides.push(format!("run.backend=\"{b}\""));
             }
+            // Before the --set overrides, which win.
+            overrides.insert(0, format!("run.precision={}", toml_string(&precision)));
             if let Some(dir) = data {
                 overrides.push("data.source=\"shards\"".into());
                 overrides.push(format!(

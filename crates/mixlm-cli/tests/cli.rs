@@ -297,6 +297,20 @@ fn eval_prints_the_table_and_writes_reports() {
         single_error_line(&err).contains("unknown split `valid`"),
         "{err}"
     );
+    // The precision reaches the evaluator: the CPU has no bf16, and says so.
+    let (ok, _, err) = mixlm(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--precision",
+        "bf16",
+    ]);
+    assert!(!ok);
+    assert!(
+        single_error_line(&err).starts_with("error: run.precision = \"bf16\": the ")
+            && err.contains("use precision = \"f32\""),
+        "{err}"
+    );
 }
 
 /// `--devices 2` on the CPU: the start line states the global batch, the run trains and

@@ -95,7 +95,10 @@ pub fn evaluate<B: TrainBackend>(
     options: &EvalOptions,
     device: &B::Device,
 ) -> Result<EvalReport> {
+    crate::trainer::check_precision::<B::InnerBackend>(&config.run, device)?;
     let (model, model_config) = load_model::<B::InnerBackend>(&options.checkpoint, device)?;
+    // In the run's precision and attention kernel (`mixlm eval --precision`).
+    let model = model.with_compute(config.run.compute());
     let source = config.open_source()?;
     if source.vocab_size() > model_config.vocab_size {
         anyhow::bail!(

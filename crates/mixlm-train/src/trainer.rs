@@ -165,6 +165,23 @@ pub fn train_data_parallel<B: TrainBackend>(
     })
 }
 
+/// Refuses a `run.precision` the device cannot compute in, saying what to use.
+pub(crate) fn check_precision<B: burn::tensor::backend::Backend>(
+    run: &crate::config::RunSection,
+    device: &B::Device,
+) -> Result<()> {
+    let dtype = run.precision.dtype().into();
+    if !B::supports_dtype(device, dtype) {
+        bail!(
+            "run.precision = \"{}\": the {} backend cannot compute in {dtype:?} on this \
+             device; use precision = \"f32\" (bf16 needs a GPU that has it, on the cuda backend)",
+            run.precision.name(),
+            B::name(device)
+        );
+    }
+    Ok(())
+}
+
 /// Every peer's `(domain, window)` picks of the step, peer by peer: the global batch.
 fn global_picks<B: burn::tensor::backend::Backend>(
     peer: &Peer<B>,
@@ -200,15 +217,7 @@ fn train_peer<B: TrainBackend>(
     let Rank { world, .. } = peer.rank();
     let leader = peer.rank().is_leader();
     let model_config: ModelConfig = config.model.resolve().map_err(anyhow::Error::msg)?;
-    let dtype = run.precision.dtype().into();
-    if !B::supports_dtype(device, dtype) {
-        bail!(
-            "run.precision = \"{}\": the {} backend cannot compute in {dtype:?} on this \
-             device; use precision = \"f32\" (bf16 needs a GPU that has it, on the cuda backend)",
-            run.precision.name(),
-            B::name(device)
-        );
-    }
+    check_precision::<B>(run, device)?;
     let source: Arc<dyn TokenSource> = Arc::from(build_source(config)?);
     let names = source.domain_names();
     let k = names.len();
