@@ -96,7 +96,9 @@ pub fn build_source(config: &RunConfig) -> Result<Box<dyn TokenSource>> {
 
 /// Trains the model a config describes, on backend `B`, and writes
 /// `<out_dir>/<name>/{config.toml, metrics.jsonl, checkpoints/}`. With
-/// `distributed.devices = N > 1`, N data-parallel peers share `device`.
+/// `distributed.devices = N > 1`, N data-parallel peers share `device`: meant for the
+/// CPU (on a GPU, Burn 0.21 is not reliable with several threads on one device; use
+/// [`train_data_parallel`] with one device per peer, as `mixlm train --devices` does).
 pub fn train<B: TrainBackend>(
     config: &RunConfig,
     device: &B::Device,
