@@ -188,11 +188,16 @@ fn render(stem: &Path, size: (u32, u32), figure: Figure) -> Result<[PathBuf; 2],
     Ok([png, svg])
 }
 
+/// Moves a finished temporary file into place, flushed to disk first so a crash
+/// right after cannot leave an empty or partial figure under the final name.
 fn rename(from: &Path, to: &Path) -> Result<(), PlotError> {
-    std::fs::rename(from, to).map_err(|source| PlotError::Io {
-        path: to.display().to_string(),
-        source,
-    })
+    std::fs::File::open(from)
+        .and_then(|f| f.sync_all())
+        .and_then(|()| std::fs::rename(from, to))
+        .map_err(|source| PlotError::Io {
+            path: to.display().to_string(),
+            source,
+        })
 }
 
 type DrawResult = Result<(), String>;
