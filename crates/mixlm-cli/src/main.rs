@@ -386,7 +386,7 @@ fn run(cli: Cli) -> Result<()> {
             node_address,
         } => {
             // Flags are overrides of their config keys (values in TOML syntax).
-            let quoted = |s: String| format!("\"{s}\"");
+            let quoted = |s: String| toml_string(&s);
             for (key, value) in [
                 ("run.backend", backend.map(quoted)),
                 ("distributed.devices", devices.map(|n| n.to_string())),
@@ -507,7 +507,7 @@ fn run(cli: Cli) -> Result<()> {
             quiet,
         } => {
             if let Some(b) = backend {
-                overrides.push(format!("run.backend=\"{b}\""));
+                overrides.push(format!("run.backend={}", toml_string(&b)));
             }
             let config = match &config {
                 Some(path) => RunConfig::load(path, &overrides)?,
@@ -578,7 +578,7 @@ fn run(cli: Cli) -> Result<()> {
                 EvalOptions,
             };
             if let Some(b) = backend {
-                overrides.push(format!("run.backend=\"{b}\""));
+                overrides.push(format!("run.backend={}", toml_string(&b)));
             }
             // Before the --set overrides, which win.
             overrides.insert(0, format!("run.precision={}", toml_string(&precision)));

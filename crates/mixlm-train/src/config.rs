@@ -391,8 +391,7 @@ impl DistributedSection {
                 ("orchestrator", &self.orchestrator),
                 ("node_address", &self.node_address),
             ] {
-                let port = value.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
-                if !matches!(port, Some(Ok(_))) {
+                if port_of(value).is_none() {
                     return Err(format!(
                         "distributed.{key} = {value:?}: with distributed.nodes = {} it must be \
                          HOST:PORT (--{})",
@@ -404,6 +403,11 @@ impl DistributedSection {
         }
         Ok(())
     }
+}
+
+/// The port of a `HOST:PORT` address.
+pub fn port_of(address: &str) -> Option<u16> {
+    address.rsplit_once(':')?.1.parse().ok()
 }
 
 impl Default for DistributedSection {

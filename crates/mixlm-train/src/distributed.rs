@@ -26,6 +26,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_collective::{CollectiveConfig, CollectiveError, PeerId, ReduceOperation};
 
+use crate::config::{port_of, DistributedSection};
+
 /// PyTorch DDP's default bucket: large enough that per-message latency is amortised,
 /// small enough to keep the extra copy of the gradients it makes small.
 const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
@@ -69,40 +71,22 @@ impl Heartbeat {
     }
 }
 
-/// Where the nodes of a multi-node run meet (`[distributed]` `nodes`, `node_rank`,
-/// `orchestrator`, `node_address`).
-#[derive(Debug, Clone)]
-pub struct Nodes {
-    pub nodes: usize,
-    pub orchestrator: String,
-    pub node_address: String,
-    pub all_reduce: crate::config::NodeAllReduce,
-}
-
-impl Nodes {
-    fn configure(&self, config: CollectiveConfig) -> Result<CollectiveConfig> {
-        let ws = |a: &str| -> Result<burn_communication::Address> {
-            format!("ws://{a}")
-                .parse()
-                .map_err(|e| anyhow!("address {a}: {e}"))
-        };
-        let port: u16 = self
-            .node_address
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .ok_or_else(|| {
-                anyhow!(
-                    "distributed.node_address = {:?}: no port",
-                    self.node_address
-                )
-            })?;
-        Ok(config
-            .with_global_all_reduce_strategy(self.all_reduce.strategy())
-            .with_num_nodes(self.nodes as u32)
-            .with_global_address(ws(&self.orchestrator)?)
-            .with_node_address(ws(&self.node_address)?)
-            .with_data_service_port(port))
-    }
+/// `config` joined to the other nodes of a multi-node run, as `[distributed]` says
+/// (`nodes`, `orchestrator`, `node_address`, `all_reduce`).
+fn with_nodes(d: &DistributedSection, config: CollectiveConfig) -> Result<CollectiveConfig> {
+    let ws = |a: &str| -> Result<burn_communication::Address> {
+        format!("ws://{a}")
+            .parse()
+            .map_err(|e| anyhow!("address {a}: {e}"))
+    };
+    let port = port_of(&d.node_address)
+        .ok_or_else(|| anyhow!("distributed.node_address = {:?}: no port", d.node_address))?;
+    Ok(config
+        .with_global_all_reduce_strategy(d.all_reduce.strategy())
+        .with_num_nodes(d.nodes as u32)
+        .with_global_address(ws(&d.orchestrator)?)
+        .with_node_address(ws(&d.node_address)?)
+        .with_data_service_port(port))
 }
 
 /// Serves the meeting point of a multi-node run on `port` until the process is
@@ -174,12 +158,13 @@ impl<B: Backend> Peer<B> {
     }
 
     /// Joins the collective as global peer `rank` (of `rank.world` over all nodes),
-    /// one of `local_peers` in this process; with `nodes`, through the orchestrator.
-    /// A world of one joins a collective of one (to measure its cost).
+    /// one of `local_peers` in this process; with `nodes` (a multi-node run's
+    /// `[distributed]`), through the orchestrator. A world of one joins a collective
+    /// of one (to measure its cost).
     pub fn register_on_nodes(
         rank: Rank,
         local_peers: usize,
-        nodes: Option<&Nodes>,
+        nodes: Option<&DistributedSection>,
         device: &B::Device,
         heartbeat: Arc<Heartbeat>,
     ) -> Result<Self> {
@@ -193,8 +178,8 @@ impl<B: Backend> Peer<B> {
             _backend: PhantomData,
         };
         let mut config = CollectiveConfig::default().with_num_devices(local_peers);
-        if let Some(n) = nodes {
-            config = n.configure(config)?;
+        if let Some(d) = nodes {
+            config = with_nodes(d, config)?;
         }
         peer.wait("registration", || {
             burn_collective::register::<B>(peer.id, device.clone(), config)

@@ -44,9 +44,9 @@ fn is_safe(key: &str) -> bool {
 
 /// The config of the run in `run_dir`, as its newest valid checkpoint saved it, with
 /// `overrides` applied (each must be a [`SAFE_KEYS`] key), and that checkpoint,
-/// verified, with a warning for each newer one skipped (hand it to the trainer as [`crate::TrainOptions::resume_from`], which
-/// spares hashing it again). The run's name and output folder follow `run_dir`,
-/// wherever it has been moved.
+/// verified, with a warning for each newer one skipped (hand it to the trainer as
+/// [`crate::TrainOptions::resume_from`], which spares hashing it again). The run's
+/// name and output folder follow `run_dir`, wherever it has been moved.
 pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<(RunConfig, PathBuf)> {
     // The peer counts may be given again (`--devices`, `--nodes`) but must equal the
     // saved ones.

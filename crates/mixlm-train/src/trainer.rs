@@ -141,12 +141,7 @@ pub fn train_data_parallel<B: TrainBackend>(
         let peer = Peer::solo(&devices[0]);
         return train_peer::<B>(config, &devices[0], options, resume_from, &peer);
     }
-    let nodes = (d.nodes > 1).then(|| crate::distributed::Nodes {
-        nodes: d.nodes,
-        orchestrator: d.orchestrator.clone(),
-        node_address: d.node_address.clone(),
-        all_reduce: d.all_reduce,
-    });
+    let nodes = (d.nodes > 1).then_some(d);
     // Burn's collective server is one per backend and process: one group at a time.
     static GROUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _group = GROUP.lock().unwrap_or_else(|e| e.into_inner());
@@ -157,7 +152,7 @@ pub fn train_data_parallel<B: TrainBackend>(
             rank: d.node_rank * local + local_rank.rank,
             world,
         };
-        let peer = Peer::register_on_nodes(rank, local, nodes.as_ref(), device, heartbeat)?
+        let peer = Peer::register_on_nodes(rank, local, nodes, device, heartbeat)?
             .with_bucket_mb(d.bucket_mb);
         let outcome = train_peer::<B>(config, device, options, resume_from, &peer);
         if outcome.is_ok() {

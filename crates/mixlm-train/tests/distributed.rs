@@ -91,28 +91,18 @@ fn by_domain(record: &Value, field: &str) -> BTreeMap<String, f64> {
 /// compares the parameters, the losses, the proportions and (to `weights_tolerance`)
 /// the loss weights step by step.
 fn matches_one_device(peers: usize, accum: usize, mixing: &[&str], weights_tolerance: f64) {
-    matches_one_device_on::<B>(&Default::default(), peers, accum, mixing, weights_tolerance);
-}
-
-/// [`matches_one_device`] on `device` of backend `Bk` (the peers are replicas on it).
-fn matches_one_device_on<Bk: mixlm_model::TrainBackend>(
-    device: &Bk::Device,
-    peers: usize,
-    accum: usize,
-    mixing: &[&str],
-    weights_tolerance: f64,
-) {
     let dir = tempfile::tempdir().unwrap();
     let options = TrainOptions::quiet();
-    let parallel = train::<Bk>(
+    let device = Default::default();
+    let parallel = train::<B>(
         &config(dir.path(), "parallel", peers, accum, mixing),
-        device,
+        &device,
         &options,
     )
     .unwrap();
-    let single = train::<Bk>(
+    let single = train::<B>(
         &config(dir.path(), "single", 1, peers * accum, mixing),
-        device,
+        &device,
         &options,
     )
     .unwrap();
