@@ -25,6 +25,8 @@ binary. Results: a markdown table on stdout and JSON in --out.
     # what one device through the data-parallel path costs (issue 10's < 1% bar):
     python3 scripts/bench_gpu.py --mixlm dist/mixlm --presets pythia-160m \
         --mixlm-precisions bf16 --precisions bf16 --collective --steps 60 --warmup 20
+    # check the device first (mixlm check-backend), then measure:
+    python3 scripts/bench_gpu.py --mixlm dist/mixlm --check --presets pythia-160m
     # CPU smoke test of the script itself (tiny model, a few steps):
     python3 scripts/bench_gpu.py --mixlm target/release/mixlm --device cpu \
         --presets tiny --seq 64 --batch 4 --steps 6 --warmup 2
@@ -254,12 +256,24 @@ def main():
     p.add_argument("--collective", action="store_true",
                    help="also run each mixlm configuration through the data-parallel path "
                         "with one peer, and print its cost against the plain path")
+    p.add_argument("--check", action="store_true",
+                   help="first run `mixlm check-backend` (kernels against Burn's attention, a few "
+                        "steps against the CPU) for each --mixlm-precisions, and print its findings")
     p.add_argument("--out", default="bench-gpu.json")
     args = p.parse_args()
     args.backend = args.backend or args.device
     if not 1 <= args.warmup < args.steps:
         p.error("--warmup must be at least 1 and below --steps")
 
+    checks = []
+    if args.check:
+        for prec in args.mixlm_precisions.split(","):
+            cmd = [args.mixlm, "check-backend", "--backend", args.backend, "--precision", prec]
+            print(" ".join(cmd), file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            print(proc.stdout + proc.stderr[-2000:], flush=True)
+            checks.append({"precision": prec, "passed": proc.returncode == 0,
+                           "findings": proc.stdout.splitlines()})
     peak = matmul_peak(args.device)
     device_name = "cpu"
     if args.device == "cuda":
@@ -316,7 +330,8 @@ def main():
             print(f"{r['preset']} {r['trainer']} {r['precision']}: the collective path costs "
                   f"{cost:.2%} of the plain path's tokens/s")
     with open(args.out, "w") as f:
-        json.dump({"device": device_name, "args": vars(args), "matmul_peak": peak, "rows": rows}, f, indent=2)
+        json.dump({"device": device_name, "args": vars(args), "matmul_peak": peak, "rows": rows,
+                   "checks": checks}, f, indent=2)
     print(f"\nwritten: {args.out}", file=sys.stderr)
 
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mixlm_model::{ModelConfig, Precision, PRESETS};
+use mixlm_train::config::toml_string;
 use mixlm_train::{train_on, BackendKind, RunConfig, TrainOptions};
 
 #[derive(Parser)]
@@ -81,6 +82,24 @@ enum Command {
         /// manifest names).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+    },
+    /// Check a backend on this machine's device before a long job: the attention
+    /// kernels (forward and backward) against Burn's attention, at the presets' shapes
+    /// with timings; a few training steps against the CPU; the data-parallel path
+    /// against the plain one. Exits non-zero when a check fails.
+    CheckBackend {
+        /// cpu, wgpu or cuda.
+        #[arg(long, default_value = "cuda")]
+        backend: String,
+        /// Compute precision training would use: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        precision: String,
+        /// Skip the presets' attention shapes (sequence 2048) and their timings.
+        #[arg(long)]
+        quick: bool,
+        /// Training steps compared with the CPU.
+        #[arg(long, default_value_t = 8)]
+        steps: u64,
     },
     /// Per-domain perplexity of a checkpoint on the validation and test splits (token-
     /// weighted and sequence-mean) and the average per group; writes eval.json and
@@ -481,6 +500,32 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("mixlm orchestrator: listening on port {port} (Ctrl-C to stop)");
             mixlm_train::distributed::run_orchestrator(port)
         }
+        Command::CheckBackend {
+            backend,
+            precision,
+            quick,
+            steps,
+        } => {
+            let precision = match precision.as_str() {
+                "f32" => Precision::F32,
+                "bf16" => Precision::Bf16,
+                other => anyhow::bail!("--precision {other}: use f32 or bf16"),
+            };
+            let mut options =
+                mixlm_train::check::CheckOptions::new(backend.parse::<BackendKind>()?, precision);
+            options.preset_shapes &= !quick;
+            options.steps = steps;
+            let findings = mixlm_train::check::check_backend(&options, |f| println!("{f}"))?;
+            let failed = findings
+                .iter()
+                .filter(|f| f.level == mixlm_train::doctor::Level::Fail)
+                .count();
+            if failed > 0 {
+                anyhow::bail!("{failed} check(s) failed on the {backend} backend");
+            }
+            println!("the {backend} backend computes what the CPU reference does");
+            Ok(())
+        }
         Command::Doctor { path, tokenizer } => {
             let findings = mixlm_train::doctor::doctor(&path, tokenizer.as_deref());
             for f in &findings {
@@ -861,9 +906,4 @@ fn group_digits(n: u64) -> String {
         out.push(c);
     }
     out
-}
-
-/// `s` as a TOML string literal (for `--set` overrides built from paths).
-fn toml_string(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
 }

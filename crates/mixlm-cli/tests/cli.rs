@@ -358,3 +358,40 @@ fn train_on_two_cpu_peers_then_refuse_another_count_on_resume() {
         "{stderr}"
     );
 }
+
+/// `mixlm check-backend` on the CPU: every check passes (exit 0); a precision the
+/// device lacks fails with the reason (exit non-zero, one error line); a precision
+/// training does not offer is refused.
+#[test]
+fn check_backend_passes_on_the_cpu_and_fails_a_precision_it_lacks() {
+    let (ok, out, err) = mixlm(&["check-backend", "--backend", "cpu", "--steps", "2"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok   training: 2 steps of the tiny preset on cpu")),
+        "{out}"
+    );
+    assert!(out.lines().all(|l| !l.starts_with("FAIL")), "{out}");
+    assert_eq!(
+        out.lines().last(),
+        Some("the cpu backend computes what the CPU reference does")
+    );
+
+    let (ok, out, err) = mixlm(&["check-backend", "--backend", "cpu", "--precision", "bf16"]);
+    assert!(!ok);
+    assert_eq!(
+        single_error_line(&err),
+        "error: 1 check(s) failed on the cpu backend"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL run.precision = \"bf16\": the ")),
+        "{out}"
+    );
+    let (ok, _, err) = mixlm(&["check-backend", "--backend", "cpu", "--precision", "f16"]);
+    assert!(!ok);
+    assert_eq!(
+        single_error_line(&err),
+        "error: --precision f16: use f32 or bf16"
+    );
+}

@@ -21,6 +21,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bool, Tensor, TensorPrimitive};
 
+use crate::config::{AttentionKernel, Precision};
+
 #[cfg(feature = "cubecl")]
 mod cube;
 
@@ -296,6 +298,147 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
     }
 }
 
+/// Burn's own causal attention (under autodiff: `attention_fallback`, which keeps the
+/// score matrix), what [`causal_attention`] is checked against.
+pub fn burn_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let options = burn::tensor::ops::AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    burn::tensor::module::attention(q, k, v, None, None, options)
+}
+
+/// How closely an attention implementation follows [`burn_attention`] in f32 on the
+/// same random inputs: the output and the three gradients of `sum(attention · w)`,
+/// each as its worst element's error in units of the tolerance (at most 1 passes).
+///
+/// This is how the kernels are tested, and what `mixlm check-backend` runs on a user's
+/// device before a long job. In half precision the inputs are rounded to the dtype
+/// once, so both sides see the same values, and the tolerance grows with the dtype's
+/// rounding step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionAgreement {
+    /// `[batch, heads, seq, head_dim]`.
+    pub shape: [usize; 4],
+    pub precision: Precision,
+    /// Worst error over tolerance of `[output, dq, dk, dv]`.
+    pub worst: [f32; 4],
+}
+
+impl AttentionAgreement {
+    pub const PARTS: [&'static str; 4] = ["output", "dq", "dk", "dv"];
+
+    /// Every part within tolerance (a NaN fails).
+    pub fn passed(&self) -> bool {
+        self.worst.iter().all(|w| *w <= 1.0)
+    }
+
+    /// `(absolute, relative)` tolerance of an element: f32 allows accumulation-order
+    /// differences; half precision 16 rounding steps of its dtype.
+    pub fn tolerance(precision: Precision) -> (f32, f32) {
+        match precision {
+            Precision::F32 => (2e-4, 2e-3),
+            Precision::F16 => (16.0 * 2f32.powi(-11), 16.0 * 2f32.powi(-11)),
+            Precision::Bf16 => (16.0 * 2f32.powi(-8), 16.0 * 2f32.powi(-8)),
+        }
+    }
+}
+
+/// Random `q, k, v` and output weights `w` of `shape` in f32, rounded to `precision`'s
+/// dtype (seeded: the same values on every call and device).
+fn attention_inputs<B: Backend>(
+    shape: [usize; 4],
+    precision: Precision,
+    device: &B::Device,
+) -> [Tensor<B, 4>; 4] {
+    B::seed(device, 1);
+    [0, 1, 2, 3].map(|_| {
+        Tensor::<B, 4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), device)
+            .cast(precision.dtype())
+            .cast(burn::tensor::FloatDType::F32)
+    })
+}
+
+/// Output and gradients `[out, dq, dk, dv]` of `sum(attention(q, k, v) · w)` with the
+/// inputs in `precision`, returned in f32.
+fn attention_outputs<B: AutodiffBackend>(
+    inputs: &[Tensor<B::InnerBackend, 4>; 4],
+    precision: Precision,
+    attention: &impl Fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) -> Tensor<B, 4>,
+) -> [Tensor<B::InnerBackend, 4>; 4] {
+    let [q, k, v, w] = inputs
+        .clone()
+        .map(|x| Tensor::<B, 4>::from_inner(x.cast(precision.dtype())));
+    let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+    let out = attention(q.clone(), k.clone(), v.clone());
+    let grads = (out.clone() * w).sum().backward();
+    let grad = |x: &Tensor<B, 4>| x.grad(&grads).expect("input gradient");
+    [out.inner(), grad(&q), grad(&k), grad(&v)].map(|t| t.cast(burn::tensor::FloatDType::F32))
+}
+
+/// Compares `attention` (run with inputs in `precision`) against [`burn_attention`] in
+/// f32 on the same inputs; see [`AttentionAgreement`].
+pub fn attention_agreement<B: AutodiffBackend>(
+    shape: [usize; 4],
+    precision: Precision,
+    device: &B::Device,
+    attention: impl Fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) -> Tensor<B, 4>,
+) -> AttentionAgreement {
+    let inputs = attention_inputs::<B::InnerBackend>(shape, precision, device);
+    let expected = attention_outputs::<B>(&inputs, Precision::F32, &burn_attention);
+    let got = attention_outputs::<B>(&inputs, precision, &attention);
+    let (atol, rtol) = AttentionAgreement::tolerance(precision);
+    let mut worst = [0f32; 4];
+    for (w, (e, g)) in worst.iter_mut().zip(expected.into_iter().zip(got)) {
+        let (e, g) = (
+            e.into_data().to_vec::<f32>().expect("f32 data"),
+            g.into_data().to_vec::<f32>().expect("f32 data"),
+        );
+        *w = e
+            .iter()
+            .zip(&g)
+            .map(|(e, g)| (e - g).abs() / (atol + rtol * e.abs()))
+            .fold(0.0f32, |a, x| if x.is_nan() || x > a { x } else { a });
+    }
+    AttentionAgreement {
+        shape,
+        precision,
+        worst,
+    }
+}
+
+/// Mean wall-clock time of one forward and backward pass of `kernel` on `shape` in
+/// `precision`, over `iterations` after two warm-up passes (autotuning, compilation),
+/// synchronised with the device.
+pub fn time_attention<B: AutodiffBackend + ModelBackend>(
+    shape: [usize; 4],
+    precision: Precision,
+    kernel: AttentionKernel,
+    iterations: usize,
+    device: &B::Device,
+) -> Result<std::time::Duration, burn::tensor::backend::ExecutionError> {
+    let inputs = attention_inputs::<B::InnerBackend>(shape, precision, device);
+    let pass = || match kernel {
+        AttentionKernel::Fused => attention_outputs::<B>(&inputs, precision, &causal_attention),
+        AttentionKernel::Burn => attention_outputs::<B>(&inputs, precision, &burn_attention),
+    };
+    for _ in 0..2 {
+        drop(pass());
+        B::sync(device)?;
+    }
+    let start = std::time::Instant::now();
+    for _ in 0..iterations {
+        drop(pass());
+    }
+    B::sync(device)?;
+    Ok(start.elapsed() / iterations.max(1) as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,69 +455,62 @@ mod tests {
         Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
     }
 
-    fn fallback<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
-        attention(q, k, v, None, None, options)
-    }
-
-    /// Output and the three gradients of `sum(attention(q, k, v) * w)` for `run`.
-    pub(crate) fn outputs_and_grads<B: AutodiffBackend>(
-        shape: [usize; 4],
-        device: &B::Device,
-        run: impl Fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) -> Tensor<B, 4>,
-    ) -> [Tensor<B::InnerBackend, 4>; 4] {
-        let q = random::<B>(shape, 1, device).require_grad();
-        let k = random::<B>(shape, 2, device).require_grad();
-        let v = random::<B>(shape, 3, device).require_grad();
-        let w = random::<B>(shape, 4, device);
-        let out = run(q.clone(), k.clone(), v.clone());
-        let grads = (out.clone() * w).sum().backward();
-        [
-            out.inner(),
-            q.grad(&grads).unwrap(),
-            k.grad(&grads).unwrap(),
-            v.grad(&grads).unwrap(),
-        ]
-    }
-
-    /// Checks `fused` against Burn's own `attention` (autodiff through the fallback).
+    /// Checks `fused` against Burn's own attention (autodiff through the fallback).
     pub(crate) fn assert_matches_fallback<B: AutodiffBackend>(
         shape: [usize; 4],
+        precision: Precision,
         device: &B::Device,
         fused: impl Fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) -> Tensor<B, 4>,
-    ) {
-        let expected = outputs_and_grads::<B>(shape, device, fallback);
-        let got = outputs_and_grads::<B>(shape, device, fused);
-        for (name, (e, g)) in ["output", "dq", "dk", "dv"]
-            .iter()
-            .zip(expected.into_iter().zip(got))
-        {
-            let (e, g) = (
-                e.into_data().to_vec::<f32>().unwrap(),
-                g.into_data().to_vec::<f32>().unwrap(),
-            );
-            let worst = e
-                .iter()
-                .zip(&g)
-                .map(|(e, g)| (e - g).abs() / (2e-4 + 2e-3 * e.abs()))
-                .fold(0.0f32, |a, x| if x.is_nan() || x > a { x } else { a });
-            assert!(
-                worst <= 1.0,
-                "{name} of {shape:?} differs from the fallback: {worst} x tolerance"
-            );
-        }
+    ) -> AttentionAgreement {
+        let a = attention_agreement(shape, precision, device, fused);
+        println!("{shape:?} {}: {:?} x tolerance", precision.name(), a.worst);
+        assert!(a.passed(), "{a:?}: differs from Burn's attention");
+        a
     }
 
     #[test]
     fn cpu_fused_attention_matches_burn_fallback_with_gradients() {
         let device = Default::default();
         for shape in [[1, 1, 1, 8], [2, 3, 17, 16], [1, 2, 64, 32], [1, 1, 70, 64]] {
-            assert_matches_fallback::<Ad>(shape, &device, causal_attention);
+            assert_matches_fallback::<Ad>(shape, Precision::F32, &device, causal_attention);
         }
+    }
+
+    /// The comparison catches what a broken kernel gets wrong: attending to the future,
+    /// a wrong scale, one position off; each fails with the part it breaks.
+    #[test]
+    fn the_agreement_check_catches_broken_attention() {
+        let device = Default::default();
+        let shape = [1, 2, 33, 16];
+        let not_causal = |q: Tensor<Ad, 4>, k: Tensor<Ad, 4>, v: Tensor<Ad, 4>| {
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: false,
+            };
+            attention(q, k, v, None, None, options)
+        };
+        let a = attention_agreement(shape, Precision::F32, &device, not_causal);
+        assert!(a.worst.iter().all(|w| *w > 10.0), "{a:?}");
+        let rescaled = |q: Tensor<Ad, 4>, k, v| causal_attention(q.mul_scalar(1.01), k, v);
+        let a = attention_agreement(shape, Precision::F32, &device, rescaled);
+        assert!(!a.passed() && a.worst[2] > 1.0, "{a:?}");
+        // The last query row sees the second-to-last one's values.
+        let shifted = |q: Tensor<Ad, 4>, k, v: Tensor<Ad, 4>| {
+            let out = causal_attention(q, k, v);
+            let t = out.dims()[2];
+            Tensor::cat(
+                vec![out.clone().narrow(2, 0, t - 1), out.narrow(2, t - 2, 1)],
+                2,
+            )
+        };
+        let a = attention_agreement(shape, Precision::F32, &device, shifted);
+        assert!(a.worst[0] > 1.0 && a.worst[3] > 1.0, "{a:?}");
+        assert!(!AttentionAgreement {
+            worst: [0.5, f32::NAN, 0.0, 0.0],
+            ..a
+        }
+        .passed());
     }
 
     /// The CubeCL kernels through the fusion backend, as training runs them: shapes with
@@ -396,7 +532,15 @@ mod tests {
             [2, 2, 129, 64],
             [1, 1, 40, 128],
         ] {
-            assert_matches_fallback::<Gpu>(shape, &device, causal_attention);
+            assert_matches_fallback::<Gpu>(shape, Precision::F32, &device, causal_attention);
+        }
+        // Half precision (lavapipe has f16, not bf16): within the dtype's tolerance,
+        // and not f32's result (the kernel really ran in f16).
+        for shape in [[2, 3, 17, 16], [1, 2, 129, 64]] {
+            let a =
+                assert_matches_fallback::<Gpu>(shape, Precision::F16, &device, causal_attention);
+            let (atol, _) = AttentionAgreement::tolerance(Precision::F16);
+            assert!(a.worst[0] * atol > 1e-6, "{a:?}: f16 gave f32's output");
         }
     }
 
@@ -432,7 +576,7 @@ mod tests {
         let q = random::<Ad>([1, 2, 9, 8], 1, &device);
         let k = random::<Ad>([1, 2, 9, 8], 2, &device);
         let v = random::<Ad>([1, 2, 9, 8], 3, &device);
-        let expected = fallback(q.clone(), k.clone(), v.clone()).into_data();
+        let expected = burn_attention(q.clone(), k.clone(), v.clone()).into_data();
         causal_attention(q, k, v)
             .into_data()
             .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-5));

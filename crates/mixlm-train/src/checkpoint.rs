@@ -194,6 +194,24 @@ fn optimizer_safetensors<B: Backend>(optimizer: &AdamW<B>) -> Result<Vec<u8>> {
     Ok(safetensors::serialize(views, None)?)
 }
 
+/// Writes `model.safetensors` + `config.json` (each atomically) into `dir`: a folder
+/// `model.init_from`, `mixlm eval` and transformers' `from_pretrained` read.
+pub fn write_model_folder<B: Backend>(
+    dir: &Path,
+    model: &Transformer<B>,
+    config: &ModelConfig,
+) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_atomic(
+        &dir.join("model.safetensors"),
+        &to_safetensors(model, config)?,
+    )?;
+    write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&hf_config(config))?.as_bytes(),
+    )
+}
+
 /// Writes a complete checkpoint for `state.step` and points `latest` at it.
 pub fn write_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
     run_dir: &Path,

@@ -15,6 +15,11 @@ use serde::{Deserialize, Serialize};
 /// The config compiled into the binary: what plain `mixlm train` runs.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../configs/demo.toml");
 
+/// `s` as a TOML string literal (for `--set` overrides built from paths and flags).
+pub fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
 /// A whole run, section by section as in the TOML file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,6 +139,12 @@ pub struct ModelSection {
     pub parallel_residual: Option<bool>,
     pub rotary_pct: Option<f64>,
     pub init_std: Option<f64>,
+    /// Start from these weights instead of a random initialisation (continued
+    /// pretraining): a checkpoint folder, a run folder (its latest checkpoint), or a
+    /// Hugging Face folder (`config.json` + `model.safetensors`) whose model has the
+    /// shape this section resolves to. A resumed run continues from its checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 impl ModelSection {

@@ -95,7 +95,7 @@ pub fn evaluate<B: TrainBackend>(
     options: &EvalOptions,
     device: &B::Device,
 ) -> Result<EvalReport> {
-    crate::trainer::check_precision::<B::InnerBackend>(&config.run, device)?;
+    crate::trainer::check_precision::<B::InnerBackend>(config.run.precision, device)?;
     let (model, model_config) = load_model::<B::InnerBackend>(&options.checkpoint, device)?;
     // In the run's precision and attention kernel (`mixlm eval --precision`).
     let model = model.with_compute(config.run.compute());

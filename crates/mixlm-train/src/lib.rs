@@ -2,6 +2,7 @@
 
 pub mod alignment;
 pub mod backend;
+pub mod check;
 pub mod checkpoint;
 pub mod compare;
 pub mod config;

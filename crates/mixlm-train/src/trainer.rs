@@ -164,15 +164,15 @@ pub fn train_data_parallel<B: TrainBackend>(
 
 /// Refuses a `run.precision` the device cannot compute in, saying what to use.
 pub(crate) fn check_precision<B: burn::tensor::backend::Backend>(
-    run: &crate::config::RunSection,
+    precision: mixlm_model::Precision,
     device: &B::Device,
 ) -> Result<()> {
-    let dtype = run.precision.dtype().into();
+    let dtype = precision.dtype().into();
     if !B::supports_dtype(device, dtype) {
         bail!(
             "run.precision = \"{}\": the {} backend cannot compute in {dtype:?} on this \
              device; use precision = \"f32\" (bf16 needs a GPU that has it, on the cuda backend)",
-            run.precision.name(),
+            precision.name(),
             B::name(device)
         );
     }
@@ -214,7 +214,7 @@ fn train_peer<B: TrainBackend>(
     let Rank { world, .. } = peer.rank();
     let leader = peer.rank().is_leader();
     let model_config: ModelConfig = config.model.resolve().map_err(anyhow::Error::msg)?;
-    check_precision::<B>(run, device)?;
+    check_precision::<B>(run.precision, device)?;
     let source: Arc<dyn TokenSource> = Arc::from(build_source(config)?);
     let names = source.domain_names();
     let k = names.len();
@@ -281,7 +281,11 @@ fn train_peer<B: TrainBackend>(
             let model = {
                 let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
                 B::seed(device, run.seed);
-                let model = crate::distributed::materialize(model_config.init(device));
+                let model = match &config.model.init_from {
+                    // Peer 0's copy is broadcast to the others.
+                    Some(path) if leader => load_initial::<B>(path, &model_config, device)?,
+                    _ => crate::distributed::materialize(model_config.init(device)),
+                };
                 // The GPU backends queue the draws: run them before another peer
                 // may reseed the generator.
                 B::sync(device)?;
@@ -956,6 +960,23 @@ fn restore<B: TrainBackend>(
     Ok(restored)
 }
 
+/// Loads the model of `path` (a checkpoint folder, a run folder's latest checkpoint,
+/// or a Hugging Face folder) for the config key `key` that names it.
+fn load_weights<B: burn::tensor::backend::Backend>(
+    path: &std::path::Path,
+    key: &str,
+    device: &B::Device,
+) -> Result<(Transformer<B>, ModelConfig, PathBuf)> {
+    let dir = if path.join("checkpoints").is_dir() {
+        crate::checkpoint::latest_checkpoint(path)?
+    } else {
+        path.to_path_buf()
+    };
+    let (model, config) = crate::checkpoint::load_model::<B>(&dir, device)
+        .with_context(|| format!("cannot load the model of {key} = {}", path.display()))?;
+    Ok((model, config, dir))
+}
+
 /// Loads a scheduler's frozen reference model (DoReMi), from a checkpoint folder or a
 /// run folder's latest checkpoint; it must share the run's vocabulary.
 fn load_reference<B: burn::tensor::backend::Backend>(
@@ -963,17 +984,7 @@ fn load_reference<B: burn::tensor::backend::Backend>(
     run_model: &ModelConfig,
     device: &B::Device,
 ) -> Result<Transformer<B>> {
-    let dir = if path.join("checkpoints").is_dir() {
-        crate::checkpoint::latest_checkpoint(path)?
-    } else {
-        path.to_path_buf()
-    };
-    let (model, config) = crate::checkpoint::load_model::<B>(&dir, device).with_context(|| {
-        format!(
-            "cannot load the reference model (mixing.reference = {})",
-            path.display()
-        )
-    })?;
+    let (model, config, dir) = load_weights::<B>(path, "mixing.reference", device)?;
     if config.vocab_size != run_model.vocab_size {
         anyhow::bail!(
             "the reference model in {} has vocab_size {}, the run's model {}: train the \
@@ -981,6 +992,41 @@ fn load_reference<B: burn::tensor::backend::Backend>(
             dir.display(),
             config.vocab_size,
             run_model.vocab_size
+        );
+    }
+    Ok(model)
+}
+
+/// The initial weights of `model.init_from`: a model of exactly the run's shape (its
+/// initialisation scale and context length aside), else an error naming each field
+/// that differs.
+fn load_initial<B: burn::tensor::backend::Backend>(
+    path: &std::path::Path,
+    run_model: &ModelConfig,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
+    let (model, config, dir) = load_weights::<B>(path, "model.init_from", device)?;
+    let shape = |c: &ModelConfig| {
+        let mut c = c.clone();
+        c.init_std = run_model.init_std;
+        c.max_seq_len = run_model.max_seq_len;
+        serde_json::to_value(&c).expect("a model config serialises")
+    };
+    let (theirs, ours) = (shape(&config), shape(run_model));
+    if theirs != ours {
+        let differ: Vec<String> = ours
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| theirs.get(k.as_str()) != Some(*v))
+            .map(|(k, v)| format!("{k} {} (the run's [model]: {v})", theirs[k.as_str()]))
+            .collect();
+        bail!(
+            "model.init_from = {}: the model in {} has another shape: {}; set [model] to \
+             its shape (or start from another checkpoint)",
+            path.display(),
+            dir.display(),
+            differ.join(", ")
         );
     }
     Ok(model)

@@ -868,3 +868,54 @@ fn resume_continues_from_the_checkpoint_the_caller_verified() {
     .unwrap();
     assert_eq!(resumed.resumed_from, Some(4));
 }
+
+/// `model.init_from` starts where another run ended: the new run's initial validation
+/// perplexities are the first run's final ones (to the bit), it trains on from there,
+/// and a folder with a model of another shape, or no model, is refused naming the key.
+#[test]
+fn init_from_starts_from_another_runs_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let options = TrainOptions::quiet();
+    let first = train::<B>(&short_run(tmp.path(), "first", &[]), &device, &options).unwrap();
+    let from = format!("model.init_from=\"{}\"", first.run_dir.display());
+    let second = train::<B>(
+        &short_run(tmp.path(), "second", &[&from]),
+        &device,
+        &options,
+    )
+    .unwrap();
+    assert_eq!(first.rows.len(), 5);
+    for (a, b) in first.rows.iter().zip(&second.rows) {
+        assert_eq!(b.initial_ppl, Some(a.ppl), "{}", a.domain);
+        assert_ne!(b.ppl, a.ppl, "{}: the second run did not train", a.domain);
+    }
+
+    let three_layers = short_run(tmp.path(), "third", &[&from, "model.n_layers=3"]);
+    let e = format!(
+        "{:#}",
+        train::<B>(&three_layers, &device, &options).unwrap_err()
+    );
+    assert!(
+        e.starts_with("model.init_from = ") && e.contains("n_layers 2 (the run's [model]: 3)"),
+        "{e}"
+    );
+    let missing = tmp.path().join("nothing-here");
+    let none = format!("model.init_from=\"{}\"", missing.display());
+    let e = format!(
+        "{:#}",
+        train::<B>(
+            &short_run(tmp.path(), "fourth", &[&none]),
+            &device,
+            &options
+        )
+        .unwrap_err()
+    );
+    assert!(
+        e.starts_with(&format!(
+            "cannot load the model of model.init_from = {}",
+            missing.display()
+        )) && e.contains("config.json"),
+        "{e}"
+    );
+}
