@@ -298,6 +298,20 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
     }
 }
 
+/// `[batch, heads, seq, head_dim]` shapes that probe the kernels: one position;
+/// sequences shorter than, equal to and not a multiple of the row block; head sizes 8
+/// to 128; and rows whose work passes llvmpipe's loop cap (see the `cube` module).
+pub const PROBE_SHAPES: [[usize; 4]; 8] = [
+    [1, 1, 1, 8],
+    [2, 3, 17, 16],
+    [1, 2, 64, 32],
+    [1, 1, 70, 64],
+    [2, 2, 129, 64],
+    [1, 1, 40, 128],
+    [1, 1, 1100, 64],
+    [1, 1, 600, 128],
+];
+
 /// Burn's own causal attention (under autodiff: `attention_fallback`, which keeps the
 /// score matrix), what [`causal_attention`] is checked against.
 pub fn burn_attention<B: Backend>(
@@ -471,7 +485,7 @@ mod tests {
     #[test]
     fn cpu_fused_attention_matches_burn_fallback_with_gradients() {
         let device = Default::default();
-        for shape in [[1, 1, 1, 8], [2, 3, 17, 16], [1, 2, 64, 32], [1, 1, 70, 64]] {
+        for shape in PROBE_SHAPES {
             assert_matches_fallback::<Ad>(shape, Precision::F32, &device, causal_attention);
         }
     }
@@ -514,8 +528,8 @@ mod tests {
     }
 
     /// The CubeCL kernels through the fusion backend, as training runs them: shapes with
-    /// sequences shorter than, equal to and not a multiple of the row block, and the
-    /// head sizes of the presets.
+    /// sequences shorter than, equal to and not a multiple of the row block, the head
+    /// sizes of the presets, and rows whose work exceeds lavapipe's loop cap.
     #[cfg(feature = "cubecl")]
     #[test]
     fn wgpu_kernels_match_burn_fallback_with_gradients() {
@@ -524,19 +538,12 @@ mod tests {
         }
         type Gpu = Autodiff<burn::backend::Wgpu>;
         let device = Default::default();
-        for shape in [
-            [1, 1, 1, 8],
-            [2, 3, 17, 16],
-            [1, 2, 64, 32],
-            [1, 1, 70, 64],
-            [2, 2, 129, 64],
-            [1, 1, 40, 128],
-        ] {
+        for shape in PROBE_SHAPES {
             assert_matches_fallback::<Gpu>(shape, Precision::F32, &device, causal_attention);
         }
         // Half precision (lavapipe has f16, not bf16): within the dtype's tolerance,
         // and not f32's result (the kernel really ran in f16).
-        for shape in [[2, 3, 17, 16], [1, 2, 129, 64]] {
+        for shape in [[2, 3, 17, 16], [1, 1, 300, 32]] {
             let a =
                 assert_matches_fallback::<Gpu>(shape, Precision::F16, &device, causal_attention);
             let (atol, _) = AttentionAgreement::tolerance(Precision::F16);

@@ -14,6 +14,13 @@
 //!
 //! The causal mask skips whole tiles above the diagonal. These are CUDA-core kernels
 //! (no tensor cores yet); `benches/RESULTS.md` tracks how they compare.
+//!
+//! Every loop over the head dimension is unrolled (`head_dim` is known when the kernel
+//! is compiled). This keeps a row and its accumulators addressable as registers. It
+//! also keeps each invocation under llvmpipe's cap of 65,535 loop iterations
+//! (lavapipe, the Vulkan driver CI tests on): rolled, the loops of a query row near
+//! position 470 already made that many at head size 64. Past the cap, llvmpipe
+//! silently skips the remaining iterations.
 
 use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
@@ -46,6 +53,7 @@ fn load_rows<F: Float>(
     #[comptime] head_dim: u32,
 ) {
     let d = head_dim as usize;
+    #[unroll]
     for c in 0..d {
         a_tile[slot * d + c] = f32::cast_from(a[base + row * d + c]) * scale;
         b_tile[slot * d + c] = f32::cast_from(b[base + row * d + c]);
@@ -62,6 +70,7 @@ fn dot_tile(
 ) -> f32 {
     let d = head_dim as usize;
     let mut sum = f32::new(0.0);
+    #[unroll]
     for c in 0..d {
         sum += x[c] * tile[slot * d + c];
     }
@@ -80,6 +89,7 @@ fn read_row<F: Float>(
     #[comptime] head_dim: u32,
 ) {
     let d = head_dim as usize;
+    #[unroll]
     for c in 0..d {
         row[c] = 0.0;
         if active {
@@ -91,6 +101,7 @@ fn read_row<F: Float>(
 #[cube]
 fn zeros(row: &mut Array<f32>, #[comptime] head_dim: u32) {
     let d = head_dim as usize;
+    #[unroll]
     for c in 0..d {
         row[c] = 0.0;
     }
@@ -150,6 +161,7 @@ fn forward_kernel<F: Float>(
             }
             let correction = (m - tile_max).exp();
             l *= correction;
+            #[unroll]
             for c in 0..d {
                 acc[c] *= correction;
             }
@@ -157,6 +169,7 @@ fn forward_kernel<F: Float>(
                 if kt * bs + jj <= i {
                     let p = (scores[jj] - tile_max).exp();
                     l += p;
+                    #[unroll]
                     for c in 0..d {
                         acc[c] += p * v_tile[jj * d + c];
                     }
@@ -168,6 +181,7 @@ fn forward_kernel<F: Float>(
     }
 
     if active {
+        #[unroll]
         for c in 0..d {
             out[base + i * d + c] = F::cast_from(acc[c] / l);
         }
@@ -213,6 +227,7 @@ fn backward_query_kernel<F: Float>(
     let mut row_lse = f32::new(0.0);
     let mut row_delta = f32::new(0.0);
     if active {
+        #[unroll]
         for c in 0..d {
             row_delta += grad_row[c] * f32::cast_from(out[base + i * d + c]);
         }
@@ -231,6 +246,7 @@ fn backward_query_kernel<F: Float>(
                     let p = (dot_tile(&q_row, &k_tile, jj, head_dim) - row_lse).exp();
                     let dp = dot_tile(&grad_row, &v_tile, jj, head_dim);
                     let ds = p * (dp - row_delta);
+                    #[unroll]
                     for c in 0..d {
                         acc[c] += ds * k_tile[jj * d + c];
                     }
@@ -241,6 +257,7 @@ fn backward_query_kernel<F: Float>(
     }
 
     if active {
+        #[unroll]
         for c in 0..d {
             dq[base + i * d + c] = F::cast_from(acc[c] * scale);
         }
@@ -317,6 +334,7 @@ fn backward_key_kernel<F: Float>(
                     let p = (dot_tile(&k_row, &q_tile, ii, head_dim) - lse_tile[ii]).exp();
                     let dp = dot_tile(&v_row, &grad_tile, ii, head_dim);
                     let ds = p * (dp - delta_tile[ii]);
+                    #[unroll]
                     for c in 0..d {
                         dv_acc[c] += p * grad_tile[ii * d + c];
                         dk_acc[c] += ds * q_tile[ii * d + c];
@@ -328,6 +346,7 @@ fn backward_key_kernel<F: Float>(
     }
 
     if active {
+        #[unroll]
         for c in 0..d {
             dk[base + j * d + c] = F::cast_from(dk_acc[c]);
             dv[base + j * d + c] = F::cast_from(dv_acc[c]);
