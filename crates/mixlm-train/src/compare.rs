@@ -24,7 +24,7 @@ use crate::checkpoint::{latest_checkpoint, write_atomic};
 use crate::config::RunConfig;
 use crate::evaluate::{default_max_tokens, evaluate_on, EvalOptions, EvalReport};
 use crate::figures::Figure;
-use crate::metrics::Curves;
+use crate::metrics::{Curves, StepTimes};
 use crate::samplemix::{make_plan, model_free_plan, PlanOptions};
 use crate::search::{mix_search, SearchMethod, SearchOptions};
 use crate::trainer::TrainOptions;
@@ -92,6 +92,10 @@ pub struct RunResult {
     pub tokens_per_second: f64,
     /// Training wall-clock of the final run.
     pub wall_s: f64,
+    /// The final run's step time by part, summed over its steps (zero in results
+    /// written before it existed).
+    #[serde(default)]
+    pub step_time: StepTimes,
     pub eval: EvalReport,
     /// Validation loss and proportion trajectories of the final run, for the figures
     /// (read from its `metrics.jsonl`; absent in results written before they existed).
@@ -362,6 +366,7 @@ fn run_one(
         wall_s: (outcome.steps * run.tokens_per_step()) as f64
             / outcome.tokens_per_second.max(1e-9),
         curves: Curves::read(&outcome.run_dir.join("metrics.jsonl"))?,
+        step_time: StepTimes::read_total(&outcome.run_dir.join("metrics.jsonl"))?,
         run_dir: outcome.run_dir,
         eval,
     };
@@ -408,11 +413,13 @@ pub fn report(results: &CompareResults, figures: &[Figure]) -> String {
     let mut out = format!(
         "# Mixing methods compared\n\n{} methods x {seeds} seed(s). Perplexities are \
          token-weighted; \"avg\" is the mean over domains (the Aioli paper's average test \
-         perplexity per group), as mean ± standard deviation over seeds.\n\n",
+         perplexity per group), as mean ± standard deviation over seeds. \"mixing share\" \
+         is the share of the training loop's time spent in the mixing method (its own \
+         validation passes included), which tokens/s also pays for.\n\n",
         results.methods.len()
     );
-    out += "| method | avg test ppl | Δ vs stratified | avg val ppl | tokens/s | train wall-clock (s) | extra steps |\n";
-    out += "|---|---:|---:|---:|---:|---:|---:|\n";
+    out += "| method | avg test ppl | Δ vs stratified | avg val ppl | tokens/s | train wall-clock (s) | mixing share | extra steps |\n";
+    out += "|---|---:|---:|---:|---:|---:|---:|---:|\n";
     for m in &results.methods {
         let runs = by_method(m);
         if runs.is_empty() {
@@ -423,8 +430,16 @@ pub fn report(results: &CompareResults, figures: &[Figure]) -> String {
         let tps = mean_std(&runs.iter().map(|r| r.tokens_per_second).collect::<Vec<_>>()).0;
         let wall = mean_std(&runs.iter().map(|r| r.wall_s).collect::<Vec<_>>()).0;
         let delta = baseline.map_or("-".into(), |b| format!("{:+.3}", t - b));
+        let shares: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.step_time.mixing_share())
+            .collect();
+        let share = match shares.is_empty() {
+            true => "-".to_string(),
+            false => format!("{:.1}%", 100.0 * mean_std(&shares).0),
+        };
         out += &format!(
-            "| {m} | {t:.3} ± {ts:.3} | {delta} | {v:.3} ± {vs:.3} | {tps:.0} | {wall:.1} | {} |\n",
+            "| {m} | {t:.3} ± {ts:.3} | {delta} | {v:.3} ± {vs:.3} | {tps:.0} | {wall:.1} | {share} | {} |\n",
             runs[0].extra_steps
         );
     }

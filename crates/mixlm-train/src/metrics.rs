@@ -51,7 +51,7 @@ pub struct StepRecord {
 /// One step's wall-clock by part (seconds), to see whether anything besides the model
 /// keeps the device waiting. The model's share includes waiting for the device: its
 /// work is asynchronous and is waited for when the losses are read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepTimes {
     /// Waiting for the next batch from the loader thread.
     pub data: f64,
@@ -61,6 +61,40 @@ pub struct StepTimes {
     pub mixing: f64,
     /// Metrics, progress, periodic evaluation and checkpoints (of the previous step).
     pub other: f64,
+}
+
+impl StepTimes {
+    pub fn total(&self) -> f64 {
+        self.data + self.model + self.mixing + self.other
+    }
+
+    /// The mixing method's share of the time (its validation passes included): what
+    /// a method costs on top of training, apart from the tokens/s of the whole run.
+    pub fn mixing_share(&self) -> Option<f64> {
+        (self.total() > 0.0).then(|| self.mixing / self.total())
+    }
+
+    /// The sum of a `metrics.jsonl`'s training steps' times (a torn or older line
+    /// without `time_s` is skipped).
+    pub fn read_total(path: &Path) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Line {
+            kind: String,
+            time_s: StepTimes,
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Line>(l).ok())
+            .filter(|l| l.kind == "train")
+            .fold(Self::default(), |a, l| Self {
+                data: a.data + l.time_s.data,
+                model: a.model + l.time_s.model,
+                mixing: a.mixing + l.time_s.mixing,
+                other: a.other + l.time_s.other,
+            }))
+    }
 }
 
 /// One per-domain validation pass.
@@ -246,6 +280,37 @@ fn thin(points: Vec<CurvePoint>, max: usize) -> Vec<CurvePoint> {
 
 #[cfg(test)]
 mod tests {
+
+    /// The step times of a run's training lines are summed; evaluation lines and a
+    /// torn last line are not counted.
+    #[test]
+    fn step_times_are_summed_over_training_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let line = |kind: &str, t: [f64; 4]| {
+            format!(
+                "{{\"kind\":\"{kind}\",\"step\":1,\"time_s\":{{\"data\":{},\"model\":{},\"mixing\":{},\"other\":{}}}}}\n",
+                t[0], t[1], t[2], t[3]
+            )
+        };
+        let text = line("train", [0.5, 2.0, 0.25, 0.25])
+            + &line("eval", [9.0, 9.0, 9.0, 9.0])
+            + &line("train", [0.5, 4.0, 0.75, 0.75])
+            + "{\"kind\":\"train\",\"time_s\":{\"data\":";
+        std::fs::write(&path, text).unwrap();
+        let t = StepTimes::read_total(&path).unwrap();
+        assert_eq!(
+            t,
+            StepTimes {
+                data: 1.0,
+                model: 6.0,
+                mixing: 1.0,
+                other: 1.0
+            }
+        );
+        assert_eq!(t.mixing_share(), Some(1.0 / 9.0));
+        assert_eq!(StepTimes::default().mixing_share(), None);
+    }
     use super::*;
 
     #[test]

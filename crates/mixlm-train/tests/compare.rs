@@ -77,6 +77,15 @@ pilot_steps = 3
     for m in ["stratified", "natural", "doge"] {
         assert!(md.contains(&format!("| {m} |")), "{md}");
     }
+    // Every run's step time by part, and the mixing method's share of it.
+    assert!(md.contains("| mixing share |"), "{md}");
+    for r in &results.results {
+        let share = r.step_time.mixing_share().unwrap();
+        assert!(
+            r.step_time.model > 0.0 && (0.0..1.0).contains(&share),
+            "{r:?}"
+        );
+    }
     // Stratified's own difference is zero; the test ppl is mean ± std over 2 seeds.
     let strat = md
         .lines()
