@@ -8,11 +8,9 @@ use burn::nn::{
 };
 use burn::tensor::activation::{gelu, log_softmax, silu};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
-use crate::attention::{causal_attention, ModelBackend};
+use crate::attention::{burn_attention, causal_attention, ModelBackend};
 use crate::config::{AttentionKernel, Compute, Family, ModelConfig, Precision};
 
 /// Normalisation layer: LayerNorm (NeoX) or RMSNorm (Llama).
@@ -124,14 +122,7 @@ impl<B: ModelBackend> Attention<B> {
         let (k, v) = (repeat_kv(k, h / g), repeat_kv(v, h / g));
         let y = match compute.attention {
             AttentionKernel::Fused => causal_attention(q, k, v),
-            AttentionKernel::Burn => {
-                let options = AttentionModuleOptions {
-                    scale: None,
-                    softcap: None,
-                    is_causal: true,
-                };
-                attention(q, k, v, None, None, options)
-            }
+            AttentionKernel::Burn => burn_attention(q, k, v),
         };
         to_f32(project(
             &self.out,

@@ -17,7 +17,9 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use mixlm_model::attention::{attention_agreement, causal_attention, time_attention, PROBE_SHAPES};
+use mixlm_model::attention::{
+    attention_agreement, causal_attention, time_attention, AttentionAgreement, PROBE_SHAPES,
+};
 use mixlm_model::{AttentionKernel, ModelConfig, Precision, TrainBackend, PRESETS};
 
 use crate::backend::{dispatch, train_on, BackendKind, OnBackend};
@@ -136,20 +138,35 @@ impl<F: FnMut(Finding)> OnBackend for AttentionChecks<'_, F> {
             return Ok(false);
         }
         let describe = |worst: &[f32; 4]| {
-            mixlm_model::attention::AttentionAgreement::PARTS
+            AttentionAgreement::PARTS
                 .iter()
                 .zip(worst)
                 .map(|(p, w)| format!("{p} {w:.3}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let agreement = |label: String, shape: [usize; 4]| {
-            let a = attention_agreement::<B>(shape, precision, device, causal_attention);
-            let level = if a.passed() { Level::Ok } else { Level::Fail };
+        // Presets that share a head size share their check shape: compared once.
+        let mut compared: Vec<([usize; 4], [f32; 4])> = Vec::new();
+        let mut agreement = |label: String, shape: [usize; 4]| {
+            let worst = match compared.iter().find(|(s, _)| *s == shape) {
+                Some((_, worst)) => *worst,
+                None => {
+                    let a = attention_agreement::<B>(shape, precision, device, causal_attention);
+                    compared.push((shape, a.worst));
+                    a.worst
+                }
+            };
+            let passed = AttentionAgreement {
+                shape,
+                precision,
+                worst,
+            }
+            .passed();
+            let level = if passed { Level::Ok } else { Level::Fail };
             let message = format!(
                 "attention {label}{shape:?} {}: worst error / tolerance: {}",
                 precision.name(),
-                describe(&a.worst)
+                describe(&worst)
             );
             (level, message)
         };
@@ -238,9 +255,10 @@ fn initial_weights(dir: &Path) -> Result<std::path::PathBuf> {
 }
 
 /// A short run of the tiny preset on the built-in corpus in `dir`, from the weights in
-/// `dir/init`; the step losses.
+/// `init`; the step losses.
 fn step_losses(
     dir: &Path,
+    init: &Path,
     name: &str,
     backend: BackendKind,
     precision: Precision,
@@ -255,7 +273,7 @@ fn step_losses(
         format!("run.name=\"{name}\""),
         format!(
             "model.init_from={}",
-            crate::config::toml_string(&dir.join("init").display().to_string())
+            crate::config::toml_string(&init.display().to_string())
         ),
         format!("run.backend=\"{}\"", backend.name()),
         format!("run.precision=\"{}\"", precision.name()),
@@ -299,14 +317,27 @@ pub fn largest_relative_difference(a: &[f64], b: &[f64]) -> f64 {
         )
 }
 
+/// `losses FIRST .. LAST` of a run's step losses.
+fn span(losses: &[f64]) -> String {
+    let at = |l: Option<&f64>| l.copied().unwrap_or(f64::NAN);
+    format!(
+        "losses {:.4} .. {:.4}",
+        at(losses.first()),
+        at(losses.last())
+    )
+}
+
 fn training_checks(options: &CheckOptions, push: &mut impl FnMut(Finding)) -> Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("mixlm-check-")
         .tempdir()
         .context("cannot create a temporary folder for the check's training runs")?;
     let (backend, precision, steps) = (options.backend, options.precision, options.steps);
-    initial_weights(dir.path())?;
-    let target = step_losses(dir.path(), "target", backend, precision, steps, &[])?;
+    let init = initial_weights(dir.path())?;
+    let run = |name: &str, backend, precision, extra: &[&str]| {
+        step_losses(dir.path(), &init, name, backend, precision, steps, extra)
+    };
+    let target = run("target", backend, precision, &[])?;
     let compare = |push: &mut dyn FnMut(Finding), what: String, got: &[f64], reference: &[f64]| {
         let (d, tolerance) = (
             largest_relative_difference(got, reference),
@@ -321,10 +352,9 @@ fn training_checks(options: &CheckOptions, push: &mut impl FnMut(Finding)) -> Re
             level,
             format!(
                 "{what}: largest relative difference of the {} step losses {d:.2e} \
-                 (tolerance {tolerance:.0e}); losses {:.4} .. {:.4}",
+                 (tolerance {tolerance:.0e}); {}",
                 got.len(),
-                got.first().copied().unwrap_or(f64::NAN),
-                got.last().copied().unwrap_or(f64::NAN),
+                span(got),
             ),
         ));
     };
@@ -333,21 +363,13 @@ fn training_checks(options: &CheckOptions, push: &mut impl FnMut(Finding)) -> Re
             Level::Ok,
             format!(
                 "training: {} steps of the tiny preset on cpu (the reference the other \
-                 backends are checked against); losses {:.4} .. {:.4}",
+                 backends are checked against); {}",
                 target.len(),
-                target.first().copied().unwrap_or(f64::NAN),
-                target.last().copied().unwrap_or(f64::NAN)
+                span(&target)
             ),
         ));
     } else {
-        let reference = step_losses(
-            dir.path(),
-            "cpu",
-            BackendKind::Cpu,
-            Precision::F32,
-            steps,
-            &[],
-        )?;
+        let reference = run("cpu", BackendKind::Cpu, Precision::F32, &[])?;
         compare(
             push,
             format!(
@@ -359,12 +381,10 @@ fn training_checks(options: &CheckOptions, push: &mut impl FnMut(Finding)) -> Re
             &reference,
         );
     }
-    let collective = step_losses(
-        dir.path(),
+    let collective = run(
         "collective",
         backend,
         precision,
-        steps,
         &["distributed.always_collective=true"],
     )?;
     compare(

@@ -280,6 +280,7 @@ fn thin(points: Vec<CurvePoint>, max: usize) -> Vec<CurvePoint> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     /// The step times of a run's training lines are summed; evaluation lines and a
     /// torn last line are not counted.
@@ -311,7 +312,6 @@ mod tests {
         assert_eq!(t.mixing_share(), Some(1.0 / 9.0));
         assert_eq!(StepTimes::default().mixing_share(), None);
     }
-    use super::*;
 
     #[test]
     fn curves_are_read_back_from_metrics() {
