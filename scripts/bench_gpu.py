@@ -25,6 +25,9 @@ binary. Results: a markdown table on stdout and JSON in --out.
     # what one device through the data-parallel path costs (issue 10's < 1% bar):
     python3 scripts/bench_gpu.py --mixlm dist/mixlm --presets pythia-160m \
         --mixlm-precisions bf16 --precisions bf16 --collective --steps 60 --warmup 20
+    # the same through NCCL during backward (a second binary, built with --features nccl):
+    python3 scripts/bench_gpu.py --mixlm dist/mixlm --nccl-mixlm dist/mixlm-nccl \
+        --presets pythia-160m --mixlm-precisions bf16 --precisions bf16 --collective
     # check the device first (mixlm check-backend), then measure:
     python3 scripts/bench_gpu.py --mixlm dist/mixlm --check --presets pythia-160m
     # CPU smoke test of the script itself (tiny model, a few steps):
@@ -33,6 +36,7 @@ binary. Results: a markdown table on stdout and JSON in --out.
 """
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -102,11 +106,13 @@ class GpuMemoryPoller:
         return (self.peak - self.base) / 1024 if self.enabled else None
 
 
-def run_mixlm(args, preset, precision, attention="fused", collective=False):
+def run_mixlm(args, preset, precision, attention="fused", path="plain"):
     """Trains with the mixlm binary; tokens/s over the steps after the warm-up.
 
-    collective: through the data-parallel machinery with one peer
-    (`distributed.always_collective`), to measure its cost against the plain path."""
+    path: "plain", or through the data-parallel machinery with one peer, to measure
+    its cost against the plain path: "collective" (`distributed.always_collective`,
+    gradients through burn-collective) or "nccl" (the --nccl-mixlm binary,
+    `distributed.communication = "nccl"`, gradients through NCCL during backward)."""
     out = tempfile.mkdtemp(prefix="mixlm-bench-")
     sets = {
         "run.out_dir": json.dumps(out),
@@ -123,9 +129,13 @@ def run_mixlm(args, preset, precision, attention="fused", collective=False):
     }
     sets["run.precision"] = json.dumps(precision)
     sets["run.attention"] = json.dumps(attention)
-    if collective:
+    binary = args.mixlm
+    if path == "collective":
         sets["distributed.always_collective"] = "true"
-    cmd = [args.mixlm, "train", "--config", os.path.join(REPO, "configs/bench/throughput.toml"), "--quiet", "--overwrite"]
+    elif path == "nccl":
+        sets["distributed.communication"] = json.dumps("nccl")
+        binary = args.nccl_mixlm
+    cmd = [binary, "train", "--config", os.path.join(REPO, "configs/bench/throughput.toml"), "--quiet", "--overwrite"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     with GpuMemoryPoller(args.device) as mem:
@@ -145,6 +155,26 @@ def run_mixlm(args, preset, precision, attention="fused", collective=False):
     return {"tokens_per_s": tps, "peak_gib": mem.peak_gib(), "wall_s": wall,
             "final_loss": last["loss"], "time_split_s": split,
             "outside_model": 1 - split["model"] / max(sum(split.values()), 1e-12)}
+
+
+def use_pip_nccl():
+    """Lets the nccl build find NCCL: it loads `libnccl.so` at run time (cudarc), and
+    with PyTorch from pip NCCL is the nvidia-nccl wheel's `libnccl.so.2`, outside the
+    loader's path and under another name. Links it as libnccl.so in a temporary
+    folder put first on LD_LIBRARY_PATH (children of this script inherit it)."""
+    try:
+        import nvidia.nccl
+    except ImportError:
+        return
+    for root in getattr(nvidia.nccl, "__path__", []):
+        found = sorted(glob.glob(os.path.join(root, "lib", "libnccl.so*")))
+        if found:
+            folder = tempfile.mkdtemp(prefix="mixlm-nccl-")
+            os.symlink(found[0], os.path.join(folder, "libnccl.so"))
+            old = os.environ.get("LD_LIBRARY_PATH", "")
+            os.environ["LD_LIBRARY_PATH"] = folder + (":" + old if old else "")
+            print(f"NCCL for the nccl build: {found[0]}", file=sys.stderr)
+            return
 
 
 def run_torch(args, preset, precision):
@@ -256,24 +286,32 @@ def main():
     p.add_argument("--collective", action="store_true",
                    help="also run each mixlm configuration through the data-parallel path "
                         "with one peer, and print its cost against the plain path")
+    p.add_argument("--nccl-mixlm", default=None,
+                   help="a mixlm built with --features nccl: with --collective, also measure the "
+                        "path whose gradients go through NCCL during backward; with --check, "
+                        "also run its check-backend")
     p.add_argument("--check", action="store_true",
                    help="first run `mixlm check-backend` (kernels against Burn's attention, a few "
                         "steps against the CPU) for each --mixlm-precisions, and print its findings")
     p.add_argument("--out", default="bench-gpu.json")
     args = p.parse_args()
     args.backend = args.backend or args.device
+    use_pip_nccl()
     if not 1 <= args.warmup < args.steps:
         p.error("--warmup must be at least 1 and below --steps")
 
     checks = []
     if args.check:
-        for prec in args.mixlm_precisions.split(","):
-            cmd = [args.mixlm, "check-backend", "--backend", args.backend, "--precision", prec]
-            print(" ".join(cmd), file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            print(proc.stdout + proc.stderr[-2000:], flush=True)
-            checks.append({"precision": prec, "passed": proc.returncode == 0,
-                           "findings": proc.stdout.splitlines()})
+        binaries = [args.mixlm] + ([args.nccl_mixlm] if args.nccl_mixlm else [])
+        for binary in binaries:
+            for prec in args.mixlm_precisions.split(","):
+                cmd = [binary, "check-backend", "--backend", args.backend, "--precision", prec]
+                print(" ".join(cmd), file=sys.stderr, flush=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                print(proc.stdout + proc.stderr[-2000:], flush=True)
+                checks.append({"binary": binary, "precision": prec,
+                               "passed": proc.returncode == 0,
+                               "findings": proc.stdout.splitlines()})
     peak = matmul_peak(args.device)
     device_name = "cpu"
     if args.device == "cuda":
@@ -288,8 +326,10 @@ def main():
                 for attn in args.mixlm_attention.split(",")
                 for prec in args.mixlm_precisions.split(",")]
         if args.collective:
-            runs += [(f"mixlm/{attn}/collective", prec,
-                      lambda a, pr, pc, attn=attn: run_mixlm(a, pr, pc, attn, collective=True))
+            paths = ["collective"] + (["nccl"] if args.nccl_mixlm else [])
+            runs += [(f"mixlm/{attn}/{path}", prec,
+                      lambda a, pr, pc, attn=attn, path=path: run_mixlm(a, pr, pc, attn, path))
+                     for path in paths
                      for attn in args.mixlm_attention.split(",")
                      for prec in args.mixlm_precisions.split(",")]
         runs += [("pytorch", prec, run_torch) for prec in args.precisions.split(",")]
@@ -320,14 +360,15 @@ def main():
               f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_gib'), '.1f')} | {fmt(ratio, '.2f')} | "
               f"{fmt(r.get('outside_model'), '.1%')} |")
     for r in rows:
-        if not r["trainer"].endswith("/collective") or "tokens_per_s" not in r:
+        base, _, path = r["trainer"].rpartition("/")
+        if path not in ("collective", "nccl") or "tokens_per_s" not in r:
             continue
         plain = next((x for x in rows if x["preset"] == r["preset"] and x["precision"] == r["precision"]
-                      and x["trainer"] == r["trainer"][: -len("/collective")] and "tokens_per_s" in x), None)
+                      and x["trainer"] == base and "tokens_per_s" in x), None)
         if plain:
             cost = 1 - r["tokens_per_s"] / plain["tokens_per_s"]
             r["collective_cost"] = cost
-            print(f"{r['preset']} {r['trainer']} {r['precision']}: the collective path costs "
+            print(f"{r['preset']} {r['trainer']} {r['precision']}: the {path} path costs "
                   f"{cost:.2%} of the plain path's tokens/s")
     with open(args.out, "w") as f:
         json.dump({"device": device_name, "args": vars(args), "matmul_peak": peak, "rows": rows,

@@ -454,9 +454,14 @@ fn run(cli: Cli) -> Result<()> {
                         d.devices, d.node_rank
                     ),
                 };
+                let gradients = match d.nccl() {
+                    true => "through NCCL during the backward pass",
+                    false => "through burn-collective after the backward pass",
+                };
                 eprintln!(
                     "data-parallel: {layout} x micro-batch {} x {} accumulation step(s) = \
-                     global batch of {} sequences ({} tokens per step)",
+                     global batch of {} sequences ({} tokens per step); gradients averaged \
+                     {gradients}",
                     config.run.batch_size,
                     config.run.grad_accum,
                     config.sequences_per_step(),

@@ -326,7 +326,8 @@ fn train_on_two_cpu_peers_then_refuse_another_count_on_resume() {
     assert!(
         stderr.contains(
             "data-parallel: 2 peers x micro-batch 4 x 3 accumulation step(s) = global batch \
-             of 24 sequences (384 tokens per step)"
+             of 24 sequences (384 tokens per step); gradients averaged through \
+             burn-collective after the backward pass"
         ),
         "{stderr}"
     );

@@ -68,14 +68,32 @@ pub trait ModelBackend: Backend {
 
 /// What training needs: an autodiff [`ModelBackend`] whose inner backend (used for
 /// evaluation without a graph) is one too.
-pub trait TrainBackend: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend {}
+pub trait TrainBackend:
+    AutodiffBackend<InnerBackend: ModelBackend + AutodiffInner> + ModelBackend
+{
+}
 
 impl<B> TrainBackend for B
 where
     B: AutodiffBackend + ModelBackend,
-    B::InnerBackend: ModelBackend,
+    B::InnerBackend: ModelBackend + AutodiffInner,
 {
 }
+
+/// The backends Burn's `Autodiff` wraps in this build: any backend, or, with Burn's
+/// `distributed` feature (mixlm's `nccl` build), only those that can all-reduce
+/// gradients while the backward pass runs. Naming it lets generic code say either.
+#[cfg(not(feature = "distributed"))]
+pub trait AutodiffInner: Backend {}
+#[cfg(not(feature = "distributed"))]
+impl<B: Backend> AutodiffInner for B {}
+/// The backends Burn's `Autodiff` wraps in this build: any backend, or, with Burn's
+/// `distributed` feature (mixlm's `nccl` build), only those that can all-reduce
+/// gradients while the backward pass runs. Naming it lets generic code say either.
+#[cfg(feature = "distributed")]
+pub trait AutodiffInner: burn::tensor::backend::distributed::DistributedBackend {}
+#[cfg(feature = "distributed")]
+impl<B: burn::tensor::backend::distributed::DistributedBackend> AutodiffInner for B {}
 
 /// Causal attention on tensors, scaled by `1/sqrt(head_dim)` (what the model calls).
 pub fn causal_attention<B: ModelBackend>(
@@ -236,7 +254,7 @@ impl<B: ModelBackend> Backward<B, 3> for CausalAttentionBackward {
     }
 }
 
-impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+impl<B: ModelBackend + AutodiffInner, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
     /// Not differentiable itself (the result carries no graph); [`Self::causal_attention`] is.
     fn causal_attention_forward(
         q: FloatTensor<Self>,

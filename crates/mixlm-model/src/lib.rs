@@ -21,7 +21,7 @@ pub fn vulkan_driver_installed() -> bool {
     found
 }
 
-pub use attention::{ModelBackend, TrainBackend};
+pub use attention::{AutodiffInner, ModelBackend, TrainBackend};
 pub use config::{
     AttentionKernel, Compute, Family, ModelConfig, Precision, TrainingMemory, PRESETS,
 };

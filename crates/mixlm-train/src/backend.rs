@@ -48,7 +48,8 @@ impl BackendKind {
     /// Whether this binary was built with the backend.
     pub fn compiled(self) -> bool {
         match self {
-            Self::Cpu => true,
+            // Burn's `distributed` feature leaves ndarray without autodiff.
+            Self::Cpu => cfg!(not(feature = "nccl")),
             Self::Wgpu => cfg!(feature = "wgpu"),
             Self::Cuda => cfg!(feature = "cuda"),
         }
@@ -56,6 +57,13 @@ impl BackendKind {
 
     /// The one-line error for a backend this binary lacks.
     pub fn check_compiled(self) -> Result<()> {
+        if self == Self::Cpu && !self.compiled() {
+            bail!(
+                "backend `cpu` is not in this mixlm binary: it was built with `--features nccl`, \
+                 whose Burn `distributed` feature gives ndarray no autodiff; use a build without \
+                 `nccl` for the CPU"
+            );
+        }
         if !self.compiled() {
             bail!(
                 "backend `{0}` is not compiled into this mixlm binary; rebuild with `cargo build --release --features {0}`",
@@ -97,8 +105,13 @@ fn dispatch_with<C: CheckpointStrategy, J: OnBackend>(
     kind.check_compiled()?;
     match kind {
         BackendKind::Cpu => {
-            use burn::backend::{ndarray::NdArrayDevice, Autodiff, NdArray};
-            job.run_on::<Autodiff<NdArray<f32>, C>>(&vec![NdArrayDevice::Cpu; n])
+            #[cfg(not(feature = "nccl"))]
+            {
+                use burn::backend::{ndarray::NdArrayDevice, Autodiff, NdArray};
+                job.run_on::<Autodiff<NdArray<f32>, C>>(&vec![NdArrayDevice::Cpu; n])
+            }
+            #[cfg(feature = "nccl")]
+            unreachable!("checked above")
         }
         BackendKind::Wgpu => {
             #[cfg(feature = "wgpu")]
@@ -151,13 +164,13 @@ pub fn train_on(
             dispatch_with::<BalancedCheckpointing, _>(kind, n, Job(config, options))
         }
     };
-    with_out_of_memory_advice(config, kind, run)
+    with_panic_advice(config, kind, run)
 }
 
-/// Burn's backends report an exhausted device memory by panicking: turns that one
-/// panic, of this thread or of a data-parallel peer, into an error that says what to
-/// change.
-fn with_out_of_memory_advice<T>(
+/// Burn's backends report an exhausted device memory (and a missing NCCL) by
+/// panicking: turns those panics, of this thread or of a data-parallel peer, into an
+/// error that says what to change.
+fn with_panic_advice<T>(
     config: &RunConfig,
     kind: BackendKind,
     run: impl FnOnce() -> Result<T>,
@@ -167,13 +180,13 @@ fn with_out_of_memory_advice<T>(
         Ok(Err(e)) => {
             let advice = e.chain().find_map(|cause| {
                 let panic = cause.downcast_ref::<PeerPanic>()?;
-                let advice = out_of_memory_advice(&panic.message, config, kind)?;
+                let advice = panic_advice(&panic.message, config, kind)?;
                 Some(format!("peer {}: {advice}", panic.rank))
             });
             Err(advice.map_or(e, |advice| anyhow::anyhow!(advice)))
         }
         Ok(result) => result,
-        Err(panic) => match out_of_memory_advice(panic_message(&panic), config, kind) {
+        Err(panic) => match panic_advice(panic_message(&panic), config, kind) {
             Some(advice) => Err(anyhow::anyhow!(advice)),
             None => std::panic::resume_unwind(panic),
         },
@@ -231,9 +244,59 @@ pub fn out_of_memory_advice(
     ))
 }
 
+/// What to change for a panic mixlm recognises: [`out_of_memory_advice`] or
+/// [`nccl_advice`].
+fn panic_advice(message: &str, config: &RunConfig, kind: BackendKind) -> Option<String> {
+    out_of_memory_advice(message, config, kind).or_else(|| nccl_advice(message))
+}
+
+/// The nccl build loads NCCL when the first gradient is all-reduced (cudarc looks for
+/// `libnccl.so`, which PyTorch's pip wheel, shipping `libnccl.so.2`, does not
+/// provide). The load fails in Burn's gradient sync server thread, whose peers then
+/// panic on its closed channel.
+pub fn nccl_advice(message: &str) -> Option<String> {
+    let missing = message.contains("\"nccl\" shared library");
+    let server_gone = message.contains("Can receive callback")
+        || message.contains("Gradient sync server disconnected");
+    if !(missing || server_gone) {
+        return None;
+    }
+    let what = match missing {
+        true => "NCCL could not be loaded",
+        false => "Burn's gradient sync server stopped (its own panic is printed above)",
+    };
+    Some(format!(
+        "{what}, with distributed.communication = \"nccl\". mixlm's nccl build loads \
+         `libnccl.so` at run time: install NCCL, or where only `libnccl.so.2` exists (as in \
+         PyTorch's nvidia-nccl wheel), link it as `libnccl.so` in a folder on \
+         LD_LIBRARY_PATH; or train with communication = \"collective\""
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_nccl_becomes_advice() {
+        let cudarc = "Unable to dynamically load the \"nccl\" shared library - searched for \
+                      library names: [\"libnccl.so\"]. Ensure that `LD_LIBRARY_PATH` ...";
+        let config = RunConfig::embedded(&[]).unwrap();
+        let advice = panic_advice(cudarc, &config, BackendKind::Cuda).unwrap();
+        assert!(
+            advice.starts_with("NCCL could not be loaded, with distributed.communication")
+                && advice.contains("link it as `libnccl.so`")
+                && advice.ends_with("communication = \"collective\""),
+            "{advice}"
+        );
+        let peer = "Can receive callback: RecvError";
+        let advice = nccl_advice(peer).unwrap();
+        assert!(
+            advice.starts_with("Burn's gradient sync server stopped"),
+            "{advice}"
+        );
+        assert_eq!(nccl_advice("index out of bounds"), None);
+    }
 
     #[test]
     fn out_of_memory_panics_become_advice() {
@@ -275,7 +338,7 @@ mod tests {
         let config = RunConfig::embedded(&[]).unwrap();
         let peers =
             |fail: fn() -> Result<()>| {
-                with_out_of_memory_advice(&config, BackendKind::Cuda, || {
+                with_panic_advice(&config, BackendKind::Cuda, || {
                     run_peers::<burn::backend::NdArray, _, _>(2, Duration::from_secs(60), |r, _| {
                         match r.rank {
                             1 => fail(),

@@ -368,6 +368,17 @@ fn training_checks(options: &CheckOptions, push: &mut impl FnMut(Finding)) -> Re
                 span(&target)
             ),
         ));
+    } else if !BackendKind::Cpu.compiled() {
+        push(finding(
+            Level::Warn,
+            format!(
+                "training against cpu: not run, this is the nccl build (no cpu backend); \
+                 run `check-backend` with a build without nccl for it. {} steps on {}: {}",
+                target.len(),
+                backend.name(),
+                span(&target)
+            ),
+        ));
     } else {
         let reference = run("cpu", BackendKind::Cpu, Precision::F32, &[])?;
         compare(
@@ -396,6 +407,22 @@ fn training_checks(options: &CheckOptions, push: &mut impl FnMut(Finding)) -> Re
         &collective,
         &target,
     );
+    if cfg!(feature = "nccl") && backend == BackendKind::Cuda {
+        let nccl = run(
+            "nccl",
+            backend,
+            precision,
+            &["distributed.communication=\"nccl\""],
+        )?;
+        compare(
+            push,
+            "data-parallel path with gradients all-reduced through NCCL during backward \
+             (one peer) against the plain path on cuda"
+                .into(),
+            &nccl,
+            &target,
+        );
+    }
     Ok(())
 }
 

@@ -353,6 +353,23 @@ pub struct DistributedSection {
     /// all-reduce, gathered losses, agreement checks), to measure what that machinery
     /// costs against the plain path; no effect with several peers.
     pub always_collective: bool,
+    /// How a node's peers average their gradients: `collective` (burn-collective, any
+    /// backend, after the backward pass, in buckets) or `nccl` (Burn's `distributed`
+    /// engine: each gradient all-reduced through NCCL as soon as the backward pass has
+    /// it, overlapping communication with the rest of the backward; `run.backend =
+    /// "cuda"`, one node, and a mixlm built with `--features nccl`).
+    pub communication: Communication,
+}
+
+/// `distributed.communication`: who all-reduces the gradients within a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Communication {
+    /// burn-collective, after the backward pass (any backend, several nodes).
+    #[default]
+    Collective,
+    /// NCCL during the backward pass, through Burn's `distributed` feature (CUDA).
+    Nccl,
 }
 
 /// `distributed.all_reduce`: burn-collective's strategies between nodes.
@@ -384,9 +401,15 @@ impl DistributedSection {
         self.devices * self.nodes
     }
 
-    /// Whether the peers talk through burn-collective (always, with several).
+    /// Whether the peers talk through burn-collective (always, with several; with
+    /// `nccl`, for everything but the gradients).
     pub fn collective(&self) -> bool {
-        self.world_size() > 1 || self.always_collective
+        self.world_size() > 1 || self.always_collective || self.nccl()
+    }
+
+    /// Whether gradients are all-reduced through NCCL during the backward pass.
+    pub fn nccl(&self) -> bool {
+        self.communication == Communication::Nccl
     }
 
     /// Checks the multi-node keys (the counts are checked with the other sizes).
@@ -395,6 +418,14 @@ impl DistributedSection {
             return Err(format!(
                 "distributed.node_rank = {} must be below distributed.nodes = {}",
                 self.node_rank, self.nodes
+            ));
+        }
+        if self.nodes > 1 && self.nccl() {
+            return Err(format!(
+                "distributed.communication = \"nccl\" works within one node (Burn 0.21's \
+                 NCCL engine is per process), but distributed.nodes = {}; use \
+                 communication = \"collective\" across nodes",
+                self.nodes
             ));
         }
         if self.nodes > 1 {
@@ -433,6 +464,7 @@ impl Default for DistributedSection {
             timeout_s: 1800,
             bucket_mb: 25,
             always_collective: false,
+            communication: Communication::Collective,
         }
     }
 }
@@ -600,9 +632,17 @@ impl RunConfig {
             }
         }
         self.distributed.validate().map_err(ConfigError::Invalid)?;
-        r.backend
+        let backend = r
+            .backend
             .parse::<crate::BackendKind>()
             .map_err(|e| ConfigError::Invalid(format!("run.backend: {e}")))?;
+        if self.distributed.nccl() && backend != crate::BackendKind::Cuda {
+            return bad(format!(
+                "distributed.communication = \"nccl\" needs run.backend = \"cuda\" (it is \"{}\"); \
+                 use communication = \"collective\" on other backends",
+                r.backend
+            ));
+        }
         if r.precision == Precision::F16 {
             return bad(
                 "run.precision = \"f16\" would need loss scaling, which mixlm does not do; \
@@ -829,6 +869,44 @@ mod tests {
             let e = RunConfig::embedded(&[o.into()]).unwrap_err().to_string();
             assert!(e.starts_with(expected), "{o}: {e}");
         }
+    }
+
+    #[test]
+    fn nccl_communication_needs_cuda_and_one_node() {
+        let nccl = "distributed.communication=\"nccl\"".to_string();
+        let e = RunConfig::embedded(std::slice::from_ref(&nccl))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "distributed.communication = \"nccl\" needs run.backend = \"cuda\" (it is \"cpu\")"
+            ),
+            "{e}"
+        );
+        let cuda = "run.backend=\"cuda\"".to_string();
+        let c = RunConfig::embedded(&[nccl.clone(), cuda.clone()]).unwrap();
+        assert!(c.distributed.nccl() && c.distributed.collective());
+        let e = RunConfig::embedded(&[
+            nccl,
+            cuda,
+            "distributed.nodes=2".into(),
+            "distributed.orchestrator=\"h:1\"".into(),
+            "distributed.node_address=\"h:2\"".into(),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("distributed.communication = \"nccl\" works within one node")
+                && e.ends_with("use communication = \"collective\" across nodes"),
+            "{e}"
+        );
+        let e = RunConfig::embedded(&["distributed.communication=\"gloo\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown variant `gloo`") && e.contains("collective") && e.contains("nccl"),
+            "{e}"
+        );
     }
 
     #[test]

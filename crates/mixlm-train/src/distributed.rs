@@ -58,6 +58,9 @@ pub struct Heartbeat {
     waiting: Mutex<Option<(&'static str, Instant)>>,
     /// Its work returned `Ok` (a thread that ended without it failed).
     succeeded: AtomicBool,
+    /// Its error, when its work returned one (for the report when the others cannot
+    /// be stopped).
+    failure: Mutex<Option<String>>,
 }
 
 impl Heartbeat {
@@ -131,6 +134,9 @@ pub struct Peer<B: Backend> {
     bucket_bytes: usize,
     /// Talks through burn-collective (false only for a solo peer).
     collective: bool,
+    /// Gradients are all-reduced by Burn's `distributed` engine (NCCL) during the
+    /// backward pass of a model marked with [`mark_for_all_reduce`], not here.
+    grads_in_backward: bool,
     id: PeerId,
     heartbeat: Arc<Heartbeat>,
     device: B::Device,
@@ -144,6 +150,7 @@ impl<B: Backend> Peer<B> {
             rank: Rank::SOLO,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             collective: false,
+            grads_in_backward: false,
             id: PeerId(0),
             heartbeat: Arc::default(),
             device: device.clone(),
@@ -172,6 +179,7 @@ impl<B: Backend> Peer<B> {
             rank,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             collective: true,
+            grads_in_backward: false,
             id: PeerId(rank.rank as u32),
             heartbeat,
             device: device.clone(),
@@ -200,6 +208,31 @@ impl<B: Backend> Peer<B> {
     /// Whether operations go through burn-collective (else they return their input).
     pub fn collective(&self) -> bool {
         self.collective
+    }
+
+    /// Leaves the gradients' all-reduce to Burn's `distributed` engine (NCCL, during
+    /// the backward pass of a model marked with [`mark_for_all_reduce`]); the other
+    /// operations still go through burn-collective.
+    pub fn with_grads_in_backward(mut self, on: bool) -> Self {
+        self.grads_in_backward = on;
+        self
+    }
+
+    /// Whether gradients come out of the backward pass already averaged over the
+    /// peers (the `nccl` communication).
+    pub fn grads_in_backward(&self) -> bool {
+        self.grads_in_backward
+    }
+
+    /// Runs a backward pass whose gradients are all-reduced as it goes: it waits for
+    /// the other peers like any collective operation, so the watchdog sees a peer
+    /// that never arrives.
+    pub fn backward_all_reduce<T>(&self, backward: impl FnOnce() -> T) -> T {
+        *self.heartbeat.waiting.lock().expect("heartbeat lock") =
+            Some(("backward pass's gradient all-reduce (nccl)", Instant::now()));
+        let out = backward();
+        *self.heartbeat.waiting.lock().expect("heartbeat lock") = None;
+        out
     }
 
     pub fn heartbeat(&self) -> &Heartbeat {
@@ -492,6 +525,77 @@ pub fn materialize<AB: AutodiffBackend, M: AutodiffModule<AB>>(model: M) -> M {
     model
 }
 
+/// Marks every parameter of `model` for Burn's `distributed` engine: a backward pass
+/// through the marked model all-reduces (averages over the peers) each parameter's
+/// gradient through NCCL as soon as it is complete, while the rest of the backward
+/// runs. The mark lives on the parameter tensors: mark the model each step, after the
+/// optimizer replaced them.
+#[cfg(feature = "nccl")]
+pub fn mark_for_all_reduce<AB: AutodiffBackend, M: AutodiffModule<AB>>(model: M) -> M {
+    use burn::tensor::backend::distributed::DistributedParamId;
+    struct Mark;
+    impl<AB: AutodiffBackend> ModuleMapper<AB> for Mark {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: Param<Tensor<AB, D>>,
+        ) -> Param<Tensor<AB, D>> {
+            let id = DistributedParamId::from(param.id.val());
+            param.map(|t| t.set_distributed(id))
+        }
+    }
+    model.map(&mut Mark)
+}
+
+/// Without the `nccl` build there is no engine to mark parameters for
+/// ([`GradSyncServer::start`] refuses such a run before any step).
+#[cfg(not(feature = "nccl"))]
+pub fn mark_for_all_reduce<AB: AutodiffBackend, M: AutodiffModule<AB>>(_model: M) -> M {
+    unreachable!("communication = \"nccl\" is refused by builds without the nccl feature")
+}
+
+/// Burn's per-process server that pairs the peers' gradients for NCCL (the `nccl`
+/// communication); stopped when dropped, so the next run starts a fresh one.
+pub struct GradSyncServer<B: mixlm_model::AutodiffInner> {
+    device: B::Device,
+}
+
+impl<B: mixlm_model::AutodiffInner> GradSyncServer<B> {
+    /// Starts the server for one peer per device of `devices`.
+    pub fn start(devices: &[B::Device]) -> Result<Self> {
+        #[cfg(feature = "nccl")]
+        {
+            use burn::tensor::backend::distributed::{DistributedConfig, ReduceOperation};
+            B::start_communication_server(
+                devices,
+                DistributedConfig {
+                    all_reduce_op: ReduceOperation::Mean,
+                },
+            );
+            Ok(Self {
+                device: devices[0].clone(),
+            })
+        }
+        #[cfg(not(feature = "nccl"))]
+        {
+            let _ = devices;
+            bail!(
+                "distributed.communication = \"nccl\" needs a mixlm built with the nccl \
+                 feature (`cargo build --release -p mixlm-cli --features nccl`); this one was \
+                 not. Use communication = \"collective\" with this binary"
+            )
+        }
+    }
+}
+
+impl<B: mixlm_model::AutodiffInner> Drop for GradSyncServer<B> {
+    fn drop(&mut self) {
+        #[cfg(feature = "nccl")]
+        B::close_communication_server(&self.device);
+        #[cfg(not(feature = "nccl"))]
+        let _ = &self.device;
+    }
+}
+
 /// A 64-bit hash of some numbers, as four 16-bit pieces (exact through [`Peer::gather`]).
 pub fn checksum(values: &[f64]) -> [f64; 4] {
     let words: Vec<u64> = values.iter().map(|v| v.to_bits()).collect();
@@ -536,6 +640,9 @@ where
                     .name(format!("mixlm-peer-{rank}"))
                     .spawn_scoped(s, move || {
                         let result = body(Rank { rank, world }, beat.clone());
+                        if let Err(e) = &result {
+                            *beat.failure.lock().expect("heartbeat lock") = Some(format!("{e:#}"));
+                        }
                         beat.succeeded.store(result.is_ok(), Ordering::SeqCst);
                         result
                     })
@@ -543,14 +650,17 @@ where
             })
             .collect();
         let mut hang: Option<anyhow::Error> = None;
-        let mut gave_up_at: Option<Instant> = None;
+        // Once the peers were told to stop: what to say if some never return, and when.
+        let mut gave_up: Option<(String, Instant)> = None;
+        let grace = (2 * timeout).min(HANG_GRACE);
         while !handles.iter().all(|h| h.is_finished()) {
             std::thread::sleep(Duration::from_millis(50));
-            if let (Some(report), Some(at)) = (&hang, gave_up_at) {
-                // A peer stuck in its own work (a hung kernel, a deadlock) never
-                // returns, and a thread cannot be killed: after a grace period for the
-                // others to wind down, the process ends with the report.
-                if at.elapsed() > HANG_GRACE {
+            if let Some((report, at)) = &gave_up {
+                // A peer stuck in its own work (a hung kernel, a deadlock, an NCCL
+                // all-reduce waiting for a peer that failed) never returns, and a
+                // thread cannot be killed: after a grace period for the others to
+                // wind down, the process ends with the report.
+                if at.elapsed() > grace {
                     eprintln!("error: {report}");
                     std::process::exit(1);
                 }
@@ -561,17 +671,21 @@ where
             let ended_badly = handles
                 .iter()
                 .zip(&beats)
-                .any(|(h, b)| h.is_finished() && !b.succeeded.load(Ordering::SeqCst));
-            if ended_badly {
+                .position(|(h, b)| h.is_finished() && !b.succeeded.load(Ordering::SeqCst));
+            if let Some(rank) = ended_badly {
                 // A peer failed: the others would wait for it forever.
                 failed = true;
                 reset::<B>();
+                gave_up = Some((
+                    stuck_after_failure(rank, &beats[rank], grace),
+                    Instant::now(),
+                ));
                 continue;
             }
             if let Some(report) = hung_peer(&beats, timeout) {
                 failed = true;
+                gave_up = Some((report.clone(), Instant::now()));
                 hang = Some(anyhow!(report));
-                gave_up_at = Some(Instant::now());
                 reset::<B>();
             }
         }
@@ -619,8 +733,26 @@ fn reset<B: Backend>() {
     let _ = std::panic::catch_unwind(burn_collective::reset_collective::<B>);
 }
 
-/// How long a hung peer may take to return once the others have given up on it.
+/// How long a hung peer may take to return once the others have given up on it (at
+/// most twice `distributed.timeout_s`).
 const HANG_GRACE: Duration = Duration::from_secs(30);
+
+/// The report when peer `rank` failed and some others did not return after `grace`.
+fn stuck_after_failure(rank: usize, beat: &Heartbeat, grace: Duration) -> String {
+    let cause = beat
+        .failure
+        .lock()
+        .expect("heartbeat lock")
+        .clone()
+        .unwrap_or_else(|| "it panicked (the message is above)".into());
+    format!(
+        "data-parallel training stopped: peer {rank} failed: {cause}; the other peers did \
+         not stop within {:.1}s (stuck in a device operation, such as a gradient all-reduce \
+         waiting for the failed peer); resume from the last checkpoint with `mixlm train \
+         --resume`",
+        grace.as_secs_f64()
+    )
+}
 
 /// A report when some peer has waited in a collective operation for longer than
 /// `timeout`: which peers never arrived, and where each one was.
@@ -768,6 +900,72 @@ mod tests {
         );
     }
 
+    /// Without the nccl build, the nccl communication is refused before any step,
+    /// saying how to build for it.
+    #[cfg(not(feature = "nccl"))]
+    #[test]
+    fn the_nccl_communication_needs_the_nccl_build() {
+        let e = GradSyncServer::<IB>::start(&[Default::default()])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            e.contains("needs a mixlm built with the nccl feature")
+                && e.contains("--features nccl"),
+            "{e}"
+        );
+    }
+
+    /// The child process of the test below: peer 0 fails while peer 1 is stuck in
+    /// work the watchdog cannot interrupt (as in an NCCL all-reduce waiting for peer
+    /// 0). Runs only when the test below starts it.
+    #[test]
+    #[ignore = "the child process of a_peer_stuck_after_another_failed_ends_the_process"]
+    fn stuck_peer_child() {
+        if std::env::var_os("MIXLM_STUCK_PEER_CHILD").is_none() {
+            return;
+        }
+        let device = Default::default();
+        let _ = run_peers::<IB, (), _>(2, Duration::from_millis(300), |rank, beat| {
+            let peer = Peer::<IB>::register(rank, &device, beat)?;
+            peer.gather("per-domain losses", &[1.0])?;
+            if rank.rank == 0 {
+                bail!("out of memory at step 7");
+            }
+            peer.backward_all_reduce(|| loop {
+                std::thread::sleep(Duration::from_secs(1));
+            })
+        });
+        unreachable!("the watchdog ends the process");
+    }
+
+    /// When a peer fails and another never returns, the process ends after the grace
+    /// period with the failed peer's error instead of hanging.
+    #[test]
+    fn a_peer_stuck_after_another_failed_ends_the_process() {
+        let started = Instant::now();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "distributed::tests::stuck_peer_child",
+                "--include-ignored",
+                "--nocapture",
+            ])
+            .env("MIXLM_STUCK_PEER_CHILD", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(
+                "error: data-parallel training stopped: peer 0 failed: out of memory at step \
+                 7; the other peers did not stop within 0.6s"
+            ) && stderr.contains("mixlm train --resume"),
+            "{stderr}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(60));
+    }
+
     /// A peer that stops answering makes the others stop after the timeout, naming it
     /// and its step; it is the one not waiting.
     #[test]
@@ -775,12 +973,13 @@ mod tests {
         let _one_group = ONE_GROUP.lock().unwrap_or_else(|e| e.into_inner());
         let device = Default::default();
         let started = Instant::now();
-        let e = run_peers::<IB, (), _>(2, Duration::from_millis(500), |rank, beat| {
+        // Peer 1 comes back after the others gave up on it, within the grace period.
+        let e = run_peers::<IB, (), _>(2, Duration::from_secs(1), |rank, beat| {
             let peer = Peer::<IB>::register(rank, &device, beat)?;
             for step in 0..10u64 {
                 peer.heartbeat().at_step(step);
                 if rank.rank == 1 && step == 2 {
-                    std::thread::sleep(Duration::from_secs(3));
+                    std::thread::sleep(Duration::from_secs(2));
                 }
                 peer.gather("per-domain losses", &[step as f64])?;
             }

@@ -33,7 +33,9 @@ use crate::checkpoint::{
     latest_checkpoint, load_newest, load_verified, write_checkpoint, Restored, TrainState,
 };
 use crate::config::RunConfig;
-use crate::distributed::{check_agreement, checksum, run_peers, Peer, Rank};
+use crate::distributed::{
+    check_agreement, checksum, mark_for_all_reduce, run_peers, GradSyncServer, Peer, Rank,
+};
 use crate::faults::{FaultLog, FaultRecord, OnNan, SequenceRef, SpikeDetector};
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord, StepTimes};
 use crate::optim::{lr_at, AdamW, StepStats};
@@ -146,6 +148,10 @@ pub fn train_data_parallel<B: TrainBackend>(
     static GROUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _group = GROUP.lock().unwrap_or_else(|e| e.into_inner());
     let timeout = std::time::Duration::from_secs(config.distributed.timeout_s);
+    let _grad_sync = match d.nccl() {
+        true => Some(GradSyncServer::<B::InnerBackend>::start(devices)?),
+        false => None,
+    };
     run_peers::<B::InnerBackend, _, _>(local, timeout, |local_rank, heartbeat| {
         let device = &devices[local_rank.rank];
         let rank = Rank {
@@ -153,7 +159,8 @@ pub fn train_data_parallel<B: TrainBackend>(
             world,
         };
         let peer = Peer::register_on_nodes(rank, local, nodes, device, heartbeat)?
-            .with_bucket_mb(d.bucket_mb);
+            .with_bucket_mb(d.bucket_mb)
+            .with_grads_in_backward(d.nccl());
         let outcome = train_peer::<B>(config, device, options, resume_from, &peer);
         if outcome.is_ok() {
             peer.finish();
@@ -454,6 +461,12 @@ fn train_peer<B: TrainBackend>(
         let mut by_domain = DomainAccumulator::new(k);
         let mut ref_by_domain = DomainAccumulator::new(k);
         let mut excess_by_domain = DomainAccumulator::new(k);
+        // With `nccl`, the backward passes through a marked copy of the model average
+        // the gradients over the peers as they go (per-domain gradients are combined
+        // by the scheduler first, so they go through `Peer` as before).
+        let in_backward = peer.grads_in_backward() && per_domain.is_none();
+        let marked = in_backward.then(|| mark_for_all_reduce(model.clone()));
+        let forward_model = marked.as_ref().unwrap_or(&model);
         lap(&mut times.mixing);
         for _ in 0..run.grad_accum {
             let batch = batches.take();
@@ -472,7 +485,7 @@ fn train_peer<B: TrainBackend>(
             let ref_losses = reference
                 .as_ref()
                 .map(|r| r.token_losses(inputs.clone().inner(), targets.clone().inner()));
-            let token_losses = model.token_losses(inputs, targets);
+            let token_losses = forward_model.token_losses(inputs, targets);
             let seq_means = sequence_means(token_losses.clone().inner());
             let micro = DomainAccumulator::of(k, &seq_means, &domains);
             let mut feedback = StepFeedback::train_only(micro.means(), micro.counts().to_vec());
@@ -505,7 +518,11 @@ fn train_peer<B: TrainBackend>(
                 Some(w) => weighted_loss(token_losses, &domains, micro.counts(), &w, device),
             };
             let loss = loss.div_scalar(run.grad_accum as f64);
-            grads.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+            let backward = match in_backward {
+                true => peer.backward_all_reduce(|| loss.backward()),
+                false => loss.backward(),
+            };
+            grads.accumulate(&model, GradientsParams::from_grads(backward, forward_model));
             by_domain.add(&seq_means, &domains);
             lap(&mut times.model);
         }
@@ -532,6 +549,7 @@ fn train_peer<B: TrainBackend>(
                     .context("the scheduler asked for per-domain gradients but gave no weights")?;
                 per_domain.combine(&model, &coefficients)
             }
+            _ if in_backward => grads.grads(),
             _ => peer.mean_grads(&model, grads.grads())?,
         };
         // The global batch's per-domain losses, the stop request of any peer, and a
