@@ -245,32 +245,52 @@ pub fn out_of_memory_advice(
 }
 
 /// What to change for a panic mixlm recognises: [`out_of_memory_advice`] or
-/// [`nccl_advice`].
+/// [`device_thread_advice`].
 fn panic_advice(message: &str, config: &RunConfig, kind: BackendKind) -> Option<String> {
-    out_of_memory_advice(message, config, kind).or_else(|| nccl_advice(message))
+    out_of_memory_advice(message, config, kind)
+        .or_else(|| device_thread_advice(message, config, kind))
 }
 
-/// The nccl build loads NCCL when the first gradient is all-reduced (cudarc looks for
-/// `libnccl.so`, which PyTorch's pip wheel, shipping `libnccl.so.2`, does not
-/// provide). The load fails in Burn's gradient sync server thread, whose peers then
-/// panic on its closed channel.
-pub fn nccl_advice(message: &str) -> Option<String> {
-    let missing = message.contains("\"nccl\" shared library");
-    let server_gone = message.contains("Can receive callback")
-        || message.contains("Gradient sync server disconnected");
-    if !(missing || server_gone) {
+/// CubeCL runs each device's work on a thread of its own (and Burn's `distributed`
+/// engine its gradient pairing on another); when one of those panics, a missing
+/// `libcuda.so` or `libnccl.so` say, the training thread only panics on the closed
+/// channel ("RecvError"), and the cause is the other thread's panic, printed above.
+/// NCCL is loaded as `libnccl.so`, a name PyTorch's pip wheel (`libnccl.so.2`) lacks.
+pub fn device_thread_advice(
+    message: &str,
+    config: &RunConfig,
+    kind: BackendKind,
+) -> Option<String> {
+    let nccl_missing = message.contains("\"nccl\" shared library");
+    let thread_gone = [
+        "RecvError",
+        "Can receive callback",
+        "Gradient sync server disconnected",
+    ]
+    .iter()
+    .any(|p| message.contains(p));
+    if !(nccl_missing || thread_gone) {
         return None;
     }
-    let what = match missing {
-        true => "NCCL could not be loaded",
-        false => "Burn's gradient sync server stopped (its own panic is printed above)",
-    };
-    Some(format!(
-        "{what}, with distributed.communication = \"nccl\". mixlm's nccl build loads \
-         `libnccl.so` at run time: install NCCL, or where only `libnccl.so.2` exists (as in \
-         PyTorch's nvidia-nccl wheel), link it as `libnccl.so` in a folder on \
-         LD_LIBRARY_PATH; or train with communication = \"collective\""
-    ))
+    let nccl = "mixlm's nccl build loads `libnccl.so` at run time: install NCCL, or where \
+                only `libnccl.so.2` exists (as in PyTorch's nvidia-nccl wheel), link it as \
+                `libnccl.so` in a folder on LD_LIBRARY_PATH; or train with communication = \
+                \"collective\"";
+    if nccl_missing {
+        return Some(format!(
+            "NCCL could not be loaded (distributed.communication = \"nccl\"). {nccl}"
+        ));
+    }
+    let mut advice = format!(
+        "the {} device stopped working: a thread of Burn's that drives it panicked, and its \
+         own message above says why (a library that could not be loaded names itself \
+         there: libcuda.so means no NVIDIA driver is installed or on LD_LIBRARY_PATH)",
+        kind.name()
+    );
+    if config.distributed.nccl() {
+        advice += &format!(". With distributed.communication = \"nccl\": {nccl}");
+    }
+    Some(advice)
 }
 
 #[cfg(test)]
@@ -278,24 +298,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_missing_nccl_becomes_advice() {
+    fn a_stopped_device_thread_or_missing_nccl_becomes_advice() {
         let cudarc = "Unable to dynamically load the \"nccl\" shared library - searched for \
                       library names: [\"libnccl.so\"]. Ensure that `LD_LIBRARY_PATH` ...";
         let config = RunConfig::embedded(&[]).unwrap();
         let advice = panic_advice(cudarc, &config, BackendKind::Cuda).unwrap();
         assert!(
-            advice.starts_with("NCCL could not be loaded, with distributed.communication")
+            advice.starts_with("NCCL could not be loaded (distributed.communication = \"nccl\")")
                 && advice.contains("link it as `libnccl.so`")
                 && advice.ends_with("communication = \"collective\""),
             "{advice}"
         );
-        let peer = "Can receive callback: RecvError";
-        let advice = nccl_advice(peer).unwrap();
+        // What the training thread says when CubeCL's device thread died.
+        let peer = "called `Result::unwrap()` on an `Err` value: RecvError";
+        let advice = panic_advice(peer, &config, BackendKind::Cuda).unwrap();
         assert!(
-            advice.starts_with("Burn's gradient sync server stopped"),
+            advice.starts_with("the cuda device stopped working")
+                && advice.contains("libcuda.so means no NVIDIA driver")
+                && !advice.contains("nccl"),
             "{advice}"
         );
-        assert_eq!(nccl_advice("index out of bounds"), None);
+        let nccl = RunConfig::embedded(&[
+            "run.backend=\"cuda\"".into(),
+            "distributed.communication=\"nccl\"".into(),
+        ])
+        .unwrap();
+        let advice =
+            panic_advice("Can receive callback: RecvError", &nccl, BackendKind::Cuda).unwrap();
+        assert!(advice.contains("link it as `libnccl.so`"), "{advice}");
+        assert_eq!(
+            panic_advice("index out of bounds", &config, BackendKind::Cpu),
+            None
+        );
     }
 
     #[test]

@@ -41,6 +41,11 @@ impl fmt::Display for Finding {
     }
 }
 
+/// How many of `findings` failed (what `doctor` and `check-backend` exit on).
+pub fn failures(findings: &[Finding]) -> usize {
+    findings.iter().filter(|f| f.level == Level::Fail).count()
+}
+
 #[derive(Default)]
 struct Report(Vec<Finding>);
 
