@@ -106,13 +106,15 @@ class GpuMemoryPoller:
         return (self.peak - self.base) / 1024 if self.enabled else None
 
 
-def run_mixlm(args, preset, precision, attention="fused", path="plain"):
+def run_mixlm(args, preset, precision, attention="fused", path="plain", autotune=None):
     """Trains with the mixlm binary; tokens/s over the steps after the warm-up.
 
     path: "plain", or through the data-parallel machinery with one peer, to measure
     its cost against the plain path: "collective" (`distributed.always_collective`,
     gradients through burn-collective) or "nccl" (the --nccl-mixlm binary,
-    `distributed.communication = "nccl"`, gradients through NCCL during backward)."""
+    `distributed.communication = "nccl"`, gradients through NCCL during backward).
+    autotune: CubeCL's autotune level for the run (CUBECL_AUTOTUNE_LEVEL: minimal,
+    balanced (its default), extensive, full)."""
     out = tempfile.mkdtemp(prefix="mixlm-bench-")
     sets = {
         "run.out_dir": json.dumps(out),
@@ -140,7 +142,8 @@ def run_mixlm(args, preset, precision, attention="fused", path="plain"):
         cmd += ["--set", f"{k}={v}"]
     with GpuMemoryPoller(args.device) as mem:
         started = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        env = dict(os.environ, **({"CUBECL_AUTOTUNE_LEVEL": autotune} if autotune else {}))
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         wall = time.time() - started
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
@@ -290,6 +293,9 @@ def main():
                    help="a mixlm built with --features nccl: with --collective, also measure the "
                         "path whose gradients go through NCCL during backward; with --check, "
                         "also run its check-backend")
+    p.add_argument("--autotune", default="",
+                   help="also run mixlm (fused attention) with these CubeCL autotune levels, "
+                        "e.g. minimal,extensive (balanced, the default, is the plain run)")
     p.add_argument("--check", action="store_true",
                    help="first run `mixlm check-backend` (kernels against Burn's attention, a few "
                         "steps against the CPU) for each --mixlm-precisions, and print its findings")
@@ -332,6 +338,10 @@ def main():
                      for path in paths
                      for attn in args.mixlm_attention.split(",")
                      for prec in args.mixlm_precisions.split(",")]
+        runs += [(f"mixlm/fused/autotune={level}", prec,
+                  lambda a, pr, pc, level=level: run_mixlm(a, pr, pc, "fused", autotune=level))
+                 for level in filter(None, args.autotune.split(","))
+                 for prec in args.mixlm_precisions.split(",")]
         runs += [("pytorch", prec, run_torch) for prec in args.precisions.split(",")]
         for who, prec, fn in runs:
             print(f"{preset}: {who} {prec} ...", file=sys.stderr, flush=True)
