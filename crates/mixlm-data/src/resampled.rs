@@ -145,6 +145,23 @@ impl ResampledSource {
         &self.inner
     }
 
+    /// Where training window `index` starts in its domain's virtual stream (`None`
+    /// when the plan keeps too few tokens for one window).
+    fn train_window_start(&self, domain: DomainId, index: u64, seq_len: usize) -> Option<u64> {
+        let n = windows_in(self.kept_tokens()[domain.0], seq_len);
+        if n == 0 {
+            return None;
+        }
+        let perm = WindowPermutation::for_epoch(
+            n,
+            self.inner.seed(),
+            &self.names[domain.0],
+            Split::Train,
+            index / n,
+        );
+        Some(perm.apply(index % n) * seq_len as u64)
+    }
+
     /// Appends tokens `range` of a domain's virtual training stream.
     fn read_virtual(&self, domain: DomainId, range: Range<u64>, out: &mut Vec<u32>) {
         let v = &self.plan[domain.0];
@@ -200,22 +217,35 @@ impl TokenSource for ResampledSource {
         if split != Split::Train {
             return self.inner.window_into(domain, split, index, seq_len, out);
         }
-        let n = windows_in(self.kept_tokens()[domain.0], seq_len);
-        assert!(
-            n > 0,
-            "the SampleMix plan keeps too few tokens of {} for one window of {} tokens",
-            self.names[domain.0],
-            seq_len + 1
-        );
-        let perm = WindowPermutation::for_epoch(
-            n,
-            self.inner.seed(),
-            &self.names[domain.0],
-            split,
-            index / n,
-        );
-        let start = perm.apply(index % n) * seq_len as u64;
+        let start = self
+            .train_window_start(domain, index, seq_len)
+            .unwrap_or_else(|| {
+                panic!(
+                    "the SampleMix plan keeps too few tokens of {} for one window of {} tokens",
+                    self.names[domain.0],
+                    seq_len + 1
+                )
+            });
         self.read_virtual(domain, start..start + seq_len as u64 + 1, out);
+    }
+
+    /// In training, the corpus documents (shard order) that the window's first and
+    /// last tokens come from; those between them in the window are other documents
+    /// of the plan's shuffled order, not the ids between the two.
+    fn window_documents(
+        &self,
+        domain: DomainId,
+        split: Split,
+        index: u64,
+        seq_len: usize,
+    ) -> Option<[u64; 2]> {
+        if split != Split::Train {
+            return self.inner.window_documents(domain, split, index, seq_len);
+        }
+        let start = self.train_window_start(domain, index, seq_len)?;
+        let v = &self.plan[domain.0];
+        let doc = |token: u64| v.docs[v.starts.partition_point(|&s| s <= token) - 1] as u64;
+        Some([doc(start), doc(start + seq_len as u64)])
     }
 
     fn stream_documents(&self, domain: DomainId, split: Split) -> Option<&[u64]> {
@@ -338,6 +368,30 @@ mod tests {
             starts,
             (0..n).collect::<Vec<_>>(),
             "one epoch reads every window once"
+        );
+
+        // A window names the documents its first and last tokens come from (what a
+        // fault report lists), found here by cutting the stream at its EOS tokens.
+        let pieces = split_docs(&stream, source.eos_id());
+        let mut bounds = vec![0usize];
+        for p in &pieces {
+            bounds.push(bounds.last().unwrap() + p.len());
+        }
+        let piece_at = |pos: usize| &pieces[bounds.partition_point(|&b| b <= pos) - 1];
+        let mut straddling = 0;
+        for i in 0..n {
+            let [first, last] = source
+                .window_documents(DomainId(0), Split::Train, i, seq_len)
+                .unwrap();
+            let at = (perm.apply(i) * seq_len as u64) as usize;
+            assert_eq!(piece_at(at), &doc(0, first as usize), "window {i}");
+            assert_eq!(piece_at(at + seq_len), &doc(0, last as usize), "window {i}");
+            straddling += usize::from(piece_at(at) != piece_at(at + seq_len));
+        }
+        assert!(straddling > 0, "some windows span two documents");
+        assert_eq!(
+            source.window_documents(DomainId(1), Split::Validation, 0, 8),
+            shards.window_documents(DomainId(1), Split::Validation, 0, 8)
         );
         assert_eq!(
             source.window(DomainId(1), Split::Validation, 0, 8),
