@@ -8,14 +8,25 @@
 #   2. the benchmark against PyTorch with the data-parallel paths' cost
 #      (scripts/bench_gpu.py --collective), pythia-160m then pythia-1b
 #
-# Usage: scripts/gpu-session.sh [--quick] [extra bench_gpu.py options]
+# Usage: scripts/gpu-session.sh [--quick] [--bench-only] [extra bench_gpu.py options]
 #   --quick: check-backend --quick and pythia-160m only (when device time is short)
+#   --bench-only: skip the checks (a second call, e.g. with --presets pythia-1b;
+#                 later bench_gpu.py options override earlier ones)
+# A device call lasts at most 10 minutes: the whole sequence may need two or three
+# (first --quick, then --bench-only --presets pythia-1b, ...).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-gpu-out}"
 mkdir -p "$out" /tmp/mixlm-bin
 quick=""
-if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
+bench_only=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1; shift ;;
+    --bench-only) bench_only=1; shift ;;
+    *) break ;;
+  esac
+done
 
 for name in mixlm mixlm-nccl; do
   if [ -f ".gpu/$name.xz" ]; then
@@ -42,10 +53,11 @@ if [ -n "$quick" ]; then presets="pythia-160m"; check=(--quick); fi
 # 1. The checks (bench_gpu.py's --check runs them, and the nccl binary's with it, but
 #    with --quick the long shapes are skipped, so they are run here directly).
 for prec in f32 bf16; do
+  [ -n "$bench_only" ] && break
   /tmp/mixlm-bin/mixlm check-backend --backend cuda --precision "$prec" "${check[@]}" \
     2>&1 | tee "$out/check-cuda-$prec.txt"
 done
-if [ ${#nccl[@]} -gt 0 ]; then
+if [ ${#nccl[@]} -gt 0 ] && [ -z "$bench_only" ]; then
   python3 - <<'EOF'
 import os, sys
 sys.path.insert(0, "scripts")
