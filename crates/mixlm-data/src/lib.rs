@@ -34,7 +34,7 @@ pub use prepare::{prepare, PrepareConfig, PrepareError, PrepareSummary};
 pub use resampled::{PlanError, ResampledSource};
 pub use sampler::{fetch_batch, validation_picks, MixtureSampler, SamplerError, SamplerState};
 pub use shards::{ShardError, ShardSource, WindowPermutation};
-pub use source::{Split, TokenSource};
+pub use source::{document_at, Split, TokenSource};
 pub use synthetic::{
     DomainStats, ExplicitChain, SharedComponent, SyntheticConfig, SyntheticCorpus, SyntheticDomain,
     SyntheticError,

@@ -15,7 +15,7 @@ use rand::seq::SliceRandom;
 
 use crate::seeding::{hash_str, rng_from_words};
 use crate::shards::{windows_in, ShardSource, WindowPermutation};
-use crate::source::{Split, TokenSource};
+use crate::source::{document_at, Split, TokenSource};
 
 /// Why a plan cannot be used with a corpus.
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +167,7 @@ impl ResampledSource {
         let v = &self.plan[domain.0];
         let offsets = self.inner.doc_offsets(domain, Split::Train);
         let mut at = range.start;
-        let mut k = v.starts.partition_point(|&s| s <= at) - 1;
+        let mut k = document_at(&v.starts, at);
         while at < range.end {
             let doc = v.docs[k] as usize;
             let within = at - v.starts[k];
@@ -244,7 +244,7 @@ impl TokenSource for ResampledSource {
         }
         let start = self.train_window_start(domain, index, seq_len)?;
         let v = &self.plan[domain.0];
-        let doc = |token: u64| v.docs[v.starts.partition_point(|&s| s <= token) - 1] as u64;
+        let doc = |token: u64| v.docs[document_at(&v.starts, token)] as u64;
         Some([doc(start), doc(start + seq_len as u64)])
     }
 

@@ -20,7 +20,7 @@ use crate::prepare::manifest::{Manifest, ManifestReadError, MANIFEST_FILE};
 use crate::prepare::shards::{bin_path, idx_path, ShardCounts};
 use crate::prepare::TokenDtype;
 use crate::seeding::{hash_str, hash_words, splitmix64};
-use crate::source::{Split, TokenSource};
+use crate::source::{document_at, Split, TokenSource};
 use memmap2::Mmap;
 use mixlm_mixing::DomainId;
 use std::fs::File;
@@ -513,8 +513,7 @@ impl TokenSource for ShardSource {
         let offsets = self.doc_offsets(domain, split);
         let start = self.window_start(domain, split, index, seq_len);
         let last = start + seq_len as u64; // the window's last token
-        let doc = |token: u64| offsets.partition_point(|&o| o <= token).saturating_sub(1) as u64;
-        Some([doc(start), doc(last)])
+        Some([document_at(offsets, start), document_at(offsets, last)].map(|d| d as u64))
     }
 
     fn read_stream(

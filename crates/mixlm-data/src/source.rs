@@ -57,6 +57,12 @@ impl std::fmt::Display for Split {
     }
 }
 
+/// The document holding stream position `position`, given each document's start
+/// offset in the stream (as [`TokenSource::stream_documents`] lists them).
+pub fn document_at(starts: &[u64], position: u64) -> usize {
+    starts.partition_point(|&o| o <= position).saturating_sub(1)
+}
+
 /// A multi-domain corpus, addressed by `(domain, split, window index)`.
 ///
 /// Random access by index (rather than an iterator) is what makes training resumable

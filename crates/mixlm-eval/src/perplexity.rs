@@ -19,7 +19,7 @@
 
 use std::ops::Range;
 
-use mixlm_data::{Split, TokenSource};
+use mixlm_data::{document_at, Split, TokenSource};
 use mixlm_mixing::DomainId;
 use mixlm_model::ModelBackend;
 use mixlm_model::Transformer;
@@ -148,7 +148,7 @@ pub fn score_stream(
     // One entry per document starting inside the stream (not the closing offset).
     let starts = doc_offsets.partition_point(|&o| o < n).max(1);
     let mut docs: Vec<(f64, u64)> = vec![(0.0, 0); starts];
-    let doc_of = |p: u64| doc_offsets.partition_point(|&o| o <= p).saturating_sub(1);
+    let doc_of = |p: u64| document_at(doc_offsets, p);
     let mut buf = Vec::with_capacity(options.batch_size * (len + 1));
     for chunk in windows.chunks(options.batch_size.max(1)) {
         buf.clear();

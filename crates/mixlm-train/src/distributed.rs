@@ -69,6 +69,15 @@ impl Heartbeat {
         self.step.store(step, Ordering::Relaxed);
     }
 
+    /// Runs `f` marked as waiting for the other peers in `what`, so the watchdog
+    /// names a peer that never arrives.
+    fn waiting_in<T>(&self, what: &'static str, f: impl FnOnce() -> T) -> T {
+        *self.waiting.lock().expect("heartbeat lock") = Some((what, Instant::now()));
+        let out = f();
+        *self.waiting.lock().expect("heartbeat lock") = None;
+        out
+    }
+
     fn waiting_since(&self) -> Option<(&'static str, Instant)> {
         *self.waiting.lock().expect("heartbeat lock")
     }
@@ -228,11 +237,8 @@ impl<B: Backend> Peer<B> {
     /// the other peers like any collective operation, so the watchdog sees a peer
     /// that never arrives.
     pub fn backward_all_reduce<T>(&self, backward: impl FnOnce() -> T) -> T {
-        *self.heartbeat.waiting.lock().expect("heartbeat lock") =
-            Some(("backward pass's gradient all-reduce (nccl)", Instant::now()));
-        let out = backward();
-        *self.heartbeat.waiting.lock().expect("heartbeat lock") = None;
-        out
+        self.heartbeat
+            .waiting_in("backward pass's gradient all-reduce (nccl)", backward)
     }
 
     pub fn heartbeat(&self) -> &Heartbeat {
@@ -245,11 +251,11 @@ impl<B: Backend> Peer<B> {
         what: &'static str,
         op: impl FnOnce() -> Result<T, CollectiveError>,
     ) -> Result<T> {
-        *self.heartbeat.waiting.lock().expect("heartbeat lock") = Some((what, Instant::now()));
         // burn-collective panics when its server has stopped (a reset, or a lost
         // connection to another node): that is an error like the others.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(op));
-        *self.heartbeat.waiting.lock().expect("heartbeat lock") = None;
+        let result = self.heartbeat.waiting_in(what, || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(op))
+        });
         let cause = match result {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => format!("{e:?}"),

@@ -309,7 +309,7 @@ pub fn score_quality(
                         let read = |r: std::ops::Range<u64>, out: &mut Vec<u32>| {
                             let mut p = r.start;
                             while p < r.end {
-                                let i = kept.partition_point(|&o| o <= p) - 1;
+                                let i = mixlm_data::document_at(&kept, p);
                                 let end = kept[i + 1].min(r.end);
                                 let from = offsets[i] + (p - kept[i]);
                                 source.read_tokens(
