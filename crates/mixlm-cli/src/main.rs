@@ -160,7 +160,8 @@ enum Command {
         backend: Option<String>,
     },
     /// Train and evaluate every method of a comparison file, one run after the other
-    /// (finished runs are skipped), and write <out_dir>/compare/report.md.
+    /// (finished runs are skipped, an interrupted one continues from its last
+    /// checkpoint), and write <out_dir>/compare/report.md.
     Compare {
         /// The comparison TOML (base config, seeds, [[method]] list).
         file: PathBuf,
@@ -372,6 +373,17 @@ fn error_chain(e: &anyhow::Error) -> String {
     text
 }
 
+/// A pipeline of runs (`compare`, `mix-search`) stopped by Ctrl-C or SIGTERM says
+/// how to continue it.
+fn rerun_advice(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast_ref::<mixlm_train::resume::Interrupted>() {
+        Some(stopped) => anyhow::anyhow!(
+            "{stopped}; run the same command again to continue it (finished runs are kept)"
+        ),
+        None => e,
+    }
+}
+
 /// A flag Ctrl-C and SIGTERM set, so training stops after the current step with a
 /// checkpoint; a second signal exits at once.
 fn stop_on_signal() -> Result<Arc<AtomicBool>> {
@@ -571,17 +583,15 @@ fn run(cli: Cli) -> Result<()> {
                 alpha,
                 pilot_steps,
             };
+            let train = TrainOptions {
+                quiet,
+                stop: Some(stop_on_signal()?),
+                ..Default::default()
+            };
             let outcome = mixlm_train::search::mix_search(&config, &options, |c| {
-                train_on(
-                    kind,
-                    c,
-                    &TrainOptions {
-                        quiet,
-                        overwrite: true,
-                        ..Default::default()
-                    },
-                )
-            })?;
+                mixlm_train::resume::train_or_continue(kind, c, &train)
+            })
+            .map_err(rerun_advice)?;
             println!("\n{:<40} mean final validation loss", "run");
             for p in &outcome.points {
                 println!("{:<40} {:.4}", p.run.display(), p.mean_val_loss);
@@ -785,7 +795,12 @@ fn run(cli: Cli) -> Result<()> {
                         .backend
                         .parse()?,
                 };
-                compare(&config, kind, quiet)?;
+                let train = TrainOptions {
+                    quiet,
+                    stop: Some(stop_on_signal()?),
+                    ..Default::default()
+                };
+                compare(&config, kind, &train).map_err(rerun_advice)?;
             }
             println!("{}", std::fs::read_to_string(&report)?);
             println!("written: {}", report.display());

@@ -323,3 +323,115 @@ fn resume_refuses_changes_that_make_another_run() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("has no checkpoint to resume or evaluate"), "{e}");
 }
+
+/// A comparison stopped by SIGTERM says how to continue; killed later with SIGKILL,
+/// it is run again and continues its interrupted run from that run's last checkpoint
+/// (the finished one is skipped): every run's metrics and evaluation equal those of
+/// an uninterrupted comparison.
+#[test]
+#[cfg(unix)]
+fn an_interrupted_comparison_continues_its_run_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str| {
+        let out = tmp.path().join(name);
+        let file = tmp.path().join(format!("{name}.toml"));
+        let text = format!(
+            r#"out_dir = "{}"
+seeds = [0]
+set = ["run.steps=48", "run.batch_size=8", "run.seq_len=32", "schedule.warmup_steps=4",
+       "eval.every=8", "eval.sequences=8", "checkpoint.every=3", "checkpoint.keep=2"]
+
+[[method]]
+name = "stratified"
+mixing = {{ method = "stratified" }}
+
+[[method]]
+name = "odm"
+mixing = {{ method = "odm", variant = "official", alpha = 0.5 }}
+"#,
+            out.display()
+        );
+        std::fs::write(&file, text).unwrap();
+        (file, out)
+    };
+    let compare = |file: &Path| {
+        let mut c = mixlm();
+        c.args(["compare", "--quiet"]).arg(file);
+        c
+    };
+    let (whole_file, whole) = write("whole");
+    let out = compare(&whole_file).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (file, dir) = write("stopped");
+    let odm = dir.join("odm-s0");
+    let mut child = compare(&file).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_step(&mut child, &odm, 5);
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an unfinished comparison is no success"
+    );
+    let stopped = common::last_step(&odm);
+    assert!(
+        stderr.contains(&format!(
+            "odm-s0 stopped after step {stopped} with a checkpoint; run the same command \
+             again to continue it"
+        )),
+        "{stderr}"
+    );
+
+    let step = random_step(&(stopped + 3..40).collect::<Vec<_>>());
+    let mut child = compare(&file).stderr(Stdio::null()).spawn().unwrap();
+    let reached = wait_for_step(&mut child, &odm, step);
+    child.kill().unwrap();
+    assert!(!child.wait().unwrap().success(), "finished before the kill");
+    eprintln!("compare: killed at step {reached} (MIXLM_KILL_STEP={step})");
+
+    let out = compare(&file).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("stratified-s0 is done, skipped"),
+        "{stderr}"
+    );
+    let resumed = stderr
+        .lines()
+        .find(|l| l.starts_with("resuming "))
+        .unwrap_or_else(|| panic!("no `resuming` line in: {stderr}"));
+    let from: u64 = resumed.rsplit("step-").next().unwrap().parse().unwrap();
+    assert!(from > stopped && from <= reached, "{resumed}");
+
+    let results = |out: &Path| -> serde_json::Value {
+        let text = std::fs::read_to_string(out.join("compare/results.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let mut eval = r["eval"].clone();
+                eval.as_object_mut().unwrap().remove("checkpoint"); // in its own folder
+                serde_json::json!([r["method"], r["steps"], eval])
+            })
+            .collect()
+    };
+    assert_eq!(results(&whole), results(&dir));
+    for run in ["stratified-s0", "odm-s0"] {
+        assert_eq!(
+            common::metrics(&whole.join(run)),
+            common::metrics(&dir.join(run)),
+            "{run}"
+        );
+    }
+}

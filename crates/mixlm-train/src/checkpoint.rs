@@ -293,12 +293,7 @@ pub fn checkpoint_dirs(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     };
     for entry in entries {
         let entry = entry.with_context(|| format!("cannot list {}", root.display()))?;
-        let name = entry.file_name();
-        let Some(step) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("step-"))
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
+        let Some(step) = checkpoint_step(&entry.path()) else {
             continue; // `latest`, `*.tmp` leftovers of a crash
         };
         if entry.path().is_dir() {
@@ -307,6 +302,15 @@ pub fn checkpoint_dirs(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     }
     found.sort_by_key(|d| std::cmp::Reverse(d.0));
     Ok(found)
+}
+
+/// The step a checkpoint folder (`step-NNNNNNNN`) was written at.
+pub fn checkpoint_step(dir: &Path) -> Option<u64> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("step-")?
+        .parse()
+        .ok()
 }
 
 /// Deletes all but the newest `keep` checkpoints, and leftovers of interrupted writes.

@@ -5,8 +5,9 @@
 //! section each; methods with extra runs name a `search` pipeline of `mixlm
 //! mix-search`). Runs go one after the other on one device, as
 //! `<out_dir>/<method>-s<seed>/`; a run whose `result.json` exists is not trained
-//! again, so an interrupted comparison continues with the next unfinished run (an
-//! interrupted run restarts from scratch). `<out_dir>/compare/results.json` holds
+//! again, and an interrupted run (a search's runs included) continues from its last
+//! checkpoint ([`crate::resume::train_or_continue`]), so rerunning an interrupted
+//! comparison loses at most the steps since that checkpoint. `<out_dir>/compare/results.json` holds
 //! everything the report is made of, so `--report-only` rewrites `report.md`
 //! without training.
 
@@ -19,12 +20,13 @@ use mixlm_eval::perplexity::PerplexityOptions;
 use mixlm_mixing::MixingConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{train_on, BackendKind};
+use crate::backend::BackendKind;
 use crate::checkpoint::{latest_checkpoint, write_atomic};
 use crate::config::RunConfig;
 use crate::evaluate::{default_max_tokens, evaluate_on, EvalOptions, EvalReport};
 use crate::figures::Figure;
-use crate::metrics::{Curves, StepTimes};
+use crate::metrics::{Curves, RunLog, StepTimes};
+use crate::resume::train_or_continue;
 use crate::samplemix::{make_plan, model_free_plan, PlanOptions};
 use crate::search::{mix_search, SearchMethod, SearchOptions};
 use crate::trainer::TrainOptions;
@@ -201,13 +203,19 @@ impl CompareConfig {
 }
 
 /// Runs what is not done yet, evaluates, and writes `results.json` and `report.md`.
-pub fn compare(config: &CompareConfig, kind: BackendKind, quiet: bool) -> Result<CompareResults> {
+/// `options` gives `quiet` and `stop`: a stop request ends the current run with a
+/// checkpoint and the comparison with a [`crate::resume::Interrupted`] error.
+pub fn compare(
+    config: &CompareConfig,
+    kind: BackendKind,
+    options: &TrainOptions,
+) -> Result<CompareResults> {
     let dir = config.out_dir.join("compare");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut results = Vec::new();
     for seed in &config.seeds {
         for method in &config.methods {
-            results.push(run_one(config, method, *seed, kind, quiet)?);
+            results.push(run_one(config, method, *seed, kind, options)?);
         }
     }
     let mut results = CompareResults {
@@ -243,8 +251,8 @@ pub fn report_only(config: &CompareConfig) -> Result<CompareResults> {
 fn backfill_curves(results: &mut CompareResults) -> bool {
     let mut added = false;
     for r in results.results.iter_mut().filter(|r| r.curves.is_empty()) {
-        if let Ok(c) = Curves::read(&r.run_dir.join("metrics.jsonl")) {
-            r.curves = c;
+        if let Ok(log) = RunLog::read(&r.run_dir.join("metrics.jsonl")) {
+            r.curves = log.curves;
             added = true;
         }
     }
@@ -262,7 +270,7 @@ fn run_one(
     method: &MethodEntry,
     seed: u64,
     kind: BackendKind,
-    quiet: bool,
+    options: &TrainOptions,
 ) -> Result<RunResult> {
     let mut run = config.run_config(method, seed)?;
     let run_dir = config.out_dir.join(&run.run.name);
@@ -273,18 +281,7 @@ fn run_one(
             return Ok(r);
         }
     }
-    let train = |c: &RunConfig| {
-        train_on(
-            kind,
-            c,
-            &TrainOptions {
-                quiet,
-                // A run without result.json did not finish: it starts over.
-                overwrite: true,
-                ..Default::default()
-            },
-        )
-    };
+    let train = |c: &RunConfig| train_or_continue(kind, c, options);
     let mut extra_steps = 0;
     if method.search.as_deref() == Some("samplemix") {
         // The token budget is what the run trains on.
@@ -294,7 +291,7 @@ fn run_one(
             .context("search = \"samplemix\" needs prepared shards (data.source = \"shards\")")?;
         let budget = run.run.steps * run.tokens_per_step();
         let plan = config.out_dir.join(format!("{}-plan", run.run.name));
-        let options = PlanOptions {
+        let plan_options = PlanOptions {
             scores: method
                 .scores
                 .clone()
@@ -308,21 +305,26 @@ fn run_one(
             seed,
         };
         if method.scores.is_some() {
-            make_plan(&options)?;
+            make_plan(&plan_options)?;
         } else {
-            model_free_plan(&options, method.clusters.unwrap_or(64), kind, quiet)?;
+            model_free_plan(
+                &plan_options,
+                method.clusters.unwrap_or(64),
+                kind,
+                options.quiet,
+            )?;
         }
         run.mixing = MixingConfig::SampleMix(mixlm_mixing::samplemix::SampleMixConfig { plan });
     } else if let Some(search) = &method.search {
-        let mut options = SearchOptions::new(search.parse().map_err(anyhow::Error::msg)?);
-        options.pilot_steps = method.pilot_steps;
+        let mut search_options = SearchOptions::new(search.parse().map_err(anyhow::Error::msg)?);
+        search_options.pilot_steps = method.pilot_steps;
         if let Some(p) = method.points {
-            options.points = p;
+            search_options.points = p;
         }
-        let outcome = mix_search(&run, &options, train)?;
+        let outcome = mix_search(&run, &search_options, train)?;
         // Sweeps train every point for the run's steps; the other pipelines' runs
         // are pilots.
-        let steps_per_run = match options.method {
+        let steps_per_run = match search_options.method {
             SearchMethod::Grid | SearchMethod::Law => run.run.steps,
             _ => method.pilot_steps.unwrap_or(run.run.steps),
         };
@@ -357,16 +359,20 @@ fn run_one(
             tokenizer: None,
         },
     )?;
+    let log = RunLog::read(&outcome.run_dir.join("metrics.jsonl"))?;
+    let last = log
+        .last_step
+        .with_context(|| format!("{} has no training step", outcome.run_dir.display()))?;
     let result = RunResult {
         method: method.name.clone(),
         seed,
         steps: outcome.steps,
         extra_steps,
-        tokens_per_second: outcome.tokens_per_second,
-        wall_s: (outcome.steps * run.tokens_per_step()) as f64
-            / outcome.tokens_per_second.max(1e-9),
-        curves: Curves::read(&outcome.run_dir.join("metrics.jsonl"))?,
-        step_time: StepTimes::read_total(&outcome.run_dir.join("metrics.jsonl"))?,
+        // The whole run's, across interruptions (not only the last segment's).
+        tokens_per_second: last.tokens_per_second(),
+        wall_s: last.elapsed_s,
+        curves: log.curves,
+        step_time: log.step_time,
         run_dir: outcome.run_dir,
         eval,
     };

@@ -73,28 +73,6 @@ impl StepTimes {
     pub fn mixing_share(&self) -> Option<f64> {
         (self.total() > 0.0).then(|| self.mixing / self.total())
     }
-
-    /// The sum of a `metrics.jsonl`'s training steps' times (a torn or older line
-    /// without `time_s` is skipped).
-    pub fn read_total(path: &Path) -> Result<Self> {
-        #[derive(Deserialize)]
-        struct Line {
-            kind: String,
-            time_s: StepTimes,
-        }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        Ok(text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Line>(l).ok())
-            .filter(|l| l.kind == "train")
-            .fold(Self::default(), |a, l| Self {
-                data: a.data + l.time_s.data,
-                model: a.model + l.time_s.model,
-                mixing: a.mixing + l.time_s.mixing,
-                other: a.other + l.time_s.other,
-            }))
-    }
 }
 
 /// One per-domain validation pass.
@@ -222,44 +200,109 @@ impl Curves {
     pub fn is_empty(&self) -> bool {
         self.val_loss.is_empty() && self.proportions.is_empty()
     }
+}
 
+/// What reports and pipelines read back from a run's `metrics.jsonl`, in one pass.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunLog {
+    pub curves: Curves,
+    /// The training steps' times, summed.
+    pub step_time: StepTimes,
+    /// Every evaluation, in order: its step and per-domain validation loss (`None`:
+    /// no value).
+    pub evals: Vec<(u64, BTreeMap<String, Option<f64>>)>,
+    /// The last training step's line.
+    pub last_step: Option<LastStep>,
+}
+
+/// Where a run's log ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LastStep {
+    /// Steps completed.
+    pub step: u64,
+    pub tokens: u64,
+    /// Mean training loss of the step.
+    pub loss: f64,
+    /// Training wall-clock since the run began; a resumed run's earlier segments are
+    /// included (up to the checkpoint it continued from).
+    pub elapsed_s: f64,
+}
+
+impl LastStep {
+    /// Training tokens per second over the whole run.
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens as f64 / self.elapsed_s.max(1e-9)
+    }
+}
+
+impl RunLog {
     /// Reads `metrics.jsonl`. A line that does not parse (the torn last line of a
-    /// killed run) is skipped; domains without a value (null) are left out.
+    /// killed run) is skipped; so is a missing field (lines written before it existed).
     pub fn read(path: &Path) -> Result<Self> {
         #[derive(Deserialize)]
         struct Line {
             kind: String,
+            #[serde(default)]
+            step: u64,
+            #[serde(default)]
             tokens: u64,
             #[serde(default)]
             val_loss: BTreeMap<String, Option<f64>>,
             #[serde(default)]
             proportions: BTreeMap<String, f64>,
+            #[serde(default)]
+            loss: f64,
+            time_s: Option<StepTimes>,
+            elapsed_s: Option<f64>,
         }
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let mut curves = Curves::default();
+        let mut log = RunLog::default();
+        let mut t = StepTimes::default();
         for line in text.lines() {
             let Ok(line) = serde_json::from_str::<Line>(line) else {
                 continue;
             };
             match line.kind.as_str() {
-                "eval" => curves.val_loss.push(CurvePoint {
-                    tokens: line.tokens,
-                    values: line
-                        .val_loss
-                        .into_iter()
-                        .filter_map(|(k, v)| v.map(|v| (k, v)))
-                        .collect(),
-                }),
-                "train" => curves.proportions.push(CurvePoint {
-                    tokens: line.tokens,
-                    values: line.proportions,
-                }),
+                "eval" => {
+                    log.curves.val_loss.push(CurvePoint {
+                        tokens: line.tokens,
+                        values: line
+                            .val_loss
+                            .iter()
+                            .filter_map(|(k, v)| v.map(|v| (k.clone(), v)))
+                            .collect(),
+                    });
+                    log.evals.push((line.step, line.val_loss));
+                }
+                "train" => {
+                    if let Some(s) = line.time_s {
+                        t = StepTimes {
+                            data: t.data + s.data,
+                            model: t.model + s.model,
+                            mixing: t.mixing + s.mixing,
+                            other: t.other + s.other,
+                        };
+                    }
+                    if let Some(elapsed_s) = line.elapsed_s {
+                        log.last_step = Some(LastStep {
+                            step: line.step,
+                            tokens: line.tokens,
+                            loss: line.loss,
+                            elapsed_s,
+                        });
+                    }
+                    log.curves.proportions.push(CurvePoint {
+                        tokens: line.tokens,
+                        values: line.proportions,
+                    });
+                }
                 _ => {}
             }
         }
-        curves.proportions = thin(curves.proportions, MAX_CURVE_POINTS);
-        Ok(curves)
+        log.step_time = t;
+        log.curves.proportions = thin(log.curves.proportions, MAX_CURVE_POINTS);
+        Ok(log)
     }
 }
 
@@ -289,9 +332,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metrics.jsonl");
         let line = |kind: &str, t: [f64; 4]| {
+            let total: f64 = t.iter().sum();
             format!(
-                "{{\"kind\":\"{kind}\",\"step\":1,\"time_s\":{{\"data\":{},\"model\":{},\"mixing\":{},\"other\":{}}}}}\n",
-                t[0], t[1], t[2], t[3]
+                "{{\"kind\":\"{kind}\",\"step\":{},\"tokens\":{},\"loss\":{},\"elapsed_s\":{total},\"time_s\":{{\"data\":{},\"model\":{},\"mixing\":{},\"other\":{}}}}}\n",
+                total as u64, total as u64 * 100, t[1], t[0], t[1], t[2], t[3]
             )
         };
         let text = line("train", [0.5, 2.0, 0.25, 0.25])
@@ -299,7 +343,8 @@ mod tests {
             + &line("train", [0.5, 4.0, 0.75, 0.75])
             + "{\"kind\":\"train\",\"time_s\":{\"data\":";
         std::fs::write(&path, text).unwrap();
-        let t = StepTimes::read_total(&path).unwrap();
+        let log = RunLog::read(&path).unwrap();
+        let t = log.step_time;
         assert_eq!(
             t,
             StepTimes {
@@ -311,6 +356,13 @@ mod tests {
         );
         assert_eq!(t.mixing_share(), Some(1.0 / 9.0));
         assert_eq!(StepTimes::default().mixing_share(), None);
+        // The log ends at the last whole training line (the eval line is not one).
+        let last = log.last_step.unwrap();
+        assert_eq!(
+            (last.step, last.tokens, last.loss, last.elapsed_s),
+            (6, 600, 4.0, 6.0)
+        );
+        assert_eq!(last.tokens_per_second(), 100.0);
     }
 
     #[test]
@@ -333,7 +385,8 @@ mod tests {
         text += "\n{\"kind\":\"train\",\"ste"; // torn last line of a killed run
         std::fs::write(&path, text).unwrap();
 
-        let c = Curves::read(&path).unwrap();
+        let log = RunLog::read(&path).unwrap();
+        let c = &log.curves;
         assert_eq!(c.val_loss.len(), 2);
         assert_eq!(
             c.val_loss[0].values,
@@ -346,6 +399,11 @@ mod tests {
         assert_eq!(c.proportions[1].tokens, 50);
         let last = c.proportions.last().unwrap();
         assert_eq!((last.tokens, last.values["a"]), (10_000, 1.0));
-        assert!(Curves::read(&dir.path().join("missing.jsonl")).is_err());
+        assert_eq!(
+            log.evals.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            [0, 1000]
+        );
+        assert_eq!(log.evals[0].1["b"], None);
+        assert!(RunLog::read(&dir.path().join("missing.jsonl")).is_err());
     }
 }

@@ -1,9 +1,10 @@
 //! `mixlm compare` on the CPU backend: every method and seed is trained and
-//! evaluated, a second call skips finished runs, and the report is regenerated from
-//! the saved results without retraining.
+//! evaluated, a second call skips finished runs (and reads back a trained run whose
+//! result is missing), and the report is regenerated from the saved results without
+//! retraining.
 
 use mixlm_train::compare::{compare, report_only, CompareConfig};
-use mixlm_train::BackendKind;
+use mixlm_train::{BackendKind, TrainOptions};
 
 #[test]
 fn compare_runs_each_method_once_and_rewrites_the_report_from_results() {
@@ -34,7 +35,7 @@ pilot_steps = 3
     .unwrap();
     let mut config = CompareConfig::load(&file).unwrap();
     config.out_dir = tmp.path().join("out");
-    let results = compare(&config, BackendKind::Cpu, true).unwrap();
+    let results = compare(&config, BackendKind::Cpu, &TrainOptions::quiet()).unwrap();
     assert_eq!(results.results.len(), 6);
     let doge: Vec<_> = results
         .results
@@ -106,11 +107,14 @@ pilot_steps = 3
     );
 
     // Finished runs are skipped: the same results come back (their files untouched).
+    // A run trained to its end whose result was not written (the process died in its
+    // evaluation) is read back and evaluated, its search's runs too, not retrained.
     let stamp = std::fs::metadata(doge[0].run_dir.join("metrics.jsonl"))
         .unwrap()
         .modified()
         .unwrap();
-    let again = compare(&config, BackendKind::Cpu, true).unwrap();
+    std::fs::remove_file(doge[0].run_dir.join("result.json")).unwrap();
+    let again = compare(&config, BackendKind::Cpu, &TrainOptions::quiet()).unwrap();
     assert!(again == results, "the second call changed the results");
     let stamp2 = std::fs::metadata(doge[0].run_dir.join("metrics.jsonl"))
         .unwrap()

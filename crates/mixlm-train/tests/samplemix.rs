@@ -122,7 +122,12 @@ clusters = 3
     .unwrap();
     let mut config = CompareConfig::load(&file).unwrap();
     config.out_dir = tmp.path().join("out");
-    let results = compare(&config, BackendKind::Cpu, true).unwrap();
+    let results = compare(
+        &config,
+        BackendKind::Cpu,
+        &mixlm_train::TrainOptions::quiet(),
+    )
+    .unwrap();
     assert_eq!(results.results.len(), 2);
 
     // The plan spends the run's token budget (8 steps x 8 x 32) within one document.

@@ -919,3 +919,117 @@ fn init_from_starts_from_another_runs_weights() {
         "{e}"
     );
 }
+
+/// A pipeline's run (compare, mix-search) stopped by a signal continues from its
+/// checkpoint when the pipeline is rerun, and ends with the uninterrupted run's
+/// metrics; once trained it is read back without training (the same outcome, nothing
+/// appended); a changed config, or another `run.steps`, starts over; a stop that came
+/// between runs starts none.
+#[test]
+fn an_interrupted_pipeline_run_continues_and_a_finished_one_is_read_back() {
+    use mixlm_train::resume::{train_or_continue, Interrupted};
+    use mixlm_train::BackendKind;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cpu = BackendKind::Cpu;
+    // Long enough for the stop below to land mid-run.
+    let steps = ["run.steps=300", "eval.every=100", "checkpoint.every=100"];
+    let whole = short_run(tmp.path(), "whole", &steps);
+    let reference = train_or_continue(cpu, &whole, &TrainOptions::quiet()).unwrap();
+    assert_eq!((reference.resumed_from, reference.steps), (None, 300));
+
+    let config = short_run(tmp.path(), "stopped", &steps);
+    let flag = Arc::new(AtomicBool::new(true));
+    let stop = TrainOptions {
+        quiet: true,
+        stop: Some(flag.clone()),
+        ..Default::default()
+    };
+    let e = train_or_continue(cpu, &config, &stop).unwrap_err();
+    assert_eq!(e.downcast_ref::<Interrupted>().map(|i| i.step), Some(0));
+    assert!(!tmp.path().join("stopped").exists());
+
+    // Ctrl-C once the run has logged its first step.
+    flag.store(false, Ordering::SeqCst);
+    let log = tmp.path().join("stopped/metrics.jsonl");
+    let signal = std::thread::spawn(move || loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("\"kind\":\"train\"") {
+            flag.store(true, Ordering::SeqCst);
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    });
+    let e = train_or_continue(cpu, &config, &stop).unwrap_err();
+    signal.join().unwrap();
+    let stopped = e
+        .downcast_ref::<Interrupted>()
+        .expect("an Interrupted error");
+    assert!((1..300).contains(&stopped.step), "{e}");
+    assert!(
+        e.to_string().contains(&format!(
+            "stopped after step {} with a checkpoint",
+            stopped.step
+        )),
+        "{e}"
+    );
+
+    let resumed = train_or_continue(cpu, &config, &TrainOptions::quiet()).unwrap();
+    assert_eq!(resumed.resumed_from, Some(stopped.step));
+    assert_eq!(resumed.steps, 300);
+    // Timing aside, the continued run logged what the uninterrupted one did.
+    let strip = |dir: &std::path::Path| {
+        metrics(dir)
+            .into_iter()
+            .map(|mut l| {
+                let o = l.as_object_mut().unwrap();
+                for timing in ["elapsed_s", "tokens_per_s", "time_s"] {
+                    o.remove(timing);
+                }
+                l
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&resumed.run_dir), strip(&reference.run_dir));
+    for (a, b) in resumed.rows.iter().zip(&reference.rows) {
+        assert_eq!((a.ppl, a.initial_ppl), (b.ppl, b.initial_ppl));
+    }
+
+    let log_before = std::fs::read(resumed.run_dir.join("metrics.jsonl")).unwrap();
+    let read_back = train_or_continue(cpu, &config, &TrainOptions::quiet()).unwrap();
+    assert_eq!(read_back.resumed_from, Some(300));
+    assert_eq!(read_back.rows, resumed.rows);
+    assert_eq!(read_back.final_train_loss, resumed.final_train_loss);
+    assert_eq!(read_back.learned, None);
+    assert!(read_back.tokens_per_second > 0.0);
+    assert_eq!(
+        std::fs::read(resumed.run_dir.join("metrics.jsonl")).unwrap(),
+        log_before
+    );
+
+    // Another learning rate is another run: trained from the start in the folder.
+    let six = |lr: &str| {
+        let lr = format!("optimizer.lr={lr}");
+        short_run(
+            tmp.path(),
+            "stopped",
+            &["run.steps=6", "checkpoint.every=4", &lr],
+        )
+    };
+    let run = |c: &RunConfig| train_or_continue(cpu, c, &TrainOptions::quiet()).unwrap();
+    assert_eq!(run(&six("1e-3")).resumed_from, None);
+    assert_eq!(run(&six("1e-3")).resumed_from, Some(6));
+    let fresh = run(&six("2e-3"));
+    assert_eq!((fresh.resumed_from, fresh.steps), (None, 6));
+    // A longer run is not this run stretched: also from the start.
+    let longer = short_run(
+        tmp.path(),
+        "stopped",
+        &["checkpoint.every=4", "optimizer.lr=2e-3", "run.steps=8"],
+    );
+    let fresh = run(&longer);
+    assert_eq!((fresh.resumed_from, fresh.steps), (None, 8));
+    assert_eq!(metrics(&fresh.run_dir).last().unwrap()["step"], 8);
+}
