@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mixlm_model::{ModelConfig, Precision, PRESETS};
 use mixlm_train::config::toml_string;
-use mixlm_train::{train_on, BackendKind, RunConfig, TrainOptions};
+use mixlm_train::{train_on, BackendKind, RunConfig, Start, TrainOptions};
 
 #[derive(Parser)]
 #[command(name = "mixlm", version, about = "LLM pretraining with data mixing")]
@@ -482,10 +482,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             let options = TrainOptions {
                 quiet,
-                resume: resume.is_some(),
-                resume_from,
+                start: match resume_from {
+                    Some(checkpoint) => Start::ResumeFrom(checkpoint),
+                    None if overwrite => Start::Overwrite,
+                    None => Start::New,
+                },
                 stop: Some(stop_on_signal()?),
-                overwrite,
             };
             let outcome = train_on(kind, &config, &options)?;
             if outcome.interrupted {

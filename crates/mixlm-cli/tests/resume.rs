@@ -70,6 +70,19 @@ fn random_step(candidates: &[u64]) -> u64 {
     candidates[nanos % candidates.len()]
 }
 
+/// Sends SIGTERM (as a scheduler's preemption does) and waits: the output and stderr.
+#[cfg(unix)]
+fn terminate(child: Child) -> (std::process::Output, String) {
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stderr)
+}
+
 /// Resumes `run_dir` to the end and returns the step its checkpoint was at.
 fn resume(run_dir: &Path) -> u64 {
     let out = mixlm()
@@ -198,13 +211,7 @@ fn sigterm_checkpoints_exits_zero_and_resumes_exactly() {
         .spawn()
         .unwrap();
     wait_for_step(&mut child, &run_dir, 7);
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (out, stderr) = terminate(child);
     assert!(out.status.success(), "exit status {}: {stderr}", out.status);
     let line = stderr
         .lines()
@@ -371,13 +378,7 @@ mixing = {{ method = "odm", variant = "official", alpha = 0.5 }}
     let odm = dir.join("odm-s0");
     let mut child = compare(&file).stderr(Stdio::piped()).spawn().unwrap();
     wait_for_step(&mut child, &odm, 5);
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (out, stderr) = terminate(child);
     assert!(
         !out.status.success(),
         "an unfinished comparison is no success"

@@ -21,4 +21,4 @@ pub mod trainer;
 
 pub use backend::{train_on, BackendKind};
 pub use config::RunConfig;
-pub use trainer::{train, TrainOptions, TrainOutcome};
+pub use trainer::{train, Start, TrainOptions, TrainOutcome};

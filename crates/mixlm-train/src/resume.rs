@@ -24,7 +24,7 @@ use crate::checkpoint::{
 };
 use crate::config::RunConfig;
 use crate::metrics::RunLog;
-use crate::trainer::{TrainOptions, TrainOutcome};
+use crate::trainer::{Start, TrainOptions, TrainOutcome};
 
 /// Config keys a resumed run may change (`section.key`, or `section.*` for a whole
 /// section).
@@ -57,7 +57,7 @@ fn is_safe(key: &str) -> bool {
 /// The config of the run in `run_dir`, as its newest valid checkpoint saved it, with
 /// `overrides` applied (each must be a [`SAFE_KEYS`] key), and that checkpoint,
 /// verified, with a warning for each newer one skipped (hand it to the trainer as
-/// [`crate::TrainOptions::resume_from`], which spares hashing it again). The run's
+/// [`crate::Start::ResumeFrom`], which spares hashing it again). The run's
 /// name and output folder follow `run_dir`, wherever it has been moved.
 pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<(RunConfig, PathBuf)> {
     // The peer counts may be given again (`--devices`, `--nodes`) but must equal the
@@ -231,7 +231,7 @@ impl std::error::Error for Interrupted {}
 /// replaced by a fresh start (said on stderr). Unlike `mixlm train --resume`, a
 /// changed `run.steps` starts over: continuing would stretch the saved run's cosine
 /// schedule, which is not the run the config describes. `options` gives `quiet` and
-/// `stop`; a stop ends with an [`Interrupted`] error.
+/// `stop` (its `start` is decided here); a stop ends with an [`Interrupted`] error.
 pub fn train_or_continue(
     kind: BackendKind,
     config: &RunConfig,
@@ -248,8 +248,7 @@ pub fn train_or_continue(
     let mut train = TrainOptions {
         quiet: options.quiet,
         stop: options.stop.clone(),
-        overwrite: true,
-        ..Default::default()
+        start: Start::Overwrite,
     };
     match continuation(&run_dir, config) {
         Ok(Some(checkpoint)) if checkpoint_step(&checkpoint) == Some(config.run.steps) => {
@@ -269,10 +268,7 @@ pub fn train_or_continue(
                 ),
             }
         }
-        Ok(Some(checkpoint)) => {
-            train.resume = true;
-            train.resume_from = Some(checkpoint);
-        }
+        Ok(Some(checkpoint)) => train.start = Start::ResumeFrom(checkpoint),
         Ok(None) => {}
         Err(why) => eprintln!("{}: {why:#}; training it from the start", run_dir.display()),
     }

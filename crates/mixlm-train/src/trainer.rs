@@ -47,19 +47,29 @@ use crate::resume::check_continues;
 pub struct TrainOptions {
     /// Hide the progress bar (tests); log lines still follow `run.log_every`.
     pub quiet: bool,
-    /// Continue `<out_dir>/<name>` from its newest valid checkpoint instead of starting
-    /// over; the config must be the one saved there, up to [`crate::resume::SAFE_KEYS`].
-    pub resume: bool,
-    /// With `resume`: the checkpoint to continue from, already verified by the caller
-    /// ([`crate::resume::resume_config`]); `None`: the trainer finds and verifies the
-    /// newest (hashing every file, about a minute for an 8B preset's).
-    pub resume_from: Option<PathBuf>,
+    /// A new run, or the continuation of the one in `<out_dir>/<name>`.
+    pub start: Start,
     /// Set from outside (Ctrl-C, SIGTERM) to stop after the current step with a
     /// checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
-    /// Start over in a run folder that already holds a run (its metrics and
-    /// checkpoints are replaced); without it such a start is refused.
-    pub overwrite: bool,
+}
+
+/// What a run does with its folder, `<out_dir>/<name>`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Start {
+    /// A new run; refused where the folder already holds one (metrics or
+    /// checkpoints), so that nothing is silently replaced.
+    #[default]
+    New,
+    /// A new run that replaces the folder's metrics and checkpoints.
+    Overwrite,
+    /// Continue from the newest valid checkpoint, which the trainer finds and
+    /// verifies (hashing every file: about a minute for an 8B preset's); the config
+    /// must be the one saved there, up to [`crate::resume::SAFE_KEYS`].
+    Resume,
+    /// Continue from this checkpoint, already verified by the caller
+    /// ([`crate::resume::resume_config`]).
+    ResumeFrom(PathBuf),
 }
 
 impl TrainOptions {
@@ -131,12 +141,12 @@ pub fn train_data_parallel<B: TrainBackend>(
     }
     let world = d.world_size();
     // The checkpoint a resumed run continues from, verified once for all peers.
-    let resume_from = match (options.resume, &options.resume_from) {
-        (true, Some(verified)) => Some(verified.clone()),
-        (true, None) => Some(latest_checkpoint(
+    let resume_from = match &options.start {
+        Start::ResumeFrom(verified) => Some(verified.clone()),
+        Start::Resume => Some(latest_checkpoint(
             &PathBuf::from(&config.run.out_dir).join(&config.run.name),
         )?),
-        (false, _) => None,
+        Start::New | Start::Overwrite => None,
     };
     let resume_from = resume_from.as_deref();
     if !d.collective() {
@@ -247,7 +257,7 @@ fn train_peer<B: TrainBackend>(
         )?),
         None => {
             if leader {
-                refuse_to_overwrite(&run_dir, options.overwrite)?;
+                refuse_to_overwrite(&run_dir, options.start == Start::Overwrite)?;
             }
             None
         }
@@ -787,7 +797,7 @@ fn train_peer<B: TrainBackend>(
                 true => None,
                 false => scheduler.learned_proportions(),
             },
-            resumed_from: options.resume.then_some(start),
+            resumed_from: resume_from.is_some().then_some(start),
             interrupted,
         });
     }
@@ -840,7 +850,7 @@ fn train_peer<B: TrainBackend>(
         tokens_per_second: trained_tokens as f64 / elapsed.max(1e-9),
         steps: run.steps,
         learned,
-        resumed_from: options.resume.then_some(start),
+        resumed_from: resume_from.is_some().then_some(start),
         interrupted: false,
     })
 }

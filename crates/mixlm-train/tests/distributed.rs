@@ -288,7 +288,7 @@ fn resume_needs_the_same_number_of_peers() {
     let out = train::<B>(&c, &Default::default(), &options).unwrap();
     assert!(out.interrupted && out.steps == 1, "{out:?}");
     let resume = TrainOptions {
-        resume: true,
+        start: mixlm_train::Start::Resume,
         ..TrainOptions::quiet()
     };
     c.distributed.devices = 3;

@@ -174,7 +174,7 @@ fn stop_reports_and_the_run_resumes_with_another_policy() {
         &Default::default(),
         &TrainOptions {
             quiet: true,
-            resume: true,
+            start: mixlm_train::Start::Resume,
             ..Default::default()
         },
     )

@@ -508,7 +508,7 @@ fn mix_search_grid_and_law() {
             &Default::default(),
             &TrainOptions {
                 quiet: true,
-                overwrite: true,
+                start: mixlm_train::Start::Overwrite,
                 ..Default::default()
             },
         )
@@ -683,7 +683,7 @@ fn mix_search_pipelines_doremi_doge_skill_it() {
             &Default::default(),
             &TrainOptions {
                 quiet: true,
-                overwrite: true,
+                start: mixlm_train::Start::Overwrite,
                 ..Default::default()
             },
         )
@@ -811,7 +811,7 @@ fn checkpointing_and_attention_kernel_train_like_the_defaults() {
             &config,
             &TrainOptions {
                 quiet: true,
-                overwrite: true,
+                start: mixlm_train::Start::Overwrite,
                 ..Default::default()
             },
         )
@@ -860,8 +860,7 @@ fn resume_continues_from_the_checkpoint_the_caller_verified() {
         &Default::default(),
         &TrainOptions {
             quiet: true,
-            resume: true,
-            resume_from: Some(older),
+            start: mixlm_train::Start::ResumeFrom(older),
             ..Default::default()
         },
     )
