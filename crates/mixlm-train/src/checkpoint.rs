@@ -223,8 +223,12 @@ pub fn write_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
 ) -> Result<PathBuf> {
     let root = run_dir.join("checkpoints");
     fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    let name = format!("step-{:08}", state.step);
-    let final_dir = root.join(&name);
+    let final_dir = checkpoint_dir(run_dir, state.step);
+    let name = final_dir
+        .file_name()
+        .expect("a step folder")
+        .to_string_lossy()
+        .into_owned();
     let tmp = root.join(format!("{name}.tmp"));
     if tmp.exists() {
         fs::remove_dir_all(&tmp)?;
@@ -302,6 +306,11 @@ pub fn checkpoint_dirs(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     }
     found.sort_by_key(|d| std::cmp::Reverse(d.0));
     Ok(found)
+}
+
+/// The folder of `run_dir`'s checkpoint at `step`.
+pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join("checkpoints").join(format!("step-{step:08}"))
 }
 
 /// The step a checkpoint folder (`step-NNNNNNNN`) was written at.
@@ -422,15 +431,6 @@ pub fn load_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
 ) -> Result<Restored<B>> {
     verify(dir)?;
     load_verified(dir, device)
-}
-
-/// Loads the checkpoint a run in `run_dir` continues from ([`latest_checkpoint`],
-/// which has verified it, so its files are hashed once).
-pub fn load_newest<B: burn::tensor::backend::AutodiffBackend>(
-    run_dir: &Path,
-    device: &B::Device,
-) -> Result<Restored<B>> {
-    load_verified(&latest_checkpoint(run_dir)?, device)
 }
 
 /// [`load_checkpoint`] of a folder already verified (by [`latest_checkpoint`]).

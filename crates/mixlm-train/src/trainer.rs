@@ -30,7 +30,8 @@ use mixlm_model::{ModelConfig, TrainBackend, Transformer};
 
 use crate::alignment::{validation_gradient, DomainGradients};
 use crate::checkpoint::{
-    latest_checkpoint, load_newest, load_verified, write_checkpoint, Restored, TrainState,
+    checkpoint_dir, checkpoint_step, latest_checkpoint, load_verified, write_checkpoint, Restored,
+    TrainState,
 };
 use crate::config::RunConfig;
 use crate::distributed::{
@@ -660,9 +661,10 @@ fn train_peer<B: TrainBackend>(
                 );
             }
             if faults.on_nan == OnNan::Rollback {
-                let restored = load_newest::<B>(&run_dir, device).with_context(|| {
-                    format!("{what}; faults.on_nan = \"rollback\" needs a checkpoint")
-                })?;
+                let restored =
+                    load_for_rollback::<B>(&run_dir, device, peer).with_context(|| {
+                        format!("{what}; faults.on_nan = \"rollback\" needs a checkpoint")
+                    })?;
                 let dir = restored.dir.clone();
                 let mut sampler = MixtureSampler::new(k, run.seed, config.data.composition);
                 optimizer = AdamW::new(config.optimizer.clone());
@@ -913,6 +915,23 @@ fn continue_from<B: TrainBackend>(
         .restore(&s.scheduler)
         .map_err(|e| anyhow::anyhow!("{}: {e}", r.dir.join("state.json").display()))?;
     Ok((r.model, s))
+}
+
+/// The newest checkpoint, loaded for a rollback. Peer 0 finds and verifies it and
+/// names its step to the others, so its files are hashed once per run rather than
+/// once per peer (minutes for an 8B preset's) and every peer loads the same one.
+fn load_for_rollback<B: TrainBackend>(
+    run_dir: &std::path::Path,
+    device: &B::Device,
+    peer: &Peer<B::InnerBackend>,
+) -> Result<Restored<B>> {
+    let newest = match peer.rank().is_leader() {
+        // A `step-N` folder: `latest_checkpoint` picks among those.
+        true => checkpoint_step(&latest_checkpoint(run_dir)?).unwrap_or_default(),
+        false => 0,
+    };
+    let named = peer.gather("the checkpoint to roll back to", &[newest as f64])?[0][0];
+    load_verified::<B>(&checkpoint_dir(run_dir, named as u64), device)
 }
 
 /// A fresh start must not silently replace the metrics and checkpoints of an earlier

@@ -90,7 +90,13 @@ fn by_domain(record: &Value, field: &str) -> BTreeMap<String, f64> {
 /// Trains `peers` x accumulation `accum` and one device with `peers * accum`, and
 /// compares the parameters, the losses, the proportions and (to `weights_tolerance`)
 /// the loss weights step by step.
-fn matches_one_device(peers: usize, accum: usize, mixing: &[&str], weights_tolerance: f64) {
+/// Returns the folder holding the runs (`parallel`, `single`).
+fn matches_one_device(
+    peers: usize,
+    accum: usize,
+    mixing: &[&str],
+    weights_tolerance: f64,
+) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let options = TrainOptions::quiet();
     let device = Default::default();
@@ -159,6 +165,27 @@ fn matches_one_device(peers: usize, accum: usize, mixing: &[&str], weights_toler
         2,
         "only the two run folders"
     );
+    dir
+}
+
+/// A NaN step under `faults.on_nan = "rollback"` with two peers: peer 0 names the
+/// checkpoint, both reload it, and the run goes on like one device's rolled-back run.
+#[test]
+fn two_peers_roll_back_like_one_device() {
+    let rollback = [
+        "faults.on_nan=\"rollback\"",
+        "faults.inject_nan_steps=[4]",
+        "checkpoint.every=2",
+    ];
+    let dir = matches_one_device(2, 1, &rollback, 0.0);
+    for run in ["parallel", "single"] {
+        let faults = std::fs::read_to_string(dir.path().join(run).join("faults.jsonl")).unwrap();
+        let f: Value = serde_json::from_str(faults.lines().next().unwrap()).unwrap();
+        assert_eq!(
+            (&f["action"], &f["rolled_back_to"]),
+            (&"rolled_back".into(), &2.into())
+        );
+    }
 }
 
 #[test]
