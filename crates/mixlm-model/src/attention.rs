@@ -80,20 +80,16 @@ where
 {
 }
 
+#[cfg(feature = "distributed")]
+use burn::tensor::backend::distributed::DistributedBackend as Wrappable;
+#[cfg(not(feature = "distributed"))]
+use burn::tensor::backend::Backend as Wrappable;
+
 /// The backends Burn's `Autodiff` wraps in this build: any backend, or, with Burn's
 /// `distributed` feature (mixlm's `nccl` build), only those that can all-reduce
 /// gradients while the backward pass runs. Naming it lets generic code say either.
-#[cfg(not(feature = "distributed"))]
-pub trait AutodiffInner: Backend {}
-#[cfg(not(feature = "distributed"))]
-impl<B: Backend> AutodiffInner for B {}
-/// The backends Burn's `Autodiff` wraps in this build: any backend, or, with Burn's
-/// `distributed` feature (mixlm's `nccl` build), only those that can all-reduce
-/// gradients while the backward pass runs. Naming it lets generic code say either.
-#[cfg(feature = "distributed")]
-pub trait AutodiffInner: burn::tensor::backend::distributed::DistributedBackend {}
-#[cfg(feature = "distributed")]
-impl<B: burn::tensor::backend::distributed::DistributedBackend> AutodiffInner for B {}
+pub trait AutodiffInner: Wrappable {}
+impl<B: Wrappable> AutodiffInner for B {}
 
 /// Causal attention on tensors, scaled by `1/sqrt(head_dim)` (what the model calls).
 pub fn causal_attention<B: ModelBackend>(

@@ -210,6 +210,7 @@ pub fn compare(
     kind: BackendKind,
     options: &TrainOptions,
 ) -> Result<CompareResults> {
+    check_test_split(&config.run_config(&config.methods[0], config.seeds[0])?)?;
     let dir = config.out_dir.join("compare");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut results = Vec::new();
@@ -229,6 +230,38 @@ pub fn compare(
     )?;
     write_report(&dir, &results)?;
     Ok(results)
+}
+
+/// The report's headline is the average test perplexity: refuses, before any
+/// training, data in which a domain has no test tokens.
+fn check_test_split(run: &RunConfig) -> Result<()> {
+    let source = run.open_source()?;
+    let empty: Vec<String> = source
+        .domain_names()
+        .into_iter()
+        .enumerate()
+        .filter(|&(d, _)| {
+            let d = mixlm_data::DomainId(d);
+            match source.stream_documents(d, Split::Test) {
+                Some(offsets) => offsets.last().is_none_or(|&n| n == 0),
+                None => source.num_windows(d, Split::Test, run.run.seq_len) == Some(0),
+            }
+        })
+        .map(|(_, name)| name)
+        .collect();
+    if !empty.is_empty() {
+        anyhow::bail!(
+            "{}: no test tokens for {} in the data; the comparison reports test \
+             perplexity. Prepare the data with a test split: [data.prepare] \
+             test_from_validation = true (half of each domain's validation documents) or \
+             test_fraction > 0, and `mixlm prepare --force`",
+            run.data
+                .shard_dir()
+                .map_or("the data".into(), |p| p.display().to_string()),
+            empty.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Rewrites `report.md` from `results.json`, without training.
@@ -332,7 +365,7 @@ fn run_one(
         run = run.with_mixing_file(&outcome.dir.join("learned_mixture.toml"))?;
     }
     eprintln!(
-        "compare: training {} ({})",
+        "compare: run {} ({})",
         run.run.name,
         run.mixing.method_name()
     );

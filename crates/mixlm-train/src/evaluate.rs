@@ -341,9 +341,15 @@ impl EvalReport {
         }
         let mut avg = vec!["average per group".to_string()];
         for s in &self.splits {
-            avg.push(format!("{:.3}", s.average_ppl));
-            avg.push(format!("{:.3}", s.average_sequence_ppl));
-            avg.push(s.domains.iter().map(|d| d.tokens).sum::<u64>().to_string());
+            let tokens: u64 = s.domains.iter().map(|d| d.tokens).sum();
+            match tokens {
+                0 => avg.extend(["-".into(), "-".into()]),
+                _ => {
+                    avg.push(format!("{:.3}", s.average_ppl));
+                    avg.push(format!("{:.3}", s.average_sequence_ppl));
+                }
+            }
+            avg.push(tokens.to_string());
         }
         rows.push(avg);
         render(&rows, markdown)
@@ -479,4 +485,56 @@ fn render(rows: &[Vec<String>], markdown: bool) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mixlm_eval::perplexity::{DomainPerplexity, SplitPerplexity, StreamScore};
+
+    /// A split without data shows `-` in its rows and its average, not a perplexity
+    /// of zero.
+    #[test]
+    fn a_split_without_tokens_has_no_average() {
+        let score = StreamScore {
+            nll: 2.0,
+            tokens: 2,
+            documents: vec![(2.0, 2)],
+        };
+        let split = |name: &str, s: &StreamScore| {
+            SplitPerplexity::new(
+                name,
+                vec![
+                    DomainPerplexity::from_score("a", s),
+                    DomainPerplexity::from_score("b", s),
+                ],
+            )
+        };
+        let report = EvalReport {
+            checkpoint: PathBuf::from("ckpt"),
+            step: None,
+            model_params: 1,
+            seq_len: 4,
+            stride: 4,
+            max_tokens: None,
+            splits: vec![
+                split("validation", &score),
+                split("test", &StreamScore::default()),
+            ],
+            heldout: Vec::new(),
+            tasks: Vec::new(),
+        };
+        let table = report.table(true);
+        let average = table
+            .lines()
+            .find(|l| l.starts_with("| average per group"))
+            .unwrap();
+        let cells: Vec<&str> = average.split('|').map(str::trim).collect();
+        // domain, then validation ppl, seq-mean ppl, tokens, then test's.
+        assert_eq!(
+            cells[1..8],
+            ["average per group", "2.718", "2.718", "4", "-", "-", "0"],
+            "{table}"
+        );
+    }
 }

@@ -268,7 +268,7 @@ impl<F: FnMut(&RunConfig) -> Result<TrainOutcome>> Search<'_, F> {
         run.mixing = mixing;
         run.checkpoint.save_final |= self.save_final;
         eprintln!(
-            "mix-search: training {} ({})",
+            "mix-search: run {} ({})",
             run.run.name,
             run.mixing.method_name()
         );

@@ -15,8 +15,9 @@ use mixlm_train::BackendKind;
 use std::path::{Path, PathBuf};
 
 /// Prose-like documents in `prose`, repetitive ones in `spam`, numbers in `nums`
-/// (60 of each in train), prepared into `<tmp>/shards`.
-fn three_domain_corpus(tmp: &Path) -> PathBuf {
+/// (60 of each in train), prepared into `<tmp>/shards`; with `test_split`, half of
+/// each domain's validation documents become its test split.
+fn three_domain_corpus(tmp: &Path, test_split: bool) -> PathBuf {
     let tokenizer = tmp.join("tokenizer.json");
     write_tokenizer(&tokenizer, 0);
     let t = texts(60, 2);
@@ -42,6 +43,7 @@ fn three_domain_corpus(tmp: &Path) -> PathBuf {
         inputs: vec![tmp.join("raw").display().to_string()],
         tokenizer,
         output: data.clone(),
+        test_from_validation: test_split,
         ..PrepareConfig::default()
     })
     .unwrap();
@@ -51,7 +53,7 @@ fn three_domain_corpus(tmp: &Path) -> PathBuf {
 #[test]
 fn samplemix_scores_plans_and_trains_in_a_comparison() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = three_domain_corpus(tmp.path());
+    let data = three_domain_corpus(tmp.path(), true);
 
     // Heuristic quality: prose scores above spam and numbers.
     let options = ScoreOptions {
@@ -129,6 +131,12 @@ clusters = 3
     )
     .unwrap();
     assert_eq!(results.results.len(), 2);
+    for r in &results.results {
+        let test = &r.eval.splits[1];
+        assert_eq!(test.split, "test");
+        assert!(test.domains.iter().all(|d| d.tokens > 0), "{test:?}");
+        assert!(test.average_ppl > 1.0 && test.average_ppl.is_finite());
+    }
 
     // The plan spends the run's token budget (8 steps x 8 x 32) within one document.
     let plan = config.out_dir.join("samplemix-s0-plan");
@@ -356,7 +364,7 @@ fn mtime(p: &Path) -> std::time::SystemTime {
 #[test]
 fn diversity_fits_on_a_sample_assigns_everything_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = three_domain_corpus(tmp.path());
+    let data = three_domain_corpus(tmp.path(), false);
     let plan = data.join("samplemix");
     let options = ScoreOptions {
         data: data.clone(),
@@ -421,4 +429,39 @@ fn diversity_fits_on_a_sample_assigns_everything_and_resumes() {
     assert_eq!(two.k, 2);
     assert_ne!(mtime(&fit), fit_time);
     assert!(read_u32(prose).iter().all(|&c| c < 2));
+}
+
+/// The comparison's headline is the average test perplexity: data prepared without a
+/// test split is refused before anything trains, naming the domains and the fix.
+#[test]
+fn a_comparison_without_test_data_is_refused_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = three_domain_corpus(tmp.path(), false);
+    let base = tmp.path().join("base.toml");
+    let toml = format!(
+        "[model]\npreset = \"tiny\"\nvocab_size = 260\n[data]\nsource = \"shards\"\npath = \"{}\"\n",
+        data.display()
+    );
+    std::fs::write(&base, toml).unwrap();
+    let file = tmp.path().join("cmp.toml");
+    std::fs::write(
+        &file,
+        "base = \"base.toml\"\nout_dir = \"out\"\n[[method]]\nname = \"natural\"\nmixing = { method = \"natural\" }\n",
+    )
+    .unwrap();
+    let mut config = CompareConfig::load(&file).unwrap();
+    config.out_dir = tmp.path().join("out");
+    let e = compare(
+        &config,
+        BackendKind::Cpu,
+        &mixlm_train::TrainOptions::quiet(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("no test tokens for nums, prose, spam")
+            && e.contains("test_from_validation = true"),
+        "{e}"
+    );
+    assert!(!config.out_dir.exists(), "nothing was trained");
 }
