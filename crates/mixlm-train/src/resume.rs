@@ -238,11 +238,7 @@ pub fn train_or_continue(
     options: &TrainOptions,
 ) -> Result<TrainOutcome> {
     let run_dir = PathBuf::from(&config.run.out_dir).join(&config.run.name);
-    let stop_requested = options
-        .stop
-        .as_ref()
-        .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
-    if stop_requested {
+    if options.stop_requested() {
         return Err(Interrupted { run_dir, step: 0 }.into());
     }
     let mut train = TrainOptions {

@@ -74,6 +74,11 @@ pub enum Start {
 }
 
 impl TrainOptions {
+    /// Whether [`Self::stop`] has been set.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
+
     /// No progress bar, otherwise the defaults (tests, and jobs that print their own).
     pub fn quiet() -> Self {
         Self {
@@ -389,12 +394,7 @@ fn train_peer<B: TrainBackend>(
     let started = Instant::now();
     // Steps in a row whose update was not applied (NaN), rollbacks included.
     let mut consecutive_bad = 0u64;
-    let stop_requested = || {
-        options
-            .stop
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::SeqCst))
-    };
+    let stop_requested = || options.stop_requested();
     let save = |step: u64,
                 model: &Transformer<B>,
                 optimizer: &AdamW<B::InnerBackend>,
