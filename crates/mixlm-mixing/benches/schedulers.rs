@@ -17,6 +17,7 @@ fn info(k: usize) -> DomainInfo {
         names: (0..k).map(|i| format!("d{i}")).collect(),
         natural_weights: (1..=k).map(|i| i as f64).collect(),
         seed: 0,
+        steps: 1000,
     }
 }
 
@@ -28,6 +29,7 @@ fn feedback(k: usize, step: u64) -> StepFeedback {
                 .collect(),
         ),
         sequences: vec![4; k],
+        micro_batches: 1,
         reference: None,
         excess: None,
     }

@@ -24,11 +24,54 @@
 //! `start_from_init` Aioli's `p` also starts there instead of uniform (the official
 //! code restarts from uniform).
 //!
-//! Differences from the official code: LearnParams batches hold exactly the
-//! apportioned counts (the official dataset code rounds each group down to at least 1
-//! and gives the remainder to the last group, which for `K = 7, one_hot_factor = 0.75`
-//! at batch size 8 yields a negative count and shorter segments); validation uses the
-//! run's `eval.sequences` per group rather than the whole validation split.
+//! Agreement with the official code is checked by the golden tests
+//! (`tests/golden_aioli.rs`, `tests/golden/aioli-*.json`): trajectories recorded from
+//! the authors' `AioliTrainer.train` (HazyResearch/aioli, commit `a236112`) for K = 2,
+//! 3 and 7, with and without EMA and with a prior, agree with this scheduler to 1e-12
+//! per proportion (in practice to the last bit or two of an `f64`), given the same
+//! group orders. The official orders come from numpy's global RNG
+//! (`np.random.permutation`); mixlm draws its own from the run's seed, and
+//! [`AioliScheduler::with_group_orders`] replays recorded ones.
+//!
+//! Differences from the official code:
+//! - LearnParams batches hold exactly the apportioned counts. The official code
+//!   (`dataset/slimpj_dataset.py`: `get_tokenized_dataset(mapped_train=True)` and
+//!   `interleave_per_batch_mapped`) draws `int(p_i * lp_steps * B)` sequences per group
+//!   for the segment and composes every batch of `max(1, int(p_i * B))` sequences of
+//!   group `i`, the last group taking `B` minus the others, until some group runs out;
+//!   the training loop stops at `lp_steps` batches or when the data ends. Where these
+//!   round exactly (K = 2 at 0.625, K = 3 at 0.5, K = 7 at 0.25, batch size 8) both
+//!   agree step for step. At the full-setting script's K = 7, `one_hot_factor` 0.75,
+//!   batch size 8, `lp_rounds` 2, `lp_steps` 10 they do not: per batch the segment's
+//!   group gets 6, every other group 1 and the last group (wikipedia) `8 - 11 = -3`,
+//!   i.e. none; the segment draws 60 sequences of its group and 3 of each other (5 of
+//!   the last), so after 3 such 11-sequence batches a 3-sequence group runs out and the
+//!   segment holds 33 sequences: 5 steps (8, 8, 8, 8, 1) instead of 10, with no
+//!   wikipedia at all. The last group's own segment composes batches of 1 of each
+//!   other group and 2 (not 6) of wikipedia, 25% instead of 75%, and trains 3 steps
+//!   (24 sequences). A LearnParams thus trains 2 * (6 * 5 + 3) = 66 steps, but the
+//!   round counter still advances by the nominal `lp_rounds * lp_steps * K` = 140, and
+//!   the round trains on `p` until the counter reaches the next multiple of
+//!   `update_steps` (200): 60 steps, so a round trains 126 batches, and the 40000-step
+//!   run (were it to get past its `--prior_steps 0`, below) 200 * 126 = 25200, while
+//!   `A` is still unmixed with the nominal `W` (75% on the segment's group). mixlm does not reproduce this: it trains every segment
+//!   `lp_steps` steps on exactly the nominal mixture and every round `update_steps`
+//!   steps. Given the same validation losses it computes the same `A` and `p` every
+//!   round (checked by the `k7-full-script` golden test); only the step counts and
+//!   the LearnParams batch contents differ.
+//! - The official round boundaries are multiples of `update_steps` of its counter,
+//!   which starts at `prior_steps`; with a prior whose `prior_steps` is not a multiple
+//!   of `update_steps` its first round is shorter and the run ends short. mixlm's rounds
+//!   are `update_steps` long from `init_steps` on (the two agree when `prior_steps` is
+//!   a multiple of `update_steps`, as in the golden test). With `--aioli_prior` and
+//!   `--prior_steps 0` (as in the official `scripts/full/aioli/run.sh`) the official
+//!   static phase never ends (it checks `counter == prior_steps` only after a step);
+//!   mixlm's `init_steps = 0` simply starts with Aioli.
+//! - `A` is scaled by its sum only when that sum is positive (the official code divides
+//!   unconditionally, giving NaN for an all-zero `A`). The `aioli_diagonal` variant and
+//!   the Skill-It-initialised variant (`--graph_path`) are not implemented.
+//! - Validation uses the run's `eval.sequences` per group rather than the whole
+//!   validation split.
 
 use crate::config::{check_eta, check_range, InitWeights};
 use crate::proportions::softmax;
@@ -245,6 +288,8 @@ pub struct AioliScheduler {
     seed: u64,
     init: Proportions,
     state: AioliState,
+    /// LearnParams group orders supplied by [`AioliScheduler::with_group_orders`].
+    group_orders: Vec<Vec<usize>>,
 }
 
 impl AioliScheduler {
@@ -272,7 +317,39 @@ impl AioliScheduler {
                 rounds_done: 0,
                 last_a: None,
             },
+            group_orders: Vec::new(),
         })
+    }
+
+    /// Replays given LearnParams group orders instead of drawing them from the seed:
+    /// `orders[r]` is round `r`'s order over all its segments, `lp_rounds`
+    /// concatenated permutations of `0..K` (the official code's `mixture_order`,
+    /// drawn there with numpy's global RNG). Rounds past the end of `orders` draw
+    /// from the seed as usual. For replaying a recorded run, such as the golden tests
+    /// against the authors' code. The orders are not part of the checkpointed state:
+    /// supply them again when resuming.
+    pub fn with_group_orders(mut self, orders: Vec<Vec<usize>>) -> Result<Self, MixingConfigError> {
+        let k = self.k;
+        let len = self.config.lp_rounds as usize * k;
+        for (r, order) in orders.iter().enumerate() {
+            let sweeps_ok = order.len() == len
+                && order.chunks(k).all(|sweep| {
+                    let mut s = sweep.to_vec();
+                    s.sort_unstable();
+                    s.iter().copied().eq(0..k)
+                });
+            if !sweeps_ok {
+                return Err(MixingConfigError::Invalid {
+                    field: "group_orders",
+                    message: format!(
+                        "round {r}: {order:?} is not lp_rounds = {} permutations of 0..{k}",
+                        self.config.lp_rounds
+                    ),
+                });
+            }
+        }
+        self.group_orders = orders;
+        Ok(self)
     }
 
     pub fn state_ref(&self) -> &AioliState {
@@ -300,6 +377,9 @@ impl AioliScheduler {
 
     /// The group trained in `segment` of `round`'s LearnParams.
     fn segment_group(&self, round: u64, segment: u64) -> usize {
+        if let Some(order) = self.group_orders.get(round as usize) {
+            return order[segment as usize];
+        }
         let k = self.k as u64;
         permutation(self.k, self.seed, round, segment / k)[(segment % k) as usize]
     }
@@ -456,6 +536,7 @@ mod tests {
             names: (0..k).map(|i| format!("g{i}")).collect(),
             natural_weights: vec![1.0; k],
             seed: 7,
+            steps: 1000,
         }
     }
 
@@ -650,6 +731,32 @@ mod tests {
             &[w[0] / (w[0] + w[1]), w[1] / (w[0] + w[1])],
             1e-9,
         );
+    }
+
+    #[test]
+    fn supplied_group_orders_are_replayed_and_checked() {
+        let cfg = config(); // lp_rounds 2, K = 3
+        let s = AioliScheduler::new(&cfg, &info(3))
+            .unwrap()
+            .with_group_orders(vec![vec![2, 0, 1, 1, 2, 0]])
+            .unwrap();
+        let groups: Vec<usize> = (0..6).map(|seg| s.segment_group(0, seg)).collect();
+        assert_eq!(groups, [2, 0, 1, 1, 2, 0]);
+        // Past the supplied rounds: the seeded orders.
+        let seeded = AioliScheduler::new(&cfg, &info(3)).unwrap();
+        assert_eq!(s.segment_group(1, 4), seeded.segment_group(1, 4));
+        for bad in [
+            vec![0, 1, 2],
+            vec![0, 0, 1, 1, 2, 2],
+            vec![0, 1, 3, 0, 1, 2],
+        ] {
+            let e = AioliScheduler::new(&cfg, &info(3))
+                .unwrap()
+                .with_group_orders(vec![bad])
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("mixing.group_orders round 0: "), "{e}");
+        }
     }
 
     #[test]

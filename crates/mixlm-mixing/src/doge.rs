@@ -349,6 +349,7 @@ mod tests {
             names: (0..k).map(|i| format!("d{i}")).collect(),
             natural_weights: vec![1.0; k],
             seed: 0,
+            steps: 1000,
         }
     }
 

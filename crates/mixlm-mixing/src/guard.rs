@@ -27,6 +27,7 @@ fn finite_feedback(f: &StepFeedback) -> StepFeedback {
     StepFeedback {
         train: finite_losses(&f.train),
         sequences: f.sequences.clone(),
+        micro_batches: f.micro_batches,
         reference: f.reference.as_ref().map(finite_losses),
         excess: f.excess.as_ref().map(finite_losses),
     }

@@ -33,7 +33,7 @@ pub mod skillit;
 pub use aioli::{AioliConfig, AioliScheduler};
 pub use config::{InitWeights, ManualConfig, MixingConfig, MixingConfigError, NoParams};
 pub use doge::{DogeConfig, DogeScheduler, DogeTarget};
-pub use doremi::{DoReMiConfig, DoReMiScheduler};
+pub use doremi::{DoReMiConfig, DoReMiScheduler, DoReMiVariant};
 pub use odm::{OdmBatches, OdmConfig, OdmScheduler, OdmVariant};
 pub use proportions::{Composition, DomainId, DomainLosses, Proportions, ProportionsError};
 pub use schedulers::{StaticKind, StaticScheduler};
@@ -49,6 +49,11 @@ pub struct StepFeedback {
     pub train: DomainLosses,
     /// Number of sequences of each domain in this step (all micro-batches together).
     pub sequences: Vec<usize>,
+    /// How many micro-batches (of all peers together) those sequences came in: the
+    /// `G` of ODM's Algorithm 1, whose reward sums a domain's micro-batch losses.
+    /// 1 for the feedback of a single micro-batch.
+    #[serde(default = "one")]
+    pub micro_batches: usize,
     /// Per-domain loss of a reference model on the same batch, for methods that
     /// ask for one through [`Requirements::reference_model`] (DoReMi).
     pub reference: Option<DomainLosses>,
@@ -57,12 +62,17 @@ pub struct StepFeedback {
     pub excess: Option<DomainLosses>,
 }
 
+fn one() -> usize {
+    1
+}
+
 impl StepFeedback {
-    /// Training losses only (no reference model).
+    /// Training losses of one micro-batch only (no reference model).
     pub fn train_only(train: DomainLosses, sequences: Vec<usize>) -> Self {
         Self {
             train,
             sequences,
+            micro_batches: 1,
             reference: None,
             excess: None,
         }
@@ -221,6 +231,9 @@ pub struct DomainInfo {
     pub natural_weights: Vec<f64>,
     /// The run's seed, for methods with randomness of their own (Aioli's group orders).
     pub seed: u64,
+    /// The run's optimizer steps (`run.steps`), for defaults given as a share of the
+    /// run (ODM's warm-up: 1% of the steps in the paper).
+    pub steps: u64,
 }
 
 /// Builds the scheduler named by the config for these domains.

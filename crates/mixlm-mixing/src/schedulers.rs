@@ -91,6 +91,7 @@ mod tests {
             names: vec!["web".into(), "code".into(), "books".into()],
             natural_weights: vec![600.0, 300.0, 100.0],
             seed: 0,
+            steps: 1000,
         }
     }
 

@@ -1,11 +1,17 @@
 //! Properties every scheduler keeps whatever it is fed: proportions (and loss or
-//! gradient weights) finite, non-negative and summing to 1, and the same decisions
-//! under the same seed. The feedback mixes ordinary losses with 0, 1e-300, 1e300,
-//! NaN, infinity and missing domains; gradient statistics overflow or are NaN too.
+//! gradient weights) finite and non-negative, and the same decisions under the same
+//! seed. The feedback mixes ordinary losses with 0, 1e-300, 1e300, NaN, infinity and
+//! missing domains; gradient statistics overflow or are NaN too.
+//!
+//! `Proportions` sum to 1 by construction (`Proportions::from_weights` normalises), so
+//! summing them checks nothing; the second property checks the weights the update
+//! rules compute before any `Proportions` is made (Skill-It's, DoReMi's, DoGE's and
+//! Aioli's pub update functions): finite, non-negative and, where the formula is a
+//! mixture, summing to 1, for arbitrary inputs of the kind the schedulers pass them.
 
 use mixlm_mixing::{
-    build_scheduler, AlignmentTarget, DomainInfo, DomainLosses, GradientAlignment, MixingConfig,
-    Proportions, StepFeedback,
+    aioli, build_scheduler, doge, doremi, skillit, AlignmentTarget, DogeConfig, DomainInfo,
+    DomainLosses, GradientAlignment, MixingConfig, Proportions, StepFeedback,
 };
 use proptest::prelude::*;
 
@@ -79,6 +85,8 @@ fn methods(k: usize) -> Vec<MixingConfig> {
         format!("method = \"manual\"\nweights = {{ {manual} }}"),
         "method = \"odm\"".to_string(),
         "method = \"odm\"\nvariant = \"official\"".to_string(),
+        "method = \"odm\"\nvariant = \"exp3\"\nwarmup_steps = 2".to_string(),
+        "method = \"odm\"\nbatches = \"mixed\"".to_string(),
         format!(
             "method = \"aioli\"\neta = 1.0\nupdate_steps = {}\nlp_rounds = 1\nlp_steps = 1\nema = 0.5",
             2 * k + 1
@@ -94,11 +102,21 @@ fn methods(k: usize) -> Vec<MixingConfig> {
         .collect()
 }
 
+/// Finite and non-negative (a `Proportions`' sum is 1 by construction; the raw
+/// weights' sums are checked by [`mixture`]).
 fn check(what: &str, p: &[f64]) -> Result<(), TestCaseError> {
     prop_assert!(
         p.iter().all(|x| x.is_finite() && *x >= 0.0),
         "{what}: {p:?}"
     );
+    Ok(())
+}
+
+/// Raw weights that the formula makes a mixture: finite, non-negative, of length `k`
+/// and summing to 1.
+fn mixture(what: &str, k: usize, p: &[f64]) -> Result<(), TestCaseError> {
+    prop_assert!(p.len() == k, "{what}: {} weights for {k} domains", p.len());
+    check(what, p)?;
     let sum: f64 = p.iter().sum();
     prop_assert!((sum - 1.0).abs() < 1e-9, "{what} sum to {sum}: {p:?}");
     Ok(())
@@ -131,6 +149,7 @@ fn drive(
         names: (0..k).map(|i| format!("d{i}")).collect(),
         natural_weights: (1..=k).map(|i| i as f64).collect(),
         seed,
+        steps: 1000,
     };
     let name = config.method_name();
     let mut s = build_scheduler(config, &info).unwrap();
@@ -156,6 +175,7 @@ fn drive(
         let feedback = StepFeedback {
             train: cut(train),
             sequences: present.iter().map(|&p| if p { 4 } else { 0 }).collect(),
+            micro_batches: 1,
             reference: Some(cut(reference)),
             excess: Some(excess),
         };
@@ -203,4 +223,134 @@ proptest! {
             prop_assert!(first == again, "{}: not deterministic", config.method_name());
         }
     }
+
+    #[test]
+    fn update_rules_compute_valid_raw_weights(
+        k in 2usize..=MAX_K,
+        weights in proptest::collection::vec(weight(), MAX_K),
+        losses in proptest::collection::vec(big_non_negative(), MAX_K),
+        matrix in proptest::collection::vec(entry(), MAX_K * MAX_K),
+        vectors in proptest::collection::vec(
+            proptest::collection::vec(gradient_component(), 3),
+            MAX_K + 1,
+        ),
+        present in proptest::collection::vec(any::<bool>(), MAX_K),
+        with_target in any::<bool>(),
+        eta in prop_oneof![Just(0.0), 1e-3f64..10.0],
+        smoothing in prop_oneof![Just(0.0), Just(1.0), 0.0f64..1.0],
+        mu in 1e-3f64..1.0,
+        lr in 1e-5f64..1.0,
+        factor in 0.0f64..=1.0,
+    ) {
+        let alpha = distribution(&weights[..k]);
+        let losses = &losses[..k];
+        let a: Vec<Vec<f64>> = matrix.chunks(MAX_K).take(k).map(|r| r[..k].to_vec()).collect();
+
+        // Skill-It: the graph it uses has no negative entry, and
+        // softmax(eta * A L) over window sums of losses is a mixture.
+        let graph = skillit::effective_graph(&a);
+        prop_assert!(
+            graph.iter().flatten().all(|x| x.is_finite() && *x >= 0.0),
+            "Skill-It graph {graph:?} from {a:?}"
+        );
+        let w = skillit::skill_weights(&graph, losses, eta);
+        mixture(&format!("Skill-It weights for {losses:?}, eta {eta}"), k, &w)?;
+        let w = skillit::skill_weights(&graph, &vec![1.0; k], eta);
+        mixture("Skill-It initial weights", k, &w)?;
+
+        // DoReMi: normalize(alpha * exp(eta * excess)) smoothed towards uniform.
+        let w = doremi::doremi_update(&alpha, losses, eta, smoothing);
+        mixture(
+            &format!("DoReMi update of {alpha:?} by {losses:?}, eta {eta}, smoothing {smoothing}"),
+            k,
+            &w,
+        )?;
+
+        // DoGE: new domain weights are a mixture; the gradient coefficients
+        // alpha_i * clip_i are finite and non-negative, the scores finite.
+        let mut present = present[..k].to_vec();
+        present[0] = true;
+        let g = alignment(k, &vectors, &present);
+        let g = GradientAlignment {
+            target: if with_target { g.target } else { None },
+            ..g
+        };
+        let config = DogeConfig { mu, smoothing, ..DogeConfig::default() };
+        let u = doge::doge_update(&alpha, &g, lr, &config);
+        let what = format!("DoGE update of {alpha:?} (mu {mu}, lr {lr}) by {g:?}");
+        mixture(&format!("{what}: alpha"), k, &u.alpha)?;
+        check(&format!("{what}: coefficients"), &u.coefficients)?;
+        prop_assert!(u.scores.iter().all(|x| x.is_finite()), "{what}: scores {:?}", u.scores);
+
+        // Aioli: p * exp(eta * colsum(A)) is a mixture, for a normalised A (the
+        // default) and for a raw one (`normalize_a = false`).
+        let normalized = aioli::normalize(&a);
+        let flat: Vec<f64> = normalized.iter().flatten().copied().collect();
+        check(&format!("Aioli normalize({a:?})"), &flat)?;
+        let sum: f64 = flat.iter().sum();
+        prop_assert!(
+            (sum - 1.0).abs() < 1e-9 || flat.iter().all(|x| *x == 0.0),
+            "Aioli normalize({a:?}) sums to {sum}: {flat:?}"
+        );
+        for (name, m) in [("normalised", &normalized), ("raw", &a)] {
+            let w = aioli::exponentiated_update(&alpha, m, eta);
+            mixture(&format!("Aioli update of {alpha:?} by {name} {m:?}, eta {eta}"), k, &w)?;
+        }
+        for j in 0..k {
+            let w = aioli::smoothed_one_hot(k, j, factor);
+            mixture(&format!("Aioli LearnParams mixture {j} of {k}, factor {factor}"), k, &w)?;
+        }
+    }
+}
+
+/// A weight for [`distribution`]: 0, subnormal-small, ordinary or large.
+fn weight() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        1 => Just(0.0),
+        1 => Just(1e-300),
+        6 => 0.0f64..1.0,
+        1 => Just(1e300),
+    ]
+}
+
+/// Normalised weights, as a scheduler's state holds them (one entry at least is
+/// positive: the first is made 1 where all are 0).
+fn distribution(w: &[f64]) -> Vec<f64> {
+    let mut w = w.to_vec();
+    if w.iter().all(|x| *x == 0.0) {
+        w[0] = 1.0;
+    }
+    let sum: f64 = w.iter().sum();
+    w.iter().map(|x| x / sum).collect()
+}
+
+/// Finite non-negative losses, excess losses or window sums of them.
+fn big_non_negative() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        6 => 0.0f64..40.0,
+        1 => Just(0.0),
+        1 => Just(1e-300),
+        1 => Just(1e300),
+    ]
+}
+
+/// A finite matrix entry of either sign: a skills graph or an Aioli `A`.
+fn entry() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        6 => -3.0f64..3.0,
+        1 => Just(0.0),
+        1 => Just(1.0),
+        1 => Just(-1e300),
+        1 => Just(1e300),
+    ]
+}
+
+/// A finite gradient component (what reaches DoGE once the scheduler boundary has
+/// dropped non-finite statistics).
+fn gradient_component() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        8 => -3.0f64..3.0,
+        1 => Just(0.0),
+        1 => Just(1e100),
+    ]
 }

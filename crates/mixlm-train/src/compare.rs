@@ -4,7 +4,10 @@
 //! A comparison file names a base run config, seeds, and the methods (a `[mixing]`
 //! section each; methods with extra runs name a `search` pipeline of `mixlm
 //! mix-search`). Runs go one after the other on one device, as
-//! `<out_dir>/<method>-s<seed>/`; a run whose `result.json` exists is not trained
+//! `<out_dir>/<method>-s<seed>/`. A method with `then` (an Aioli section) is the
+//! paper's "Aioli + X": X's search (or static mixture) gives a mixture, and the final
+//! run is Aioli starting from it (`init_proportions`, `init_steps`; see
+//! [`MethodEntry::then`]). A run whose `result.json` exists is not trained
 //! again, and an interrupted run (a search's runs included) continues from its last
 //! checkpoint ([`crate::resume::train_or_continue`]), so rerunning an interrupted
 //! comparison loses at most the steps since that checkpoint. `<out_dir>/compare/results.json` holds
@@ -17,7 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use mixlm_data::Split;
 use mixlm_eval::perplexity::PerplexityOptions;
-use mixlm_mixing::MixingConfig;
+use mixlm_mixing::{InitWeights, MixingConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendKind;
@@ -62,7 +65,9 @@ fn default_seeds() -> Vec<u64> {
 pub struct MethodEntry {
     /// Label in the report and run names (letters, digits, `-`, `_`).
     pub name: String,
-    /// The `[mixing]` section of the final run (ignored for searches, which write it).
+    /// The `[mixing]` section of the final run (for searches: the searched method's
+    /// parameters; the search writes the final section). With `then`, the static
+    /// mixture X whose proportions Aioli starts from.
     pub mixing: Option<MixingConfig>,
     /// A `mixlm mix-search` pipeline that runs first (`doremi`, `doge`, `skill_it`,
     /// `grid`, `law`), whose mixture trains the final run; or `samplemix`: score the
@@ -76,6 +81,13 @@ pub struct MethodEntry {
     pub alpha: Option<f64>,
     /// `search = "samplemix"`: k-means clusters (default 64).
     pub clusters: Option<usize>,
+    /// "Aioli + X": the final run's `[mixing]` section, `method = "aioli"`, trained
+    /// after X (the `search`, or a static `mixing`: stratified, natural, manual) with
+    /// `init_proportions` set to X's learned mixture (`learned_mixture.toml`'s
+    /// weights; for Skill-It its graph's mixture `p_i ∝ exp(eta sum_j graph[i][j])`),
+    /// so its first `init_steps` steps train on X's mixture. `init_proportions` is
+    /// filled in and must be absent; `init_steps = 0` needs `start_from_init = true`.
+    pub then: Option<MixingConfig>,
     /// `search = "samplemix"`: a folder already scored by `mixlm score quality` and
     /// `mixlm score diversity` (with any scorer) to plan from; default: the model-free
     /// scorers, into `<data>/samplemix-model-free/` (scored once per corpus).
@@ -161,6 +173,9 @@ impl CompareConfig {
                 }
                 _ => {}
             }
+            if let Some(then) = &m.then {
+                check_then(m, then)?;
+            }
             let samplemix_only = [
                 ("alpha", m.alpha.is_some()),
                 ("clusters", m.clusters.is_some()),
@@ -178,7 +193,7 @@ impl CompareConfig {
         Ok(())
     }
 
-    /// The run config of `method` with `seed` (before any search).
+    /// The run config of `method` with `seed` (before any search; with `then`, X's).
     pub fn run_config(&self, method: &MethodEntry, seed: u64) -> Result<RunConfig> {
         let mut overrides = self.set.clone();
         overrides.push(format!("run.seed={seed}"));
@@ -198,8 +213,113 @@ impl CompareConfig {
         if let Some(m) = &method.mixing {
             config.mixing = m.clone();
         }
+        if let Some(MixingConfig::Aioli(a)) = &method.then {
+            if a.init_steps >= config.run.steps {
+                anyhow::bail!(
+                    "method `{}`: then.init_steps = {} leaves no step for Aioli: the run has \
+                     run.steps = {}",
+                    method.name,
+                    a.init_steps,
+                    config.run.steps
+                );
+            }
+        }
         Ok(config)
     }
+}
+
+/// The checks of a `then` section that need no data (see [`MethodEntry::then`]).
+fn check_then(m: &MethodEntry, then: &MixingConfig) -> Result<()> {
+    let name = &m.name;
+    let MixingConfig::Aioli(a) = then else {
+        anyhow::bail!(
+            "method `{name}`: then.method = \"{}\": only \"aioli\" continues another \
+             method's mixture (the paper's Aioli + X)",
+            then.method_name()
+        );
+    };
+    if a.init_proportions != InitWeights::Stratified {
+        anyhow::bail!(
+            "method `{name}`: then.init_proportions is filled in with X's learned mixture; \
+             drop it"
+        );
+    }
+    if a.init_steps == 0 && !a.start_from_init {
+        anyhow::bail!(
+            "method `{name}`: then.init_steps = 0 without then.start_from_init = true never \
+             uses X's learned mixture; give then.init_steps (steps on X's mixture before \
+             Aioli's first round) or then.start_from_init = true"
+        );
+    }
+    match (m.search.as_deref(), &m.mixing) {
+        (Some("samplemix"), _) => anyhow::bail!(
+            "method `{name}`: then cannot follow search = \"samplemix\" (a per-document \
+             plan, not a mixture)"
+        ),
+        (Some(_), _) => Ok(()),
+        (
+            None,
+            Some(MixingConfig::Stratified(_) | MixingConfig::Natural(_) | MixingConfig::Manual(_)),
+        )
+        | (None, None) => Ok(()),
+        (None, Some(x)) => anyhow::bail!(
+            "method `{name}`: then needs X's learned mixture: a search, or a static \
+             [method.mixing] (stratified, natural, manual), not mixing.method = \"{}\"",
+            x.method_name()
+        ),
+    }
+}
+
+/// X's mixture as Aioli's `init_proportions`: the static mixture `run` trains on
+/// (after a search: its `learned_mixture.toml`); Skill-It's graph gives the mixture
+/// its scheduler starts from, `p_i ∝ exp(eta * sum_j graph[i][j])` over
+/// [`mixlm_mixing::skillit::effective_graph`] (the Aioli repository's
+/// `aioli_trainer.py` with `--graph_path`: `exp(skillit_eta * graph . 1)`).
+fn learned_init(run: &RunConfig) -> Result<InitWeights> {
+    Ok(match &run.mixing {
+        MixingConfig::Stratified(_) => InitWeights::Stratified,
+        MixingConfig::Natural(_) => InitWeights::Natural,
+        MixingConfig::Manual(m) => InitWeights::Weights(m.weights.clone()),
+        MixingConfig::SkillIt(c) => {
+            let names: Vec<&String> = c.graph.keys().collect();
+            let matrix: Vec<Vec<f64>> = names
+                .iter()
+                .map(|r| names.iter().map(|col| c.graph[*r][*col]).collect())
+                .collect();
+            // As the Skill-It scheduler starts (negative entries count as 0).
+            let matrix = mixlm_mixing::skillit::effective_graph(&matrix);
+            let ones = vec![1.0; names.len()];
+            let p = mixlm_mixing::skillit::skill_weights(&matrix, &ones, c.eta);
+            InitWeights::Weights(names.into_iter().cloned().zip(p).collect())
+        }
+        other => anyhow::bail!(
+            "mixing.method = \"{}\" has no static mixture for Aioli to start from",
+            other.method_name()
+        ),
+    })
+}
+
+/// Before anything trains: every `then` section is a valid Aioli section for the
+/// data's domains.
+fn check_then_sections(config: &CompareConfig) -> Result<()> {
+    let mut names = None;
+    for m in &config.methods {
+        if let Some(then) = &m.then {
+            let run = config.run_config(m, config.seeds[0])?;
+            if names.is_none() {
+                names = Some(run.open_source()?.domain_names());
+            }
+            then.validate(names.as_deref().unwrap_or_default())
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "method `{}`: then: {}",
+                        m.name,
+                        e.to_string().replacen("mixing.", "then.", 1)
+                    )
+                })?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs what is not done yet, evaluates, and writes `results.json` and `report.md`.
@@ -211,6 +331,7 @@ pub fn compare(
     options: &TrainOptions,
 ) -> Result<CompareResults> {
     check_test_split(&config.run_config(&config.methods[0], config.seeds[0])?)?;
+    check_then_sections(config)?;
     let dir = config.out_dir.join("compare");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut results = Vec::new();
@@ -355,14 +476,22 @@ fn run_one(
             search_options.points = p;
         }
         let outcome = mix_search(&run, &search_options, train)?;
-        // Sweeps train every point for the run's steps; the other pipelines' runs
-        // are pilots.
-        let steps_per_run = match search_options.method {
-            SearchMethod::Grid | SearchMethod::Law => run.run.steps,
-            _ => method.pilot_steps.unwrap_or(run.run.steps),
-        };
-        extra_steps = outcome.points.len() as u64 * steps_per_run;
+        // Every search run (sweep points included) trains pilot_steps, default the
+        // run's steps.
+        extra_steps = outcome.points.len() as u64 * method.pilot_steps.unwrap_or(run.run.steps);
         run = run.with_mixing_file(&outcome.dir.join("learned_mixture.toml"))?;
+    }
+    if let Some(MixingConfig::Aioli(aioli)) = &method.then {
+        let x = run.mixing.method_name();
+        let mut aioli = aioli.clone();
+        aioli.init_proportions =
+            learned_init(&run).with_context(|| format!("method `{}`: then", method.name))?;
+        eprintln!(
+            "compare: {} continues {x}'s mixture with Aioli ({} steps on it first)",
+            run.run.name, aioli.init_steps
+        );
+        run.mixing = MixingConfig::Aioli(aioli);
+        run.validate()?;
     }
     eprintln!(
         "compare: run {} ({})",
@@ -573,11 +702,101 @@ mod tests {
         assert!(e.contains("not to given scores"), "{e}");
         parse("out_dir = \"x\"\n[[method]]\nname = \"a\"\nsearch = \"samplemix\"\nscores = \"s\"")
             .unwrap();
+        // `then`: Aioli only, init_proportions filled in, X a search or a static mixture.
+        let then = |method: &str, then: &str| {
+            parse(&format!(
+                "out_dir = \"x\"\n[[method]]\nname = \"a\"\n{method}\nthen = {{ {then} }}"
+            ))
+            .map_err(|e| e.to_string())
+        };
+        let aioli = "method = \"aioli\", eta = 0.2, update_steps = 250, init_steps = 500";
+        then("search = \"doremi\"", aioli).unwrap();
+        then("mixing = { method = \"stratified\" }", aioli).unwrap();
+        let e = then("search = \"doremi\"", "method = \"natural\"").unwrap_err();
+        assert!(
+            e.contains("then.method = \"natural\": only \"aioli\""),
+            "{e}"
+        );
+        let e = then(
+            "search = \"doge\"",
+            &format!("{aioli}, init_proportions = \"natural\""),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("method `a`: then.init_proportions is filled in"),
+            "{e}"
+        );
+        let e = then(
+            "search = \"doge\"",
+            "method = \"aioli\", eta = 0.2, update_steps = 250",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("then.init_steps = 0 without then.start_from_init"),
+            "{e}"
+        );
+        then(
+            "search = \"doge\"",
+            "method = \"aioli\", eta = 0.2, update_steps = 250, start_from_init = true",
+        )
+        .unwrap();
+        let e = then("mixing = { method = \"odm\" }", aioli).unwrap_err();
+        assert!(e.contains("not mixing.method = \"odm\""), "{e}");
+        let e = then("search = \"samplemix\"", aioli).unwrap_err();
+        assert!(e.contains("cannot follow search = \"samplemix\""), "{e}");
+        let c: CompareConfig = toml::from_str(&format!(
+            "out_dir = \"x\"\nset = [\"run.steps=500\"]\n[[method]]\nname = \"a\"\n\
+             search = \"doge\"\nthen = {{ {aioli} }}"
+        ))
+        .unwrap();
+        let e = c.run_config(&c.methods[0], 0).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "then.init_steps = 500 leaves no step for Aioli: the run has run.steps = 500"
+            ),
+            "{e}"
+        );
         assert!(
             toml::from_str::<CompareConfig>("out_dir = \"x\"\nsedes = [1]\nmethod = []")
                 .unwrap_err()
                 .to_string()
                 .contains("sedes")
         );
+    }
+
+    #[test]
+    fn aioli_starts_from_the_mixture_x_trained_on() {
+        let run = |mixing: &str| {
+            let mut run = RunConfig::embedded(&[]).unwrap();
+            run.mixing =
+                toml::from_str::<BTreeMap<String, MixingConfig>>(mixing).unwrap()["mixing"].clone();
+            learned_init(&run)
+        };
+        assert_eq!(
+            run("mixing = { method = \"stratified\" }").unwrap(),
+            InitWeights::Stratified
+        );
+        let InitWeights::Weights(w) =
+            run("mixing = { method = \"manual\", weights = { a = 1.0, b = 3.0 } }").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((w["a"], w["b"]), (1.0, 3.0));
+        // Skill-It: p_i ∝ exp(eta * sum_j graph[i][j]) = exp(0.5 * [1.0, 0.2]), the
+        // negative entry counting as 0 (as the scheduler).
+        let InitWeights::Weights(w) = run(
+            "mixing = { method = \"skill_it\", eta = 0.5, update_steps = 10, graph = \
+             { a = { a = 0.6, b = 0.4 }, b = { a = -0.3, b = 0.2 } } }",
+        )
+        .unwrap() else {
+            panic!()
+        };
+        let (ea, eb) = (0.5f64.exp(), 0.1f64.exp());
+        assert!((w["a"] - ea / (ea + eb)).abs() < 1e-12, "{w:?}");
+        assert!((w["a"] + w["b"] - 1.0).abs() < 1e-12);
+        let e = run("mixing = { method = \"odm\" }")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no static mixture"), "{e}");
     }
 }

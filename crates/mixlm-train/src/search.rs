@@ -11,8 +11,11 @@
 //! - `doge`: DoGE's proxy run; the mixture is its average domain weights;
 //! - `skill_it`: one short run per domain trained on that domain alone, from the same
 //!   initial model; `graph[i][j]` is the relative validation-loss decrease of domain
-//!   `j` after training on `i`, `(L_j(0) - L_j(T)) / L_j(0)`. The file holds a
-//!   Skill-It `[mixing]` section with that graph (Skill-It is an online method).
+//!   `j` after training on `i`, `(L_j(0) - L_j(T)) / L_j(0)` (as the Aioli
+//!   repository's `mixing_law_fitting.py skills_graph`). The file holds a Skill-It
+//!   `[mixing]` section with that graph as measured, negative entries included (the
+//!   scheduler counts them as 0: [`mixlm_mixing::skillit::effective_graph`]); Skill-It
+//!   is an online method.
 //!
 //! The method's own parameters come from the config's `[mixing]` section when it
 //! names the same method (`method = "doremi"` with `eta`, ...; its `reference` or
@@ -86,7 +89,8 @@ pub struct SearchOptions {
     /// Dirichlet concentration of the cover (K > 2).
     pub alpha: f64,
     /// Steps of the auxiliary runs (DoReMi's reference and proxy, DoGE's proxy,
-    /// Skill-It's single-domain runs); `None`: the config's `run.steps`.
+    /// Skill-It's single-domain runs, the sweep's points: shorter runs are the Aioli
+    /// paper's restricted setting); `None`: the config's `run.steps`.
     pub pilot_steps: Option<u64>,
 }
 
@@ -209,7 +213,10 @@ pub fn mixing_toml(mixing: &MixingConfig) -> Result<String> {
 }
 
 /// Skill-It's section with a learned graph: the config's own `skill_it` parameters,
-/// else `eta = 0.5`, `update_steps = run.steps / 10`, `window = 3`.
+/// else the Aioli SlimPajama settings' values (`scripts/*/skillit/run.sh` of the Aioli
+/// repository: `--eta 0.2`, `--update_steps 500` of 5,000 steps, i.e.
+/// `update_steps = run.steps / 10`, `--skillit_window 3`). `eta = 0.2` is also the
+/// Skill-It authors' value for Natural Instructions (`scripts/ni/pt/skillit.sh`).
 fn skill_it_mixing(
     config: &RunConfig,
     graph: BTreeMap<String, BTreeMap<String, f64>>,
@@ -217,7 +224,7 @@ fn skill_it_mixing(
     let mut c = match &config.mixing {
         MixingConfig::SkillIt(c) => c.clone(),
         _ => SkillItConfig {
-            eta: 0.5,
+            eta: 0.2,
             update_steps: (config.run.steps / 10).max(1),
             window: 3,
             graph: BTreeMap::new(),
@@ -312,7 +319,7 @@ impl<F: FnMut(&RunConfig) -> Result<TrainOutcome>> Search<'_, F> {
             self.run(
                 &format!("point{i:02}"),
                 MixingConfig::Manual(ManualConfig { weights }),
-                None,
+                options.pilot_steps,
             )?;
         }
         if options.method == SearchMethod::Grid {

@@ -247,6 +247,7 @@ fn train_peer<B: TrainBackend>(
             names: names.clone(),
             natural_weights: source.natural_weights(),
             seed: run.seed,
+            steps: run.steps,
         },
     )?;
 
@@ -712,6 +713,7 @@ fn train_peer<B: TrainBackend>(
         let feedback = StepFeedback {
             train,
             sequences: by_domain.counts().to_vec(),
+            micro_batches: run.grad_accum * world,
             reference: reference.as_ref().map(|_| ref_by_domain.means()),
             excess: reference.as_ref().map(|_| excess_by_domain.means()),
         };

@@ -136,3 +136,152 @@ pilot_steps = 3
         "figures are redrawn from results"
     );
 }
+
+/// "Aioli + X" (`then = { method = "aioli", ... }`): X's search (DoGE here) or static
+/// mixture (manual) gives a mixture, and the final run is Aioli whose
+/// `init_proportions` are that mixture and whose first `init_steps` steps train on
+/// it. A second call reads everything back without training.
+#[test]
+fn aioli_after_x_starts_from_the_mixture_x_learned() {
+    use mixlm_mixing::{InitWeights, MixingConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("cmp.toml");
+    std::fs::write(
+        &file,
+        r#"
+out_dir = "out"
+set = ["run.steps=12", "run.batch_size=5", "run.seq_len=16", "schedule.warmup_steps=1",
+       "eval.every=6", "eval.sequences=4", "eval.batch_size=8"]
+
+[[method]]
+name = "aioli-doge"
+search = "doge"
+pilot_steps = 3
+then = { method = "aioli", eta = 1.0, update_steps = 8, lp_rounds = 1, lp_steps = 1, one_hot_factor = 0.75, init_steps = 4 }
+
+[[method]]
+name = "aioli-manual"
+mixing = { method = "manual", weights = { markov1 = 4.0, markov2 = 1.0, shared_a = 1.0, shared_b = 1.0, noisy = 1.0 } }
+then = { method = "aioli", eta = 1.0, update_steps = 8, lp_rounds = 1, lp_steps = 1, one_hot_factor = 0.75, init_steps = 4 }
+"#,
+    )
+    .unwrap();
+    let mut config = CompareConfig::load(&file).unwrap();
+    config.out_dir = tmp.path().join("out");
+    let results = compare(&config, BackendKind::Cpu, &TrainOptions::quiet()).unwrap();
+    assert_eq!(results.results.len(), 2);
+    let (doge, manual) = (&results.results[0], &results.results[1]);
+    assert_eq!((doge.steps, doge.extra_steps), (12, 3));
+    assert_eq!((manual.steps, manual.extra_steps), (12, 0));
+
+    // X's learned mixture, as the search wrote it.
+    let learned = config
+        .run_config(&config.methods[0], 0)
+        .unwrap()
+        .with_mixing_file(
+            &config
+                .out_dir
+                .join("aioli-doge-s0-search/learned_mixture.toml"),
+        )
+        .unwrap();
+    let MixingConfig::Manual(x) = &learned.mixing else {
+        panic!("{:?}", learned.mixing)
+    };
+    let sum: f64 = x.weights.values().sum();
+    let doge_mixture: std::collections::BTreeMap<String, f64> = x
+        .weights
+        .iter()
+        .map(|(k, v)| (k.clone(), v / sum))
+        .collect();
+    let manual_mixture: std::collections::BTreeMap<String, f64> = [
+        ("markov1", 0.5),
+        ("markov2", 0.125),
+        ("shared_a", 0.125),
+        ("shared_b", 0.125),
+        ("noisy", 0.125),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+
+    for (r, want) in [(doge, &doge_mixture), (manual, &manual_mixture)] {
+        // The final run is Aioli with X's mixture as init_proportions ...
+        let saved = mixlm_train::RunConfig::load(&r.run_dir.join("config.toml"), &[]).unwrap();
+        let MixingConfig::Aioli(a) = &saved.mixing else {
+            panic!("{}: {:?}", r.method, saved.mixing)
+        };
+        assert_eq!(a.init_steps, 4);
+        let InitWeights::Weights(init) = &a.init_proportions else {
+            panic!("{}: {:?}", r.method, a.init_proportions)
+        };
+        let isum: f64 = init.values().sum();
+        for (name, p) in want {
+            assert!((init[name] / isum - p).abs() < 1e-9, "{}: {name}", r.method);
+        }
+        // ... and its first init_steps steps trained on it (metrics.jsonl), the next
+        // one on LearnParams' smoothed one-hot mixtures.
+        let steps = &r.curves.proportions;
+        assert_eq!(steps.len(), 12, "{}", r.method);
+        for point in &steps[..4] {
+            for (name, p) in want {
+                assert!(
+                    (point.values[name] - p).abs() < 1e-9,
+                    "{}: step {point:?} vs {want:?}",
+                    r.method
+                );
+            }
+        }
+        let first_lp = &steps[4].values;
+        assert!(
+            first_lp.values().any(|&p| (p - 0.75).abs() < 1e-9),
+            "{}: {first_lp:?}",
+            r.method
+        );
+    }
+
+    // Read back: the search's runs and both final runs are not trained again.
+    let stamp = |r: &mixlm_train::compare::RunResult| {
+        std::fs::metadata(r.run_dir.join("metrics.jsonl"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let before = (stamp(doge), stamp(manual));
+    std::fs::remove_file(doge.run_dir.join("result.json")).unwrap();
+    let again = compare(&config, BackendKind::Cpu, &TrainOptions::quiet()).unwrap();
+    assert!(again == results, "the second call changed the results");
+    assert_eq!(before, (stamp(&again.results[0]), stamp(&again.results[1])));
+}
+
+#[test]
+fn then_sections_are_checked_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("cmp.toml");
+    // LearnParams takes 1 * 2 * 5 = 10 steps of a round of 8: refused before the
+    // DoGE proxy trains, naming the field.
+    std::fs::write(
+        &file,
+        r#"
+out_dir = "out"
+set = ["run.steps=12", "run.batch_size=5", "run.seq_len=16", "schedule.warmup_steps=1",
+       "eval.sequences=4"]
+
+[[method]]
+name = "aioli-doge"
+search = "doge"
+pilot_steps = 3
+then = { method = "aioli", eta = 1.0, update_steps = 8, lp_rounds = 1, lp_steps = 2, init_steps = 4 }
+"#,
+    )
+    .unwrap();
+    let mut config = CompareConfig::load(&file).unwrap();
+    config.out_dir = tmp.path().join("out");
+    let e = compare(&config, BackendKind::Cpu, &TrainOptions::quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("method `aioli-doge`: then: then.update_steps = 8"),
+        "{e}"
+    );
+    assert!(!config.out_dir.join("aioli-doge-s0-proxy").exists());
+}

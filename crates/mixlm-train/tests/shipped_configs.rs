@@ -97,6 +97,13 @@ fn every_shipped_config_loads() {
                     .run_config(m, c.seeds[0])
                     .unwrap_or_else(|e| panic!("{} method {}: {e:#}", file.display(), m.name));
                 assert_eq!(run.run.name, format!("{}-s{}", m.name, c.seeds[0]));
+                // An "Aioli + X" section is valid for the data's domains.
+                if let Some(then) = &m.then {
+                    let names = run.open_source().unwrap().domain_names();
+                    then.validate(&names).unwrap_or_else(|e| {
+                        panic!("{} method {} then: {e}", file.display(), m.name)
+                    });
+                }
             }
             comparisons += 1;
         } else {
@@ -105,9 +112,24 @@ fn every_shipped_config_loads() {
             runs += 1;
         }
     }
-    // demo + shared-corpus + six Aioli settings; demo + six Aioli comparisons.
+    // demo + shared-corpus + six Aioli settings; demo + six Aioli comparisons and
+    // their six restricted twins.
     assert!(
-        runs >= 8 && comparisons >= 7,
+        runs >= 8 && comparisons >= 13,
         "{runs} run configs, {comparisons} comparisons"
     );
+    // Every Aioli-paper comparison has its restricted-setting twin ("Aioli + X").
+    let name = |f: &PathBuf| f.file_name().unwrap().to_string_lossy().into_owned();
+    let aioli: Vec<String> = files
+        .iter()
+        .map(name)
+        .filter(|n| n.starts_with("aioli-") && !n.ends_with("-restricted.toml"))
+        .collect();
+    assert_eq!(aioli.len(), 6, "{aioli:?}");
+    for n in &aioli {
+        let twin = root
+            .join("compare")
+            .join(n.replace(".toml", "-restricted.toml"));
+        assert!(twin.exists(), "{n} has no restricted twin");
+    }
 }

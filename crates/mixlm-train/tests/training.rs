@@ -262,7 +262,7 @@ fn odm_moves_towards_the_domain_with_the_highest_loss() {
             .filter(|l| l["kind"] == "train")
             .collect::<Vec<_>>()
     };
-    let lines = odm("mixed", &["run.steps=150"]);
+    let lines = odm("mixed", &["run.steps=150", "mixing.batches=\"mixed\""]);
     let p = lines.last().unwrap()["proportions"]
         .as_object()
         .unwrap()
@@ -295,6 +295,77 @@ fn odm_moves_towards_the_domain_with_the_highest_loss() {
             assert_eq!(n.as_u64().unwrap() % 8, 0, "{l}");
         }
     }
+}
+
+/// `mixing.method = "odm"` alone runs Algorithm 1 of the ODM paper: single-domain
+/// micro-batches, a warm-up of 1% of the steps at `init`, and rewards from the
+/// summed micro-batch losses over the policy. Replaying the run's logged per-domain
+/// losses and sequence counts through a fresh scheduler (told the step's `G`
+/// micro-batches) gives the proportions the run logged, step by step.
+#[test]
+fn default_odm_is_algorithm_1_and_its_log_replays() {
+    use mixlm_mixing::{DomainInfo, DomainLosses, OdmConfig, OdmScheduler, Scheduler};
+    let tmp = tempfile::tempdir().unwrap();
+    let config = short_run(
+        tmp.path(),
+        "odm-default",
+        &[
+            "run.steps=200",
+            "run.grad_accum=3",
+            "eval.every=0",
+            "checkpoint.every=0",
+            "mixing.method=\"odm\"",
+        ],
+    );
+    let outcome = train::<B>(&config, &Default::default(), &TrainOptions::quiet()).unwrap();
+    let lines: Vec<_> = metrics(&outcome.run_dir)
+        .into_iter()
+        .filter(|l| l["kind"] == "train")
+        .collect();
+    // The synthetic corpus's domains, in its order.
+    let names: Vec<String> = ["markov1", "markov2", "shared_a", "shared_b", "noisy"]
+        .map(String::from)
+        .to_vec();
+    let info = DomainInfo {
+        names: names.clone(),
+        natural_weights: vec![1.0; names.len()],
+        seed: 0,
+        steps: 200,
+    };
+    let mut replay = OdmScheduler::new(&OdmConfig::default(), &info).unwrap();
+    assert_eq!(replay.warmup_steps(), 2);
+    let field = |l: &serde_json::Value, key: &str, name: &str| l[key][name].clone();
+    let mut moved = 0.0f64;
+    for (step, l) in lines.iter().enumerate() {
+        let logged: Vec<f64> = names
+            .iter()
+            .map(|n| field(l, "proportions", n).as_f64().unwrap())
+            .collect();
+        let p = replay.proportions(step as u64);
+        for (a, b) in p.as_slice().iter().zip(&logged) {
+            assert!((a - b).abs() < 1e-12, "step {step}: {p:?} vs {logged:?}");
+            moved = moved.max((a - 0.2).abs());
+        }
+        let sequences: Vec<usize> = names
+            .iter()
+            .map(|n| field(l, "sequences", n).as_u64().unwrap() as usize)
+            .collect();
+        // Three micro-batches of 4, each from one domain.
+        assert!(sequences.iter().all(|n| n % 4 == 0), "{l}");
+        let train = names
+            .iter()
+            .map(|n| field(l, "domain_loss", n).as_f64())
+            .collect();
+        let feedback = mixlm_mixing::StepFeedback {
+            train: DomainLosses(train),
+            sequences,
+            micro_batches: 3,
+            reference: None,
+            excess: None,
+        };
+        replay.observe_train(step as u64, &feedback);
+    }
+    assert!(moved > 0.01, "the policy left uniform: {moved}");
 }
 
 /// The final checkpoint's scheduler state.
@@ -759,7 +830,8 @@ fn mix_search_pipelines_doremi_doge_skill_it() {
         panic!()
     };
     assert_eq!(&c.graph, graph);
-    assert_eq!((c.eta, c.update_steps, c.window), (0.5, 3, 3));
+    // eta: the Aioli repository's SlimPajama Skill-It scripts' 0.2.
+    assert_eq!((c.eta, c.update_steps, c.window), (0.2, 3, 3));
     // The final run trains with it.
     let mut run = final_run(&skill);
     run.run.name = "skill-final".into();
