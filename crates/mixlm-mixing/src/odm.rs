@@ -222,7 +222,7 @@ pub const MAX_REWARD: f64 = 1e100;
 #[derive(Debug, Clone)]
 pub struct OdmScheduler {
     config: OdmConfig,
-    alpha: f64,
+    /// The warm-up in steps, resolved against the run's length.
     warmup: u64,
     init: Proportions,
     state: OdmState,
@@ -254,7 +254,6 @@ impl OdmScheduler {
         config.validate(&domains.names)?;
         Ok(Self {
             init: config.init.resolve("mixing.init", domains)?,
-            alpha: config.alpha(),
             warmup: config.warmup(domains.steps),
             config: config.clone(),
             state: OdmState {
@@ -296,12 +295,13 @@ impl OdmScheduler {
             .as_ref()
             .map_or(1.0 / k as f64, |u| u.eps);
         let eps = exploration(k, step + 1);
+        let alpha = self.config.alpha();
         for (i, loss) in feedback.train.0.iter().enumerate() {
             let Some(loss) = loss else { continue };
             let r = &mut self.state.rewards[i];
             *r = match self.config.variant {
                 OdmVariant::Exp3 => *r + (loss / 10.0 / policy.as_slice()[i]).min(MAX_REWARD),
-                _ => self.alpha * *r + (1.0 - self.alpha) * loss.exp().min(MAX_REWARD),
+                _ => alpha * *r + (1.0 - alpha) * loss.exp().min(MAX_REWARD),
             };
         }
         let rewards = &self.state.rewards;
@@ -355,7 +355,7 @@ impl Scheduler for OdmScheduler {
         if self.config.variant != OdmVariant::Paper {
             return self.official_update(step, feedback, &policy);
         }
-        let alpha = self.alpha;
+        let alpha = self.config.alpha();
         let rewards = importance_weighted_loss(feedback, policy.as_slice());
         for (r, reward) in self.state.rewards.iter_mut().zip(rewards) {
             if let Some(reward) = reward {

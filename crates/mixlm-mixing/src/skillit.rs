@@ -134,6 +134,14 @@ impl SkillItConfig {
             .map(|r| domains.iter().map(|c| self.graph[r][c]).collect())
             .collect()
     }
+
+    /// The mixture the scheduler starts from, in `domains` order (summing to 1):
+    /// `p_i ∝ exp(eta * sum_j A[i][j])` over the [`effective_graph`] (also the mixture
+    /// "Aioli + Skill-It" continues).
+    pub fn start_weights(&self, domains: &[String]) -> Vec<f64> {
+        let graph = effective_graph(&self.matrix(domains));
+        skill_weights(&graph, &vec![1.0; graph.len()], self.eta)
+    }
 }
 
 /// The graph the update uses: negative entries become 0 and off-diagonal entries of
@@ -205,14 +213,12 @@ pub struct SkillItScheduler {
 impl SkillItScheduler {
     pub fn new(config: &SkillItConfig, domains: &DomainInfo) -> Result<Self, MixingConfigError> {
         config.validate(&domains.names)?;
-        let graph = effective_graph(&config.matrix(&domains.names));
-        let ones = vec![1.0; graph.len()];
         Ok(Self {
             state: SkillItState {
-                p: skill_weights(&graph, &ones, config.eta),
+                p: config.start_weights(&domains.names),
                 history: Vec::new(),
             },
-            graph,
+            graph: effective_graph(&config.matrix(&domains.names)),
             config: config.clone(),
         })
     }

@@ -272,8 +272,8 @@ fn check_then(m: &MethodEntry, then: &MixingConfig) -> Result<()> {
 
 /// X's mixture as Aioli's `init_proportions`: the static mixture `run` trains on
 /// (after a search: its `learned_mixture.toml`); Skill-It's graph gives the mixture
-/// its scheduler starts from, `p_i ∝ exp(eta * sum_j graph[i][j])` over
-/// [`mixlm_mixing::skillit::effective_graph`] (the Aioli repository's
+/// its scheduler starts from ([`mixlm_mixing::SkillItConfig::start_weights`]; the
+/// Aioli repository's
 /// `aioli_trainer.py` with `--graph_path`: `exp(skillit_eta * graph . 1)`).
 fn learned_init(run: &RunConfig) -> Result<InitWeights> {
     Ok(match &run.mixing {
@@ -281,16 +281,9 @@ fn learned_init(run: &RunConfig) -> Result<InitWeights> {
         MixingConfig::Natural(_) => InitWeights::Natural,
         MixingConfig::Manual(m) => InitWeights::Weights(m.weights.clone()),
         MixingConfig::SkillIt(c) => {
-            let names: Vec<&String> = c.graph.keys().collect();
-            let matrix: Vec<Vec<f64>> = names
-                .iter()
-                .map(|r| names.iter().map(|col| c.graph[*r][*col]).collect())
-                .collect();
-            // As the Skill-It scheduler starts (negative entries count as 0).
-            let matrix = mixlm_mixing::skillit::effective_graph(&matrix);
-            let ones = vec![1.0; names.len()];
-            let p = mixlm_mixing::skillit::skill_weights(&matrix, &ones, c.eta);
-            InitWeights::Weights(names.into_iter().cloned().zip(p).collect())
+            let names: Vec<String> = c.graph.keys().cloned().collect();
+            let p = c.start_weights(&names);
+            InitWeights::Weights(names.into_iter().zip(p).collect())
         }
         other => anyhow::bail!(
             "mixing.method = \"{}\" has no static mixture for Aioli to start from",
