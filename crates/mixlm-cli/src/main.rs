@@ -155,6 +155,10 @@ enum Command {
         /// tokenizer.json for task texts and held-out sets (default: the prepared data's).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// Score data or texts tokenized with another tokenizer than the model was
+        /// trained on (refused otherwise: the same ids are other words).
+        #[arg(long)]
+        allow_tokenizer_mismatch: bool,
         /// cpu, wgpu or cuda (overrides run.backend).
         #[arg(long)]
         backend: Option<String>,
@@ -349,7 +353,31 @@ impl ScoreArgs {
     }
 }
 
+/// A closed stdout (`mixlm model-info | head -1`) ends the process quietly, as it
+/// ends Unix tools. Rust ignores SIGPIPE, so `println!` panics on the broken pipe
+/// instead; restoring SIGPIPE would also kill a multi-node run whose peer closed its
+/// socket, which must become an error instead. So the panic is caught here, on any
+/// thread: exit 0 without a message; every other panic goes to the default hook.
+fn exit_quietly_on_a_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout")
+            && (message.contains("Broken pipe") || message.contains("os error 32"))
+        {
+            std::process::exit(0);
+        }
+        default(info)
+    }));
+}
+
 fn main() -> ExitCode {
+    exit_quietly_on_a_closed_stdout();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -430,10 +458,23 @@ fn run(cli: Cli) -> Result<()> {
                     overrides.push(format!("{key}={value}"));
                 }
             }
+            // A resume looks for its checkpoint holding the run folder, so that no
+            // other writer changes it meanwhile (node 0 only: the others write nothing).
+            let mut lock = None;
             let (mut config, resume_from) = match (&resume, &config) {
                 (Some(run_dir), _) => {
+                    let node_rank = overrides
+                        .iter()
+                        .rev()
+                        .find_map(|s| s.strip_prefix("distributed.node_rank="));
+                    if run_dir.is_dir() && node_rank.is_none_or(|r| r.trim() == "0") {
+                        lock = Some(mixlm_data::FolderLock::acquire(run_dir, "mixlm train")?);
+                    }
                     let (config, checkpoint) =
                         mixlm_train::resume::resume_config(run_dir, &overrides)?;
+                    if config.distributed.node_rank > 0 {
+                        lock = None;
+                    }
                     (config, Some(checkpoint))
                 }
                 (None, Some(path)) => (RunConfig::load(path, &overrides)?, None),
@@ -446,12 +487,13 @@ fn run(cli: Cli) -> Result<()> {
             kind.check_compiled()?;
             let model = config.model.resolve().map_err(anyhow::Error::msg)?;
             eprintln!(
-                "mixlm train: run `{}` on {} | model {} ({:.2}M params) | mixing {} | {} steps x {} seqs x {} tokens",
+                "mixlm train: run `{}` on {} | model {} ({:.2}M params) | mixing {}{} | {} steps x {} seqs x {} tokens",
                 config.run.name,
                 kind.name(),
                 config.model.preset,
                 model.num_params() as f64 / 1e6,
                 config.mixing.method_name(),
+                config.mixing.note().map_or(String::new(), |n| format!(" ({n})")),
                 config.run.steps,
                 config.sequences_per_step(),
                 config.run.seq_len,
@@ -490,6 +532,7 @@ fn run(cli: Cli) -> Result<()> {
                 stop: Some(stop_on_signal()?),
             };
             let outcome = train_on(kind, &config, &options)?;
+            drop(lock);
             if outcome.interrupted {
                 eprintln!(
                     "\nstopped after step {} with a checkpoint; continue with: mixlm train --resume {}",
@@ -632,6 +675,7 @@ fn run(cli: Cli) -> Result<()> {
             tasks,
             heldout,
             tokenizer,
+            allow_tokenizer_mismatch,
             backend,
             precision,
         } => {
@@ -677,6 +721,7 @@ fn run(cli: Cli) -> Result<()> {
                 tasks,
                 heldout,
                 tokenizer,
+                allow_tokenizer_mismatch,
                 perplexity: mixlm_eval::perplexity::PerplexityOptions {
                     seq_len,
                     stride,

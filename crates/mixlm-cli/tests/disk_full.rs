@@ -287,7 +287,8 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
             let p = e.unwrap().path();
             if p.is_dir() {
                 stack.push(p);
-            } else {
+            } else if !p.ends_with(mixlm_data::lock::LOCK_FILE) {
+                // The lock file names its holder's PID: each prepare rewrites it.
                 files.push(p);
             }
         }

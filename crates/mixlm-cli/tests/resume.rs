@@ -436,3 +436,161 @@ mixing = {{ method = "odm", variant = "official", alpha = 0.5 }}
         );
     }
 }
+
+/// What a refused writer printed: it failed, in one line naming the folder and the
+/// PID that holds it.
+fn refused_for(out: std::process::Output, run_dir: &Path, holder: u32) {
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert!(!out.status.success(), "a second writer ran: {stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ")
+            && last.contains(&format!("{} is in use by another mixlm", run_dir.display()))
+            && last.contains(&format!("PID {holder}, mixlm train"))
+            && last.contains(&format!("kill {holder}")),
+        "{stderr}"
+    );
+}
+
+/// Two `mixlm train` of one run folder, the second started a second after the first,
+/// then a `--resume` of the live run: both are refused, naming the folder and the
+/// first's PID, and the first run's `metrics.jsonl` holds every step exactly once.
+/// Then a run killed with SIGKILL leaves its lock file, which blocks nothing.
+#[test]
+fn a_second_writer_of_a_live_run_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("live");
+    let args = train_args(tmp.path(), "live", &[]);
+    let mut first = mixlm().args(&args).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(first.try_wait().unwrap().is_none(), "the first run ended");
+    refused_for(mixlm().args(&args).output().unwrap(), &run_dir, first.id());
+    // With a checkpoint written, a resume would find something to continue.
+    wait_for_step(&mut first, &run_dir, 4);
+    let resumed = mixlm()
+        .args(["train", "--quiet", "--resume"])
+        .arg(&run_dir)
+        .output()
+        .unwrap();
+    refused_for(resumed, &run_dir, first.id());
+    assert!(first.wait().unwrap().success());
+    let records = common::metrics(&run_dir);
+    let steps: Vec<u64> = records
+        .iter()
+        .filter(|r| r["kind"] == "train")
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=48).collect::<Vec<_>>(), "every step once");
+
+    // A lock left by a killed process blocks nothing.
+    let killed = tmp.path().join("killed");
+    let mut child = mixlm()
+        .args(train_args(tmp.path(), "killed", &[]))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_step(&mut child, &killed, 4);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let holder = std::fs::read_to_string(killed.join(".mixlm.lock")).unwrap();
+    assert_eq!(holder, format!("PID {}, mixlm train\n", child.id()));
+    assert!(resume(&killed) >= 3);
+}
+
+/// Chaos: one run killed with SIGKILL ten times, each time in a part of the run
+/// chosen at random (an optimizer step, an evaluation, half-way through a metrics
+/// line, inside a checkpoint's write, between the checkpoint folder's rename and the
+/// rewrite of `latest`, before older checkpoints are pruned) and at a random arrival
+/// there, and resumed after each kill. The process stops at the chosen point through
+/// the trainer's test hook (`MIXLM_TEST_PAUSE`, see `mixlm_train::chaos`) and is
+/// killed there from outside. Its final `metrics.jsonl` equals an uninterrupted run's
+/// to the bit (timing fields aside), and `mixlm doctor` passes on the folder.
+#[test]
+#[cfg(unix)]
+fn a_run_killed_ten_times_in_every_part_ends_like_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let sets = ["run.steps=60", "eval.every=8"];
+    assert!(mixlm()
+        .args(train_args(dir, "whole", &sets))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success());
+    let seed: u64 = std::env::var("MIXLM_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("chaos: MIXLM_CHAOS_SEED={seed}");
+    let mut state = seed | 1;
+    let mut next = |n: u64| {
+        // xorshift64
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    // The first kill comes after a whole checkpoint, so that every later start is a
+    // resume; then every other part at least once, in a random order.
+    let mut points = vec![
+        "step",
+        "step",
+        "eval",
+        "eval",
+        "metrics-line",
+        "metrics-line",
+        "checkpoint-files",
+        "checkpoint-renamed",
+        "checkpoint-renamed",
+    ];
+    for i in (1..points.len()).rev() {
+        points.swap(i, next(i as u64 + 1) as usize);
+    }
+    points.insert(0, "checkpoint-latest");
+    let run_dir = dir.join("chaos");
+    let marker = dir.join("paused");
+    for (kill, point) in points.iter().enumerate() {
+        // Evaluations come every 8 steps: the first one keeps the run short of its end.
+        let nth = if *point == "eval" { 1 } else { 1 + next(2) };
+        let mut command = mixlm();
+        match kill {
+            0 => command.args(train_args(dir, "chaos", &sets)),
+            _ => command.args(["train", "--quiet", "--resume"]).arg(&run_dir),
+        };
+        let pause = format!("{point}:{nth}:{}", marker.display());
+        let mut child = command
+            .env("MIXLM_TEST_PAUSE", &pause)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !marker.exists() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("kill {kill} ({pause}, seed {seed}): the run exited ({status}) first");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kill {kill}: {pause} not reached"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let at = common::last_step(&run_dir);
+        child.kill().unwrap(); // SIGKILL
+        assert!(!child.wait().unwrap().success());
+        std::fs::remove_file(&marker).unwrap();
+        eprintln!("chaos: kill {kill} at {point} #{nth}, after step {at}");
+    }
+    resume(&run_dir);
+    assert_eq!(
+        common::metrics(&dir.join("whole")),
+        common::metrics(&run_dir),
+        "seed {seed}"
+    );
+    let (ok, out, err) = common::mixlm(&["doctor", run_dir.to_str().unwrap()]);
+    assert!(ok, "seed {seed}: {out}{err}");
+}

@@ -19,6 +19,7 @@
 //! Everything random is keyed by explicit integers through [`seeding`], so the data
 //! is identical on every machine and independent of call order or threading.
 
+pub mod lock;
 pub mod prefetch;
 pub mod prepare;
 pub mod quality;
@@ -29,12 +30,13 @@ pub mod shards;
 pub mod source;
 pub mod synthetic;
 
+pub use lock::{FolderLock, LockError};
 pub use prefetch::{Prefetched, Prefetcher};
 pub use prepare::{prepare, PrepareConfig, PrepareError, PrepareSummary};
 pub use resampled::{PlanError, ResampledSource};
 pub use sampler::{fetch_batch, validation_picks, MixtureSampler, SamplerError, SamplerState};
 pub use shards::{ShardError, ShardSource, WindowPermutation};
-pub use source::{document_at, Split, TokenSource};
+pub use source::{check_split_ids, check_token_ids, document_at, Split, TokenSource};
 pub use synthetic::{
     DomainStats, ExplicitChain, SharedComponent, SyntheticConfig, SyntheticCorpus, SyntheticDomain,
     SyntheticError,

@@ -186,6 +186,10 @@ impl TokenSource for ResampledSource {
         self.names.clone()
     }
 
+    fn shard_name(&self, domain: DomainId, split: Split) -> String {
+        self.inner.shard_name(domain, split)
+    }
+
     fn vocab_size(&self) -> usize {
         self.inner.vocab_size()
     }

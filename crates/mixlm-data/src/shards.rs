@@ -66,6 +66,16 @@ pub enum ShardError {
         shards.join(", ")
     )]
     TooShort { seq_len: usize, shards: Vec<String> },
+    /// A split with no tokens at all, which no sequence length can help.
+    #[error(
+        "no tokens in: {}; a shorter run.seq_len cannot help. Prepare the data with a \
+         validation split (data.prepare.validation_fraction > 0, or a dataset with a \
+         validation folder; test_fraction or test_from_validation for a test split) and \
+         `mixlm prepare --force`; a domain without training data can be left out with \
+         data.prepare.drop",
+        shards.join(", ")
+    )]
+    EmptySplit { shards: Vec<String> },
 }
 
 /// A seeded pseudo-random permutation of `0..n` in O(1) memory and O(1) expected
@@ -439,16 +449,20 @@ impl ShardSource {
     /// Every `(domain, split)` among `splits` that has no window at `seq_len`
     /// (so [`TokenSource::window`] would panic): call before training.
     pub fn check_seq_len(&self, seq_len: usize, splits: &[Split]) -> Result<(), ShardError> {
-        let mut short = Vec::new();
+        let (mut short, mut empty) = (Vec::new(), Vec::new());
         for (d, name) in self.domains.iter().enumerate() {
             for &split in splits {
                 let c = self.counts(DomainId(d), split);
-                if windows_in(c.tokens, seq_len) == 0 {
+                if c.tokens == 0 {
+                    empty.push(format!("{name} / {split}"));
+                } else if windows_in(c.tokens, seq_len) == 0 {
                     short.push(format!("{name} / {split} ({} tokens)", c.tokens));
                 }
             }
         }
-        if short.is_empty() {
+        if !empty.is_empty() {
+            Err(ShardError::EmptySplit { shards: empty })
+        } else if short.is_empty() {
             Ok(())
         } else {
             Err(ShardError::TooShort {
@@ -462,6 +476,13 @@ impl ShardSource {
 impl TokenSource for ShardSource {
     fn domain_names(&self) -> Vec<String> {
         self.domains.clone()
+    }
+
+    fn shard_name(&self, domain: DomainId, split: Split) -> String {
+        let name = self.domains.get(domain.0).map_or("?", String::as_str);
+        crate::prepare::shards::bin_path(&self.dir.join(split.name()), name)
+            .display()
+            .to_string()
     }
 
     fn vocab_size(&self) -> usize {

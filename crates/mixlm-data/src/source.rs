@@ -142,4 +142,100 @@ pub trait TokenSource: Send + Sync {
     /// Best achievable mean cross-entropy (nats/token) over the `seq_len` predictions
     /// of a window of this domain, when known (synthetic sources); `None` otherwise.
     fn floor_loss(&self, domain: DomainId, seq_len: usize) -> Option<f64>;
+
+    /// Where a domain's split is stored, for error messages: the shard file of
+    /// prepared data.
+    fn shard_name(&self, domain: DomainId, split: Split) -> String {
+        let name = self
+            .domain_names()
+            .get(domain.0)
+            .cloned()
+            .unwrap_or_default();
+        format!("{name} / {split}")
+    }
+}
+
+/// Checks every token of `split` (each domain's stream, where the source has streams)
+/// against `vocab_size`, naming the shard and the first id beyond it: evaluation
+/// splits are small next to training, so one pass over them before they are scored
+/// is cheap. Sources without streams (synthetic) make their ids in range.
+pub fn check_split_ids(
+    source: &dyn TokenSource,
+    split: Split,
+    vocab_size: usize,
+) -> Result<(), String> {
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = Vec::with_capacity(CHUNK as usize);
+    for d in 0..source.domain_names().len() {
+        let domain = DomainId(d);
+        let Some(&len) = source
+            .stream_documents(domain, split)
+            .and_then(|o| o.last())
+        else {
+            continue;
+        };
+        for start in (0..len).step_by(CHUNK as usize) {
+            buf.clear();
+            source.read_stream(domain, split, start..(start + CHUNK).min(len), &mut buf);
+            if let Some(i) = buf.iter().position(|&t| t as usize >= vocab_size) {
+                return Err(out_of_vocabulary(
+                    source,
+                    domain,
+                    split,
+                    buf[i],
+                    &format!("at token {}", start + i as u64),
+                    vocab_size,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn out_of_vocabulary(
+    source: &dyn TokenSource,
+    domain: DomainId,
+    split: Split,
+    id: u32,
+    place: &str,
+    vocab_size: usize,
+) -> String {
+    format!(
+        "{}: token id {id} ({place}) is not below the model's vocabulary size \
+         {vocab_size}: the shard is damaged or made with another tokenizer; `mixlm doctor` \
+         on the data folder checks every shard, and `mixlm prepare` with \
+         data.prepare.force = true rebuilds it",
+        source.shard_name(domain, split)
+    )
+}
+
+/// The first token id of `windows` (row-major, `seq_len + 1` tokens per row, row `i`
+/// read from `picks[i]`) that is not below `vocab_size`, with the shard it came from:
+/// a damaged shard (ids beyond the vocabulary) must become an error naming the shard
+/// before the model indexes its embedding with it. One comparison per token.
+pub fn check_token_ids(
+    source: &dyn TokenSource,
+    split: Split,
+    picks: &[(DomainId, u64)],
+    windows: &[u32],
+    vocab_size: usize,
+) -> Result<(), String> {
+    let row = windows.len() / picks.len().max(1);
+    if windows.iter().all(|&t| (t as usize) < vocab_size) {
+        return Ok(());
+    }
+    let (i, &id) = windows
+        .iter()
+        .enumerate()
+        .find(|&(_, &t)| t as usize >= vocab_size)
+        .expect("one is out of range");
+    let (domain, window) = picks[i / row.max(1)];
+    Err(out_of_vocabulary(
+        source,
+        domain,
+        split,
+        id,
+        &format!("in window {window}"),
+        vocab_size,
+    ))
 }

@@ -95,7 +95,38 @@ pub enum MixingConfigError {
     },
 }
 
+impl ManualConfig {
+    /// What a run says about its weights when they do not sum to 1: it trains on them
+    /// normalised, and shows to what.
+    pub fn normalisation_note(&self) -> Option<String> {
+        let sum: f64 = self.weights.values().sum();
+        if (sum - 1.0).abs() <= 1e-9 || !(sum > 0.0 && sum.is_finite()) {
+            return None;
+        }
+        let parts: Vec<String> = self
+            .weights
+            .iter()
+            .map(|(name, w)| format!("{name} {:.4}", w / sum))
+            .collect();
+        // Rounded to 6 decimals: 2.3, not the 2.3000000000000003 of the float sum.
+        Some(format!(
+            "mixing.weights sum to {}, normalised to {}",
+            (sum * 1e6).round() / 1e6,
+            parts.join(", ")
+        ))
+    }
+}
+
 impl MixingConfig {
+    /// What the run's header line says about the section beyond the method's name
+    /// (manual weights that are normalised).
+    pub fn note(&self) -> Option<String> {
+        match self {
+            Self::Manual(m) => m.normalisation_note(),
+            _ => None,
+        }
+    }
+
     /// The method's name as written in TOML.
     pub fn method_name(&self) -> &'static str {
         match self {
@@ -268,6 +299,20 @@ impl<'de> Deserialize<'de> for InitWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn manual_weights_that_do_not_sum_to_one_are_said_to_be_normalised() {
+        let manual = |w: &[(&str, f64)]| ManualConfig {
+            weights: w.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
+        };
+        assert_eq!(
+            manual(&[("a", 2.0), ("b", 0.3)])
+                .normalisation_note()
+                .unwrap(),
+            "mixing.weights sum to 2.3, normalised to a 0.8696, b 0.1304"
+        );
+        assert_eq!(manual(&[("a", 0.7), ("b", 0.3)]).normalisation_note(), None);
+    }
 
     fn domains() -> Vec<String> {
         vec!["a".into(), "b".into()]

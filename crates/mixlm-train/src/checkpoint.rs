@@ -77,6 +77,10 @@ pub struct TrainState {
     /// Data-parallel peers of the run (1 on one device); a resume must use as many.
     #[serde(default = "one_peer")]
     pub world_size: usize,
+    /// The tokenizer the training data was made with (prepared shards; `None` for the
+    /// synthetic corpus): an evaluation on tokens of another is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<mixlm_data::prepare::TokenizerRecord>,
 }
 
 fn one_peer() -> usize {
@@ -109,6 +113,7 @@ impl TrainState {
             skipped_steps: 0,
             spikes: None,
             world_size: 1,
+            tokenizer: None,
         }
     }
 }
@@ -247,7 +252,10 @@ pub fn write_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
             step: state.step,
             files: BTreeMap::new(),
         };
-        for (file, bytes) in CHECKPOINT_FILES.iter().zip(&files) {
+        for (i, (file, bytes)) in CHECKPOINT_FILES.iter().zip(&files).enumerate() {
+            if i == 2 {
+                crate::chaos::pause_at("checkpoint-files");
+            }
             write_file(&tmp.join(file), bytes)?;
             manifest
                 .files
@@ -273,7 +281,9 @@ pub fn write_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
     fs::rename(&tmp, &final_dir)
         .with_context(|| format!("cannot move {} into place", tmp.display()))?;
     sync_dir(&root);
+    crate::chaos::pause_at("checkpoint-renamed");
     write_atomic(&root.join("latest"), name.as_bytes())?;
+    crate::chaos::pause_at("checkpoint-latest");
     if run_config.checkpoint.keep > 0 {
         prune(&root, run_config.checkpoint.keep)?;
     }
@@ -449,7 +459,7 @@ pub fn load_verified<B: burn::tensor::backend::AutodiffBackend>(
     )
     .with_context(|| format!("{} is not a valid training state", path.display()))?;
     let path = dir.join("run.toml");
-    let run_config = RunConfig::load(&path, &[])?;
+    let run_config = RunConfig::load_saved(&path, &[])?;
     Ok(Restored {
         dir: dir.to_path_buf(),
         model,

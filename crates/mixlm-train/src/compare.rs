@@ -131,8 +131,30 @@ impl CompareConfig {
         let mut c: CompareConfig = toml::from_str(&text).map_err(|e| {
             anyhow::anyhow!("{}: {}", path.display(), e.to_string().replace('\n', " "))
         })?;
-        let dir = path.parent().unwrap_or(Path::new("."));
+        // Paths in the file resolve against its folder, as in a run config: the base
+        // config, input paths in `set`, a method's reference model, plan or scores.
+        let dir = std::path::absolute(path.parent().unwrap_or(Path::new(""))).unwrap_or_default();
         c.base = c.base.map(|b| dir.join(b));
+        for spec in &mut c.set {
+            *spec = crate::config::resolve_override(spec, &dir);
+        }
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = dir.join(&*p);
+            }
+        };
+        for m in &mut c.methods {
+            for mixing in [m.mixing.as_mut(), m.then.as_mut()].into_iter().flatten() {
+                match mixing {
+                    MixingConfig::Doremi(d) => resolve(&mut d.reference),
+                    MixingConfig::SampleMix(p) => resolve(&mut p.plan),
+                    _ => {}
+                }
+            }
+            if let Some(scores) = m.scores.as_mut() {
+                resolve(scores);
+            }
+        }
         c.validate()
             .with_context(|| format!("in {}", path.display()))?;
         Ok(c)
@@ -326,7 +348,7 @@ pub fn compare(
     check_test_split(&config.run_config(&config.methods[0], config.seeds[0])?)?;
     check_then_sections(config)?;
     let dir = config.out_dir.join("compare");
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let _lock = mixlm_data::FolderLock::acquire(&dir, "mixlm compare")?;
     let mut results = Vec::new();
     for seed in &config.seeds {
         for method in &config.methods {
@@ -421,6 +443,8 @@ fn run_one(
 ) -> Result<RunResult> {
     let mut run = config.run_config(method, seed)?;
     let run_dir = config.out_dir.join(&run.run.name);
+    // Held through training, evaluation and result.json.
+    let _lock = crate::trainer::lock_run(&run)?;
     let done = run_dir.join("result.json");
     if let Ok(bytes) = std::fs::read(&done) {
         if let Ok(r) = serde_json::from_slice::<RunResult>(&bytes) {
@@ -487,9 +511,12 @@ fn run_one(
         run.validate()?;
     }
     eprintln!(
-        "compare: run {} ({})",
+        "compare: run {} ({}{})",
         run.run.name,
-        run.mixing.method_name()
+        run.mixing.method_name(),
+        run.mixing
+            .note()
+            .map_or(String::new(), |n| format!("; {n}"))
     );
     let outcome = train(&run)?;
     let max_tokens = config
@@ -512,6 +539,7 @@ fn run_one(
             tasks: Vec::new(),
             heldout: Vec::new(),
             tokenizer: None,
+            allow_tokenizer_mismatch: false,
         },
     )?;
     let log = RunLog::read(&outcome.run_dir.join("metrics.jsonl"))?;

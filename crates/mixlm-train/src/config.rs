@@ -157,6 +157,21 @@ impl ModelSection {
                 mixlm_model::PRESETS.join(", ")
             )
         })?;
+        // A head size d_model / n_heads that is not whole would leave dimensions unused.
+        let (d_model, heads) = (
+            self.d_model.unwrap_or(c.d_model),
+            self.n_heads.unwrap_or(c.n_heads),
+        );
+        if (self.d_model.is_some() || self.n_heads.is_some())
+            && self.head_dim.is_none()
+            && (heads == 0 || d_model % heads != 0)
+        {
+            return Err(format!(
+                "model.n_heads = {heads} does not divide model.d_model = {d_model}: choose a \
+                 head count that does (each head gets d_model / n_heads dimensions), or give \
+                 model.head_dim"
+            ));
+        }
         if let Some(d) = self.d_model {
             c.d_model = d;
             c.head_dim = d / self.n_heads.unwrap_or(c.n_heads).max(1);
@@ -498,16 +513,36 @@ impl RunConfig {
     }
 
     /// Parses TOML text, applies `section.key=value` overrides, and validates.
-    /// `origin` names the file in error messages.
+    /// `origin` names the file in error messages. Relative paths resolve against the
+    /// current folder (see [`RunConfig::load`]).
     pub fn from_toml(text: &str, origin: &str, overrides: &[String]) -> Result<Self, ConfigError> {
+        Self::from_toml_in(text, origin, None, overrides)
+    }
+
+    /// [`RunConfig::from_toml`] with the text's relative [`PATH_KEYS`] resolved against
+    /// `base` (the folder of the file it was read from); the overrides' and
+    /// `run.out_dir` against the current folder. Every path comes out absolute, so the
+    /// config a run saves works from any folder.
+    fn from_toml_in(
+        text: &str,
+        origin: &str,
+        base: Option<&Path>,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
         let parse_err = |e: toml::de::Error| ConfigError::Parse {
             origin: origin.to_string(),
             message: one_line(&e.to_string()),
         };
         let mut value: toml::Table = toml::from_str(text).map_err(parse_err)?;
+        if let Some(base) = base {
+            resolve_paths(&mut value, &PATH_KEYS, base);
+        }
         for o in overrides {
             apply_override(&mut value, o)?;
         }
+        let cwd = std::path::absolute(".").unwrap_or_default();
+        resolve_paths(&mut value, &PATH_KEYS, &cwd);
+        resolve_paths(&mut value, &["run.out_dir"], &cwd);
         let config: RunConfig =
             value
                 .try_into()
@@ -523,13 +558,28 @@ impl RunConfig {
         Ok(config)
     }
 
-    /// Reads and validates a config file.
+    /// Reads and validates a config file. Its relative input paths ([`PATH_KEYS`]:
+    /// data, tokenizer, `model.init_from`, ...) resolve against the file's folder, so
+    /// it means the same from any folder; `run.out_dir` and `--set` values resolve
+    /// against the current folder (where the command writes).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = Self::read(path)?;
+        let base = std::path::absolute(path.parent().unwrap_or(Path::new(""))).unwrap_or_default();
+        Self::from_toml_in(&text, &path.display().to_string(), Some(&base), overrides)
+    }
+
+    /// Reads a config a run saved (`config.toml`, a checkpoint's `run.toml`): its
+    /// paths are absolute since runs save them so; those of runs from before that
+    /// were relative to the folder the run started in, taken to be the current one.
+    pub fn load_saved(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        Self::from_toml(&Self::read(path)?, &path.display().to_string(), overrides)
+    }
+
+    fn read(path: &Path) -> Result<String, ConfigError> {
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
-        })?;
-        Self::from_toml(&text, &path.display().to_string(), overrides)
+        })
     }
 
     /// Replaces the `[mixing]` section with the one in `path` (a mixture a run learned,
@@ -546,6 +596,8 @@ impl RunConfig {
         };
         let mut table: toml::Table =
             toml::from_str(&text).map_err(|e| parse(one_line(&e.to_string())))?;
+        let base = std::path::absolute(path.parent().unwrap_or(Path::new(""))).unwrap_or_default();
+        resolve_paths(&mut table, &PATH_KEYS, &base);
         let mixing = table
             .remove("mixing")
             .ok_or_else(|| parse("has no [mixing] section".into()))?;
@@ -562,6 +614,17 @@ impl RunConfig {
     }
 
     /// Opens the token source `[data]` names, checking that it fits `run.seq_len`.
+    /// The tokenizer the prepared data was made with, as its manifest records it;
+    /// `None` for the synthetic corpus (or data without a readable manifest).
+    pub fn data_tokenizer(&self) -> Option<mixlm_data::prepare::TokenizerRecord> {
+        if self.data.source != DataSource::Shards {
+            return None;
+        }
+        let dir = self.data.shard_dir()?;
+        let manifest = mixlm_data::prepare::Manifest::read(&dir).ok().flatten()?;
+        Some(manifest.tokenizer)
+    }
+
     pub fn open_source(&self) -> Result<Box<dyn TokenSource>, ConfigError> {
         let invalid = ConfigError::Invalid;
         Ok(match self.data.source {
@@ -717,6 +780,8 @@ pub fn load_prepare_section(
         origin: origin.clone(),
         message: one_line(&e.to_string()),
     })?;
+    let base = std::path::absolute(path.parent().unwrap_or(Path::new(""))).unwrap_or_default();
+    resolve_paths(&mut root, &PATH_KEYS, &base);
     let section = root
         .remove("data")
         .and_then(|d| d.as_table().and_then(|t| t.get("prepare").cloned()))
@@ -771,6 +836,69 @@ fn one_line(message: &str) -> String {
     }
 }
 
+/// The keys of a run config that name inputs by path: relative values in a config
+/// file resolve against the file's folder ([`RunConfig::load`]).
+pub const PATH_KEYS: [&str; 7] = [
+    "model.init_from",
+    "data.path",
+    "data.prepare.inputs",
+    "data.prepare.tokenizer",
+    "data.prepare.output",
+    "mixing.reference",
+    "mixing.plan",
+];
+
+/// Makes the relative paths under `keys` (dotted; a string or an array of strings,
+/// globs included) absolute against `base`.
+pub fn resolve_paths(root: &mut toml::Table, keys: &[&str], base: &Path) {
+    let resolve = |v: &mut toml::Value| {
+        if let toml::Value::String(s) = v {
+            if !s.is_empty() && Path::new(s.as_str()).is_relative() {
+                *s = base.join(s.as_str()).display().to_string();
+            }
+        }
+    };
+    for key in keys {
+        let parts: Vec<&str> = key.split('.').collect();
+        match lookup(root, &parts) {
+            Some(toml::Value::Array(items)) => items.iter_mut().for_each(resolve),
+            Some(v) => resolve(v),
+            None => {}
+        }
+    }
+}
+
+fn lookup<'a>(table: &'a mut toml::Table, parts: &[&str]) -> Option<&'a mut toml::Value> {
+    let (first, rest) = parts.split_first()?;
+    let value = table.get_mut(*first)?;
+    match rest.is_empty() {
+        true => Some(value),
+        false => lookup(value.as_table_mut()?, rest),
+    }
+}
+
+/// A `section.key=value` override written in a file in `base` (a comparison's
+/// `set`): a relative path of a [`PATH_KEYS`] key made absolute against `base`.
+pub fn resolve_override(spec: &str, base: &Path) -> String {
+    let Some((key, _)) = spec.split_once('=') else {
+        return spec.to_string();
+    };
+    let key = key.trim();
+    if !PATH_KEYS.contains(&key) {
+        return spec.to_string();
+    }
+    let mut table = toml::Table::new();
+    if apply_override(&mut table, spec).is_err() {
+        return spec.to_string();
+    }
+    resolve_paths(&mut table, &[key], base);
+    let mut value = &toml::Value::Table(table);
+    for part in key.split('.') {
+        value = &value[part];
+    }
+    format!("{key}={value}")
+}
+
 /// Applies `section.key=value` (value parsed as TOML, else taken as a string).
 fn apply_override(root: &mut toml::Table, spec: &str) -> Result<(), ConfigError> {
     let (path, raw) = spec
@@ -822,6 +950,40 @@ mod tests {
             e.contains("unknown field `lr_max`") && e.contains("--set"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_head_count_that_does_not_divide_d_model_is_refused_unless_head_dim_is_given() {
+        let e = RunConfig::embedded(&["model.n_heads=6".into(), "model.d_model=64".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.n_heads = 6 does not divide model.d_model = 64")
+                && e.contains("model.head_dim"),
+            "{e}"
+        );
+        // The preset's head count (tiny: 4) against another width.
+        let e = RunConfig::embedded(&["model.d_model=66".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("n_heads = 4 does not divide model.d_model = 66"),
+            "{e}"
+        );
+        let c = RunConfig::embedded(&[
+            "model.n_heads=6".into(),
+            "model.d_model=64".into(),
+            "model.head_dim=8".into(),
+        ])
+        .unwrap();
+        let m = c.model.resolve().unwrap();
+        assert_eq!((m.n_heads, m.head_dim, m.d_model), (6, 8, 64));
+        let m = RunConfig::embedded(&["model.n_heads=8".into(), "model.d_model=64".into()])
+            .unwrap()
+            .model
+            .resolve()
+            .unwrap();
+        assert_eq!((m.n_heads, m.head_dim), (8, 8));
     }
 
     #[test]

@@ -72,6 +72,12 @@ impl Report {
 /// to check the dataset's shards against.
 pub fn doctor(path: &Path, tokenizer: Option<&Path>) -> Vec<Finding> {
     let mut r = Report::default();
+    if let Some(holder) = mixlm_data::lock::holder(path) {
+        r.warn(format!(
+            "{} is being written by {holder}: what follows may change while it runs",
+            path.display()
+        ));
+    }
     if !path.is_dir() {
         r.fail(format!("{} is not a folder", path.display()));
     } else if path.join("model.safetensors").exists() {
@@ -104,7 +110,7 @@ fn check_checkpoint(dir: &Path, r: &mut Report) {
 
 fn check_run(dir: &Path, r: &mut Report) {
     let config_path = dir.join("config.toml");
-    let config = match RunConfig::load(&config_path, &[]) {
+    let config = match RunConfig::load_saved(&config_path, &[]) {
         Ok(c) => {
             r.ok(format!(
                 "{}: valid (model {}, mixing {}, {} steps; data opens)",
@@ -156,7 +162,7 @@ fn check_run(dir: &Path, r: &mut Report) {
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
             let step = state.as_ref().and_then(|s| s["step"].as_u64()).unwrap_or(0);
-            let saved = RunConfig::load(&ckpt.join("run.toml"), &[]);
+            let saved = RunConfig::load_saved(&ckpt.join("run.toml"), &[]);
             match (&config, saved) {
                 (Some(c), Ok(saved)) => match check_continues(&saved, c) {
                     Ok(()) if step >= c.run.steps => r.ok(format!(
@@ -214,7 +220,12 @@ fn check_metrics(path: &Path, r: &mut Report) {
                     path.display()
                 ));
             } else {
-                r.fail(format!("{}:{}: not JSON", path.display(), i + 1));
+                r.fail(format!(
+                    "{}:{}: not JSON, in the middle of the file (a damaged record; resume \
+                     refuses the file until the line is fixed or deleted)",
+                    path.display(),
+                    i + 1
+                ));
             }
             continue;
         };

@@ -38,6 +38,9 @@ pub struct EvalOptions {
     /// The tokenizer for task texts and held-out sets; default: the one the prepared
     /// data was made with.
     pub tokenizer: Option<PathBuf>,
+    /// Score tokens of another tokenizer than the model was trained on (refused
+    /// otherwise: the perplexities would mean nothing).
+    pub allow_tokenizer_mismatch: bool,
 }
 
 /// A checkpoint's evaluation, as written to `eval.json`.
@@ -86,7 +89,7 @@ pub fn checkpoint_run_config(dir: &Path, overrides: &[String]) -> Result<Option<
     if !path.is_file() {
         return Ok(None);
     }
-    Ok(Some(RunConfig::load(&path, overrides)?))
+    Ok(Some(RunConfig::load_saved(&path, overrides)?))
 }
 
 /// Evaluates on backend `B` (inference only: its inner backend).
@@ -116,6 +119,31 @@ pub fn evaluate<B: TrainBackend>(
             model_config.max_seq_len
         );
     }
+    let trained = trained_tokenizer(&options.checkpoint);
+    let check = |what: String, sha256: &str, name: &str| {
+        check_tokenizer(
+            trained.as_ref(),
+            &options.checkpoint,
+            &what,
+            sha256,
+            name,
+            options.allow_tokenizer_mismatch,
+        )
+    };
+    if !options.splits.is_empty() {
+        if let Some(data) = config.data_tokenizer() {
+            let dir = config.data.shard_dir().unwrap_or_default();
+            check(
+                format!("the data in {}", dir.display()),
+                &data.sha256,
+                &data.path,
+            )?;
+        }
+    }
+    for &split in &options.splits {
+        mixlm_data::check_split_ids(source.as_ref(), split, model_config.vocab_size)
+            .map_err(anyhow::Error::msg)?;
+    }
     let splits = options
         .splits
         .iter()
@@ -127,6 +155,15 @@ pub fn evaluate<B: TrainBackend>(
     let tokenizer = (!options.heldout.is_empty() || !options.tasks.is_empty())
         .then(|| data_tokenizer(config, options))
         .transpose()?;
+    if let Some(path) = &tokenizer {
+        let (_, sha256) = mixlm_data::prepare::tokenize::sha256_file(path)
+            .with_context(|| format!("cannot read the tokenizer {}", path.display()))?;
+        check(
+            "the held-out sets' and tasks' tokens".into(),
+            &sha256,
+            &path.display().to_string(),
+        )?;
+    }
     let heldout = options
         .heldout
         .iter()
@@ -259,6 +296,58 @@ fn heldout_perplexity<B: ModelBackend>(
         .map_err(anyhow::Error::msg)?;
     scored.split = format!("heldout:{name}");
     Ok(scored)
+}
+
+/// The tokenizer a checkpoint's model was trained on, where it says: its
+/// `state.json`, else the manifest of the data its `run.toml` names (checkpoints
+/// written before the state recorded it). `None` for Hugging Face folders and runs on
+/// the synthetic corpus.
+pub fn trained_tokenizer(checkpoint: &Path) -> Option<mixlm_data::prepare::TokenizerRecord> {
+    let state = std::fs::read(checkpoint.join("state.json")).ok()?;
+    let state: crate::checkpoint::TrainState = serde_json::from_slice(&state).ok()?;
+    state.tokenizer.or_else(|| {
+        checkpoint_run_config(checkpoint, &[])
+            .ok()
+            .flatten()?
+            .data_tokenizer()
+    })
+}
+
+/// Refuses to score `what` (tokens of the tokenizer `name`, hashing to `sha256`) with
+/// a model trained on another tokenizer's, unless `allow`.
+fn check_tokenizer(
+    trained: Option<&mixlm_data::prepare::TokenizerRecord>,
+    checkpoint: &Path,
+    what: &str,
+    sha256: &str,
+    name: &str,
+    allow: bool,
+) -> Result<()> {
+    let Some(trained) = trained else {
+        return Ok(());
+    };
+    if trained.sha256 == sha256 {
+        return Ok(());
+    }
+    let short = |h: &str| h[..h.len().min(12)].to_string();
+    let text = format!(
+        "the model in {} was trained on tokens of the tokenizer {} (SHA-256 {}…), {what} \
+         are of {name} (SHA-256 {}…): the same ids are other words, so perplexities would \
+         mean nothing",
+        checkpoint.display(),
+        trained.path,
+        short(&trained.sha256),
+        short(sha256)
+    );
+    if allow {
+        eprintln!("warning: {text} (--allow-tokenizer-mismatch)");
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{text}; evaluate on data prepared with the model's tokenizer (--tokenizer {} for \
+         held-out sets), or pass --allow-tokenizer-mismatch if you mean it",
+        trained.path
+    )
 }
 
 /// `--tokenizer`, else the tokenizer recorded in the prepared data's manifest.

@@ -2,6 +2,7 @@
 
 pub mod alignment;
 pub mod backend;
+pub mod chaos;
 pub mod check;
 pub mod checkpoint;
 pub mod compare;

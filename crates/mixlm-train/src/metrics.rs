@@ -163,6 +163,13 @@ impl MetricsWriter {
         let Some(out) = self.out.as_mut() else {
             return Ok(());
         };
+        if crate::chaos::is_pause("metrics-line") {
+            let line = serde_json::to_vec(record)?;
+            let _ = out
+                .write_all(&line[..line.len() / 2])
+                .and_then(|_| out.flush());
+            crate::chaos::wait_to_be_killed();
+        }
         serde_json::to_writer(&mut *out, record)?;
         out.write_all(b"\n")
             .and_then(|_| out.flush())

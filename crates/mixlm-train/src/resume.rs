@@ -82,7 +82,7 @@ pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<(RunConfig,
     }
     let checkpoint = latest_checkpoint(run_dir)?;
     let saved = checkpoint.join("run.toml");
-    let mut config = RunConfig::load(&saved, &safe)?;
+    let mut config = RunConfig::load_saved(&saved, &safe)?;
     for (key, value) in counts {
         let (saved, flag) = match key {
             "distributed.devices" => (config.distributed.devices, "--devices"),
@@ -171,8 +171,10 @@ pub fn check_continues(saved: &RunConfig, config: &RunConfig) -> Result<()> {
 
 /// Cuts `metrics.jsonl` back to the records of steps up to `step` (evaluations
 /// included), so that the resumed run appends each later step exactly once. A torn
-/// last line of a killed run is dropped; the file is replaced atomically.
-/// Returns how many lines were dropped.
+/// last line of a killed run is dropped; a damaged line anywhere else is refused
+/// (it may be a record of a step the checkpoint covers, which would be lost; `mixlm
+/// doctor` fails the same line), leaving the file as it was. The file is replaced
+/// atomically. Returns how many lines were dropped.
 pub fn truncate_metrics(path: &Path, step: u64) -> Result<usize> {
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
@@ -181,10 +183,19 @@ pub fn truncate_metrics(path: &Path, step: u64) -> Result<usize> {
     };
     let mut kept = String::with_capacity(text.len());
     let mut dropped = 0;
-    for line in text.lines() {
-        let line_step = serde_json::from_str::<serde_json::Value>(line)
-            .ok()
-            .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+    let lines = text.lines().count();
+    for (i, line) in text.lines().enumerate() {
+        let record = serde_json::from_str::<serde_json::Value>(line).ok();
+        if record.is_none() && i + 1 < lines {
+            bail!(
+                "{}:{}: not JSON, and not the last line (a kill tears only that one): a \
+                 damaged record, which resuming would lose. Nothing was changed; fix or \
+                 delete the line (`mixlm doctor` on the run folder reports it), then resume",
+                path.display(),
+                i + 1
+            );
+        }
+        let line_step = record.and_then(|v| v.get("step").and_then(|s| s.as_u64()));
         match line_step {
             Some(s) if s <= step => {
                 kept.push_str(line);
@@ -241,6 +252,7 @@ pub fn train_or_continue(
     if options.stop_requested() {
         return Err(Interrupted { run_dir, step: 0 }.into());
     }
+    let _lock = crate::trainer::lock_run(config)?;
     let mut train = TrainOptions {
         quiet: options.quiet,
         stop: options.stop.clone(),
@@ -289,7 +301,7 @@ fn continuation(run_dir: &Path, config: &RunConfig) -> Result<Option<PathBuf>> {
     for note in notes {
         eprintln!("warning: {note}");
     }
-    let saved = RunConfig::load(&checkpoint.join("run.toml"), &[])?;
+    let saved = RunConfig::load_saved(&checkpoint.join("run.toml"), &[])?;
     check_continues(&saved, config)?;
     if saved.run.steps != config.run.steps {
         bail!(
@@ -438,5 +450,25 @@ mod tests {
             })
             .collect();
         assert_eq!(steps, vec![0, 1, 2, 3, 4, 4]);
+    }
+
+    /// A torn line with records after it is no kill's doing: refused, naming the line,
+    /// and the file is left as it was.
+    #[test]
+    fn a_damaged_line_in_the_middle_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let text = "{\"kind\":\"train\",\"step\":1}\n{\"kind\":\"tr\n\
+                    {\"kind\":\"train\",\"step\":3}\n";
+        fs::write(&path, text).unwrap();
+        let e = truncate_metrics(&path, 3).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{}:2: not JSON, and not the last line",
+                path.display()
+            )) && e.contains("Nothing was changed"),
+            "{e}"
+        );
+        assert_eq!(fs::read_to_string(&path).unwrap(), text);
     }
 }

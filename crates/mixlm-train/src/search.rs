@@ -158,6 +158,8 @@ pub fn mix_search(
     train: impl FnMut(&RunConfig) -> Result<TrainOutcome>,
 ) -> Result<SearchOutcome> {
     let names = config.open_source()?.domain_names();
+    let dir = PathBuf::from(&config.run.out_dir).join(format!("{}-search", config.run.name));
+    let _lock = mixlm_data::FolderLock::acquire(&dir, "mixlm mix-search")?;
     let mut search = Search {
         config,
         names: &names,
@@ -171,8 +173,6 @@ pub fn mix_search(
         SearchMethod::Doge => search.doge(options)?,
         SearchMethod::SkillIt => search.skill_it(options)?,
     };
-    let dir = PathBuf::from(&config.run.out_dir).join(format!("{}-search", config.run.name));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mixing = match &found.graph {
         Some(graph) => skill_it_mixing(config, graph.clone()),
         None => {

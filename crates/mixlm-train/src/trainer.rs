@@ -18,7 +18,10 @@ use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Tensor, TensorData};
-use mixlm_data::{MixtureSampler, Prefetcher, SamplerState, Split, TokenSource};
+use mixlm_data::{
+    check_split_ids, check_token_ids, FolderLock, MixtureSampler, Prefetcher, SamplerState, Split,
+    TokenSource,
+};
 use mixlm_eval::{
     inputs_and_targets, sequence_means, validation_losses, DomainAccumulator, DomainRow,
 };
@@ -146,6 +149,7 @@ pub fn train_data_parallel<B: TrainBackend>(
         );
     }
     let world = d.world_size();
+    let _lock = lock_run(config)?;
     // The checkpoint a resumed run continues from, verified once for all peers.
     let resume_from = match &options.start {
         Start::ResumeFrom(verified) => Some(verified.clone()),
@@ -183,6 +187,16 @@ pub fn train_data_parallel<B: TrainBackend>(
         }
         outcome
     })
+}
+
+/// Locks the run's folder for writing ([`mixlm_data::lock`]) before anything in it
+/// is written; `None` on nodes other than node 0, which write nothing there.
+pub fn lock_run(config: &RunConfig) -> Result<Option<FolderLock>> {
+    if config.distributed.node_rank > 0 {
+        return Ok(None);
+    }
+    let run_dir = PathBuf::from(&config.run.out_dir).join(&config.run.name);
+    Ok(Some(FolderLock::acquire(&run_dir, "mixlm train")?))
 }
 
 /// Refuses a `run.precision` the device cannot compute in, saying what to use.
@@ -251,6 +265,9 @@ fn train_peer<B: TrainBackend>(
         },
     )?;
 
+    // Evaluated windows are checked here, training batches as they are drawn.
+    check_split_ids(source.as_ref(), Split::Validation, model_config.vocab_size)
+        .map_err(anyhow::Error::msg)?;
     let requirements = scheduler.requirements();
     let run_dir = PathBuf::from(&run.out_dir).join(&run.name);
     let restored = match resume_from {
@@ -396,6 +413,7 @@ fn train_peer<B: TrainBackend>(
     // Steps in a row whose update was not applied (NaN), rollbacks included.
     let mut consecutive_bad = 0u64;
     let stop_requested = || options.stop_requested();
+    let tokenizer = config.data_tokenizer();
     let save = |step: u64,
                 model: &Transformer<B>,
                 optimizer: &AdamW<B::InnerBackend>,
@@ -407,6 +425,7 @@ fn train_peer<B: TrainBackend>(
         state.initial_val = initial.0.clone();
         state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
         state.world_size = world;
+        state.tokenizer = tokenizer.clone();
         counters.save_into(&mut state);
         match leader {
             true => write_checkpoint(&run_dir, model, &model_config, optimizer, &state, config)
@@ -484,6 +503,14 @@ fn train_peer<B: TrainBackend>(
             let batch = batches.take();
             lap(&mut times.data);
             picks.extend_from_slice(&batch.picks);
+            check_token_ids(
+                source.as_ref(),
+                Split::Train,
+                &batch.picks,
+                &batch.windows,
+                model_config.vocab_size,
+            )
+            .map_err(anyhow::Error::msg)?;
             let domains: Vec<DomainId> = batch.picks.iter().map(|(d, _)| *d).collect();
             if let Some(per_domain) = per_domain.as_mut() {
                 let seq_means =
@@ -741,6 +768,7 @@ fn train_peer<B: TrainBackend>(
             time_s: times,
         };
         after_record = Instant::now();
+        crate::chaos::pause_at("step");
         metrics.step(&record)?;
         progress.update(&record, &proportions);
 
@@ -751,6 +779,7 @@ fn train_peer<B: TrainBackend>(
             && !at_end
         {
             let val = evaluate(&model);
+            crate::chaos::pause_at("eval");
             let epochs = data_epochs(source.as_ref(), batches.consumed_state(), run.seq_len);
             metrics.eval(
                 &EvalRecord::new(step + 1, tokens, &names, &val).with_epochs(&names, &epochs),

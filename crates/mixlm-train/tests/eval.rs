@@ -67,8 +67,20 @@ fn eval_with(
         tasks,
         heldout,
         tokenizer: None,
+        allow_tokenizer_mismatch: false,
     };
     evaluate::<B>(config, &options, &Default::default()).unwrap()
+}
+
+/// The error of an evaluation the tokenizer check refuses, and that `--allow-
+/// tokenizer-mismatch` lets it run.
+fn refused_for_its_tokenizer(config: &RunConfig, mut options: EvalOptions) -> String {
+    let e = evaluate::<B>(config, &options, &Default::default())
+        .unwrap_err()
+        .to_string();
+    options.allow_tokenizer_mismatch = true;
+    evaluate::<B>(config, &options, &Default::default()).unwrap();
+    e
 }
 
 /// On the same windows the trainer evaluates (validation windows `0..eval.sequences`),
@@ -291,5 +303,70 @@ fn eval_on_prepared_shards_scores_streams_by_document() {
     assert!(
         md.contains("| ties ") && md.contains("Downstream tasks"),
         "{md}"
+    );
+
+    // The same texts through another tokenizer of the same size (two tokens' ids
+    // swapped): refused unless asked for, as data (`--data`) and as the tokenizer of
+    // held-out sets.
+    let other_tokenizer = tmp.path().join("other-tokenizer.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("tokenizer.json")).unwrap()).unwrap();
+    json["model"]["vocab"]["th"] = 259.into();
+    json["model"]["vocab"]["er"] = 257.into();
+    std::fs::write(&other_tokenizer, json.to_string()).unwrap();
+    let other = tmp.path().join("other-shards");
+    prepare(&PrepareConfig {
+        inputs: vec![tmp.path().join("raw").display().to_string()],
+        tokenizer: other_tokenizer.clone(),
+        output: other.clone(),
+        validation_fraction: 0.25,
+        test_fraction: 0.25,
+        ..PrepareConfig::default()
+    })
+    .unwrap();
+    let on_other = RunConfig::load(
+        &checkpoint.join("run.toml"),
+        &[format!("data.path=\"{}\"", other.display())],
+    )
+    .unwrap();
+    let options = EvalOptions {
+        checkpoint: checkpoint.clone(),
+        splits: vec![Split::Validation],
+        perplexity: opts(16),
+        out: tmp.path().join("e5"),
+        tasks: Vec::new(),
+        heldout: Vec::new(),
+        tokenizer: None,
+        allow_tokenizer_mismatch: false,
+    };
+    let e = refused_for_its_tokenizer(&on_other, options.clone());
+    let trained = tmp.path().join("tokenizer.json").display().to_string();
+    assert!(
+        e.starts_with(&format!(
+            "the model in {} was trained on tokens of the tokenizer {trained} (SHA-256 ",
+            checkpoint.display()
+        )) && e.contains(&format!(
+            "the data in {} are of {}",
+            other.display(),
+            other_tokenizer.display()
+        )) && e.contains("--allow-tokenizer-mismatch"),
+        "{e}"
+    );
+    let e = refused_for_its_tokenizer(
+        &config,
+        EvalOptions {
+            splits: Vec::new(),
+            heldout: vec![plain.display().to_string()],
+            tokenizer: Some(other_tokenizer.clone()),
+            out: tmp.path().join("e6"),
+            ..options
+        },
+    );
+    assert!(
+        e.contains(&format!(
+            "the held-out sets' and tasks' tokens are of {}",
+            other_tokenizer.display()
+        )) && e.contains(&format!("--tokenizer {trained}")),
+        "{e}"
     );
 }

@@ -1104,3 +1104,70 @@ fn an_interrupted_pipeline_run_continues_and_a_finished_one_is_read_back() {
     assert_eq!((fresh.resumed_from, fresh.steps), (None, 8));
     assert_eq!(metrics(&fresh.run_dir).last().unwrap()["step"], 8);
 }
+
+/// Holds `folder`'s lock as another process would (its own open of the lock file),
+/// naming PID 4242; dropping the file releases it.
+fn held_by_another_process(folder: &std::path::Path) -> std::fs::File {
+    std::fs::create_dir_all(folder).unwrap();
+    let path = folder.join(mixlm_data::lock::LOCK_FILE);
+    std::fs::write(&path, "PID 4242, mixlm train\n").unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    file.try_lock().unwrap();
+    file
+}
+
+/// Every writer of a folder another process holds is refused before it writes
+/// there: a run, a comparison, a search, and each run a comparison starts.
+#[test]
+fn writers_of_a_folder_another_process_holds_are_refused() {
+    use mixlm_train::compare::{compare, CompareConfig};
+    use mixlm_train::search::{mix_search, SearchMethod, SearchOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let in_use = |e: anyhow::Error, folder: &std::path::Path| {
+        let e = e.to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{} is in use by another mixlm (PID 4242, mixlm train)",
+                folder.display()
+            )) && e.contains("kill 4242"),
+            "{e}"
+        );
+    };
+    let config = short_run(tmp.path(), "held", &[]);
+    let run_dir = tmp.path().join("held");
+    let lock = held_by_another_process(&run_dir);
+    let e = train::<B>(&config, &Default::default(), &TrainOptions::quiet()).unwrap_err();
+    in_use(e, &run_dir);
+    assert!(!run_dir.join("metrics.jsonl").exists() && !run_dir.join("config.toml").exists());
+    // Released (here: the holder's file closed, as at its process's end) it trains.
+    drop(lock);
+    train::<B>(&config, &Default::default(), &TrainOptions::quiet()).unwrap();
+
+    let search_dir = tmp.path().join("held-search");
+    let _search = held_by_another_process(&search_dir);
+    let e = mix_search(
+        &config,
+        &SearchOptions::new(SearchMethod::Grid),
+        |c: &RunConfig| train::<B>(c, &Default::default(), &TrainOptions::quiet()),
+    )
+    .unwrap_err();
+    in_use(e, &search_dir);
+
+    let file = tmp.path().join("cmp.toml");
+    std::fs::write(
+        &file,
+        "out_dir = \"out\"\nset = [\"run.steps=2\", \"run.seq_len=16\", \"schedule.warmup_steps=1\"]\n\n[[method]]\n\
+         name = \"stratified\"\nmixing = { method = \"stratified\" }\n",
+    )
+    .unwrap();
+    let mut cmp = CompareConfig::load(&file).unwrap();
+    cmp.out_dir = tmp.path().join("out");
+    let run = cmp.out_dir.join("stratified-s0");
+    let held = held_by_another_process(&run);
+    let e = compare(&cmp, mixlm_train::BackendKind::Cpu, &TrainOptions::quiet()).unwrap_err();
+    in_use(e, &run);
+    drop(held);
+    let _compare = held_by_another_process(&cmp.out_dir.join("compare"));
+    let e = compare(&cmp, mixlm_train::BackendKind::Cpu, &TrainOptions::quiet()).unwrap_err();
+    in_use(e, &cmp.out_dir.join("compare"));
+}

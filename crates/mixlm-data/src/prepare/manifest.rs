@@ -125,12 +125,19 @@ impl Manifest {
                 self.tokenizer.eos_id, new.tokenizer.eos_id
             ));
         }
-        let old_inputs: BTreeMap<_, _> = self.inputs.iter().map(|f| (&f.path, f)).collect();
-        let new_inputs: BTreeMap<_, _> = new.inputs.iter().map(|f| (&f.path, f)).collect();
+        // The same file however it was named (relative to the folder the prepare ran
+        // in, or absolute, as paths from a config file are): by its canonical path.
+        let key = |f: &InputFile| super::normalize(&f.path);
+        let same = |a: &InputFile, b: &InputFile| {
+            (a.bytes, a.mtime_unix, a.mtime_nanos, a.split)
+                == (b.bytes, b.mtime_unix, b.mtime_nanos, b.split)
+        };
+        let old_inputs: BTreeMap<_, _> = self.inputs.iter().map(|f| (key(f), f)).collect();
+        let new_inputs: BTreeMap<_, _> = new.inputs.iter().map(|f| (key(f), f)).collect();
         for (path, f) in &new_inputs {
             match old_inputs.get(path) {
                 None => out.push(format!("input added: {}", path.display())),
-                Some(old) if old != f => out.push(format!(
+                Some(old) if !same(old, f) => out.push(format!(
                     "input changed: {} (size {} -> {} bytes, mtime {}.{:09} -> {}.{:09})",
                     path.display(),
                     old.bytes,
@@ -150,11 +157,7 @@ impl Manifest {
         }
         if old_inputs.len() == new_inputs.len()
             && out.is_empty()
-            && self
-                .inputs
-                .iter()
-                .map(|f| &f.path)
-                .ne(new.inputs.iter().map(|f| &f.path))
+            && self.inputs.iter().map(key).ne(new.inputs.iter().map(key))
         {
             out.push(
                 "inputs are listed in another order (documents would be stored in another order)"

@@ -304,6 +304,9 @@ pub enum PrepareError {
         output: PathBuf,
         source: Box<PrepareError>,
     },
+    /// Another prepare writes the output folder.
+    #[error(transparent)]
+    Locked(#[from] crate::lock::LockError),
 }
 
 impl PrepareError {
@@ -474,7 +477,7 @@ impl PrepareSummary {
 }
 
 /// `path` made absolute with `..` and symlinks resolved as far as it exists.
-fn normalize(path: &Path) -> PathBuf {
+pub(crate) fn normalize(path: &Path) -> PathBuf {
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let mut existing = abs.as_path();
     let mut rest = Vec::new();
@@ -675,6 +678,8 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary, PrepareError> {
     // A finished, intact dataset already there is kept until its replacement is
     // complete: a full disk or a crash mid-rebuild must not lose it.
     let mut keep_previous = false;
+    // One prepare per output folder: held until this one returns.
+    let _lock = crate::lock::FolderLock::acquire(output, "mixlm prepare")?;
     match Manifest::read(output) {
         Ok(Some(old)) => {
             let changes = old.differences(&manifest);

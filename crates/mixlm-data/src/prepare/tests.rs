@@ -275,6 +275,32 @@ fn prepare_counts_match_and_shards_round_trip() {
         e.contains("Alpha / validation") && e.contains("Beta / validation"),
         "{e}"
     );
+    assert!(e.contains("use a shorter run.seq_len"), "{e}");
+}
+
+/// A split with no tokens gets advice that can help (a validation split), not a
+/// shorter sequence length.
+#[test]
+fn an_empty_validation_split_is_not_told_to_shorten_the_sequences() {
+    let fx = Fixture::new();
+    write_two_domain_corpus(&fx);
+    let mut cfg = fx.config(&["corpus/train"], "out");
+    cfg.validation_fraction = 0.0;
+    cfg.test_fraction = 0.0;
+    prepare(&cfg).unwrap();
+    let src = ShardSource::open(&cfg.output, 0).unwrap();
+    let e = src
+        .check_seq_len(16, &[Split::Train, Split::Validation])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(
+            "no tokens in: Alpha / validation, Beta / validation; a shorter \
+                       run.seq_len cannot help"
+        ) && e.contains("data.prepare.validation_fraction > 0")
+            && !e.contains("use a shorter"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -727,7 +753,8 @@ fn mtimes(dir: &Path) -> BTreeMap<PathBuf, std::time::SystemTime> {
     for split in ["", "train", "validation"] {
         for e in std::fs::read_dir(dir.join(split)).unwrap() {
             let e = e.unwrap();
-            if e.file_type().unwrap().is_file() {
+            // The lock file names each prepare's PID; the dataset's files are the rest.
+            if e.file_type().unwrap().is_file() && e.file_name() != crate::lock::LOCK_FILE {
                 out.insert(e.path(), e.metadata().unwrap().modified().unwrap());
             }
         }
@@ -1508,4 +1535,35 @@ fn quality_fields_are_summed_mapped_and_stored_per_training_document() {
         .unwrap()
         .quality_path(DomainId(0))
         .is_none());
+}
+
+/// A prepare into a folder another prepare holds is refused before it writes there,
+/// naming the folder and the holder's PID; once released it prepares.
+#[test]
+fn a_prepare_into_a_folder_another_process_holds_is_refused() {
+    let fx = Fixture::new();
+    write_two_domain_corpus(&fx);
+    let cfg = fx.config(&["corpus"], "out");
+    std::fs::create_dir_all(&cfg.output).unwrap();
+    let lock = cfg.output.join(crate::lock::LOCK_FILE);
+    std::fs::write(&lock, "PID 4242, mixlm prepare\n").unwrap();
+    // Another open file description, as another process's.
+    let holder = std::fs::File::open(&lock).unwrap();
+    holder.try_lock().unwrap();
+    let e = prepare(&cfg).unwrap_err().to_string();
+    assert!(
+        e.starts_with(&format!(
+            "{} is in use by another mixlm (PID 4242, mixlm prepare)",
+            cfg.output.display()
+        )) && e.contains("kill 4242"),
+        "{e}"
+    );
+    assert_eq!(
+        entries(&cfg.output),
+        [crate::lock::LOCK_FILE],
+        "nothing written"
+    );
+    drop(holder);
+    prepare(&cfg).unwrap();
+    assert!(cfg.output.join(MANIFEST_FILE).exists());
 }
