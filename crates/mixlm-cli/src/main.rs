@@ -858,6 +858,9 @@ fn run(cli: Cli) -> Result<()> {
             seq_len,
             batch_size,
         } => {
+            if seq_len == 0 || batch_size == 0 {
+                anyhow::bail!("--seq-len and --batch-size must be at least 1 (a memory and FLOPs estimate of an empty batch means nothing)");
+            }
             let names: Vec<String> = if presets.is_empty() {
                 PRESETS.iter().map(|s| s.to_string()).collect()
             } else {
