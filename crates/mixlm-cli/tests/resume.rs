@@ -460,7 +460,8 @@ fn refused_for(out: std::process::Output, run_dir: &Path, holder: u32) {
 fn a_second_writer_of_a_live_run_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().join("live");
-    let args = train_args(tmp.path(), "live", &[]);
+    // Long enough to be alive through the refusals and the doctor below.
+    let args = train_args(tmp.path(), "live", &["run.steps=120"]);
     let mut first = mixlm().args(&args).stderr(Stdio::null()).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(1));
     assert!(first.try_wait().unwrap().is_none(), "the first run ended");
@@ -473,6 +474,15 @@ fn a_second_writer_of_a_live_run_is_refused() {
         .output()
         .unwrap();
     refused_for(resumed, &run_dir, first.id());
+    // A reader takes no lock: doctor reads the live run, saying who writes it.
+    let (_, out, err) = common::mixlm(&["doctor", run_dir.to_str().unwrap()]);
+    assert!(
+        out.contains(&format!(
+            "is being written by PID {}, mixlm train",
+            first.id()
+        )) && !err.contains("in use by another mixlm"),
+        "{out}{err}"
+    );
     assert!(first.wait().unwrap().success());
     let records = common::metrics(&run_dir);
     let steps: Vec<u64> = records
@@ -480,7 +490,7 @@ fn a_second_writer_of_a_live_run_is_refused() {
         .filter(|r| r["kind"] == "train")
         .map(|r| r["step"].as_u64().unwrap())
         .collect();
-    assert_eq!(steps, (1..=48).collect::<Vec<_>>(), "every step once");
+    assert_eq!(steps, (1..=120).collect::<Vec<_>>(), "every step once");
 
     // A lock left by a killed process blocks nothing.
     let killed = tmp.path().join("killed");
