@@ -27,6 +27,7 @@ use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_collective::{CollectiveConfig, CollectiveError, PeerId, ReduceOperation};
 
 use crate::config::{port_of, DistributedSection};
+use mixlm_eval::DomainAccumulator;
 
 /// PyTorch DDP's default bucket: large enough that per-message latency is amortised,
 /// small enough to keep the extra copy of the gradients it makes small.
@@ -619,6 +620,36 @@ pub fn check_agreement(what: &str, step: u64, sums: &[Vec<f64>]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Sums each of `parts` over the data-parallel peers (one collective operation), in
+/// rank order, so every peer gets the same totals to the bit; also gathers `extra`,
+/// a few values of each peer (by rank).
+pub fn sum_domain_losses<B: Backend>(
+    peer: &Peer<B>,
+    what: &'static str,
+    parts: &[&DomainAccumulator],
+    extra: &[f64],
+) -> Result<(Vec<DomainAccumulator>, Vec<Vec<f64>>)> {
+    let n = parts.len();
+    let k = parts.first().map_or(0, |a| a.counts().len());
+    let mut values: Vec<f64> = Vec::with_capacity(n * 2 * k + extra.len());
+    for acc in parts {
+        values.extend_from_slice(acc.sums());
+        values.extend(acc.counts().iter().map(|&c| c as f64));
+    }
+    values.extend_from_slice(extra);
+    let all = peer.gather(what, &values)?;
+    let mut summed: Vec<DomainAccumulator> = (0..n).map(|_| DomainAccumulator::new(k)).collect();
+    for theirs in &all {
+        for (i, acc) in summed.iter_mut().enumerate() {
+            let part = &theirs[i * 2 * k..(i + 1) * 2 * k];
+            let counts: Vec<usize> = part[k..].iter().map(|&c| c as usize).collect();
+            acc.merge(&part[..k], &counts);
+        }
+    }
+    let extras = all.iter().map(|v| v[n * 2 * k..].to_vec()).collect();
+    Ok((summed, extras))
 }
 
 /// Runs `body` on `world` peers, threads of this process, and returns peer 0's result.

@@ -207,6 +207,150 @@ impl FaultLog {
     }
 }
 
+/// What the loop does after a step, as the fault policy decides.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// The update was applied.
+    Applied,
+    /// The update was not applied (`on_nan = "skip"`): go on with the next batch.
+    Skipped,
+    /// Reload the newest checkpoint with a lower learning rate (`on_nan =
+    /// "rollback"`); the text says what went wrong.
+    RollBack(String),
+}
+
+/// The `[faults]` policies applied to each step's outcome, with the fault log.
+/// A stop is an error ([`FaultPolicy::judge`]).
+pub struct FaultPolicy {
+    section: FaultsSection,
+    log: FaultLog,
+    /// Steps in a row whose update was not applied (NaN), rollbacks included.
+    consecutive_bad: u64,
+    /// Steps (1-based) whose loss is still to be replaced by NaN.
+    injected: std::collections::BTreeSet<u64>,
+    /// The run's folder, for the resume advice of a stop.
+    run_dir: PathBuf,
+}
+
+/// What a fault record says of a step besides its kind and action: built only when
+/// a fault is recorded (it gathers the sequences of every data-parallel peer, so
+/// every peer builds it at the same points).
+pub type DescribeStep<'a> = dyn Fn(&'static str, &'static str) -> Result<FaultRecord> + 'a;
+
+impl FaultPolicy {
+    /// `log`: enabled on data-parallel peer 0 only.
+    pub fn new(section: &FaultsSection, run_dir: &Path, log: bool) -> Self {
+        Self {
+            section: section.clone(),
+            log: match log {
+                true => FaultLog::new(run_dir),
+                false => FaultLog::disabled(run_dir),
+            },
+            consecutive_bad: 0,
+            injected: section.inject_nan_steps.iter().copied().collect(),
+            run_dir: run_dir.to_path_buf(),
+        }
+    }
+
+    /// Step `step`'s (1-based) loss, NaN where `inject_nan_steps` says.
+    pub fn loss(&mut self, step: u64, loss: f64) -> f64 {
+        match self.injected.remove(&step) {
+            true => f64::NAN,
+            false => loss,
+        }
+    }
+
+    /// The verdict on step `step` (1-based) with mean loss `loss`, whose optimizer
+    /// update was applied or not; loss spikes and bad steps are logged (`describe`
+    /// gives the record) and counted in `counters`. A bad step that the policy (or
+    /// too many bad steps in a row) stops at is an error naming the resume command.
+    pub fn judge(
+        &mut self,
+        (step, loss, grad_norm, applied): (u64, f64, f64, bool),
+        counters: &mut crate::state::Counters,
+        describe: &DescribeStep<'_>,
+    ) -> Result<Verdict> {
+        let warn = self.log.enabled;
+        if applied {
+            self.consecutive_bad = 0;
+            counters.last_loss = loss;
+            if let Some(mean) = counters.spikes.observe(loss) {
+                if warn {
+                    eprintln!(
+                        "warning: loss spike at step {step}: {loss:.4} against a mean of \
+                         {mean:.4} over the last {} steps (batch in {})",
+                        self.section.spike_window,
+                        self.log.path().display()
+                    );
+                }
+                self.log.write(&FaultRecord {
+                    mean: Some(mean),
+                    ..describe("spike", "logged")?
+                })?;
+            }
+            return Ok(Verdict::Applied);
+        }
+        self.consecutive_bad += 1;
+        let what = format!("step {step}: the loss is {loss} and the gradient norm {grad_norm}");
+        let f = &self.section;
+        if self.consecutive_bad > f.max_consecutive || f.on_nan == OnNan::Stop {
+            self.log.write(&describe("nan", "stopped")?)?;
+            anyhow::bail!(
+                "{what}; stopping (faults.on_nan = \"{}\", {} bad step(s) in a row, \
+                 faults.max_consecutive = {}). The batch is in {}. Resume from the last \
+                 checkpoint with `mixlm train --resume {}` (--set faults.on_nan=\"rollback\" \
+                 lowers the learning rate each time it goes back)",
+                f.on_nan.name(),
+                self.consecutive_bad,
+                f.max_consecutive,
+                self.log.path().display(),
+                self.run_dir.display()
+            );
+        }
+        if f.on_nan == OnNan::Rollback {
+            return Ok(Verdict::RollBack(what));
+        }
+        counters.skipped += 1;
+        self.log.write(&describe("nan", "skipped")?)?;
+        if warn {
+            eprintln!(
+                "warning: {what}; update skipped ({} so far, details in {})",
+                counters.skipped,
+                self.log.path().display()
+            );
+        }
+        Ok(Verdict::Skipped)
+    }
+
+    /// The learning-rate scale after one more rollback from `lr_scale`.
+    pub fn backed_off(&self, lr_scale: f64) -> f64 {
+        lr_scale * self.section.lr_backoff
+    }
+
+    /// Logs a rollback (after [`Verdict::RollBack`]`(what)`) to the checkpoint
+    /// `dir` at step `to`, with the learning rate scaled by `lr_scale`.
+    pub fn rolled_back(
+        &self,
+        what: &str,
+        (dir, to, lr_scale): (&Path, u64, f64),
+        describe: &DescribeStep<'_>,
+    ) -> Result<()> {
+        self.log.write(&FaultRecord {
+            action: "rolled_back",
+            rolled_back_to: Some(to),
+            lr_scale: Some(lr_scale),
+            ..describe("nan", "rolled_back")?
+        })?;
+        if self.log.enabled {
+            eprintln!(
+                "warning: {what}; rolled back to {} with the learning rate scaled by {lr_scale}",
+                dir.display()
+            );
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,50 +1,42 @@
 //! The training loop: the one place where model, data and mixing scheduler meet.
 //!
-//! One optimizer step reads top to bottom (nanoGPT style): ask the scheduler for
-//! proportions, draw micro-batches with them, forward + per-token loss, backward,
-//! accumulate, clip + AdamW, report per-domain training loss back to the scheduler,
-//! log, maybe evaluate, maybe checkpoint.
-//!
-//! Micro-batches are drawn and read on a background thread ([`Prefetcher`]): all of
-//! a step's as soon as its proportions are known, and the next step's too when the
-//! scheduler fixes proportions in advance (static mixtures).
+//! One optimizer step reads top to bottom in [`train_peer`] (nanoGPT style), each
+//! part decided by its own component: the scheduler's validation request, the
+//! loader's micro-batches with their proportions ([`StepLoader`]), the learning rate
+//! ([`RunState::lr`]), forward and backward ([`Objective`]), the update
+//! ([`RunState::apply`]), the fault verdict ([`FaultPolicy`]), the scheduler's
+//! feedback, the record ([`Report`]), maybe an evaluation, maybe a checkpoint, the
+//! stop check. Setting a run up and finishing it are [`Run::set_up`] and
+//! [`Run::finish`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use burn::module::AutodiffModule;
-use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::{Tensor, TensorData};
-use mixlm_data::{
-    check_split_ids, check_token_ids, FolderLock, MixtureSampler, Prefetcher, SamplerState, Split,
-    TokenSource,
-};
-use mixlm_eval::{
-    inputs_and_targets, sequence_means, validation_losses, DomainAccumulator, DomainRow,
-};
-use mixlm_mixing::{
-    build_scheduler, DomainId, DomainInfo, DomainLosses, GradientTarget, Scheduler, StepFeedback,
-};
+use mixlm_data::{check_split_ids, FolderLock, MixtureSampler, SamplerState, Split, TokenSource};
+use mixlm_eval::DomainRow;
+use mixlm_mixing::{build_scheduler, DomainId, DomainInfo, Scheduler, StepFeedback};
 use mixlm_model::hf::hf_config;
 use mixlm_model::{ModelConfig, TrainBackend, Transformer};
 
-use crate::alignment::{validation_gradient, DomainGradients};
 use crate::checkpoint::{
     checkpoint_dir, checkpoint_step, latest_checkpoint, load_verified, write_checkpoint, Restored,
-    TrainState,
 };
 use crate::config::RunConfig;
 use crate::distributed::{
-    check_agreement, checksum, mark_for_all_reduce, run_peers, GradSyncServer, Peer, Rank,
+    check_agreement, checksum, run_peers, sum_domain_losses, GradSyncServer, Peer, Rank,
 };
-use crate::faults::{FaultLog, FaultRecord, OnNan, SequenceRef, SpikeDetector};
-use crate::metrics::{EvalRecord, MetricsWriter, StepRecord, StepTimes};
-use crate::optim::{lr_at, AdamW, StepStats};
-use crate::progress::Progress;
+use crate::faults::{FaultPolicy, FaultRecord, SequenceRef, Verdict};
+use crate::laps::Laps;
+use crate::loader::StepLoader;
+use crate::metrics::{StepRecord, StepTimes};
+use crate::objective::{Objective, StepContext, StepLosses};
+use crate::optim::StepStats;
+use crate::report::Report;
 use crate::resume::check_continues;
+use crate::state::RunState;
+use crate::validation::Validation;
 
 /// Switches for how a run starts and reports, not what it computes.
 #[derive(Debug, Clone, Default)]
@@ -244,708 +236,466 @@ fn train_peer<B: TrainBackend>(
     config: &RunConfig,
     device: &B::Device,
     options: &TrainOptions,
-    resume_from: Option<&std::path::Path>,
+    resume_from: Option<&Path>,
     peer: &Peer<B::InnerBackend>,
 ) -> Result<TrainOutcome> {
     let run = &config.run;
-    let Rank { world, .. } = peer.rank();
-    let leader = peer.rank().is_leader();
-    let model_config: ModelConfig = config.model.resolve().map_err(anyhow::Error::msg)?;
-    check_precision::<B>(run.precision, device)?;
-    let source: Arc<dyn TokenSource> = Arc::from(build_source(config)?);
-    let names = source.domain_names();
-    let k = names.len();
-    let mut scheduler: Box<dyn Scheduler> = build_scheduler(
-        &config.mixing,
-        &DomainInfo {
-            names: names.clone(),
-            natural_weights: source.natural_weights(),
-            seed: run.seed,
-            steps: run.steps,
-        },
-    )?;
-
-    // Evaluated windows are checked here, training batches as they are drawn.
-    check_split_ids(source.as_ref(), Split::Validation, model_config.vocab_size)
-        .map_err(anyhow::Error::msg)?;
-    let requirements = scheduler.requirements();
-    let run_dir = PathBuf::from(&run.out_dir).join(&run.name);
-    let restored = match resume_from {
-        Some(dir) => Some(restore::<B>(
-            &run_dir,
-            dir,
-            config,
-            &model_config,
-            device,
-            peer.rank(),
-        )?),
-        None => {
-            if leader {
-                refuse_to_overwrite(&run_dir, options.start == Start::Overwrite)?;
-            }
-            None
-        }
-    };
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let mut metrics = if leader {
-        std::fs::create_dir_all(&run_dir)
-            .with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
-        crate::checkpoint::write_atomic(
-            &run_dir.join("config.toml"),
-            toml::to_string_pretty(config)?.as_bytes(),
-        )?;
-        match &restored {
-            Some(r) => MetricsWriter::resume(&metrics_path, r.state.step)?,
-            None => MetricsWriter::create(&metrics_path)?,
-        }
-    } else {
-        MetricsWriter::disabled(&metrics_path)
-    };
-
-    let reference = match requirements.reference_model {
-        Some(path) => Some(load_reference::<B::InnerBackend>(
-            &path,
-            &model_config,
-            device,
-        )?),
-        None => None,
-    };
-
-    let mut optimizer = AdamW::<B::InnerBackend>::new(config.optimizer.clone());
-    let mut sampler = MixtureSampler::new(k, run.seed, config.data.composition);
-    let (mut model, saved) = match restored {
-        Some(r) => {
-            let (model, state) = continue_from(r, &mut optimizer, &mut sampler, &mut *scheduler)?;
-            (model, Some(state))
-        }
-        None => {
-            let model = {
-                let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
-                B::seed(device, run.seed);
-                let model = match &config.model.init_from {
-                    // Peer 0's copy is broadcast to the others.
-                    Some(path) if leader => load_initial::<B>(path, &model_config, device)?,
-                    _ => crate::distributed::materialize(model_config.init(device)),
-                };
-                // The GPU backends queue the draws: run them before another peer
-                // may reseed the generator.
-                B::sync(device)?;
-                model
-            };
-            (peer.broadcast_model(model)?, None)
-        }
-    };
-    model = model.with_compute(run.compute());
-    let start = saved.as_ref().map_or(0, |s| s.step);
-    let saved_initial = saved
-        .as_ref()
-        .filter(|s| s.initial_val.len() == k)
-        .map(|s| DomainLosses(s.initial_val.clone()));
-    let elapsed_before = saved.as_ref().map_or(0.0, |s| s.elapsed_s);
-    let faults = &config.faults;
-    let mut counters = Counters::new(saved.as_ref(), faults);
-    let fault_log = match leader {
-        true => FaultLog::new(&run_dir),
-        false => FaultLog::disabled(&run_dir),
-    };
-    let mut injected_nan: std::collections::BTreeSet<u64> =
-        faults.inject_nan_steps.iter().copied().collect();
-    let spawn = |sampler: MixtureSampler| {
-        Prefetcher::spawn_shard(
-            source.clone(),
-            sampler,
-            Split::Train,
-            run.batch_size,
-            run.seq_len,
-            peer.rank().rank,
-            world,
-        )
-    };
-    let mut batches = spawn(sampler);
-    // Steps whose micro-batches have all been requested.
-    let mut requested_steps = start;
-
-    let evaluate = |model: &Transformer<B>| -> DomainLosses {
-        validation_losses(
-            &model.valid(),
-            source.as_ref(),
-            run.seq_len,
-            config.eval.sequences,
-            config.eval.batch_size,
-            device,
-        )
-    };
-    // What a scheduler learns from validation, the same on every peer: peer 0
-    // measures it and hands it to the others.
-    let shared_evaluate = |model: &Transformer<B>| -> Result<DomainLosses> {
-        if !peer.collective() {
-            return Ok(evaluate(model));
-        }
-        let mine = if leader {
-            evaluate(model).0
-        } else {
-            vec![None; k]
-        };
-        let encoded: Vec<f64> = mine.iter().map(|l| l.unwrap_or(f64::NAN)).collect();
-        let all = peer.gather("validation losses", &encoded)?;
-        Ok(DomainLosses(
-            all[0].iter().map(|&l| (!l.is_nan()).then_some(l)).collect(),
-        ))
-    };
-    let tokens_per_step = config.tokens_per_step();
-    let initial = match saved_initial {
-        Some(initial) => initial,
-        // Only peer 0 reports (the metrics, the final table).
-        None if !leader => DomainLosses(vec![None; k]),
-        None => {
-            let initial = evaluate(&model);
-            if start == 0 {
-                metrics.eval(&EvalRecord::new(0, 0, &names, &initial))?;
-            }
-            initial
-        }
-    };
-
-    let quiet = options.quiet || !leader;
-    let mut progress = Progress::new(run.steps, quiet, if leader { run.log_every } else { 0 });
-    progress.start_at(start);
-    let started = Instant::now();
-    // Steps in a row whose update was not applied (NaN), rollbacks included.
-    let mut consecutive_bad = 0u64;
-    let stop_requested = || options.stop_requested();
-    let tokenizer = config.data_tokenizer();
-    let save = |step: u64,
-                model: &Transformer<B>,
-                optimizer: &AdamW<B::InnerBackend>,
-                sampler: &SamplerState,
-                scheduler: &dyn Scheduler,
-                counters: &Counters| {
-        let mut state =
-            TrainState::new(step, step * tokens_per_step, optimizer, sampler, scheduler);
-        state.initial_val = initial.0.clone();
-        state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
-        state.world_size = world;
-        state.tokenizer = tokenizer.clone();
-        counters.save_into(&mut state);
-        match leader {
-            true => write_checkpoint(&run_dir, model, &model_config, optimizer, &state, config)
-                .map(drop),
-            false => Ok(()),
-        }
-    };
-    // Bookkeeping after a step's record is written counts in the next step's `other`.
-    let mut after_record = Instant::now();
-    let mut step = start;
-    while step < run.steps {
-        let mut times = StepTimes {
-            other: after_record.elapsed().as_secs_f64(),
-            ..StepTimes::default()
-        };
-        let mut clock = Instant::now();
-        let mut lap = |part: &mut f64| {
-            let now = Instant::now();
-            *part += (now - clock).as_secs_f64();
-            clock = now;
-        };
+    let mut r = Run::<B>::set_up(config, device, options, resume_from, peer)?;
+    let (leader, world, k) = (peer.rank().is_leader(), peer.rank().world, r.names.len());
+    let start = r.state.step;
+    r.report.start_at(start);
+    r.state.clock.start();
+    while r.state.step < run.steps {
+        let (step, state) = (r.state.step, &mut r.state);
+        let mut laps = Laps::start(r.report.since_record());
         peer.heartbeat().at_step(step);
-        if scheduler.wants_validation(step) {
-            let val = shared_evaluate(&model)?;
-            scheduler.observe_validation(step, &val);
+        if state.scheduler.wants_validation(step) {
+            let val = r.validation.shared(state.model(), peer, device)?;
+            state.scheduler.observe_validation(step, &val);
         }
-        // Requested ahead: the scheduler fixed this step's proportions a step earlier.
-        let proportions = match batches.queued().next() {
-            Some(p) if requested_steps > step => p.clone(),
-            _ => scheduler.proportions(step),
+        let proportions = r.loader.begin(step, state.scheduler.as_mut());
+        let lr = state.lr(config);
+        let (model, scheduler) = state.model_and_scheduler();
+        let out = r.objective.step(StepContext {
+            step,
+            lr,
+            model,
+            scheduler,
+            domains: k,
+            batches: &mut r.loader,
+            peer,
+            device,
+            grad_accum: run.grad_accum,
+            batch_size: run.batch_size,
+            seq_len: run.seq_len,
+            laps: &mut laps,
+        })?;
+        // The global batch's losses, the stop request of any peer, and a check that
+        // every peer drew with the same proportions.
+        let (losses, stop_now) = over_peers(peer, out.losses, &proportions, options, step)?;
+        let loss = r.faults.loss(step + 1, losses.mean());
+        let stats = state.apply(lr, out.grads, loss);
+        laps.model();
+        let describe = |kind: &'static str, action: &'static str| -> Result<FaultRecord> {
+            let sequences = global_picks(peer, &out.picks)?;
+            Ok(fault_record(
+                (kind, action),
+                (step + 1, loss, stats.grad_norm),
+                &losses,
+                &sequences,
+                &r.names,
+                r.source.as_ref(),
+                run.seq_len,
+            ))
         };
-        let composition = |s: u64, scheduler: &dyn Scheduler| {
-            scheduler.composition(s).unwrap_or(config.data.composition)
-        };
-        if requested_steps == step {
-            let c = composition(step, scheduler.as_ref());
-            for _ in 0..run.grad_accum {
-                batches.request(&proportions, c);
-            }
-            requested_steps += 1;
-        }
-        if scheduler.fixed_in_advance() && requested_steps == step + 1 && step + 1 < run.steps {
-            let next = scheduler.proportions(step + 1);
-            let c = composition(step + 1, scheduler.as_ref());
-            for _ in 0..run.grad_accum {
-                batches.request(&next, c);
-            }
-            requested_steps += 1;
-        }
-        let lr = counters.lr_scale
-            * lr_at(
-                step,
-                config.optimizer.lr,
-                config.schedule.min_lr,
-                config.schedule.warmup_steps,
-                run.steps,
-            );
-        // `(domain, window)` of every sequence of the step, for fault reports.
-        let mut picks: Vec<(DomainId, u64)> = Vec::new();
-
-        let mut grads = GradientsAccumulator::<Transformer<B>>::new();
-        let mut per_domain =
-            (requirements.gradients.as_ref()).map(|_| DomainGradients::<B>::new(k));
-        let mut by_domain = DomainAccumulator::new(k);
-        let mut ref_by_domain = DomainAccumulator::new(k);
-        let mut excess_by_domain = DomainAccumulator::new(k);
-        // With `nccl`, the backward passes through a marked copy of the model average
-        // the gradients over the peers as they go (per-domain gradients are combined
-        // by the scheduler first, so they go through `Peer` as before).
-        let in_backward = peer.grads_in_backward() && per_domain.is_none();
-        let marked = in_backward.then(|| mark_for_all_reduce(model.clone()));
-        let forward_model = marked.as_ref().unwrap_or(&model);
-        lap(&mut times.mixing);
-        for _ in 0..run.grad_accum {
-            let batch = batches.take();
-            lap(&mut times.data);
-            picks.extend_from_slice(&batch.picks);
-            check_token_ids(
-                source.as_ref(),
-                Split::Train,
-                &batch.picks,
-                &batch.windows,
-                model_config.vocab_size,
-            )
-            .map_err(anyhow::Error::msg)?;
-            let domains: Vec<DomainId> = batch.picks.iter().map(|(d, _)| *d).collect();
-            if let Some(per_domain) = per_domain.as_mut() {
-                let seq_means =
-                    per_domain.backward(&model, &batch.windows, &domains, run.seq_len, device);
-                by_domain.add(&seq_means, &domains);
-                lap(&mut times.model);
-                continue;
-            }
-            let (inputs, targets) =
-                inputs_and_targets::<B>(&batch.windows, run.batch_size, run.seq_len, device);
-            let ref_losses = reference
-                .as_ref()
-                .map(|r| r.token_losses(inputs.clone().inner(), targets.clone().inner()));
-            let token_losses = forward_model.token_losses(inputs, targets);
-            let seq_means = sequence_means(token_losses.clone().inner());
-            let micro = DomainAccumulator::of(k, &seq_means, &domains);
-            let mut feedback = StepFeedback::train_only(micro.means(), micro.counts().to_vec());
-            if let Some(ref_losses) = ref_losses {
-                let excess = (token_losses.clone().inner() - ref_losses.clone()).clamp_min(0.0);
-                let (ref_seq, excess_seq) = (sequence_means(ref_losses), sequence_means(excess));
-                let mut micro_all = [
-                    micro.clone(),
-                    DomainAccumulator::of(k, &ref_seq, &domains),
-                    DomainAccumulator::of(k, &excess_seq, &domains),
-                ];
-                // DoReMi's weights follow the excess losses of the whole (all peers')
-                // micro-batch, so every peer updates them alike.
-                if peer.collective() {
-                    micro_all = merge_across_peers(peer, "micro-batch losses", micro_all)?;
-                }
-                let [micro_train, micro_ref, micro_excess] = micro_all;
-                feedback =
-                    StepFeedback::train_only(micro_train.means(), micro_train.counts().to_vec());
-                feedback.reference = Some(micro_ref.means());
-                feedback.excess = Some(micro_excess.means());
-                ref_by_domain.add(&ref_seq, &domains);
-                excess_by_domain.add(&excess_seq, &domains);
-            }
-            lap(&mut times.model);
-            let weights = scheduler.loss_weights(step, &feedback);
-            lap(&mut times.mixing);
-            let loss = match weights {
-                None => token_losses.mean(),
-                Some(w) => weighted_loss(token_losses, &domains, micro.counts(), &w, device),
-            };
-            let loss = loss.div_scalar(run.grad_accum as f64);
-            let backward = match in_backward {
-                true => peer.backward_all_reduce(|| loss.backward()),
-                false => loss.backward(),
-            };
-            grads.accumulate(&model, GradientsParams::from_grads(backward, forward_model));
-            by_domain.add(&seq_means, &domains);
-            lap(&mut times.model);
-        }
-        let grads = match (per_domain.take(), &requirements.gradients) {
-            (Some(per_domain), Some(target)) => {
-                let target = match target {
-                    GradientTarget::Validation { sequences, domains } => {
-                        let own = validation_gradient(
-                            &model,
-                            source.as_ref(),
-                            (*sequences, domains),
-                            (run.seed, step),
-                            (run.seq_len, peer.rank()),
-                            device,
-                        );
-                        Some(peer.sum_grads(&model, own)?)
-                    }
-                    GradientTarget::Train => None,
-                };
-                let per_domain = per_domain.finish(&model, peer)?;
-                let alignment = per_domain.alignment(&model, target.as_ref());
-                let coefficients = scheduler
-                    .gradient_weights(step, lr, &alignment)
-                    .context("the scheduler asked for per-domain gradients but gave no weights")?;
-                per_domain.combine(&model, &coefficients)
-            }
-            _ if in_backward => grads.grads(),
-            _ => peer.mean_grads(&model, grads.grads())?,
-        };
-        // The global batch's per-domain losses, the stop request of any peer, and a
-        // check that every peer drew with the same proportions.
-        let mut stop_now = stop_requested();
-        if peer.collective() {
-            let mut extra = vec![f64::from(u8::from(stop_now))];
-            extra.extend(checksum(proportions.as_slice()));
-            let (merged, extras) = merge_with_extras(
-                peer,
-                "per-domain losses",
-                [by_domain, ref_by_domain, excess_by_domain],
-                &extra,
-            )?;
-            check_agreement(
-                "mixture proportions",
-                step + 1,
-                &extras.iter().map(|e| e[1..].to_vec()).collect::<Vec<_>>(),
-            )?;
-            stop_now = extras.iter().any(|e| e[0] != 0.0);
-            [by_domain, ref_by_domain, excess_by_domain] = merged;
-        }
-        let train = by_domain.means();
-        let mut step_loss = mean_over_sequences(&train, by_domain.counts());
-        if injected_nan.remove(&(step + 1)) {
-            step_loss = f64::NAN;
-        }
-        // A non-finite loss never reaches the optimizer; a non-finite gradient norm
-        // makes it leave the model as it was.
-        let stats = if step_loss.is_finite() {
-            let (updated, stats) = optimizer.step(lr, model, grads);
-            model = updated;
-            stats
-        } else {
-            StepStats::not_applied(f64::NAN)
-        };
-        lap(&mut times.model);
-        // A fault report lists the whole global batch: every peer takes the same
-        // branch below (the loss and gradient norm are global), so they gather
-        // their sequences together.
-        let fault = |kind: &'static str, action: &'static str| -> Result<FaultRecord> {
-            Ok(FaultRecord {
-                kind,
-                step: step + 1,
-                action,
-                loss: step_loss,
-                grad_norm: stats.grad_norm.is_finite().then_some(stats.grad_norm),
-                mean: None,
-                rolled_back_to: None,
-                lr_scale: None,
-                domain_loss: crate::metrics::by_name(&names, &train.0),
-                sequences: global_picks(peer, &picks)?
-                    .into_iter()
-                    .map(|(d, window)| SequenceRef {
-                        domain: names[d.0].clone(),
-                        window,
-                        documents: source.window_documents(d, Split::Train, window, run.seq_len),
-                    })
-                    .collect(),
-            })
-        };
-        if stats.applied {
-            consecutive_bad = 0;
-            counters.last_loss = step_loss;
-            if let Some(mean) = counters.spikes.observe(step_loss) {
-                if leader {
-                    eprintln!(
-                        "warning: loss spike at step {}: {step_loss:.4} against a mean of \
-                         {mean:.4} over the last {} steps (batch in {})",
-                        step + 1,
-                        faults.spike_window,
-                        fault_log.path().display()
-                    );
-                }
-                fault_log.write(&FaultRecord {
-                    mean: Some(mean),
-                    ..fault("spike", "logged")?
-                })?;
-            }
-        } else {
-            consecutive_bad += 1;
-            let what = format!(
-                "step {}: the loss is {step_loss} and the gradient norm {}",
-                step + 1,
-                stats.grad_norm
-            );
-            if consecutive_bad > faults.max_consecutive || faults.on_nan == OnNan::Stop {
-                fault_log.write(&fault("nan", "stopped")?)?;
-                bail!(
-                    "{what}; stopping (faults.on_nan = \"{}\", {consecutive_bad} bad step(s) in a \
-                     row, faults.max_consecutive = {}). The batch is in {}. Resume from the last \
-                     checkpoint with `mixlm train --resume {}` (--set faults.on_nan=\"rollback\" \
-                     lowers the learning rate each time it goes back)",
-                    faults.on_nan.name(),
-                    faults.max_consecutive,
-                    fault_log.path().display(),
-                    run_dir.display()
-                );
-            }
-            if faults.on_nan == OnNan::Rollback {
-                let restored =
-                    load_for_rollback::<B>(&run_dir, device, peer).with_context(|| {
+        let facts = (step + 1, loss, stats.grad_norm, stats.applied);
+        match r.faults.judge(facts, &mut state.counters, &describe)? {
+            Verdict::Applied | Verdict::Skipped => {}
+            Verdict::RollBack(what) => {
+                let checkpoint =
+                    load_for_rollback::<B>(&r.run_dir, device, peer).with_context(|| {
                         format!("{what}; faults.on_nan = \"rollback\" needs a checkpoint")
                     })?;
-                let dir = restored.dir.clone();
-                let mut sampler = MixtureSampler::new(k, run.seed, config.data.composition);
-                optimizer = AdamW::new(config.optimizer.clone());
-                let (restored_model, state) =
-                    continue_from(restored, &mut optimizer, &mut sampler, &mut *scheduler)?;
-                model = restored_model.with_compute(run.compute());
-                let lr_scale = counters.lr_scale * faults.lr_backoff;
-                counters = Counters::new(Some(&state), faults);
-                counters.lr_scale = lr_scale;
-                fault_log.write(&FaultRecord {
-                    action: "rolled_back",
-                    rolled_back_to: Some(state.step),
-                    lr_scale: Some(lr_scale),
-                    ..fault("nan", "rolled_back")?
-                })?;
-                if leader {
-                    eprintln!(
-                        "warning: {what}; rolled back to {} with the learning rate scaled by \
-                         {lr_scale}",
-                        dir.display()
-                    );
-                    drop(metrics);
-                    metrics = MetricsWriter::resume(&metrics_path, state.step)?;
-                }
-                batches = spawn(sampler);
-                requested_steps = state.step;
-                step = state.step;
-                progress.start_at(state.step);
-                after_record = Instant::now();
+                let (dir, lr_scale) = (
+                    checkpoint.dir.clone(),
+                    r.faults.backed_off(state.counters.lr_scale),
+                );
+                let sampler = state.restore(checkpoint, config, k)?;
+                state.counters.lr_scale = lr_scale;
+                r.faults
+                    .rolled_back(&what, (&dir, state.step, lr_scale), &describe)?;
+                r.report.rewind(state.step)?;
+                r.loader.restart(sampler, state.step);
                 continue;
             }
-            counters.skipped += 1;
-            fault_log.write(&fault("nan", "skipped")?)?;
-            if leader {
-                eprintln!(
-                    "warning: {what}; update skipped ({} so far, details in {})",
-                    counters.skipped,
-                    fault_log.path().display()
-                );
-            }
         }
-        // A domain whose loss is not finite counts as absent from the step, in the
-        // metrics as for the scheduler.
-        let train = mixlm_mixing::finite_losses(&train);
-        let feedback = StepFeedback {
-            train,
-            sequences: by_domain.counts().to_vec(),
-            micro_batches: run.grad_accum * world,
-            reference: reference.as_ref().map(|_| ref_by_domain.means()),
-            excess: reference.as_ref().map(|_| excess_by_domain.means()),
-        };
-        scheduler.observe_train(step, &feedback);
-        lap(&mut times.mixing);
-
-        let tokens = (step + 1) * tokens_per_step;
-        let elapsed = elapsed_before + started.elapsed().as_secs_f64();
-        let record = StepRecord {
-            kind: "train",
-            step: step + 1,
-            tokens,
-            lr,
-            loss: step_loss,
-            grad_norm: stats.grad_norm,
-            skipped: !stats.applied,
-            domain_loss: crate::metrics::by_name(&names, &feedback.train.0),
-            sequences: crate::metrics::by_name(&names, &feedback.sequences),
-            proportions: crate::metrics::by_name(&names, proportions.as_slice()),
-            domain_weights: scheduler
-                .domain_weights()
-                .map(|w| crate::metrics::by_name(&names, w.as_slice())),
-            elapsed_s: elapsed,
-            tokens_per_s: tokens as f64 / elapsed.max(1e-9),
-            time_s: times,
-        };
-        after_record = Instant::now();
-        crate::chaos::pause_at("step");
-        metrics.step(&record)?;
-        progress.update(&record, &proportions);
-
-        let at_end = step + 1 == run.steps;
-        if leader
-            && config.eval.every > 0
-            && (step + 1).is_multiple_of(config.eval.every)
-            && !at_end
-        {
-            let val = evaluate(&model);
+        let feedback = losses.feedback(run.grad_accum * world);
+        state.scheduler.observe_train(step, &feedback);
+        laps.mixing();
+        state.step += 1;
+        let record = step_record(
+            state,
+            config,
+            (lr, loss, stats),
+            &feedback,
+            &proportions,
+            &r.names,
+            laps.times,
+        );
+        r.report.step(&record, &proportions)?;
+        let at_end = state.step == run.steps;
+        if leader && due(config.eval.every, state.step) && !at_end {
+            let val = r.validation.losses(state.model(), device);
             crate::chaos::pause_at("eval");
-            let epochs = data_epochs(source.as_ref(), batches.consumed_state(), run.seq_len);
-            metrics.eval(
-                &EvalRecord::new(step + 1, tokens, &names, &val).with_epochs(&names, &epochs),
-            )?;
-            progress.eval_line(step + 1, &names, &val);
+            let epochs = data_epochs(r.source.as_ref(), r.loader.consumed_state(), run.seq_len);
+            r.report
+                .eval((state.step, record.tokens), &r.names, &val, &epochs)?;
+            r.report.eval_line(state.step, &r.names, &val);
         }
-        let periodic = config.checkpoint.every > 0
-            && (step + 1).is_multiple_of(config.checkpoint.every)
-            && !at_end;
         let stopping = !at_end && stop_now;
-        if periodic || stopping {
-            let sampler = batches.consumed_state();
-            save(
-                step + 1,
-                &model,
-                &optimizer,
-                sampler,
-                scheduler.as_ref(),
-                &counters,
-            )?;
+        if (due(config.checkpoint.every, state.step) && !at_end) || stopping {
+            r.save()?;
         }
-        step += 1;
         if stopping {
-            progress.abandon();
+            r.report.abandon();
             break;
         }
     }
-    // Steps completed: `run.steps`, or fewer when a stop request ended the loop.
-    let completed = step;
-    let last_loss = counters.last_loss;
-    let elapsed = started.elapsed().as_secs_f64();
-    let trained_tokens = (completed - start) * tokens_per_step;
-    let interrupted = completed < run.steps;
-    if !interrupted {
-        progress.finish();
+    r.finish(start, resume_from.is_some())
+}
+
+/// Whether a periodic action with period `every` (0: never) falls after step `step`.
+fn due(every: u64, step: u64) -> bool {
+    every > 0 && step.is_multiple_of(every)
+}
+
+/// Sums this peer's step losses over the peers; also whether any peer was asked to
+/// stop, after checking that every peer drew step `step` with the same proportions.
+fn over_peers<B: burn::tensor::backend::Backend>(
+    peer: &Peer<B>,
+    losses: StepLosses,
+    proportions: &mixlm_mixing::Proportions,
+    options: &TrainOptions,
+    step: u64,
+) -> Result<(StepLosses, bool)> {
+    let stop = options.stop_requested();
+    if !peer.collective() {
+        return Ok((losses, stop));
     }
-    let tokens = run.steps * tokens_per_step;
-    // A stop request ended the loop after a checkpoint; or this is not peer 0, which
-    // alone evaluates, reports and writes the final checkpoint.
-    if interrupted || !leader {
-        return Ok(TrainOutcome {
+    let mut extra = vec![f64::from(u8::from(stop))];
+    extra.extend(checksum(proportions.as_slice()));
+    let (summed, extras) = sum_domain_losses(peer, "per-domain losses", &losses.parts(), &extra)?;
+    check_agreement(
+        "mixture proportions",
+        step + 1,
+        &extras.iter().map(|e| e[1..].to_vec()).collect::<Vec<_>>(),
+    )?;
+    let stop = extras.iter().any(|e| e[0] != 0.0);
+    Ok((losses.with_parts(summed.into_iter()), stop))
+}
+
+/// A line of `faults.jsonl` for step `step` (1-based), listing the global batch's
+/// `sequences`.
+fn fault_record(
+    (kind, action): (&'static str, &'static str),
+    (step, loss, grad_norm): (u64, f64, f64),
+    losses: &StepLosses,
+    sequences: &[(DomainId, u64)],
+    names: &[String],
+    source: &dyn TokenSource,
+    seq_len: usize,
+) -> FaultRecord {
+    FaultRecord {
+        kind,
+        step,
+        action,
+        loss,
+        grad_norm: grad_norm.is_finite().then_some(grad_norm),
+        mean: None,
+        rolled_back_to: None,
+        lr_scale: None,
+        domain_loss: crate::metrics::by_name(names, &losses.train.means().0),
+        sequences: sequences
+            .iter()
+            .map(|&(d, window)| SequenceRef {
+                domain: names[d.0].clone(),
+                window,
+                documents: source.window_documents(d, Split::Train, window, seq_len),
+            })
+            .collect(),
+    }
+}
+
+/// The `metrics.jsonl` record of the step `state` has just completed.
+fn step_record<B: TrainBackend>(
+    state: &RunState<B>,
+    config: &RunConfig,
+    (lr, loss, stats): (f64, f64, StepStats),
+    feedback: &StepFeedback,
+    proportions: &mixlm_mixing::Proportions,
+    names: &[String],
+    times: StepTimes,
+) -> StepRecord {
+    let tokens = state.step * config.tokens_per_step();
+    let elapsed = state.clock.elapsed();
+    StepRecord {
+        kind: "train",
+        step: state.step,
+        tokens,
+        lr,
+        loss,
+        grad_norm: stats.grad_norm,
+        skipped: !stats.applied,
+        domain_loss: crate::metrics::by_name(names, &feedback.train.0),
+        sequences: crate::metrics::by_name(names, &feedback.sequences),
+        proportions: crate::metrics::by_name(names, proportions.as_slice()),
+        domain_weights: state
+            .scheduler
+            .domain_weights()
+            .map(|w| crate::metrics::by_name(names, w.as_slice())),
+        elapsed_s: elapsed,
+        tokens_per_s: tokens as f64 / elapsed.max(1e-9),
+        time_s: times,
+    }
+}
+
+/// Everything one peer's run is made of: the state the loop advances and the
+/// components it asks for each part of a step.
+struct Run<'a, B: TrainBackend> {
+    config: &'a RunConfig,
+    device: &'a B::Device,
+    peer: &'a Peer<B::InnerBackend>,
+    run_dir: PathBuf,
+    model_config: ModelConfig,
+    source: Arc<dyn TokenSource>,
+    names: Vec<String>,
+    state: RunState<B>,
+    loader: StepLoader,
+    objective: Box<dyn Objective<B>>,
+    validation: Validation,
+    faults: FaultPolicy,
+    report: Report,
+}
+
+impl<'a, B: TrainBackend> Run<'a, B> {
+    /// Opens the data, builds the scheduler, and starts the model afresh or from the
+    /// checkpoint `resume_from`; measures the initial validation losses (peer 0).
+    fn set_up(
+        config: &'a RunConfig,
+        device: &'a B::Device,
+        options: &TrainOptions,
+        resume_from: Option<&Path>,
+        peer: &'a Peer<B::InnerBackend>,
+    ) -> Result<Self> {
+        let run = &config.run;
+        let leader = peer.rank().is_leader();
+        let model_config: ModelConfig = config.model.resolve().map_err(anyhow::Error::msg)?;
+        check_precision::<B>(run.precision, device)?;
+        let source: Arc<dyn TokenSource> = Arc::from(build_source(config)?);
+        let names = source.domain_names();
+        let k = names.len();
+        let scheduler: Box<dyn Scheduler> = build_scheduler(
+            &config.mixing,
+            &DomainInfo {
+                names: names.clone(),
+                natural_weights: source.natural_weights(),
+                seed: run.seed,
+                steps: run.steps,
+            },
+        )?;
+        // Evaluated windows are checked here, training batches as they are drawn.
+        check_split_ids(source.as_ref(), Split::Validation, model_config.vocab_size)
+            .map_err(anyhow::Error::msg)?;
+        let requirements = scheduler.requirements();
+        let run_dir = PathBuf::from(&run.out_dir).join(&run.name);
+        let restored = match resume_from {
+            Some(dir) => Some(restore::<B>(
+                &run_dir,
+                dir,
+                config,
+                &model_config,
+                device,
+                peer.rank(),
+            )?),
+            None => {
+                if leader {
+                    refuse_to_overwrite(&run_dir, options.start == Start::Overwrite)?;
+                }
+                None
+            }
+        };
+        let quiet = options.quiet;
+        let mut report = Report::open(
+            &run_dir,
+            config,
+            restored.as_ref().map(|r| r.state.step),
+            leader,
+            quiet,
+        )?;
+        let reference = match &requirements.reference_model {
+            Some(path) => Some(load_reference::<B::InnerBackend>(
+                path,
+                &model_config,
+                device,
+            )?),
+            None => None,
+        };
+        let (mut state, sampler) = match restored {
+            Some(r) => RunState::resumed(r, scheduler, config, k)?,
+            None => (
+                RunState::new(
+                    initial_model::<B>(config, &model_config, device, peer)?,
+                    scheduler,
+                    config,
+                ),
+                MixtureSampler::new(k, run.seed, config.data.composition),
+            ),
+        };
+        let loader = StepLoader::new(
+            source.clone(),
+            config,
+            model_config.vocab_size,
+            peer.rank(),
+            sampler,
+            state.step,
+        );
+        let objective = crate::objective::for_scheduler::<B>(
+            &requirements,
+            reference,
+            k,
+            (source.clone(), run.seed),
+        );
+        let validation = Validation::new(source.clone(), config);
+        // Only peer 0 reports (the metrics, the final table).
+        if state.initial.is_none() && leader {
+            let initial = validation.losses(state.model(), device);
+            if state.step == 0 {
+                report.eval((0, 0), &names, &initial, &[])?;
+            }
+            state.initial = Some(initial);
+        }
+        Ok(Self {
+            config,
+            device,
+            peer,
+            faults: FaultPolicy::new(&config.faults, &run_dir, leader),
             run_dir,
+            model_config,
+            source,
+            names,
+            state,
+            loader,
+            objective,
+            validation,
+            report,
+        })
+    }
+
+    /// Writes a checkpoint of the state after its last step (peer 0).
+    fn save(&self) -> Result<()> {
+        if !self.peer.rank().is_leader() {
+            return Ok(());
+        }
+        let world = self.peer.rank().world;
+        let snapshot = self
+            .state
+            .snapshot(self.loader.consumed_state(), self.config, world);
+        let state = &self.state;
+        write_checkpoint(
+            &self.run_dir,
+            state.model(),
+            &self.model_config,
+            &state.optimizer,
+            &snapshot,
+            self.config,
+        )
+        .map(drop)
+    }
+
+    /// After the loop (`start`: the step this process began at): at the end of the
+    /// run, the final evaluation, learned mixture and checkpoint (peer 0).
+    fn finish(mut self, start: u64, resumed: bool) -> Result<TrainOutcome> {
+        let (config, run) = (self.config, &self.config.run);
+        // Steps completed: `run.steps`, or fewer when a stop request ended the loop.
+        let completed = self.state.step;
+        let elapsed = self.state.clock.since_start();
+        let trained_tokens = (completed - start) * config.tokens_per_step();
+        let interrupted = completed < run.steps;
+        if !interrupted {
+            self.report.finish();
+        }
+        let mut outcome = TrainOutcome {
+            run_dir: self.run_dir.clone(),
             rows: Vec::new(),
-            final_train_loss: last_loss,
+            final_train_loss: self.state.counters.last_loss,
             tokens_per_second: trained_tokens as f64 / elapsed.max(1e-9),
             steps: completed,
-            learned: match interrupted {
-                true => None,
-                false => scheduler.learned_proportions(),
-            },
-            resumed_from: resume_from.is_some().then_some(start),
+            learned: None,
+            resumed_from: resumed.then_some(start),
             interrupted,
-        });
-    }
-
-    let last = evaluate(&model);
-    let epochs = data_epochs(source.as_ref(), batches.consumed_state(), run.seq_len);
-    metrics
-        .eval(&EvalRecord::new(run.steps, tokens, &names, &last).with_epochs(&names, &epochs))?;
-    for (name, e) in names.iter().zip(&epochs) {
-        if let Some(e) = e.filter(|e| *e > 1.0) {
-            eprintln!("note: domain {name} was repeated: {e:.2} epochs of its training data");
+        };
+        if interrupted {
+            return Ok(outcome);
         }
-    }
-    let learned = scheduler.learned_proportions();
-    if let Some(learned) = &learned {
-        let path = run_dir.join("learned_mixture.toml");
-        crate::checkpoint::write_atomic(&path, learned_mixture_toml(&names, learned).as_bytes())?;
-        eprintln!(
-            "learned mixture ({}) written to {}; train on it with --mixing {}",
-            scheduler.name(),
-            path.display(),
-            path.display()
+        outcome.learned = self.state.scheduler.learned_proportions();
+        // Peer 0 alone evaluates, reports and writes the final checkpoint.
+        if !self.peer.rank().is_leader() {
+            return Ok(outcome);
+        }
+        let names = &self.names;
+        let last = self.validation.losses(self.state.model(), self.device);
+        let epochs = data_epochs(
+            self.source.as_ref(),
+            self.loader.consumed_state(),
+            run.seq_len,
         );
-    }
-    if config.checkpoint.save_final {
-        let sampler = batches.consumed_state();
-        save(
-            run.steps,
-            &model,
-            &optimizer,
-            sampler,
-            scheduler.as_ref(),
-            &counters,
+        self.report.eval(
+            (run.steps, run.steps * config.tokens_per_step()),
+            names,
+            &last,
+            &epochs,
         )?;
-    }
-    let rows = names
-        .iter()
-        .enumerate()
-        .map(|(d, name)| DomainRow {
-            domain: name.clone(),
-            initial_ppl: initial.0[d].map(f64::exp),
-            ppl: last.0[d].map(f64::exp).unwrap_or(f64::NAN),
-            floor_ppl: source.floor_loss(DomainId(d), run.seq_len).map(f64::exp),
-        })
-        .collect();
-    Ok(TrainOutcome {
-        run_dir,
-        rows,
-        final_train_loss: last_loss,
-        tokens_per_second: trained_tokens as f64 / elapsed.max(1e-9),
-        steps: run.steps,
-        learned,
-        resumed_from: resume_from.is_some().then_some(start),
-        interrupted: false,
-    })
-}
-
-/// What a run counts across steps besides the model, optimizer, sampler and scheduler;
-/// checkpointed so a resumed run continues them.
-struct Counters {
-    /// Mean training loss of the last applied step.
-    last_loss: f64,
-    /// Learning-rate factor from rollbacks.
-    lr_scale: f64,
-    /// Steps whose update was skipped.
-    skipped: u64,
-    spikes: SpikeDetector,
-}
-
-impl Counters {
-    fn new(saved: Option<&TrainState>, faults: &crate::faults::FaultsSection) -> Self {
-        Self {
-            last_loss: saved.and_then(|s| s.last_loss).unwrap_or(f64::NAN),
-            lr_scale: saved.map_or(1.0, |s| s.lr_scale),
-            skipped: saved.map_or(0, |s| s.skipped_steps),
-            spikes: saved
-                .and_then(|s| s.spikes.clone())
-                .unwrap_or_else(|| SpikeDetector::new(faults.spike_factor, faults.spike_window)),
+        for (name, e) in names.iter().zip(&epochs) {
+            if let Some(e) = e.filter(|e| *e > 1.0) {
+                eprintln!("note: domain {name} was repeated: {e:.2} epochs of its training data");
+            }
         }
-    }
-
-    fn save_into(&self, state: &mut TrainState) {
-        state.last_loss = self.last_loss.is_finite().then_some(self.last_loss);
-        state.lr_scale = self.lr_scale;
-        state.skipped_steps = self.skipped;
-        state.spikes = Some(self.spikes.clone());
+        if let Some(learned) = &outcome.learned {
+            let path = self.run_dir.join("learned_mixture.toml");
+            crate::checkpoint::write_atomic(
+                &path,
+                learned_mixture_toml(names, learned).as_bytes(),
+            )?;
+            eprintln!(
+                "learned mixture ({}) written to {}; train on it with --mixing {}",
+                self.state.scheduler.name(),
+                path.display(),
+                path.display()
+            );
+        }
+        if config.checkpoint.save_final {
+            self.save()?;
+        }
+        let initial = self.state.initial.as_ref();
+        outcome.rows = names
+            .iter()
+            .enumerate()
+            .map(|(d, name)| DomainRow {
+                domain: name.clone(),
+                initial_ppl: initial.and_then(|i| i.0[d]).map(f64::exp),
+                ppl: last.0[d].map(f64::exp).unwrap_or(f64::NAN),
+                floor_ppl: self
+                    .source
+                    .floor_loss(DomainId(d), run.seq_len)
+                    .map(f64::exp),
+            })
+            .collect();
+        Ok(outcome)
     }
 }
 
-/// Puts a checkpoint's optimizer moments, sampler cursors and scheduler state in
-/// place, checking they fit this run; returns its model and counters.
-fn continue_from<B: TrainBackend>(
-    r: Restored<B>,
-    optimizer: &mut AdamW<B::InnerBackend>,
-    sampler: &mut MixtureSampler,
-    scheduler: &mut dyn Scheduler,
-) -> Result<(Transformer<B>, TrainState)> {
-    let s = r.state;
-    optimizer.moments = r.moments;
-    optimizer.steps = s.optimizer_steps;
-    sampler
-        .restore(s.sampler.clone())
-        .with_context(|| format!("in {}", r.dir.display()))?;
-    if s.scheduler_name != scheduler.name() {
-        bail!(
-            "{}: the checkpoint's mixing state is from `{}`, the run mixes with `{}`",
-            r.dir.display(),
-            s.scheduler_name,
-            scheduler.name()
-        );
-    }
-    scheduler
-        .restore(&s.scheduler)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", r.dir.join("state.json").display()))?;
-    Ok((r.model, s))
+/// A new run's model: `model.init_from`'s weights or a fresh initialisation on peer
+/// 0, broadcast to the others.
+fn initial_model<B: TrainBackend>(
+    config: &RunConfig,
+    model_config: &ModelConfig,
+    device: &B::Device,
+    peer: &Peer<B::InnerBackend>,
+) -> Result<Transformer<B>> {
+    let model = {
+        let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
+        B::seed(device, config.run.seed);
+        let model = match &config.model.init_from {
+            // Peer 0's copy is broadcast to the others.
+            Some(path) if peer.rank().is_leader() => load_initial::<B>(path, model_config, device)?,
+            _ => crate::distributed::materialize(model_config.init(device)),
+        };
+        // The GPU backends queue the draws: run them before another peer may reseed
+        // the generator.
+        B::sync(device)?;
+        model
+    };
+    peer.broadcast_model(model)
 }
 
 /// The newest checkpoint, loaded for a rollback. Peer 0 finds and verifies it and
@@ -1110,61 +860,6 @@ fn load_initial<B: burn::tensor::backend::Backend>(
     Ok(model)
 }
 
-/// Sums each of `accs` over the data-parallel peers (one collective operation), in
-/// rank order, so every peer gets the same totals to the bit.
-fn merge_across_peers<B: burn::tensor::backend::Backend, const N: usize>(
-    peer: &Peer<B>,
-    what: &'static str,
-    accs: [DomainAccumulator; N],
-) -> Result<[DomainAccumulator; N]> {
-    Ok(merge_with_extras(peer, what, accs, &[])?.0)
-}
-
-/// [`merge_across_peers`], also gathering a few values of each peer (by rank).
-fn merge_with_extras<B: burn::tensor::backend::Backend, const N: usize>(
-    peer: &Peer<B>,
-    what: &'static str,
-    accs: [DomainAccumulator; N],
-    extra: &[f64],
-) -> Result<([DomainAccumulator; N], Vec<Vec<f64>>)> {
-    let k = accs.first().map_or(0, |a| a.counts().len());
-    let mut values: Vec<f64> = Vec::with_capacity(N * 2 * k + extra.len());
-    for acc in &accs {
-        values.extend_from_slice(acc.sums());
-        values.extend(acc.counts().iter().map(|&n| n as f64));
-    }
-    values.extend_from_slice(extra);
-    let all = peer.gather(what, &values)?;
-    let mut merged: [DomainAccumulator; N] = std::array::from_fn(|_| DomainAccumulator::new(k));
-    for theirs in &all {
-        for (i, acc) in merged.iter_mut().enumerate() {
-            let part = &theirs[i * 2 * k..(i + 1) * 2 * k];
-            let counts: Vec<usize> = part[k..].iter().map(|&n| n as usize).collect();
-            acc.merge(&part[..k], &counts);
-        }
-    }
-    let extras = all.iter().map(|v| v[N * 2 * k..].to_vec()).collect();
-    Ok((merged, extras))
-}
-
-/// `sum_i w_i * (mean loss of domain i's tokens)` over the domains present: each
-/// sequence weighs `w_d / n_d` (`n_d` sequences of its domain `d`, all of equal length).
-fn weighted_loss<B: TrainBackend>(
-    token_losses: Tensor<B, 2>,
-    domains: &[DomainId],
-    counts: &[usize],
-    weights: &[f64],
-    device: &B::Device,
-) -> Tensor<B, 1> {
-    let per_seq: Vec<f32> = domains
-        .iter()
-        .map(|d| (weights[d.0] / counts[d.0].max(1) as f64) as f32)
-        .collect();
-    let w = Tensor::<B, 1>::from_data(TensorData::new(per_seq, [domains.len()]), device);
-    let [b, _] = token_losses.dims();
-    (token_losses.mean_dim(1).reshape([b]) * w).sum()
-}
-
 /// A `[mixing]` section with `method = "manual"` and the learned weights.
 pub fn learned_mixture_toml(names: &[String], p: &mixlm_mixing::Proportions) -> String {
     let weights = crate::metrics::by_name(names, p.as_slice());
@@ -1190,28 +885,4 @@ fn data_epochs(
                 .map(|n| drawn as f64 / n.max(1) as f64)
         })
         .collect()
-}
-
-/// Mean over all sequences of a step (= token mean, as sequences have equal length).
-fn mean_over_sequences(losses: &DomainLosses, counts: &[usize]) -> f64 {
-    let total: usize = counts.iter().sum();
-    losses
-        .0
-        .iter()
-        .zip(counts)
-        .filter_map(|(l, &n)| l.map(|l| l * n as f64))
-        .sum::<f64>()
-        / total.max(1) as f64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn step_loss_weights_domains_by_sequences() {
-        let losses = DomainLosses(vec![Some(1.0), None, Some(4.0)]);
-        // 3 sequences at 1.0 and 1 at 4.0: (3 + 4) / 4.
-        assert_eq!(mean_over_sequences(&losses, &[3, 0, 1]), 1.75);
-    }
 }
