@@ -295,13 +295,14 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for Combine<'_, AB::InnerBackend> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use burn::backend::{Autodiff, NdArray};
 
     type B = Autodiff<NdArray<f32>>;
 
-    fn tiny() -> (Transformer<B>, Box<dyn TokenSource>) {
+    /// The embedded demo's model, freshly initialised, and its corpus.
+    pub(crate) fn tiny() -> (Transformer<B>, Box<dyn TokenSource>) {
         let config = crate::RunConfig::embedded(&[]).unwrap();
         let model = config
             .model

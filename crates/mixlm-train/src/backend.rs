@@ -186,20 +186,11 @@ fn with_panic_advice<T>(
             Err(advice.map_or(e, |advice| anyhow::anyhow!(advice)))
         }
         Ok(result) => result,
-        Err(panic) => match panic_advice(panic_message(&panic), config, kind) {
+        Err(panic) => match panic_advice(crate::distributed::panic_message(&panic), config, kind) {
             Some(advice) => Err(anyhow::anyhow!(advice)),
             None => std::panic::resume_unwind(panic),
         },
     }
-}
-
-/// The text a panic was raised with ("" when it carries none).
-pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
-    panic
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| panic.downcast_ref::<&str>().copied())
-        .unwrap_or("")
 }
 
 /// For a panic that reports exhausted device memory: what ran out and what to change.

@@ -925,6 +925,15 @@ fn apply_override(root: &mut toml::Table, spec: &str) -> Result<(), ConfigError>
     Ok(())
 }
 
+/// A `[mixing]` section on its own, as `mixlm train --mixing FILE` reads it.
+pub fn mixing_toml(mixing: &MixingConfig) -> anyhow::Result<String> {
+    #[derive(Serialize)]
+    struct File<'a> {
+        mixing: &'a MixingConfig,
+    }
+    Ok(toml::to_string_pretty(&File { mixing })?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -731,7 +731,7 @@ where
             .enumerate()
             .map(|(rank, h)| {
                 h.join().unwrap_or_else(|panic| {
-                    let message = match crate::backend::panic_message(&panic) {
+                    let message = match panic_message(&panic) {
                         "" => "(no message)",
                         msg => msg,
                     };
@@ -830,6 +830,15 @@ fn hung_peer(beats: &[Arc<Heartbeat>], timeout: Duration) -> Option<String> {
 /// backend and process, and `cargo test` runs tests as threads of one process.
 #[cfg(test)]
 pub(crate) static ONE_GROUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The text a panic was raised with ("" when it carries none).
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("")
+}
 
 #[cfg(test)]
 mod tests {

@@ -207,6 +207,32 @@ impl FaultLog {
     }
 }
 
+/// What a run counts across steps besides the model, optimizer, sampler and
+/// scheduler; checkpointed so a resumed run continues them.
+#[derive(Debug, Clone)]
+pub struct Counters {
+    /// Mean training loss of the last applied step.
+    pub last_loss: f64,
+    /// Learning-rate factor from rollbacks.
+    pub lr_scale: f64,
+    /// Steps whose update was skipped.
+    pub skipped: u64,
+    pub spikes: SpikeDetector,
+}
+
+impl Counters {
+    pub fn new(saved: Option<&crate::checkpoint::TrainState>, faults: &FaultsSection) -> Self {
+        Self {
+            last_loss: saved.and_then(|s| s.last_loss).unwrap_or(f64::NAN),
+            lr_scale: saved.map_or(1.0, |s| s.lr_scale),
+            skipped: saved.map_or(0, |s| s.skipped_steps),
+            spikes: saved
+                .and_then(|s| s.spikes.clone())
+                .unwrap_or_else(|| SpikeDetector::new(faults.spike_factor, faults.spike_window)),
+        }
+    }
+}
+
 /// What the loop does after a step, as the fault policy decides.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -267,7 +293,7 @@ impl FaultPolicy {
     pub fn judge(
         &mut self,
         (step, loss, grad_norm, applied): (u64, f64, f64, bool),
-        counters: &mut crate::state::Counters,
+        counters: &mut Counters,
         describe: &DescribeStep<'_>,
     ) -> Result<Verdict> {
         let warn = self.log.enabled;

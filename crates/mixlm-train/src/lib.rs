@@ -1,17 +1,16 @@
-//! mixlm's trainer: config, optimizer, training loop, checkpoints and metrics.
+//! mixlm's trainer: one training run. Its config, the loop and the components it
+//! asks for each part of a step (see `ARCHITECTURE.md`), checkpoints, metrics, and
+//! the data-parallel peers. What is built on runs (comparisons, searches, the
+//! SampleMix pipeline) is in `mixlm-experiments`; the commands that inspect
+//! checkpoints, run folders and devices are in `mixlm-inspect`.
 
 pub mod alignment;
 pub mod backend;
 pub mod chaos;
-pub mod check;
 pub mod checkpoint;
-pub mod compare;
 pub mod config;
 pub mod distributed;
-pub mod doctor;
-pub mod evaluate;
 pub mod faults;
-pub mod figures;
 pub mod laps;
 pub mod loader;
 pub mod metrics;
@@ -20,8 +19,6 @@ pub mod optim;
 pub mod progress;
 pub mod report;
 pub mod resume;
-pub mod samplemix;
-pub mod search;
 pub mod state;
 pub mod trainer;
 pub mod validation;

@@ -13,7 +13,7 @@ use mixlm_model::{TrainBackend, Transformer};
 
 use crate::checkpoint::{Restored, TrainState};
 use crate::config::RunConfig;
-use crate::faults::SpikeDetector;
+use crate::faults::Counters;
 use crate::optim::{lr_at, AdamW, StepStats};
 
 /// A run between two steps (see the module docs).
@@ -32,33 +32,6 @@ pub struct RunState<B: TrainBackend> {
     pub initial: Option<DomainLosses>,
     /// The tokenizer of the training data (read once), which checkpoints record.
     tokenizer: Option<mixlm_data::prepare::TokenizerRecord>,
-}
-
-/// What a run counts across steps besides the model, optimizer, sampler and
-/// scheduler; checkpointed so a resumed run continues them.
-#[derive(Debug, Clone)]
-pub struct Counters {
-    /// Mean training loss of the last applied step.
-    pub last_loss: f64,
-    /// Learning-rate factor from rollbacks.
-    pub lr_scale: f64,
-    /// Steps whose update was skipped.
-    pub skipped: u64,
-    pub spikes: SpikeDetector,
-}
-
-impl Counters {
-    fn new(saved: Option<&TrainState>, config: &RunConfig) -> Self {
-        let faults = &config.faults;
-        Self {
-            last_loss: saved.and_then(|s| s.last_loss).unwrap_or(f64::NAN),
-            lr_scale: saved.map_or(1.0, |s| s.lr_scale),
-            skipped: saved.map_or(0, |s| s.skipped_steps),
-            spikes: saved
-                .and_then(|s| s.spikes.clone())
-                .unwrap_or_else(|| SpikeDetector::new(faults.spike_factor, faults.spike_window)),
-        }
-    }
 }
 
 /// Wall-clock seconds of training, continued across resumes.
@@ -101,7 +74,7 @@ impl<B: TrainBackend> RunState<B> {
             model: Some(model.with_compute(config.run.compute())),
             optimizer: AdamW::new(config.optimizer.clone()),
             scheduler,
-            counters: Counters::new(None, config),
+            counters: Counters::new(None, &config.faults),
             clock: RunClock::new(0.0),
             initial: None,
             tokenizer: config.data_tokenizer(),
@@ -156,7 +129,7 @@ impl<B: TrainBackend> RunState<B> {
         self.optimizer.moments = r.moments;
         self.optimizer.steps = s.optimizer_steps;
         self.model = Some(r.model.with_compute(config.run.compute()));
-        self.counters = Counters::new(Some(&s), config);
+        self.counters = Counters::new(Some(&s), &config.faults);
         self.step = s.step;
         Ok(sampler)
     }

@@ -192,7 +192,7 @@ pub fn lock_run(config: &RunConfig) -> Result<Option<FolderLock>> {
 }
 
 /// Refuses a `run.precision` the device cannot compute in, saying what to use.
-pub(crate) fn check_precision<B: burn::tensor::backend::Backend>(
+pub fn check_precision<B: burn::tensor::backend::Backend>(
     precision: mixlm_model::Precision,
     device: &B::Device,
 ) -> Result<()> {
@@ -863,7 +863,7 @@ fn load_initial<B: burn::tensor::backend::Backend>(
 /// A `[mixing]` section with `method = "manual"` and the learned weights.
 pub fn learned_mixture_toml(names: &[String], p: &mixlm_mixing::Proportions) -> String {
     let weights = crate::metrics::by_name(names, p.as_slice());
-    crate::search::mixing_toml(&mixlm_mixing::MixingConfig::Manual(
+    crate::config::mixing_toml(&mixlm_mixing::MixingConfig::Manual(
         mixlm_mixing::ManualConfig { weights },
     ))
     .expect("a manual mixture serialises")

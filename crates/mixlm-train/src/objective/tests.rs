@@ -13,19 +13,10 @@ use mixlm_mixing::{GradientAlignment, GradientTarget, Proportions};
 
 use super::*;
 use crate::alignment::gram_matrix;
+use crate::alignment::tests::tiny;
 use crate::distributed::Peer;
 
 type B = Autodiff<NdArray<f32>>;
-
-fn tiny() -> (Transformer<B>, Box<dyn TokenSource>) {
-    let config = crate::RunConfig::embedded(&[]).unwrap();
-    let model = config
-        .model
-        .resolve()
-        .unwrap()
-        .init::<B>(&Default::default());
-    (model, config.open_source().unwrap())
-}
 
 const SEQ_LEN: usize = 16;
 

@@ -36,9 +36,9 @@ use mixlm_mixing::{
 };
 use serde::Serialize;
 
-use crate::checkpoint::write_atomic;
-use crate::config::RunConfig;
-use crate::trainer::TrainOutcome;
+use mixlm_train::checkpoint::write_atomic;
+use mixlm_train::config::RunConfig;
+use mixlm_train::trainer::TrainOutcome;
 
 /// Which method to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,18 +198,9 @@ pub fn mix_search(
     )?;
     write_atomic(
         &dir.join("learned_mixture.toml"),
-        mixing_toml(&outcome.mixing)?.as_bytes(),
+        mixlm_train::config::mixing_toml(&outcome.mixing)?.as_bytes(),
     )?;
     Ok(outcome)
-}
-
-/// A `[mixing]` section on its own, as `mixlm train --mixing FILE` reads it.
-pub fn mixing_toml(mixing: &MixingConfig) -> Result<String> {
-    #[derive(Serialize)]
-    struct File<'a> {
-        mixing: &'a MixingConfig,
-    }
-    Ok(toml::to_string_pretty(&File { mixing })?)
 }
 
 /// Skill-It's section with a learned graph: the config's own `skill_it` parameters,

@@ -10,9 +10,9 @@ use mixlm_data::prepare::{Manifest as DataManifest, MANIFEST_FILE};
 use mixlm_data::{DomainId, ShardSource, Split, TokenSource};
 use serde_json::Value;
 
-use crate::checkpoint::{checkpoint_dirs, find_resumable, verify};
-use crate::config::RunConfig;
-use crate::resume::check_continues;
+use mixlm_train::checkpoint::{checkpoint_dirs, find_resumable, verify};
+use mixlm_train::config::RunConfig;
+use mixlm_train::resume::check_continues;
 
 /// How a finding weighs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,7 +271,7 @@ fn check_dataset(dir: &Path, tokenizer: Option<&Path>, r: &mut Report) {
     let recorded = &manifest.tokenizer;
     let check_tokenizer = |file: &Path, r: &mut Report| match fs::read(file) {
         Ok(bytes) => {
-            let hash = crate::checkpoint::FileDigest::of(&bytes).sha256;
+            let hash = mixlm_train::checkpoint::FileDigest::of(&bytes).sha256;
             if hash == recorded.sha256 {
                 r.ok(format!(
                     "tokenizer {} is the one the shards were made with",

@@ -6,8 +6,8 @@ use burn::backend::{Autodiff, NdArray};
 use mixlm_data::prepare::testutil::{jsonl, texts, write_file, write_tokenizer};
 use mixlm_data::{prepare, PrepareConfig, ShardSource, Split, TokenSource};
 use mixlm_eval::perplexity::PerplexityOptions;
+use mixlm_inspect::evaluate::{evaluate, resolve_checkpoint, EvalOptions, EvalReport};
 use mixlm_mixing::DomainId;
-use mixlm_train::evaluate::{evaluate, resolve_checkpoint, EvalOptions, EvalReport};
 use mixlm_train::{train, RunConfig, TrainOptions};
 
 type B = Autodiff<NdArray<f32>>;

@@ -17,9 +17,9 @@ use mixlm_eval::tasks::{load_task, score_task, ModelScorer, TaskScore};
 use mixlm_model::{ModelBackend, TrainBackend};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{dispatch, BackendKind, OnBackend};
-use crate::checkpoint::{latest_checkpoint, load_model, write_atomic};
-use crate::config::RunConfig;
+use mixlm_train::backend::{dispatch, BackendKind, OnBackend};
+use mixlm_train::checkpoint::{latest_checkpoint, load_model, write_atomic};
+use mixlm_train::config::RunConfig;
 
 /// What to evaluate and how.
 #[derive(Debug, Clone)]
@@ -79,8 +79,11 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
 /// Tokens per domain and split when none are asked for: all of prepared data, and
 /// the `eval.sequences` windows the trainer evaluates of a synthetic (unbounded) one.
 pub fn default_max_tokens(config: &RunConfig, seq_len: usize) -> Option<u64> {
-    matches!(config.data.source, crate::config::DataSource::Synthetic)
-        .then_some((config.eval.sequences * seq_len) as u64)
+    matches!(
+        config.data.source,
+        mixlm_train::config::DataSource::Synthetic
+    )
+    .then_some((config.eval.sequences * seq_len) as u64)
 }
 
 /// The run config saved with a checkpoint (`run.toml`), if any.
@@ -98,7 +101,7 @@ pub fn evaluate<B: TrainBackend>(
     options: &EvalOptions,
     device: &B::Device,
 ) -> Result<EvalReport> {
-    crate::trainer::check_precision::<B::InnerBackend>(config.run.precision, device)?;
+    mixlm_train::trainer::check_precision::<B::InnerBackend>(config.run.precision, device)?;
     let (model, model_config) = load_model::<B::InnerBackend>(&options.checkpoint, device)?;
     // In the run's precision and attention kernel (`mixlm eval --precision`).
     let model = model.with_compute(config.run.compute());
@@ -304,7 +307,7 @@ fn heldout_perplexity<B: ModelBackend>(
 /// the synthetic corpus.
 pub fn trained_tokenizer(checkpoint: &Path) -> Option<mixlm_data::prepare::TokenizerRecord> {
     let state = std::fs::read(checkpoint.join("state.json")).ok()?;
-    let state: crate::checkpoint::TrainState = serde_json::from_slice(&state).ok()?;
+    let state: mixlm_train::checkpoint::TrainState = serde_json::from_slice(&state).ok()?;
     state.tokenizer.or_else(|| {
         checkpoint_run_config(checkpoint, &[])
             .ok()

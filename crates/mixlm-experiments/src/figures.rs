@@ -8,7 +8,7 @@ use anyhow::Result;
 use mixlm_eval::plots::{self, BarFigure, LineFigure, Panel, PlotError, Series};
 
 use crate::compare::{CompareResults, RunResult};
-use crate::metrics::CurvePoint;
+use mixlm_train::metrics::CurvePoint;
 
 /// One figure of the report: its files (relative to the report) and what it shows.
 #[derive(Debug, Clone, PartialEq)]

@@ -22,10 +22,10 @@ use mixlm_model::attention::{
 };
 use mixlm_model::{AttentionKernel, ModelConfig, Precision, TrainBackend, PRESETS};
 
-use crate::backend::{dispatch, train_on, BackendKind, OnBackend};
-use crate::config::RunConfig;
 use crate::doctor::{Finding, Level};
-use crate::trainer::TrainOptions;
+use mixlm_train::backend::{dispatch, train_on, BackendKind, OnBackend};
+use mixlm_train::config::RunConfig;
+use mixlm_train::trainer::TrainOptions;
 
 /// What to check.
 #[derive(Debug, Clone)]
@@ -133,7 +133,7 @@ impl<F: FnMut(Finding)> OnBackend for AttentionChecks<'_, F> {
                 B::name(device)
             ),
         ));
-        if let Err(e) = crate::trainer::check_precision::<B>(precision, device) {
+        if let Err(e) = mixlm_train::trainer::check_precision::<B>(precision, device) {
             push(finding(Level::Fail, format!("{e:#}")));
             return Ok(false);
         }
@@ -210,7 +210,7 @@ impl<F: FnMut(Finding)> OnBackend for AttentionChecks<'_, F> {
             let (level, message, slower) = match std::panic::catch_unwind(run) {
                 Ok(result) => result?,
                 Err(panic) => {
-                    let why = crate::backend::panic_message(&panic);
+                    let why = mixlm_train::distributed::panic_message(&panic);
                     push(finding(
                         Level::Fail,
                         format!(
@@ -250,7 +250,11 @@ fn initial_weights(dir: &Path) -> Result<std::path::PathBuf> {
     let device = Default::default();
     NdArray::<f32>::seed(&device, 0);
     let path = dir.join("init");
-    crate::checkpoint::write_model_folder(&path, &model.init::<NdArray<f32>>(&device), &model)?;
+    mixlm_train::checkpoint::write_model_folder(
+        &path,
+        &model.init::<NdArray<f32>>(&device),
+        &model,
+    )?;
     Ok(path)
 }
 
@@ -268,12 +272,12 @@ fn step_losses(
     let mut overrides: Vec<String> = vec![
         format!(
             "run.out_dir={}",
-            crate::config::toml_string(&dir.display().to_string())
+            mixlm_train::config::toml_string(&dir.display().to_string())
         ),
         format!("run.name=\"{name}\""),
         format!(
             "model.init_from={}",
-            crate::config::toml_string(&init.display().to_string())
+            mixlm_train::config::toml_string(&init.display().to_string())
         ),
         format!("run.backend=\"{}\"", backend.name()),
         format!("run.precision=\"{}\"", precision.name()),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use mixlm_data::prepare::testutil::{jsonl, texts, write_file, write_tokenizer};
 use mixlm_data::{prepare, PrepareConfig};
-use mixlm_train::compare::CompareConfig;
+use mixlm_experiments::compare::CompareConfig;
 use mixlm_train::RunConfig;
 
 /// Shards with `domains`, each with more than `seq_len` tokens in every split.

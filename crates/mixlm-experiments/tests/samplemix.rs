@@ -4,13 +4,13 @@
 use mixlm_data::prepare::testutil::{jsonl, texts, write_file, write_tokenizer};
 use mixlm_data::resampled::{counts_path, read_counts};
 use mixlm_data::{prepare, PrepareConfig, ShardSource, Split, TokenSource};
-use mixlm_mixing::samplemix::SampleSummary;
-use mixlm_mixing::DomainId;
-use mixlm_train::compare::{compare, CompareConfig};
-use mixlm_train::samplemix::{
+use mixlm_experiments::compare::{compare, CompareConfig};
+use mixlm_experiments::samplemix::{
     read_values, score_diversity, score_quality, DiversityOptions, Embedder, QualityScorer,
     ScoreOptions,
 };
+use mixlm_mixing::samplemix::SampleSummary;
+use mixlm_mixing::DomainId;
 use mixlm_train::BackendKind;
 use std::path::{Path, PathBuf};
 
@@ -210,7 +210,7 @@ clusters = 3
         .iter()
         .find(|r| r.method == "natural")
         .unwrap();
-    let checkpoint = mixlm_train::evaluate::resolve_checkpoint(&natural.run_dir).unwrap();
+    let checkpoint = mixlm_inspect::evaluate::resolve_checkpoint(&natural.run_dir).unwrap();
     let checkpoint_dir = checkpoint.clone();
     let by_model = ScoreOptions {
         plan: tmp.path().join("by-model"),

@@ -30,8 +30,8 @@ use mixlm_model::{ModelBackend, TrainBackend};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{dispatch, BackendKind, OnBackend};
-use crate::checkpoint::{load_model, write_atomic};
+use mixlm_train::backend::{dispatch, BackendKind, OnBackend};
+use mixlm_train::checkpoint::{load_model, write_atomic};
 
 /// How document quality is scored.
 #[derive(Debug, Clone, PartialEq)]

@@ -3,7 +3,7 @@
 //! result is missing), and the report is regenerated from the saved results without
 //! retraining.
 
-use mixlm_train::compare::{compare, report_only, CompareConfig};
+use mixlm_experiments::compare::{compare, report_only, CompareConfig};
 use mixlm_train::{BackendKind, TrainOptions};
 
 #[test]
@@ -240,7 +240,7 @@ then = { method = "aioli", eta = 1.0, update_steps = 8, lp_rounds = 1, lp_steps 
     }
 
     // Read back: the search's runs and both final runs are not trained again.
-    let stamp = |r: &mixlm_train::compare::RunResult| {
+    let stamp = |r: &mixlm_experiments::compare::RunResult| {
         std::fs::metadata(r.run_dir.join("metrics.jsonl"))
             .unwrap()
             .modified()

@@ -9,7 +9,7 @@
 //! run is Aioli starting from it (`init_proportions`, `init_steps`; see
 //! [`MethodEntry::then`]). A run whose `result.json` exists is not trained
 //! again, and an interrupted run (a search's runs included) continues from its last
-//! checkpoint ([`crate::resume::train_or_continue`]), so rerunning an interrupted
+//! checkpoint ([`crate::continuation::train_or_continue`]), so rerunning an interrupted
 //! comparison loses at most the steps since that checkpoint. `<out_dir>/compare/results.json` holds
 //! everything the report is made of, so `--report-only` rewrites `report.md`
 //! without training.
@@ -23,16 +23,16 @@ use mixlm_eval::perplexity::PerplexityOptions;
 use mixlm_mixing::{InitWeights, MixingConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::BackendKind;
-use crate::checkpoint::{latest_checkpoint, write_atomic};
-use crate::config::RunConfig;
-use crate::evaluate::{default_max_tokens, evaluate_on, EvalOptions, EvalReport};
+use crate::continuation::train_or_continue;
 use crate::figures::Figure;
-use crate::metrics::{Curves, RunLog, StepTimes};
-use crate::resume::train_or_continue;
 use crate::samplemix::{make_plan, model_free_plan, PlanOptions};
 use crate::search::{mix_search, SearchMethod, SearchOptions};
-use crate::trainer::TrainOptions;
+use mixlm_inspect::evaluate::{default_max_tokens, evaluate_on, EvalOptions, EvalReport};
+use mixlm_train::backend::BackendKind;
+use mixlm_train::checkpoint::{latest_checkpoint, write_atomic};
+use mixlm_train::config::RunConfig;
+use mixlm_train::metrics::{Curves, RunLog, StepTimes};
+use mixlm_train::trainer::TrainOptions;
 
 /// The comparison file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,7 +136,7 @@ impl CompareConfig {
         let dir = std::path::absolute(path.parent().unwrap_or(Path::new(""))).unwrap_or_default();
         c.base = c.base.map(|b| dir.join(b));
         for spec in &mut c.set {
-            *spec = crate::config::resolve_override(spec, &dir);
+            *spec = mixlm_train::config::resolve_override(spec, &dir);
         }
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() && !p.as_os_str().is_empty() {
@@ -339,7 +339,7 @@ fn check_then_sections(config: &CompareConfig) -> Result<()> {
 
 /// Runs what is not done yet, evaluates, and writes `results.json` and `report.md`.
 /// `options` gives `quiet` and `stop`: a stop request ends the current run with a
-/// checkpoint and the comparison with a [`crate::resume::Interrupted`] error.
+/// checkpoint and the comparison with a [`crate::continuation::Interrupted`] error.
 pub fn compare(
     config: &CompareConfig,
     kind: BackendKind,
@@ -444,7 +444,7 @@ fn run_one(
     let mut run = config.run_config(method, seed)?;
     let run_dir = config.out_dir.join(&run.run.name);
     // Held through training, evaluation and result.json.
-    let _lock = crate::trainer::lock_run(&run)?;
+    let _lock = mixlm_train::trainer::lock_run(&run)?;
     let done = run_dir.join("result.json");
     if let Ok(bytes) = std::fs::read(&done) {
         if let Ok(r) = serde_json::from_slice::<RunResult>(&bytes) {
