@@ -1,78 +1,16 @@
 //! Run-time backend choice: `--backend cpu|wgpu|cuda`. The trainer is generic over
 //! the Burn backend; the concrete type is picked here, once, at the edge.
 
-use std::str::FromStr;
-
-use anyhow::{bail, Result};
+use anyhow::Result;
 use burn::backend::autodiff::checkpoint::strategy::{
     BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
 };
 use mixlm_model::TrainBackend;
 
+pub use crate::config::BackendKind;
 use crate::config::{ActivationCheckpointing, RunConfig};
 use crate::distributed::PeerPanic;
 use crate::trainer::{train, train_data_parallel, TrainOptions, TrainOutcome};
-
-/// A compute backend mixlm can train on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendKind {
-    /// Burn's ndarray backend: CPU, deterministic; for tests and small runs.
-    Cpu,
-    /// WebGPU through wgpu (Vulkan, Metal, DX12; Mesa's lavapipe on CPU-only machines).
-    Wgpu,
-    /// NVIDIA CUDA through CubeCL.
-    Cuda,
-}
-
-impl FromStr for BackendKind {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "cpu" | "ndarray" => Ok(Self::Cpu),
-            "wgpu" => Ok(Self::Wgpu),
-            "cuda" => Ok(Self::Cuda),
-            other => bail!("unknown backend `{other}`: choose cpu, wgpu or cuda"),
-        }
-    }
-}
-
-impl BackendKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Cpu => "cpu",
-            Self::Wgpu => "wgpu",
-            Self::Cuda => "cuda",
-        }
-    }
-
-    /// Whether this binary was built with the backend.
-    pub fn compiled(self) -> bool {
-        match self {
-            // Burn's `distributed` feature leaves ndarray without autodiff.
-            Self::Cpu => cfg!(not(feature = "nccl")),
-            Self::Wgpu => cfg!(feature = "wgpu"),
-            Self::Cuda => cfg!(feature = "cuda"),
-        }
-    }
-
-    /// The one-line error for a backend this binary lacks.
-    pub fn check_compiled(self) -> Result<()> {
-        if self == Self::Cpu && !self.compiled() {
-            bail!(
-                "backend `cpu` is not in this mixlm binary: it was built with `--features nccl`, \
-                 whose Burn `distributed` feature gives ndarray no autodiff; use a build without \
-                 `nccl` for the CPU"
-            );
-        }
-        if !self.compiled() {
-            bail!(
-                "backend `{0}` is not compiled into this mixlm binary; rebuild with `cargo build --release --features {0}`",
-                self.name()
-            );
-        }
-        Ok(())
-    }
-}
 
 /// Work that is generic over the backend: [`dispatch`] runs it on the concrete one
 /// a [`BackendKind`] names (closures cannot be generic over a type, traits can).
@@ -287,6 +225,7 @@ pub fn device_thread_advice(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use anyhow::bail;
 
     #[test]
     fn a_stopped_device_thread_or_missing_nccl_becomes_advice() {

@@ -697,9 +697,9 @@ impl RunConfig {
         self.distributed.validate().map_err(ConfigError::Invalid)?;
         let backend = r
             .backend
-            .parse::<crate::BackendKind>()
+            .parse::<BackendKind>()
             .map_err(|e| ConfigError::Invalid(format!("run.backend: {e}")))?;
-        if self.distributed.nccl() && backend != crate::BackendKind::Cuda {
+        if self.distributed.nccl() && backend != BackendKind::Cuda {
             return bad(format!(
                 "distributed.communication = \"nccl\" needs run.backend = \"cuda\" (it is \"{}\"); \
                  use communication = \"collective\" on other backends",
@@ -932,6 +932,67 @@ pub fn mixing_toml(mixing: &MixingConfig) -> anyhow::Result<String> {
         mixing: &'a MixingConfig,
     }
     Ok(toml::to_string_pretty(&File { mixing })?)
+}
+
+/// A compute backend mixlm can train on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Burn's ndarray backend: CPU, deterministic; for tests and small runs.
+    Cpu,
+    /// WebGPU through wgpu (Vulkan, Metal, DX12; Mesa's lavapipe on CPU-only machines).
+    Wgpu,
+    /// NVIDIA CUDA through CubeCL.
+    Cuda,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "cpu" | "ndarray" => Ok(Self::Cpu),
+            "wgpu" => Ok(Self::Wgpu),
+            "cuda" => Ok(Self::Cuda),
+            other => anyhow::bail!("unknown backend `{other}`: choose cpu, wgpu or cuda"),
+        }
+    }
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Wgpu => "wgpu",
+            Self::Cuda => "cuda",
+        }
+    }
+
+    /// Whether this binary was built with the backend.
+    pub fn compiled(self) -> bool {
+        match self {
+            // Burn's `distributed` feature leaves ndarray without autodiff.
+            Self::Cpu => cfg!(not(feature = "nccl")),
+            Self::Wgpu => cfg!(feature = "wgpu"),
+            Self::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+
+    /// The one-line error for a backend this binary lacks.
+    pub fn check_compiled(self) -> anyhow::Result<()> {
+        if self == Self::Cpu && !self.compiled() {
+            anyhow::bail!(
+                "backend `cpu` is not in this mixlm binary: it was built with `--features nccl`, \
+                 whose Burn `distributed` feature gives ndarray no autodiff; use a build without \
+                 `nccl` for the CPU"
+            );
+        }
+        if !self.compiled() {
+            anyhow::bail!(
+                "backend `{0}` is not compiled into this mixlm binary; rebuild with `cargo build --release --features {0}`",
+                self.name()
+            );
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

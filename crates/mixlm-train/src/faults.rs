@@ -221,14 +221,13 @@ pub struct Counters {
 }
 
 impl Counters {
-    pub fn new(saved: Option<&crate::checkpoint::TrainState>, faults: &FaultsSection) -> Self {
+    /// A run's counters before its first step.
+    pub fn new(faults: &FaultsSection) -> Self {
         Self {
-            last_loss: saved.and_then(|s| s.last_loss).unwrap_or(f64::NAN),
-            lr_scale: saved.map_or(1.0, |s| s.lr_scale),
-            skipped: saved.map_or(0, |s| s.skipped_steps),
-            spikes: saved
-                .and_then(|s| s.spikes.clone())
-                .unwrap_or_else(|| SpikeDetector::new(faults.spike_factor, faults.spike_window)),
+            last_loss: f64::NAN,
+            lr_scale: 1.0,
+            skipped: 0,
+            spikes: SpikeDetector::new(faults.spike_factor, faults.spike_window),
         }
     }
 }

@@ -74,7 +74,7 @@ impl<B: TrainBackend> RunState<B> {
             model: Some(model.with_compute(config.run.compute())),
             optimizer: AdamW::new(config.optimizer.clone()),
             scheduler,
-            counters: Counters::new(None, &config.faults),
+            counters: Counters::new(&config.faults),
             clock: RunClock::new(0.0),
             initial: None,
             tokenizer: config.data_tokenizer(),
@@ -129,7 +129,12 @@ impl<B: TrainBackend> RunState<B> {
         self.optimizer.moments = r.moments;
         self.optimizer.steps = s.optimizer_steps;
         self.model = Some(r.model.with_compute(config.run.compute()));
-        self.counters = Counters::new(Some(&s), &config.faults);
+        self.counters = Counters {
+            last_loss: s.last_loss.unwrap_or(f64::NAN),
+            lr_scale: s.lr_scale,
+            skipped: s.skipped_steps,
+            spikes: (s.spikes.clone()).unwrap_or_else(|| Counters::new(&config.faults).spikes),
+        };
         self.step = s.step;
         Ok(sampler)
     }
