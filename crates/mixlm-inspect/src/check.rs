@@ -411,7 +411,7 @@ fn training_checks(options: &CheckOptions, push: &mut impl FnMut(Finding)) -> Re
         &collective,
         &target,
     );
-    if cfg!(feature = "nccl") && backend == BackendKind::Cuda {
+    if mixlm_train::distributed::NCCL_BUILD && backend == BackendKind::Cuda {
         let nccl = run(
             "nccl",
             backend,

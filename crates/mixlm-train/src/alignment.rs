@@ -313,7 +313,7 @@ pub(crate) mod tests {
     }
 
     /// Every gradient of `set` flattened in visiting order, for checks on the host.
-    fn flat(model: &Transformer<B>, set: &GradientsParams) -> Vec<f64> {
+    pub(crate) fn flat(model: &Transformer<B>, set: &GradientsParams) -> Vec<f64> {
         struct Flat<'a>(&'a GradientsParams, Vec<f64>);
         impl ModuleVisitor<B> for Flat<'_> {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {

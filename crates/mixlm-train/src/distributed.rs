@@ -537,6 +537,10 @@ pub fn materialize<AB: AutodiffBackend, M: AutodiffModule<AB>>(model: M) -> M {
 /// gradient through NCCL as soon as it is complete, while the rest of the backward
 /// runs. The mark lives on the parameter tensors: mark the model each step, after the
 /// optimizer replaced them.
+/// Whether this build all-reduces gradients through NCCL during the backward pass
+/// (the `nccl` feature): what `communication = "nccl"` needs.
+pub const NCCL_BUILD: bool = cfg!(feature = "nccl");
+
 #[cfg(feature = "nccl")]
 pub fn mark_for_all_reduce<AB: AutodiffBackend, M: AutodiffModule<AB>>(model: M) -> M {
     use burn::tensor::backend::distributed::DistributedParamId;
