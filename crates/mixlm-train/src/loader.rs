@@ -115,11 +115,6 @@ impl StepLoader {
     pub fn consumed_state(&self) -> &SamplerState {
         self.prefetcher.consumed_state()
     }
-
-    /// The token source the batches are read from.
-    pub fn source(&self) -> &dyn TokenSource {
-        self.source.as_ref()
-    }
 }
 
 impl MicroBatches for StepLoader {

@@ -266,7 +266,6 @@ fn train_peer<B: TrainBackend>(
             peer,
             device,
             grad_accum: run.grad_accum,
-            batch_size: run.batch_size,
             seq_len: run.seq_len,
             laps: &mut laps,
         })?;

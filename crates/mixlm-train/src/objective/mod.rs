@@ -64,9 +64,8 @@ pub struct StepContext<'a, B: TrainBackend> {
     pub batches: &'a mut dyn MicroBatches,
     pub peer: &'a Peer<B::InnerBackend>,
     pub device: &'a B::Device,
-    /// Micro-batches in the step, sequences in each and their length.
+    /// Micro-batches in the step, and their sequences' length.
     pub grad_accum: usize,
-    pub batch_size: usize,
     pub seq_len: usize,
     /// Time spent, by part.
     pub laps: &'a mut Laps,

@@ -87,7 +87,6 @@ fn run(
     let peer = Peer::solo(&device);
     let mut laps = Laps::start(0.0);
     let grad_accum = batches.len();
-    let batch_size = batches[0].picks.len();
     objective
         .step(StepContext {
             step: 0,
@@ -99,7 +98,6 @@ fn run(
             peer: &peer,
             device: &device,
             grad_accum,
-            batch_size,
             seq_len: SEQ_LEN,
             laps: &mut laps,
         })
