@@ -20,6 +20,7 @@
 //! is identical on every machine and independent of call order or threading.
 
 pub mod lock;
+pub mod open;
 pub mod prefetch;
 pub mod prepare;
 pub mod quality;
@@ -31,6 +32,7 @@ pub mod source;
 pub mod synthetic;
 
 pub use lock::{FolderLock, LockError};
+pub use open::{open_source, OpenError, SourceSpec};
 pub use prefetch::{Prefetched, Prefetcher};
 pub use prepare::{prepare, PrepareConfig, PrepareError, PrepareSummary};
 pub use resampled::{PlanError, ResampledSource};

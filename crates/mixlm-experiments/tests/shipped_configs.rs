@@ -91,6 +91,9 @@ fn every_shipped_config_loads() {
                 CompareConfig::load(file).unwrap_or_else(|e| panic!("{}: {e:#}", file.display()));
             if let Some(base) = &c.base {
                 c.set.extend(data_overrides(tmp.path(), base));
+                RunConfig::load(base, &c.set)
+                    .and_then(|run| run.open_checked_source())
+                    .unwrap_or_else(|e| panic!("{}: {e}", base.display()));
             }
             for m in &c.methods {
                 let run = c
@@ -108,7 +111,9 @@ fn every_shipped_config_loads() {
             comparisons += 1;
         } else {
             let overrides = data_overrides(tmp.path(), file);
-            RunConfig::load(file, &overrides).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            RunConfig::load(file, &overrides)
+                .and_then(|run| run.open_checked_source())
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
             runs += 1;
         }
     }

@@ -110,7 +110,9 @@ fn check_checkpoint(dir: &Path, r: &mut Report) {
 
 fn check_run(dir: &Path, r: &mut Report) {
     let config_path = dir.join("config.toml");
-    let config = match RunConfig::load_saved(&config_path, &[]) {
+    let opened =
+        RunConfig::load_saved(&config_path, &[]).and_then(|c| c.open_checked_source().map(|_| c));
+    let config = match opened {
         Ok(c) => {
             r.ok(format!(
                 "{}: valid (model {}, mixing {}, {} steps; data opens)",

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use mixlm_data::synthetic::SyntheticConfig;
-use mixlm_data::{Composition, PrepareConfig, TokenSource};
+use mixlm_data::{Composition, OpenError, PrepareConfig, SourceSpec, TokenSource};
 use mixlm_mixing::MixingConfig;
 use mixlm_model::{AttentionKernel, Compute, ModelConfig, Precision};
 use serde::{Deserialize, Serialize};
@@ -613,7 +613,6 @@ impl RunConfig {
         Self::from_toml(DEFAULT_CONFIG, "embedded default config", overrides)
     }
 
-    /// Opens the token source `[data]` names, checking that it fits `run.seq_len`.
     /// The tokenizer the prepared data was made with, as its manifest records it;
     /// `None` for the synthetic corpus (or data without a readable manifest).
     pub fn data_tokenizer(&self) -> Option<mixlm_data::prepare::TokenizerRecord> {
@@ -625,51 +624,59 @@ impl RunConfig {
         Some(manifest.tokenizer)
     }
 
+    /// Opens the token source `[data]` names (built by [`mixlm_data::open_source`]),
+    /// checked to hold windows of `run.seq_len`.
     pub fn open_source(&self) -> Result<Box<dyn TokenSource>, ConfigError> {
         let invalid = ConfigError::Invalid;
-        Ok(match self.data.source {
-            DataSource::Synthetic => Box::new(
-                mixlm_data::SyntheticCorpus::new(&self.data.synthetic)
-                    .map_err(|e| invalid(format!("data.synthetic: {e}")))?,
-            ),
-            DataSource::Shards => {
-                let dir = self.data.shard_dir().ok_or_else(|| {
+        let spec = match self.data.source {
+            DataSource::Synthetic => SourceSpec::Synthetic(&self.data.synthetic),
+            DataSource::Shards => SourceSpec::Shards {
+                dir: &self.data.shard_dir().ok_or_else(|| {
                     invalid("data.source = \"shards\" needs data.path (the folder `mixlm prepare` wrote)".into())
-                })?;
-                let shards = mixlm_data::ShardSource::open(&dir, self.run.seed)
-                    .map_err(|e| invalid(format!("data.path: {e}")))?;
-                shards
-                    .check_seq_len(
-                        self.run.seq_len,
-                        &[mixlm_data::Split::Train, mixlm_data::Split::Validation],
-                    )
-                    .map_err(|e| invalid(format!("run.seq_len = {}: {e}", self.run.seq_len)))?;
-                match &self.mixing {
-                    MixingConfig::SampleMix(c) => {
-                        let source =
-                            mixlm_data::ResampledSource::open(shards, &c.plan, self.run.seed)
-                                .map_err(|e| invalid(format!("mixing.plan: {e}")))?;
-                        let names = source.domain_names();
-                        for (name, kept) in names.iter().zip(source.kept_tokens()) {
-                            if kept > 0
-                                && mixlm_data::shards::windows_in(kept, self.run.seq_len) == 0
-                            {
-                                return Err(invalid(format!(
-                                    "mixing.plan keeps {kept} tokens of {name}: fewer than one \
-                                     window of run.seq_len + 1 = {} tokens; raise the budget",
-                                    self.run.seq_len + 1
-                                )));
-                            }
-                        }
-                        Box::new(source)
-                    }
-                    _ => Box::new(shards),
-                }
-            }
-        })
+                })?,
+                seed: self.run.seed,
+                seq_len: self.run.seq_len,
+                plan: match &self.mixing {
+                    MixingConfig::SampleMix(c) => Some(&c.plan),
+                    _ => None,
+                },
+            },
+        };
+        let source = mixlm_data::open_source(spec).map_err(|e| {
+            invalid(match e {
+                OpenError::Synthetic(e) => format!("data.synthetic: {e}"),
+                OpenError::Shards(e) => format!("data.path: {e}"),
+                OpenError::SeqLen(e) => format!("run.seq_len = {}: {e}", self.run.seq_len),
+                OpenError::Plan(e) => format!("mixing.plan: {e}"),
+                e @ OpenError::PlanTooSmall { .. } => e.to_string(),
+            })
+        })?;
+        Ok(source)
     }
 
-    /// Checks the values serde cannot: ranges and cross-field consistency.
+    /// [`RunConfig::open_source`], and the config checked against the data: the
+    /// model's vocabulary and the mixing method's domains. The checks that need the
+    /// data, which [`RunConfig::validate`] (no I/O) leaves out; what a run does before
+    /// anything is written.
+    pub fn open_checked_source(&self) -> Result<Box<dyn TokenSource>, ConfigError> {
+        let invalid = ConfigError::Invalid;
+        let source = self.open_source()?;
+        let model = self.model.resolve().map_err(invalid)?;
+        let vocab = source.vocab_size();
+        if vocab > model.vocab_size {
+            return Err(invalid(format!(
+                "the data's vocabulary ({vocab} ids) exceeds model vocab_size {}; set model.vocab_size (Pythia pads 50,277 to 50,304)",
+                model.vocab_size
+            )));
+        }
+        self.mixing
+            .validate(&source.domain_names())
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok(source)
+    }
+
+    /// Checks the values serde cannot: ranges and cross-field consistency. Pure (no
+    /// I/O): what needs the data is checked by [`RunConfig::open_checked_source`].
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         let r = &self.run;
@@ -751,17 +758,6 @@ impl RunConfig {
             ));
         }
         self.faults.validate().map_err(ConfigError::Invalid)?;
-        let source = self.open_source()?;
-        let vocab = source.vocab_size();
-        if vocab > model.vocab_size {
-            return bad(format!(
-                "the data's vocabulary ({vocab} ids) exceeds model vocab_size {}; set model.vocab_size (Pythia pads 50,277 to 50,304)",
-                model.vocab_size
-            ));
-        }
-        self.mixing
-            .validate(&source.domain_names())
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
     }
 }
@@ -1143,7 +1139,15 @@ mod tests {
 
     #[test]
     fn shard_source_needs_a_prepared_folder() {
+        // Validation reads nothing; opening the source checks the data.
+        let missing = [
+            "data.source=\"shards\"".to_string(),
+            "data.path=\"/nonexistent/shards\"".into(),
+        ];
+        RunConfig::embedded(&missing).unwrap();
         let e = RunConfig::embedded(&["data.source=\"shards\"".into()])
+            .and_then(|c| c.open_checked_source())
+            .map(drop)
             .unwrap_err()
             .to_string();
         assert!(
@@ -1154,6 +1158,8 @@ mod tests {
             "data.source=\"shards\"".into(),
             "data.path=\"/nonexistent/shards\"".into(),
         ])
+        .and_then(|c| c.open_checked_source())
+        .map(drop)
         .unwrap_err()
         .to_string();
         assert!(

@@ -102,11 +102,6 @@ pub struct TrainOutcome {
     pub interrupted: bool,
 }
 
-/// Builds the token source a `[data]` section names.
-pub fn build_source(config: &RunConfig) -> Result<Box<dyn TokenSource>> {
-    Ok(config.open_source()?)
-}
-
 /// Trains the model a config describes, on backend `B`, and writes
 /// `<out_dir>/<name>/{config.toml, metrics.jsonl, checkpoints/}`. With
 /// `distributed.devices = N > 1`, N data-parallel peers share `device`: meant for the
@@ -132,6 +127,8 @@ pub fn train_data_parallel<B: TrainBackend>(
     options: &TrainOptions,
 ) -> Result<TrainOutcome> {
     config.validate()?;
+    // Opened once, and checked against the config, before anything is written.
+    let source: Arc<dyn TokenSource> = Arc::from(config.open_checked_source()?);
     let d = &config.distributed;
     let local = d.devices;
     if devices.len() != local {
@@ -153,7 +150,7 @@ pub fn train_data_parallel<B: TrainBackend>(
     let resume_from = resume_from.as_deref();
     if !d.collective() {
         let peer = Peer::solo(&devices[0]);
-        return train_peer::<B>(config, &devices[0], options, resume_from, &peer);
+        return train_peer::<B>(config, &source, &devices[0], options, resume_from, &peer);
     }
     let nodes = (d.nodes > 1).then_some(d);
     // Burn's collective server is one per backend and process: one group at a time.
@@ -173,7 +170,7 @@ pub fn train_data_parallel<B: TrainBackend>(
         let peer = Peer::register_on_nodes(rank, local, nodes, device, heartbeat)?
             .with_bucket_mb(d.bucket_mb)
             .with_grads_in_backward(d.nccl());
-        let outcome = train_peer::<B>(config, device, options, resume_from, &peer);
+        let outcome = train_peer::<B>(config, &source, device, options, resume_from, &peer);
         if outcome.is_ok() {
             peer.finish();
         }
@@ -234,13 +231,14 @@ static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// the verified checkpoint a resumed run continues from.
 fn train_peer<B: TrainBackend>(
     config: &RunConfig,
+    source: &Arc<dyn TokenSource>,
     device: &B::Device,
     options: &TrainOptions,
     resume_from: Option<&Path>,
     peer: &Peer<B::InnerBackend>,
 ) -> Result<TrainOutcome> {
     let run = &config.run;
-    let mut r = Run::<B>::set_up(config, device, options, resume_from, peer)?;
+    let mut r = Run::<B>::set_up(config, source, device, options, resume_from, peer)?;
     let (leader, world, k) = (peer.rank().is_leader(), peer.rank().world, r.names.len());
     let start = r.state.step;
     r.report.start_at(start);
@@ -457,10 +455,11 @@ struct Run<'a, B: TrainBackend> {
 }
 
 impl<'a, B: TrainBackend> Run<'a, B> {
-    /// Opens the data, builds the scheduler, and starts the model afresh or from the
+    /// Builds the scheduler for the data, and starts the model afresh or from the
     /// checkpoint `resume_from`; measures the initial validation losses (peer 0).
     fn set_up(
         config: &'a RunConfig,
+        source: &Arc<dyn TokenSource>,
         device: &'a B::Device,
         options: &TrainOptions,
         resume_from: Option<&Path>,
@@ -470,7 +469,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         let leader = peer.rank().is_leader();
         let model_config: ModelConfig = config.model.resolve().map_err(anyhow::Error::msg)?;
         check_precision::<B>(run.precision, device)?;
-        let source: Arc<dyn TokenSource> = Arc::from(build_source(config)?);
+        let source = source.clone();
         let names = source.domain_names();
         let k = names.len();
         let scheduler: Box<dyn Scheduler> = build_scheduler(

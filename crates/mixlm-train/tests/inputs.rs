@@ -156,7 +156,9 @@ proptest! {
     #[test]
     fn config_parser_errors_are_one_line(edits in proptest::collection::vec((any::<prop::sample::Index>(), edit()), 1..4)) {
         let text = mutate(&edits);
-        if let Err(e) = RunConfig::from_toml(&text, "fuzz.toml", &[]) {
+        // Pure validation, then the checks against the data.
+        let opened = RunConfig::from_toml(&text, "fuzz.toml", &[]).and_then(|c| c.open_checked_source());
+        if let Err(e) = opened {
             let message = e.to_string();
             prop_assert!(!message.is_empty() && !message.contains('\n'), "{message}");
         }

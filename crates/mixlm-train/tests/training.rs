@@ -113,7 +113,7 @@ fn short_run_writes_metrics_and_reloadable_checkpoints() {
     // batches a sampler on the main thread draws, and each checkpoint holds the
     // sampler state after the batches consumed by then (not the reader's, which runs
     // a step ahead).
-    let source = mixlm_train::trainer::build_source(&config).unwrap();
+    let source = config.open_source().unwrap();
     let mut reference = MixtureSampler::new(domains, config.run.seed, Composition::Sample);
     let names = source.domain_names();
     for (i, s) in steps.iter().enumerate() {

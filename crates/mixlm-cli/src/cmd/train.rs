@@ -108,6 +108,8 @@ pub fn run(args: Args) -> Result<()> {
         config = config.with_mixing_file(&file)?;
     }
     let kind = crate::backend(&config.run.backend)?;
+    // The checks that need the data, before the header says the run starts.
+    config.open_checked_source()?;
     let model = config.model.resolve().map_err(anyhow::Error::msg)?;
     eprintln!(
         "mixlm train: run `{}` on {} | model {} ({:.2}M params) | mixing {}{} | {} steps x {} seqs x {} tokens",
