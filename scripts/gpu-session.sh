@@ -3,6 +3,8 @@
 # root, with .gpu/ from scripts/gpu-bundle.sh carried along. One call does what a GPU
 # session needs first, in order of importance, each step logged to $OUT (or ./gpu-out):
 #
+#   0. a quick bf16 check-backend that ends the session within about a minute when
+#      the CUDA path is broken
 #   1. mixlm check-backend --backend cuda, f32 and bf16 (kernels, training vs the
 #      CPU, the data-parallel paths); the nccl binary's check (the NCCL path)
 #   2. the benchmark against PyTorch with the data-parallel paths' cost
@@ -49,6 +51,20 @@ export PYTHONUNBUFFERED=1
 presets="pythia-160m,pythia-1b"
 check=()
 if [ -n "$quick" ]; then presets="pythia-160m"; check=(--quick); fi
+
+# 0. Fail fast: a broken CUDA path (no CUDA toolkit for NVRTC, a kernel the driver
+#    refuses, training that disagrees with the CPU) ends the session here, within
+#    about a minute, instead of minutes into the benchmark.
+if [ -z "$bench_only" ]; then
+  echo "CUDA_PATH=${CUDA_PATH:-unset}; nvcc: $(command -v nvcc || echo none); /usr/local/cuda: $([ -d /usr/local/cuda ] && echo yes || echo no)" \
+    | tee "$out/check-quick.txt"
+  if ! timeout 100 /tmp/mixlm-bin/mixlm check-backend --backend cuda --precision bf16 --quick \
+      2>&1 | tee -a "$out/check-quick.txt"; then
+    echo "FAILED: the quick CUDA check (bf16) failed or ran past 100 s; see $out/check-quick.txt." >&2
+    echo "cubecl-cuda compiles kernels with NVRTC and needs CUDA's headers: CUDA_PATH, /usr/local/cuda or /opt/cuda." >&2
+    exit 1
+  fi
+fi
 
 # 1. The checks (bench_gpu.py's --check runs them, and the nccl binary's with it, but
 #    with --quick the long shapes are skipped, so they are run here directly).

@@ -24,7 +24,7 @@ use burn::tensor::{Bool, Tensor, TensorPrimitive};
 use crate::config::{AttentionKernel, Precision};
 
 #[cfg(feature = "cubecl")]
-mod cube;
+pub mod cube;
 
 /// The backends mixlm's model runs on: Burn's [`Backend`] plus causal attention whose
 /// backward recomputes the probabilities instead of storing them.

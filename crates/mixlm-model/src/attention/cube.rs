@@ -16,8 +16,8 @@
 //! (no tensor cores yet); `benches/RESULTS.md` tracks how they compare.
 //!
 //! Every loop over the head dimension is unrolled (`head_dim` is known when the kernel
-//! is compiled). This keeps a row and its accumulators addressable as registers. It
-//! also keeps each invocation under llvmpipe's cap of 65,535 loop iterations
+//! is compiled), except on CUDA past head size 64 ([`unrolled`]). This keeps a row and
+//! its accumulators addressable as registers. It also keeps each invocation under llvmpipe's cap of 65,535 loop iterations
 //! (lavapipe, the Vulkan driver CI tests on): rolled, the loops of a query row near
 //! position 470 already made that many at head size 64. Past the cap, llvmpipe
 //! silently skips the remaining iterations.
@@ -51,9 +51,10 @@ fn load_rows<F: Float>(
     slot: usize,
     scale: f32,
     #[comptime] head_dim: u32,
+    #[comptime] unroll: bool,
 ) {
     let d = head_dim as usize;
-    #[unroll]
+    #[unroll(unroll)]
     for c in 0..d {
         a_tile[slot * d + c] = f32::cast_from(a[base + row * d + c]) * scale;
         b_tile[slot * d + c] = f32::cast_from(b[base + row * d + c]);
@@ -67,10 +68,11 @@ fn dot_tile(
     tile: &SharedMemory<f32>,
     slot: usize,
     #[comptime] head_dim: u32,
+    #[comptime] unroll: bool,
 ) -> f32 {
     let d = head_dim as usize;
     let mut sum = f32::new(0.0);
-    #[unroll]
+    #[unroll(unroll)]
     for c in 0..d {
         sum += x[c] * tile[slot * d + c];
     }
@@ -87,9 +89,10 @@ fn read_row<F: Float>(
     active: bool,
     row: &mut Array<f32>,
     #[comptime] head_dim: u32,
+    #[comptime] unroll: bool,
 ) {
     let d = head_dim as usize;
-    #[unroll]
+    #[unroll(unroll)]
     for c in 0..d {
         row[c] = 0.0;
         if active {
@@ -99,9 +102,9 @@ fn read_row<F: Float>(
 }
 
 #[cube]
-fn zeros(row: &mut Array<f32>, #[comptime] head_dim: u32) {
+fn zeros(row: &mut Array<f32>, #[comptime] head_dim: u32, #[comptime] unroll: bool) {
     let d = head_dim as usize;
-    #[unroll]
+    #[unroll(unroll)]
     for c in 0..d {
         row[c] = 0.0;
     }
@@ -119,6 +122,7 @@ fn forward_kernel<F: Float>(
     scale: f32,
     #[comptime] block: u32,
     #[comptime] head_dim: u32,
+    #[comptime] unroll: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let bs = block as usize;
@@ -136,15 +140,26 @@ fn forward_kernel<F: Float>(
     let mut scores = Array::<f32>::new(bs);
     let mut k_tile = SharedMemory::<f32>::new(bs * d);
     let mut v_tile = SharedMemory::<f32>::new(bs * d);
-    read_row::<F>(q, base + i * d, scale, active, &mut q_row, head_dim);
-    zeros(&mut acc, head_dim);
+    read_row::<F>(q, base + i * d, scale, active, &mut q_row, head_dim, unroll);
+    zeros(&mut acc, head_dim, unroll);
     let mut m = f32::new(-1.0e30);
     let mut l = f32::new(0.0);
 
     for kt in 0..query_block + 1 {
         let j = kt * bs + u;
         if j < t {
-            load_rows::<F>(k, v, &mut k_tile, &mut v_tile, base, j, u, 1.0, head_dim);
+            load_rows::<F>(
+                k,
+                v,
+                &mut k_tile,
+                &mut v_tile,
+                base,
+                j,
+                u,
+                1.0,
+                head_dim,
+                unroll,
+            );
         }
         sync_cube();
         if active {
@@ -152,7 +167,7 @@ fn forward_kernel<F: Float>(
             for jj in 0..bs {
                 let mut s = f32::new(-1.0e30);
                 if kt * bs + jj <= i {
-                    s = dot_tile(&q_row, &k_tile, jj, head_dim);
+                    s = dot_tile(&q_row, &k_tile, jj, head_dim, unroll);
                 }
                 scores[jj] = s;
                 if s > tile_max {
@@ -161,7 +176,7 @@ fn forward_kernel<F: Float>(
             }
             let correction = (m - tile_max).exp();
             l *= correction;
-            #[unroll]
+            #[unroll(unroll)]
             for c in 0..d {
                 acc[c] *= correction;
             }
@@ -169,7 +184,7 @@ fn forward_kernel<F: Float>(
                 if kt * bs + jj <= i {
                     let p = (scores[jj] - tile_max).exp();
                     l += p;
-                    #[unroll]
+                    #[unroll(unroll)]
                     for c in 0..d {
                         acc[c] += p * v_tile[jj * d + c];
                     }
@@ -181,7 +196,7 @@ fn forward_kernel<F: Float>(
     }
 
     if active {
-        #[unroll]
+        #[unroll(unroll)]
         for c in 0..d {
             out[base + i * d + c] = F::cast_from(acc[c] / l);
         }
@@ -204,6 +219,7 @@ fn backward_query_kernel<F: Float>(
     scale: f32,
     #[comptime] block: u32,
     #[comptime] head_dim: u32,
+    #[comptime] unroll: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let bs = block as usize;
@@ -221,13 +237,21 @@ fn backward_query_kernel<F: Float>(
     let mut acc = Array::<f32>::new(d);
     let mut k_tile = SharedMemory::<f32>::new(bs * d);
     let mut v_tile = SharedMemory::<f32>::new(bs * d);
-    read_row::<F>(q, base + i * d, scale, active, &mut q_row, head_dim);
-    read_row::<F>(grad, base + i * d, 1.0, active, &mut grad_row, head_dim);
-    zeros(&mut acc, head_dim);
+    read_row::<F>(q, base + i * d, scale, active, &mut q_row, head_dim, unroll);
+    read_row::<F>(
+        grad,
+        base + i * d,
+        1.0,
+        active,
+        &mut grad_row,
+        head_dim,
+        unroll,
+    );
+    zeros(&mut acc, head_dim, unroll);
     let mut row_lse = f32::new(0.0);
     let mut row_delta = f32::new(0.0);
     if active {
-        #[unroll]
+        #[unroll(unroll)]
         for c in 0..d {
             row_delta += grad_row[c] * f32::cast_from(out[base + i * d + c]);
         }
@@ -237,16 +261,27 @@ fn backward_query_kernel<F: Float>(
     for kt in 0..query_block + 1 {
         let j = kt * bs + u;
         if j < t {
-            load_rows::<F>(k, v, &mut k_tile, &mut v_tile, base, j, u, 1.0, head_dim);
+            load_rows::<F>(
+                k,
+                v,
+                &mut k_tile,
+                &mut v_tile,
+                base,
+                j,
+                u,
+                1.0,
+                head_dim,
+                unroll,
+            );
         }
         sync_cube();
         if active {
             for jj in 0..bs {
                 if kt * bs + jj <= i {
-                    let p = (dot_tile(&q_row, &k_tile, jj, head_dim) - row_lse).exp();
-                    let dp = dot_tile(&grad_row, &v_tile, jj, head_dim);
+                    let p = (dot_tile(&q_row, &k_tile, jj, head_dim, unroll) - row_lse).exp();
+                    let dp = dot_tile(&grad_row, &v_tile, jj, head_dim, unroll);
                     let ds = p * (dp - row_delta);
-                    #[unroll]
+                    #[unroll(unroll)]
                     for c in 0..d {
                         acc[c] += ds * k_tile[jj * d + c];
                     }
@@ -257,7 +292,7 @@ fn backward_query_kernel<F: Float>(
     }
 
     if active {
-        #[unroll]
+        #[unroll(unroll)]
         for c in 0..d {
             dq[base + i * d + c] = F::cast_from(acc[c] * scale);
         }
@@ -280,6 +315,7 @@ fn backward_key_kernel<F: Float>(
     scale: f32,
     #[comptime] block: u32,
     #[comptime] head_dim: u32,
+    #[comptime] unroll: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let bs = block as usize;
@@ -303,10 +339,10 @@ fn backward_key_kernel<F: Float>(
     let mut grad_tile = SharedMemory::<f32>::new(bs * d);
     let mut lse_tile = SharedMemory::<f32>::new(bs);
     let mut delta_tile = SharedMemory::<f32>::new(bs);
-    read_row::<F>(k, base + j * d, 1.0, active, &mut k_row, head_dim);
-    read_row::<F>(v, base + j * d, 1.0, active, &mut v_row, head_dim);
-    zeros(&mut dk_acc, head_dim);
-    zeros(&mut dv_acc, head_dim);
+    read_row::<F>(k, base + j * d, 1.0, active, &mut k_row, head_dim, unroll);
+    read_row::<F>(v, base + j * d, 1.0, active, &mut v_row, head_dim, unroll);
+    zeros(&mut dk_acc, head_dim, unroll);
+    zeros(&mut dv_acc, head_dim, unroll);
 
     for qt in key_block..tiles {
         let i = qt * bs + u;
@@ -322,6 +358,7 @@ fn backward_key_kernel<F: Float>(
                 u,
                 scale,
                 head_dim,
+                unroll,
             );
             lse_tile[u] = lse[z * t + i];
             delta_tile[u] = delta[z * t + i];
@@ -331,10 +368,10 @@ fn backward_key_kernel<F: Float>(
             for ii in 0..bs {
                 let i = qt * bs + ii;
                 if i >= j && i < t {
-                    let p = (dot_tile(&k_row, &q_tile, ii, head_dim) - lse_tile[ii]).exp();
-                    let dp = dot_tile(&v_row, &grad_tile, ii, head_dim);
+                    let p = (dot_tile(&k_row, &q_tile, ii, head_dim, unroll) - lse_tile[ii]).exp();
+                    let dp = dot_tile(&v_row, &grad_tile, ii, head_dim, unroll);
                     let ds = p * (dp - delta_tile[ii]);
-                    #[unroll]
+                    #[unroll(unroll)]
                     for c in 0..d {
                         dv_acc[c] += p * grad_tile[ii * d + c];
                         dk_acc[c] += ds * q_tile[ii * d + c];
@@ -346,12 +383,137 @@ fn backward_key_kernel<F: Float>(
     }
 
     if active {
-        #[unroll]
+        #[unroll(unroll)]
         for c in 0..d {
             dk[base + j * d + c] = F::cast_from(dk_acc[c]);
             dv[base + j * d + c] = F::cast_from(dv_acc[c]);
         }
     }
+}
+
+/// The largest power-of-two row block (8..=64) whose two `[block, head_dim]` f32 tiles
+/// and two `[block]` vectors fit the device's shared memory: the cube size of all three
+/// kernels.
+pub fn row_block(head_dim: usize, props: &cubecl::ir::HardwareProperties) -> usize {
+    let fits = |block: usize| {
+        (2 * block * head_dim + 2 * block) * 4 <= props.max_shared_memory_size
+            && block as u32 <= props.max_units_per_cube
+    };
+    [64, 32, 16, 8]
+        .into_iter()
+        .find(|&bl| fits(bl))
+        .unwrap_or(8)
+}
+
+/// Whether the loops over the head dimension are unrolled. Unrolled, a row and its
+/// accumulators live in registers; that fits up to head size 64 (`benches/RESULTS.md`,
+/// the CUDA resource table). Past it, CUDA spills them to local memory either way, and
+/// unrolling only multiplies the code (a megabyte of CUDA source per kernel at head
+/// size 256, a minute of NVRTC each), so CUDA runs them as loops. Other runtimes
+/// always unroll: lavapipe (Mesa's CPU Vulkan, which CI tests wgpu on) skips loop
+/// iterations past 65,535 per invocation without a word (the module docs).
+pub fn unrolled<R: Runtime>(client: &ComputeClient<R>, head_dim: usize) -> bool {
+    R::name(client) != "cuda" || head_dim <= 64
+}
+
+/// One kernel of this module, as a runtime compiles it.
+pub struct NamedKernel<C: cubecl::Compiler> {
+    pub name: &'static str,
+    /// Units per cube (rows per block).
+    pub block: u32,
+    pub task: Box<dyn cubecl::CubeTask<C>>,
+}
+
+/// The three kernels exactly as [`forward`] and [`backward`] launch them for storage
+/// type `dtype` and head size `head_dim` on `client`'s device: the same comptime
+/// arguments, cube size and settings, as the macro-generated `launch` builds them. For
+/// compiling them ahead of time without running them (`mixlm-kernel-check` compiles
+/// them for CUDA on a machine without a GPU).
+pub fn kernel_tasks<R: Runtime>(
+    client: &ComputeClient<R>,
+    dtype: StorageType,
+    head_dim: usize,
+) -> Vec<NamedKernel<R::Compiler>> {
+    let block = row_block(head_dim, &client.properties().hardware) as u32;
+    let d = head_dim as u32;
+    let unroll = unrolled(client, head_dim);
+    // What `#[cube(launch)]`'s `launch` passes: default settings, the cube size, u32
+    // addresses; tensors not aliased (`inplace: None`), scalars without compile data.
+    let settings = KernelSettings::default()
+        .cube_dim(CubeDim::new_1d(block))
+        .address_type(AddressType::U32);
+    let t = || TensorCompilationArg { inplace: None };
+    let c = client.clone();
+    let boxed =
+        |name, task: Box<dyn cubecl::CubeTask<R::Compiler>>| NamedKernel { name, block, task };
+    vec![
+        boxed(
+            "forward",
+            Box::new(KernelTask::<R::Compiler, _>::new(
+                forward_kernel::ForwardKernel::<R>::new(
+                    settings.clone(),
+                    c.clone(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    (),
+                    (),
+                    block,
+                    d,
+                    unroll,
+                    dtype,
+                ),
+            )),
+        ),
+        boxed(
+            "backward_query",
+            Box::new(KernelTask::<R::Compiler, _>::new(
+                backward_query_kernel::BackwardQueryKernel::<R>::new(
+                    settings.clone(),
+                    c.clone(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    (),
+                    (),
+                    block,
+                    d,
+                    unroll,
+                    dtype,
+                ),
+            )),
+        ),
+        boxed(
+            "backward_key",
+            Box::new(KernelTask::<R::Compiler, _>::new(
+                backward_key_kernel::BackwardKeyKernel::<R>::new(
+                    settings,
+                    c,
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    (),
+                    (),
+                    block,
+                    d,
+                    unroll,
+                    dtype,
+                ),
+            )),
+        ),
+    ]
 }
 
 /// Launch geometry shared by the three kernels.
@@ -360,6 +522,7 @@ struct Launch {
     seq: usize,
     head_dim: usize,
     block: usize,
+    unroll: bool,
 }
 
 impl Launch {
@@ -380,14 +543,7 @@ impl Launch {
             "causal attention kernels hold a head in registers: head_dim {d} > {MAX_HEAD_DIM}"
         );
         let props = &q.client.properties().hardware;
-        let fits = |block: usize| {
-            (2 * block * d + 2 * block) * 4 <= props.max_shared_memory_size
-                && block as u32 <= props.max_units_per_cube
-        };
-        let block = [64, 32, 16, 8]
-            .into_iter()
-            .find(|&bl| fits(bl))
-            .unwrap_or(8);
+        let block = row_block(d, props);
         let (max_x, max_y, _) = props.max_cube_count;
         assert!(
             (b * h) as u64 <= max_x as u64 && t.div_ceil(block) as u64 <= max_y as u64,
@@ -401,6 +557,7 @@ impl Launch {
             seq: t,
             head_dim: d,
             block,
+            unroll: unrolled::<R>(&q.client, d),
         }
     }
 
@@ -455,6 +612,7 @@ fn forward<R: CubeRuntime>(
         scale,
         launch.block as u32,
         launch.head_dim as u32,
+        launch.unroll,
         dtype.into(),
     );
     (out, lse)
@@ -499,6 +657,7 @@ fn backward<R: CubeRuntime>(
         scale,
         launch.block as u32,
         launch.head_dim as u32,
+        launch.unroll,
         dtype.into(),
     );
     backward_key_kernel::launch::<R>(
@@ -517,6 +676,7 @@ fn backward<R: CubeRuntime>(
         scale,
         launch.block as u32,
         launch.head_dim as u32,
+        launch.unroll,
         dtype.into(),
     );
     [dq, dk, dv]

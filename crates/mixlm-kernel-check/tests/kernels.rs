@@ -1,0 +1,107 @@
+//! The kernels' CUDA source, generated without CUDA installed; NVRTC and ptxas on it
+//! where a toolkit is given (`CUDA_PATH`, libnvrtc on the library path), skipped with
+//! the reason otherwise (`scripts/cuda-kernels.sh` and `.ci/run` run them all).
+
+use std::path::PathBuf;
+
+use cubecl::prelude::*;
+use cubecl_ir::{ElemType, FloatKind};
+use mixlm_kernel_check::nvrtc::{self, Toolkit};
+use mixlm_kernel_check::target::{cuda_source, Arch, CudaSource, CudaTarget};
+use mixlm_kernel_check::{occupancy, ptxas};
+use mixlm_model::attention::cube::kernel_tasks;
+
+fn sources(arch: Arch, kind: FloatKind, head_dim: usize) -> Vec<(&'static str, u32, CudaSource)> {
+    let client = ComputeClient::<CudaTarget>::load(&arch);
+    kernel_tasks(&client, ElemType::Float(kind).into(), head_dim)
+        .into_iter()
+        .map(|k| {
+            let source = cuda_source(k.task.as_ref(), arch, ExecutionMode::Checked).unwrap();
+            (k.name, k.block, source)
+        })
+        .collect()
+}
+
+#[test]
+fn every_kernel_becomes_cuda_source_for_both_architectures() {
+    for arch in [Arch::SM80, Arch::SM90] {
+        let kernels = sources(arch, FloatKind::BF16, 64);
+        let names: Vec<_> = kernels.iter().map(|(n, _, _)| *n).collect();
+        assert_eq!(names, ["forward", "backward_query", "backward_key"]);
+        for (name, block, s) in &kernels {
+            assert_eq!(*block, 64, "{name}: 64 rows per block fit at head size 64");
+            assert!(s.source.contains("extern \"C\" __global__"), "{name}");
+            assert!(s.source.contains("__launch_bounds__(64)"), "{name}");
+            assert!(s.source.contains("cuda_bf16.h"), "{name}");
+            // Two [64, 64] f32 tiles; the key side also stages two [64] vectors
+            // (log-sum-exp and delta).
+            let tiles = 2 * 64 * 64 * 4;
+            let expected = if *name == "backward_key" {
+                tiles + 2 * 64 * 4
+            } else {
+                tiles
+            };
+            assert_eq!(s.shared_memory, expected, "{name}");
+        }
+    }
+}
+
+#[test]
+fn past_head_size_64_cuda_runs_the_head_loops_rolled() {
+    // Unrolled at 64, the source grows with the head size; rolled at 128 it is smaller
+    // than at 64 (mixlm_model::attention::cube::unrolled).
+    let len = |d| -> usize {
+        sources(Arch::SM90, FloatKind::F32, d)
+            .iter()
+            .map(|(_, _, s)| s.source.len())
+            .sum()
+    };
+    let (d16, d64, d128) = (len(16), len(64), len(128));
+    assert!(d16 < d64, "{d16} {d64}");
+    assert!(d128 < d64, "{d128} {d64}");
+}
+
+#[test]
+fn a_folder_without_a_toolkit_is_named() {
+    let e = Toolkit::find(&PathBuf::from("/nonexistent/cuda"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("/nonexistent/cuda: no CUDA headers"), "{e}");
+}
+
+/// The toolkit of `CUDA_PATH`, when NVRTC loads too.
+fn toolkit() -> Option<Toolkit> {
+    let Some(root) = std::env::var_os("CUDA_PATH") else {
+        println!("skipped: CUDA_PATH is not set (scripts/cuda-kernels.sh compiles the kernels)");
+        return None;
+    };
+    if !nvrtc::available() {
+        println!("skipped: libnvrtc is not on the library path");
+        return None;
+    }
+    Some(Toolkit::find(&PathBuf::from(root)).unwrap())
+}
+
+#[test]
+fn nvrtc_and_ptxas_take_the_forward_kernel_and_refuse_a_broken_one() {
+    let Some(toolkit) = toolkit() else { return };
+    let (_, block, s) = sources(Arch::SM90, FloatKind::BF16, 64).remove(0);
+    let dir = tempfile::tempdir().unwrap();
+    let ptx = nvrtc::compile(&s.source, &s.entrypoint, Arch::SM90, &toolkit).unwrap();
+    let file = dir.path().join("forward.ptx");
+    std::fs::write(&file, ptx).unwrap();
+    let r = ptxas::assemble(&toolkit.ptxas, &file, &s.entrypoint, Arch::SM90).unwrap();
+    assert!(r.registers > 0 && r.registers <= 255, "{r:?}");
+    let o = occupancy::occupancy(
+        occupancy::Sm::H100,
+        block,
+        r.registers,
+        s.shared_memory as u32,
+    );
+    assert!(o.blocks > 0, "{o:?}");
+    let broken = format!("{}\nthis line is not C++;\n", s.source);
+    let e = nvrtc::compile(&broken, &s.entrypoint, Arch::SM90, &toolkit)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NVRTC failed"), "{e}");
+}
