@@ -164,7 +164,7 @@ fn check_arch(arch: Arch, args: &Args, toolkit: &Toolkit, head_dims: &[usize]) -
                     dtype: dtype.clone(),
                     head_dim,
                     arch,
-                    block: kernel.block,
+                    block: kernel.units,
                     shared,
                     outcome,
                 });

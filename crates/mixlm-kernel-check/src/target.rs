@@ -22,6 +22,7 @@ use cubecl_cpp::cuda::mma::{contiguous_elements_cuda, CudaWmmaCompiler};
 use cubecl_cpp::cuda::CudaDialect;
 use cubecl_cpp::register_supported_types;
 use cubecl_cpp::shared::{CompilationOptions, CppCompiler, CppSupportedFeatures};
+use cubecl_ir::features::Plane;
 use cubecl_ir::{
     ContiguousElements, DeviceProperties, HardwareProperties, MatrixLayout, MemoryDeviceProperties,
     MmaProperties, TargetProperties, VectorSize,
@@ -106,6 +107,12 @@ impl Arch {
         let mut props =
             DeviceProperties::new(Default::default(), memory, hardware, TimingMethod::System);
         register_supported_types(&mut props);
+        // Plane (warp) operations, with divergent control flow; plane sync from 7.0.
+        props.features.plane.insert(Plane::Ops);
+        props.features.plane.insert(Plane::NonUniformControlFlow);
+        if self.version >= 70 {
+            props.features.plane.insert(Plane::Sync);
+        }
         props.features.memory_reinterpret = true;
         props.features.alignment = true;
         props

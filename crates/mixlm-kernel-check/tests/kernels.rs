@@ -9,7 +9,7 @@ use cubecl_ir::{ElemType, FloatKind};
 use mixlm_kernel_check::nvrtc::{self, Toolkit};
 use mixlm_kernel_check::target::{cuda_source, Arch, CudaSource, CudaTarget};
 use mixlm_kernel_check::{occupancy, ptxas};
-use mixlm_model::attention::cube::kernel_tasks;
+use mixlm_model::attention::cube::{geometry, kernel_tasks};
 
 fn sources(arch: Arch, kind: FloatKind, head_dim: usize) -> Vec<(&'static str, u32, CudaSource)> {
     let client = ComputeClient::<CudaTarget>::load(&arch);
@@ -17,7 +17,7 @@ fn sources(arch: Arch, kind: FloatKind, head_dim: usize) -> Vec<(&'static str, u
         .into_iter()
         .map(|k| {
             let source = cuda_source(k.task.as_ref(), arch, ExecutionMode::Checked).unwrap();
-            (k.name, k.block, source)
+            (k.name, k.units, source)
         })
         .collect()
 }
@@ -28,10 +28,17 @@ fn every_kernel_becomes_cuda_source_for_both_architectures() {
         let kernels = sources(arch, FloatKind::BF16, 64);
         let names: Vec<_> = kernels.iter().map(|(n, _, _)| *n).collect();
         assert_eq!(names, ["forward", "backward_query", "backward_key"]);
-        for (name, block, s) in &kernels {
-            assert_eq!(*block, 64, "{name}: 64 rows per block fit at head size 64");
+        for (name, units, s) in &kernels {
+            // 64 rows per block fit at head size 64, each shared by 4 units of 16
+            // elements.
+            let expected_units = 256;
+            assert_eq!(*units, expected_units, "{name}");
             assert!(s.source.contains("extern \"C\" __global__"), "{name}");
-            assert!(s.source.contains("__launch_bounds__(64)"), "{name}");
+            assert!(
+                s.source
+                    .contains(&format!("__launch_bounds__({expected_units})")),
+                "{name}"
+            );
             assert!(s.source.contains("cuda_bf16.h"), "{name}");
             // Two [64, 64] f32 tiles; the key side also stages two [64] vectors
             // (log-sum-exp and delta).
@@ -47,18 +54,22 @@ fn every_kernel_becomes_cuda_source_for_both_architectures() {
 }
 
 #[test]
-fn past_head_size_64_cuda_runs_the_head_loops_rolled() {
-    // Unrolled at 64, the source grows with the head size; rolled at 128 it is smaller
-    // than at 64 (mixlm_model::attention::cube::unrolled).
+fn cuda_splits_rows_into_parts_of_16_and_the_code_stays_small() {
+    let client = ComputeClient::<CudaTarget>::load(&Arch::SM90);
+    // (head size, rows per block, lanes): at most 512 units per cube.
+    for (d, block, lanes) in [(16, 64, 1), (64, 64, 4), (128, 64, 8), (256, 32, 16)] {
+        assert_eq!(geometry(&client, d), (block, lanes), "head size {d}");
+    }
+    // Each unit unrolls its 16 elements whatever the head size, so the source does not
+    // grow with it (unrolled whole rows made a megabyte per kernel at 256).
     let len = |d| -> usize {
         sources(Arch::SM90, FloatKind::F32, d)
             .iter()
             .map(|(_, _, s)| s.source.len())
             .sum()
     };
-    let (d16, d64, d128) = (len(16), len(64), len(128));
-    assert!(d16 < d64, "{d16} {d64}");
-    assert!(d128 < d64, "{d128} {d64}");
+    let (d64, d256) = (len(64), len(256));
+    assert!(d256 < 2 * d64, "{d64} {d256}");
 }
 
 #[test]
@@ -85,7 +96,7 @@ fn toolkit() -> Option<Toolkit> {
 #[test]
 fn nvrtc_and_ptxas_take_the_forward_kernel_and_refuse_a_broken_one() {
     let Some(toolkit) = toolkit() else { return };
-    let (_, block, s) = sources(Arch::SM90, FloatKind::BF16, 64).remove(0);
+    let (_, units, s) = sources(Arch::SM90, FloatKind::BF16, 64).remove(0);
     let dir = tempfile::tempdir().unwrap();
     let ptx = nvrtc::compile(&s.source, &s.entrypoint, Arch::SM90, &toolkit).unwrap();
     let file = dir.path().join("forward.ptx");
@@ -94,7 +105,7 @@ fn nvrtc_and_ptxas_take_the_forward_kernel_and_refuse_a_broken_one() {
     assert!(r.registers > 0 && r.registers <= 255, "{r:?}");
     let o = occupancy::occupancy(
         occupancy::Sm::H100,
-        block,
+        units,
         r.registers,
         s.shared_memory as u32,
     );

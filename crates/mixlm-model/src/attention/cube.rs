@@ -1,26 +1,32 @@
 //! Tiled causal attention kernels for CubeCL backends (wgpu, CUDA), forward and backward.
 //!
-//! One cube serves one `(batch, head)` and a block of `block` rows; each unit owns one
-//! row and keeps it, and its accumulators, in registers (f32, whatever the storage
-//! precision). The other operand streams through shared memory one tile of `block`
-//! rows at a time, so memory stays `O(seq · head_dim)`:
+//! One cube serves one `(batch, head)` and a block of `block` rows. Each row belongs to
+//! `lanes` consecutive units of a plane ([`row_lanes`]: on CUDA, parts of 16 to 31
+//! elements; elsewhere one unit holds the whole row); a unit keeps its part of the row,
+//! and of its accumulators, in registers (f32, whatever the storage precision), and
+//! dot products are summed over the lanes by plane shuffles. The other operand streams
+//! through shared memory one tile of `block` rows at a time, so memory stays
+//! `O(seq · head_dim)`:
 //!
-//! - forward: a unit per query row, online softmax over key tiles → output and
+//! - forward: a query row per lane group, online softmax over key tiles → output and
 //!   log-sum-exp;
-//! - backward, query side: a unit per query row recomputes `P` from the log-sum-exp
+//! - backward, query side: a query row per group recomputes `P` from the log-sum-exp
 //!   and accumulates `dQ`; it also writes `delta = rowsum(dO ∘ O)`;
-//! - backward, key side: a unit per key row walks the query tiles at and after its own
-//!   and accumulates `dK` and `dV`. Splitting the backward this way needs no atomics.
+//! - backward, key side: a key row per group walks the query tiles at and after its
+//!   own and accumulates `dK` and `dV`. Splitting the backward this way needs no
+//!   atomics.
 //!
 //! The causal mask skips whole tiles above the diagonal. These are CUDA-core kernels
-//! (no tensor cores yet); `benches/RESULTS.md` tracks how they compare.
+//! (no tensor cores yet); `benches/RESULTS.md` has their registers, spills and
+//! occupancy on the A100 and H100 (`scripts/cuda-kernels.sh`) and how fast they are.
 //!
-//! Every loop over the head dimension is unrolled (`head_dim` is known when the kernel
-//! is compiled), except on CUDA past head size 64 ([`unrolled`]). This keeps a row and
-//! its accumulators addressable as registers. It also keeps each invocation under llvmpipe's cap of 65,535 loop iterations
-//! (lavapipe, the Vulkan driver CI tests on): rolled, the loops of a query row near
-//! position 470 already made that many at head size 64. Past the cap, llvmpipe
-//! silently skips the remaining iterations.
+//! Every loop over a unit's part of a row is unrolled (its length is known when the
+//! kernel is compiled), except on CUDA for parts past 64 elements ([`unrolled`]). This
+//! keeps the part and its accumulators addressable as registers. It also keeps each
+//! invocation under llvmpipe's cap of 65,535 loop iterations (lavapipe, the Vulkan
+//! driver CI tests on): rolled, the loops of a query row near position 470 already
+//! made that many at head size 64. Past the cap, llvmpipe silently skips the remaining
+//! iterations.
 
 use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
@@ -37,11 +43,19 @@ use super::ModelBackend;
 /// Largest head dimension the kernels hold in registers.
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// Loads row `row` of `a` and `b` (`[.., seq, d]`, contiguous, rows of this head start at
-/// `base`) into tile slot `slot`, scaling `a` by `scale`.
+// Every kernel gives `lanes` consecutive units to a row (a power of two, within a
+// plane): each holds `part = head_dim / lanes` of the row's elements and accumulators,
+// from column `o = lane * part`, and dot products are summed over the lanes by plane
+// shuffles ([`sum_lanes`]). Control flow stays uniform around the shuffles: rows past
+// the sequence compute on zeros and write nothing. With one lane (every runtime but
+// CUDA, [`row_lanes`]) a unit holds the whole row and no shuffle is emitted.
+
+/// Loads columns `o..o + part` of row `row` of `a` and `b` (`[.., seq, d]`,
+/// contiguous, rows of this head start at `base`) into tile slot `slot`, scaling `a`
+/// by `scale`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn load_rows<F: Float>(
+fn load_part<F: Float>(
     a: &Tensor<F>,
     b: &Tensor<F>,
     a_tile: &mut SharedMemory<f32>,
@@ -49,51 +63,72 @@ fn load_rows<F: Float>(
     base: usize,
     row: usize,
     slot: usize,
+    o: usize,
     scale: f32,
     #[comptime] head_dim: u32,
+    #[comptime] part: u32,
     #[comptime] unroll: bool,
 ) {
     let d = head_dim as usize;
+    let n = part as usize;
     #[unroll(unroll)]
-    for c in 0..d {
-        a_tile[slot * d + c] = f32::cast_from(a[base + row * d + c]) * scale;
-        b_tile[slot * d + c] = f32::cast_from(b[base + row * d + c]);
+    for c in 0..n {
+        a_tile[slot * d + o + c] = f32::cast_from(a[base + row * d + o + c]) * scale;
+        b_tile[slot * d + o + c] = f32::cast_from(b[base + row * d + o + c]);
     }
 }
 
-/// `Σ_c x[c] · tile[slot · d + c]`.
+/// `Σ_c x[c] · tile[slot · d + o + c]` over this unit's part of the row.
 #[cube]
-fn dot_tile(
+fn dot_part(
     x: &Array<f32>,
     tile: &SharedMemory<f32>,
     slot: usize,
+    o: usize,
     #[comptime] head_dim: u32,
+    #[comptime] part: u32,
     #[comptime] unroll: bool,
 ) -> f32 {
     let d = head_dim as usize;
+    let n = part as usize;
     let mut sum = f32::new(0.0);
     #[unroll(unroll)]
-    for c in 0..d {
-        sum += x[c] * tile[slot * d + c];
+    for c in 0..n {
+        sum += x[c] * tile[slot * d + o + c];
     }
     sum
 }
 
-/// This unit's own row into registers, times `scale`; zeros when the unit is past the
-/// end of the sequence (`active` false), so the registers are always defined.
+/// `x` summed over the `lanes` units that share a row (a butterfly of `log2(lanes)`
+/// shuffles); each of them gets the same sum.
 #[cube]
-fn read_row<F: Float>(
+fn sum_lanes(x: f32, #[comptime] lanes: u32) -> f32 {
+    let mut sum = x;
+    let mut mask = 1u32;
+    let steps = comptime!(lanes.trailing_zeros());
+    #[unroll]
+    for _ in 0..steps {
+        sum += plane_shuffle_xor(sum, mask);
+        mask *= 2;
+    }
+    sum
+}
+
+/// This unit's part of a row (`part` elements from `offset`) into registers, times
+/// `scale`; zeros when the row is past the end of the sequence (`active` false).
+#[cube]
+fn read_part<F: Float>(
     x: &Tensor<F>,
     offset: usize,
     scale: f32,
     active: bool,
     row: &mut Array<f32>,
-    #[comptime] head_dim: u32,
+    #[comptime] part: u32,
     #[comptime] unroll: bool,
 ) {
-    let d = head_dim as usize;
+    let n = part as usize;
     #[unroll(unroll)]
-    for c in 0..d {
+    for c in 0..n {
         row[c] = 0.0;
         if active {
             row[c] = f32::cast_from(x[offset + c]) * scale;
@@ -102,10 +137,10 @@ fn read_row<F: Float>(
 }
 
 #[cube]
-fn zeros(row: &mut Array<f32>, #[comptime] head_dim: u32, #[comptime] unroll: bool) {
-    let d = head_dim as usize;
+fn zeros(row: &mut Array<f32>, #[comptime] part: u32, #[comptime] unroll: bool) {
+    let n = part as usize;
     #[unroll(unroll)]
-    for c in 0..d {
+    for c in 0..n {
         row[c] = 0.0;
     }
 }
@@ -122,85 +157,106 @@ fn forward_kernel<F: Float>(
     scale: f32,
     #[comptime] block: u32,
     #[comptime] head_dim: u32,
+    #[comptime] lanes: u32,
     #[comptime] unroll: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let bs = block as usize;
-    let d = head_dim as usize;
+    let part = comptime!(head_dim / lanes);
+    let (bs, d, nl, n) = (
+        block as usize,
+        head_dim as usize,
+        lanes as usize,
+        part as usize,
+    );
     let t = seq as usize;
     let z = CUBE_POS_X as usize;
     let query_block = CUBE_POS_Y as usize;
-    let u = UNIT_POS_X as usize;
-    let i = query_block * bs + u;
+    let r = UNIT_POS_X as usize / nl;
+    let o = (UNIT_POS_X as usize % nl) * n;
+    let i = query_block * bs + r;
     let base = z * t * d;
     let active = i < t;
 
-    let mut q_row = Array::<f32>::new(d);
-    let mut acc = Array::<f32>::new(d);
+    let mut q_part = Array::<f32>::new(n);
+    let mut acc = Array::<f32>::new(n);
     let mut scores = Array::<f32>::new(bs);
     let mut k_tile = SharedMemory::<f32>::new(bs * d);
     let mut v_tile = SharedMemory::<f32>::new(bs * d);
-    read_row::<F>(q, base + i * d, scale, active, &mut q_row, head_dim, unroll);
-    zeros(&mut acc, head_dim, unroll);
+    read_part::<F>(
+        q,
+        base + i * d + o,
+        scale,
+        active,
+        &mut q_part,
+        part,
+        unroll,
+    );
+    zeros(&mut acc, part, unroll);
     let mut m = f32::new(-1.0e30);
     let mut l = f32::new(0.0);
 
     for kt in 0..query_block + 1 {
-        let j = kt * bs + u;
+        let j = kt * bs + r;
         if j < t {
-            load_rows::<F>(
+            load_part::<F>(
                 k,
                 v,
                 &mut k_tile,
                 &mut v_tile,
                 base,
                 j,
-                u,
+                r,
+                o,
                 1.0,
                 head_dim,
+                part,
                 unroll,
             );
         }
         sync_cube();
-        if active {
-            let mut tile_max = m;
-            for jj in 0..bs {
-                let mut s = f32::new(-1.0e30);
-                if kt * bs + jj <= i {
-                    s = dot_tile(&q_row, &k_tile, jj, head_dim, unroll);
-                }
-                scores[jj] = s;
-                if s > tile_max {
-                    tile_max = s;
-                }
+        let mut tile_max = m;
+        for jj in 0..bs {
+            let dot = sum_lanes(
+                dot_part(&q_part, &k_tile, jj, o, head_dim, part, unroll),
+                lanes,
+            );
+            let mut s = f32::new(-1.0e30);
+            if kt * bs + jj <= i {
+                s = dot;
             }
-            let correction = (m - tile_max).exp();
-            l *= correction;
-            #[unroll(unroll)]
-            for c in 0..d {
-                acc[c] *= correction;
+            scores[jj] = s;
+            if s > tile_max {
+                tile_max = s;
             }
-            for jj in 0..bs {
-                if kt * bs + jj <= i {
-                    let p = (scores[jj] - tile_max).exp();
-                    l += p;
-                    #[unroll(unroll)]
-                    for c in 0..d {
-                        acc[c] += p * v_tile[jj * d + c];
-                    }
-                }
-            }
-            m = tile_max;
         }
+        let correction = (m - tile_max).exp();
+        l *= correction;
+        #[unroll(unroll)]
+        for c in 0..n {
+            acc[c] *= correction;
+        }
+        for jj in 0..bs {
+            if kt * bs + jj <= i {
+                let p = (scores[jj] - tile_max).exp();
+                l += p;
+                #[unroll(unroll)]
+                for c in 0..n {
+                    acc[c] += p * v_tile[jj * d + o + c];
+                }
+            }
+        }
+        m = tile_max;
         sync_cube();
     }
 
     if active {
         #[unroll(unroll)]
-        for c in 0..d {
-            out[base + i * d + c] = F::cast_from(acc[c] / l);
+        for c in 0..n {
+            out[base + i * d + o + c] = F::cast_from(acc[c] / l);
         }
-        lse[z * t + i] = m + l.ln();
+        if o == 0 {
+            lse[z * t + i] = m + l.ln();
+        }
     }
 }
 
@@ -219,72 +275,94 @@ fn backward_query_kernel<F: Float>(
     scale: f32,
     #[comptime] block: u32,
     #[comptime] head_dim: u32,
+    #[comptime] lanes: u32,
     #[comptime] unroll: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let bs = block as usize;
-    let d = head_dim as usize;
+    let part = comptime!(head_dim / lanes);
+    let (bs, d, nl, n) = (
+        block as usize,
+        head_dim as usize,
+        lanes as usize,
+        part as usize,
+    );
     let t = seq as usize;
     let z = CUBE_POS_X as usize;
     let query_block = CUBE_POS_Y as usize;
-    let u = UNIT_POS_X as usize;
-    let i = query_block * bs + u;
+    let r = UNIT_POS_X as usize / nl;
+    let o = (UNIT_POS_X as usize % nl) * n;
+    let i = query_block * bs + r;
     let base = z * t * d;
     let active = i < t;
 
-    let mut q_row = Array::<f32>::new(d);
-    let mut grad_row = Array::<f32>::new(d);
-    let mut acc = Array::<f32>::new(d);
+    let mut q_part = Array::<f32>::new(n);
+    let mut grad_part = Array::<f32>::new(n);
+    let mut acc = Array::<f32>::new(n);
     let mut k_tile = SharedMemory::<f32>::new(bs * d);
     let mut v_tile = SharedMemory::<f32>::new(bs * d);
-    read_row::<F>(q, base + i * d, scale, active, &mut q_row, head_dim, unroll);
-    read_row::<F>(
-        grad,
-        base + i * d,
-        1.0,
+    read_part::<F>(
+        q,
+        base + i * d + o,
+        scale,
         active,
-        &mut grad_row,
-        head_dim,
+        &mut q_part,
+        part,
         unroll,
     );
-    zeros(&mut acc, head_dim, unroll);
+    read_part::<F>(
+        grad,
+        base + i * d + o,
+        1.0,
+        active,
+        &mut grad_part,
+        part,
+        unroll,
+    );
+    zeros(&mut acc, part, unroll);
     let mut row_lse = f32::new(0.0);
-    let mut row_delta = f32::new(0.0);
+    let mut delta_part = f32::new(0.0);
     if active {
         #[unroll(unroll)]
-        for c in 0..d {
-            row_delta += grad_row[c] * f32::cast_from(out[base + i * d + c]);
+        for c in 0..n {
+            delta_part += grad_part[c] * f32::cast_from(out[base + i * d + o + c]);
         }
         row_lse = lse[z * t + i];
     }
+    let row_delta = sum_lanes(delta_part, lanes);
 
     for kt in 0..query_block + 1 {
-        let j = kt * bs + u;
+        let j = kt * bs + r;
         if j < t {
-            load_rows::<F>(
+            load_part::<F>(
                 k,
                 v,
                 &mut k_tile,
                 &mut v_tile,
                 base,
                 j,
-                u,
+                r,
+                o,
                 1.0,
                 head_dim,
+                part,
                 unroll,
             );
         }
         sync_cube();
-        if active {
-            for jj in 0..bs {
-                if kt * bs + jj <= i {
-                    let p = (dot_tile(&q_row, &k_tile, jj, head_dim, unroll) - row_lse).exp();
-                    let dp = dot_tile(&grad_row, &v_tile, jj, head_dim, unroll);
-                    let ds = p * (dp - row_delta);
-                    #[unroll(unroll)]
-                    for c in 0..d {
-                        acc[c] += ds * k_tile[jj * d + c];
-                    }
+        for jj in 0..bs {
+            let qk = sum_lanes(
+                dot_part(&q_part, &k_tile, jj, o, head_dim, part, unroll),
+                lanes,
+            );
+            let dp = sum_lanes(
+                dot_part(&grad_part, &v_tile, jj, o, head_dim, part, unroll),
+                lanes,
+            );
+            if kt * bs + jj <= i {
+                let ds = (qk - row_lse).exp() * (dp - row_delta);
+                #[unroll(unroll)]
+                for c in 0..n {
+                    acc[c] += ds * k_tile[jj * d + o + c];
                 }
             }
         }
@@ -293,10 +371,12 @@ fn backward_query_kernel<F: Float>(
 
     if active {
         #[unroll(unroll)]
-        for c in 0..d {
-            dq[base + i * d + c] = F::cast_from(acc[c] * scale);
+        for c in 0..n {
+            dq[base + i * d + o + c] = F::cast_from(acc[c] * scale);
         }
-        delta[z * t + i] = row_delta;
+        if o == 0 {
+            delta[z * t + i] = row_delta;
+        }
     }
 }
 
@@ -315,67 +395,83 @@ fn backward_key_kernel<F: Float>(
     scale: f32,
     #[comptime] block: u32,
     #[comptime] head_dim: u32,
+    #[comptime] lanes: u32,
     #[comptime] unroll: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let bs = block as usize;
-    let d = head_dim as usize;
+    let part = comptime!(head_dim / lanes);
+    let (bs, d, nl, n) = (
+        block as usize,
+        head_dim as usize,
+        lanes as usize,
+        part as usize,
+    );
     let t = seq as usize;
     let z = CUBE_POS_X as usize;
     let key_block = CUBE_POS_Y as usize;
-    let u = UNIT_POS_X as usize;
-    let j = key_block * bs + u;
+    let r = UNIT_POS_X as usize / nl;
+    let o = (UNIT_POS_X as usize % nl) * n;
+    let j = key_block * bs + r;
     let base = z * t * d;
     let active = j < t;
     // Spelled out: `div_ceil` is not a CubeCL intrinsic.
     #[allow(clippy::manual_div_ceil)]
     let tiles = (t + bs - 1) / bs;
 
-    let mut k_row = Array::<f32>::new(d);
-    let mut v_row = Array::<f32>::new(d);
-    let mut dk_acc = Array::<f32>::new(d);
-    let mut dv_acc = Array::<f32>::new(d);
+    let mut k_part = Array::<f32>::new(n);
+    let mut v_part = Array::<f32>::new(n);
+    let mut dk_acc = Array::<f32>::new(n);
+    let mut dv_acc = Array::<f32>::new(n);
     let mut q_tile = SharedMemory::<f32>::new(bs * d);
     let mut grad_tile = SharedMemory::<f32>::new(bs * d);
     let mut lse_tile = SharedMemory::<f32>::new(bs);
     let mut delta_tile = SharedMemory::<f32>::new(bs);
-    read_row::<F>(k, base + j * d, 1.0, active, &mut k_row, head_dim, unroll);
-    read_row::<F>(v, base + j * d, 1.0, active, &mut v_row, head_dim, unroll);
-    zeros(&mut dk_acc, head_dim, unroll);
-    zeros(&mut dv_acc, head_dim, unroll);
+    read_part::<F>(k, base + j * d + o, 1.0, active, &mut k_part, part, unroll);
+    read_part::<F>(v, base + j * d + o, 1.0, active, &mut v_part, part, unroll);
+    zeros(&mut dk_acc, part, unroll);
+    zeros(&mut dv_acc, part, unroll);
 
     for qt in key_block..tiles {
-        let i = qt * bs + u;
+        let i = qt * bs + r;
         if i < t {
             // q is stored pre-scaled, so dK = Σ dS (scale · q) needs no final factor.
-            load_rows::<F>(
+            load_part::<F>(
                 q,
                 grad,
                 &mut q_tile,
                 &mut grad_tile,
                 base,
                 i,
-                u,
+                r,
+                o,
                 scale,
                 head_dim,
+                part,
                 unroll,
             );
-            lse_tile[u] = lse[z * t + i];
-            delta_tile[u] = delta[z * t + i];
+            if o == 0 {
+                lse_tile[r] = lse[z * t + i];
+                delta_tile[r] = delta[z * t + i];
+            }
         }
         sync_cube();
-        if active {
-            for ii in 0..bs {
-                let i = qt * bs + ii;
-                if i >= j && i < t {
-                    let p = (dot_tile(&k_row, &q_tile, ii, head_dim, unroll) - lse_tile[ii]).exp();
-                    let dp = dot_tile(&v_row, &grad_tile, ii, head_dim, unroll);
-                    let ds = p * (dp - delta_tile[ii]);
-                    #[unroll(unroll)]
-                    for c in 0..d {
-                        dv_acc[c] += p * grad_tile[ii * d + c];
-                        dk_acc[c] += ds * q_tile[ii * d + c];
-                    }
+        for ii in 0..bs {
+            let i = qt * bs + ii;
+            let qk = sum_lanes(
+                dot_part(&k_part, &q_tile, ii, o, head_dim, part, unroll),
+                lanes,
+            );
+            let dp = sum_lanes(
+                dot_part(&v_part, &grad_tile, ii, o, head_dim, part, unroll),
+                lanes,
+            );
+            if i >= j && i < t {
+                let p = (qk - lse_tile[ii]).exp();
+                let ds = p * (dp - delta_tile[ii]);
+                #[unroll(unroll)]
+                for c in 0..n {
+                    dv_acc[c] += p * grad_tile[ii * d + o + c];
+                    dk_acc[c] += ds * q_tile[ii * d + o + c];
                 }
             }
         }
@@ -384,9 +480,9 @@ fn backward_key_kernel<F: Float>(
 
     if active {
         #[unroll(unroll)]
-        for c in 0..d {
-            dk[base + j * d + c] = F::cast_from(dk_acc[c]);
-            dv[base + j * d + c] = F::cast_from(dv_acc[c]);
+        for c in 0..n {
+            dk[base + j * d + o + c] = F::cast_from(dk_acc[c]);
+            dv[base + j * d + o + c] = F::cast_from(dv_acc[c]);
         }
     }
 }
@@ -405,22 +501,60 @@ pub fn row_block(head_dim: usize, props: &cubecl::ir::HardwareProperties) -> usi
         .unwrap_or(8)
 }
 
-/// Whether the loops over the head dimension are unrolled. Unrolled, a row and its
-/// accumulators live in registers; that fits up to head size 64 (`benches/RESULTS.md`,
-/// the CUDA resource table). Past it, CUDA spills them to local memory either way, and
-/// unrolling only multiplies the code (a megabyte of CUDA source per kernel at head
-/// size 256, a minute of NVRTC each), so CUDA runs them as loops. Other runtimes
-/// always unroll: lavapipe (Mesa's CPU Vulkan, which CI tests wgpu on) skips loop
-/// iterations past 65,535 per invocation without a word (the module docs).
-pub fn unrolled<R: Runtime>(client: &ComputeClient<R>, head_dim: usize) -> bool {
-    R::name(client) != "cuda" || head_dim <= 64
+/// Whether the loops over a unit's part of a row (`part` elements) are unrolled.
+/// Unrolled, the part and its accumulators live in registers. On CUDA, where
+/// [`row_lanes`] splits rows into parts of 16 to 31 elements, they always are; a part
+/// past 64 elements would not fit in registers anyway, and unrolling it only multiplies
+/// the code (a megabyte of CUDA source per kernel at 256, a minute of NVRTC each), so
+/// CUDA would run it as a loop. Other runtimes always unroll: lavapipe (Mesa's CPU
+/// Vulkan, which CI tests wgpu on) skips loop iterations past 65,535 per invocation
+/// without a word (the module docs).
+pub fn unrolled<R: Runtime>(client: &ComputeClient<R>, part: usize) -> bool {
+    R::name(client) != "cuda" || part <= 64
+}
+
+/// Units that share a row: the largest power of two that leaves each at least 16 of
+/// the row's elements, within a plane. On CUDA only: the lanes sum their parts by
+/// plane shuffles, which cubecl-wgpu offers on GPUs but not on lavapipe, where CI tests
+/// the kernels; elsewhere 1.
+pub fn row_lanes<R: Runtime>(client: &ComputeClient<R>, head_dim: usize) -> usize {
+    let props = client.properties();
+    let planes = props
+        .features
+        .plane
+        .contains(cubecl::ir::features::Plane::Ops);
+    if R::name(client) != "cuda" || !planes {
+        return 1;
+    }
+    let plane = props.hardware.plane_size_min as usize;
+    let mut lanes = 1;
+    while head_dim.is_multiple_of(2 * lanes) && head_dim / (2 * lanes) >= 16 && 2 * lanes <= plane {
+        lanes *= 2;
+    }
+    lanes
+}
+
+/// Most units in one cube: 512 leave each up to 128 registers.
+const MAX_UNITS: usize = 512;
+
+/// Rows per cube and units per row for `head_dim` on `client`'s device: the row block
+/// of [`row_block`], halved while its rows' lanes would exceed [`MAX_UNITS`].
+pub fn geometry<R: Runtime>(client: &ComputeClient<R>, head_dim: usize) -> (usize, usize) {
+    let props = client.properties();
+    let lanes = row_lanes(client, head_dim);
+    let max_units = MAX_UNITS.min(props.hardware.max_units_per_cube as usize);
+    let mut block = row_block(head_dim, &props.hardware);
+    while block > 8 && block * lanes > max_units {
+        block /= 2;
+    }
+    (block, lanes)
 }
 
 /// One kernel of this module, as a runtime compiles it.
 pub struct NamedKernel<C: cubecl::Compiler> {
     pub name: &'static str,
-    /// Units per cube (rows per block).
-    pub block: u32,
+    /// Units per cube.
+    pub units: u32,
     pub task: Box<dyn cubecl::CubeTask<C>>,
 }
 
@@ -434,21 +568,25 @@ pub fn kernel_tasks<R: Runtime>(
     dtype: StorageType,
     head_dim: usize,
 ) -> Vec<NamedKernel<R::Compiler>> {
-    let block = row_block(head_dim, &client.properties().hardware) as u32;
-    let d = head_dim as u32;
-    let unroll = unrolled(client, head_dim);
+    let (block, lanes) = geometry(client, head_dim);
+    let (block, lanes, d) = (block as u32, lanes as u32, head_dim as u32);
+    let unroll = unrolled(client, head_dim / lanes as usize);
     // What `#[cube(launch)]`'s `launch` passes: default settings, the cube size, u32
     // addresses; tensors not aliased (`inplace: None`), scalars without compile data.
     let settings = KernelSettings::default()
-        .cube_dim(CubeDim::new_1d(block))
+        .cube_dim(CubeDim::new_1d(block * lanes))
         .address_type(AddressType::U32);
     let t = || TensorCompilationArg { inplace: None };
     let c = client.clone();
-    let boxed =
-        |name, task: Box<dyn cubecl::CubeTask<R::Compiler>>| NamedKernel { name, block, task };
+    let boxed = |name, units, task: Box<dyn cubecl::CubeTask<R::Compiler>>| NamedKernel {
+        name,
+        units,
+        task,
+    };
     vec![
         boxed(
             "forward",
+            block * lanes,
             Box::new(KernelTask::<R::Compiler, _>::new(
                 forward_kernel::ForwardKernel::<R>::new(
                     settings.clone(),
@@ -462,6 +600,7 @@ pub fn kernel_tasks<R: Runtime>(
                     (),
                     block,
                     d,
+                    lanes,
                     unroll,
                     dtype,
                 ),
@@ -469,6 +608,7 @@ pub fn kernel_tasks<R: Runtime>(
         ),
         boxed(
             "backward_query",
+            block * lanes,
             Box::new(KernelTask::<R::Compiler, _>::new(
                 backward_query_kernel::BackwardQueryKernel::<R>::new(
                     settings.clone(),
@@ -485,6 +625,7 @@ pub fn kernel_tasks<R: Runtime>(
                     (),
                     block,
                     d,
+                    lanes,
                     unroll,
                     dtype,
                 ),
@@ -492,6 +633,7 @@ pub fn kernel_tasks<R: Runtime>(
         ),
         boxed(
             "backward_key",
+            block * lanes,
             Box::new(KernelTask::<R::Compiler, _>::new(
                 backward_key_kernel::BackwardKeyKernel::<R>::new(
                     settings,
@@ -508,6 +650,7 @@ pub fn kernel_tasks<R: Runtime>(
                     (),
                     block,
                     d,
+                    lanes,
                     unroll,
                     dtype,
                 ),
@@ -523,6 +666,8 @@ struct Launch {
     head_dim: usize,
     block: usize,
     unroll: bool,
+    /// Units per row.
+    lanes: usize,
 }
 
 impl Launch {
@@ -542,8 +687,8 @@ impl Launch {
             d <= MAX_HEAD_DIM,
             "causal attention kernels hold a head in registers: head_dim {d} > {MAX_HEAD_DIM}"
         );
+        let (block, lanes) = geometry::<R>(&q.client, d);
         let props = &q.client.properties().hardware;
-        let block = row_block(d, props);
         let (max_x, max_y, _) = props.max_cube_count;
         assert!(
             (b * h) as u64 <= max_x as u64 && t.div_ceil(block) as u64 <= max_y as u64,
@@ -557,7 +702,8 @@ impl Launch {
             seq: t,
             head_dim: d,
             block,
-            unroll: unrolled::<R>(&q.client, d),
+            unroll: unrolled::<R>(&q.client, d / lanes),
+            lanes,
         }
     }
 
@@ -570,7 +716,7 @@ impl Launch {
     }
 
     fn dim(&self) -> CubeDim {
-        CubeDim::new_1d(self.block as u32)
+        CubeDim::new_1d((self.block * self.lanes) as u32)
     }
 
     fn empty<R: CubeRuntime>(
@@ -612,6 +758,7 @@ fn forward<R: CubeRuntime>(
         scale,
         launch.block as u32,
         launch.head_dim as u32,
+        launch.lanes as u32,
         launch.unroll,
         dtype.into(),
     );
@@ -657,6 +804,7 @@ fn backward<R: CubeRuntime>(
         scale,
         launch.block as u32,
         launch.head_dim as u32,
+        launch.lanes as u32,
         launch.unroll,
         dtype.into(),
     );
@@ -676,6 +824,7 @@ fn backward<R: CubeRuntime>(
         scale,
         launch.block as u32,
         launch.head_dim as u32,
+        launch.lanes as u32,
         launch.unroll,
         dtype.into(),
     );
