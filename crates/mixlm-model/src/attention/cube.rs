@@ -43,12 +43,334 @@ use super::ModelBackend;
 /// Largest head dimension the kernels hold in registers.
 pub const MAX_HEAD_DIM: usize = 256;
 
-// Every kernel gives `lanes` consecutive units to a row (a power of two, within a
-// plane): each holds `part = head_dim / lanes` of the row's elements and accumulators,
-// from column `o = lane * part`, and dot products are summed over the lanes by plane
-// shuffles ([`sum_lanes`]). Control flow stays uniform around the shuffles: rows past
-// the sequence compute on zeros and write nothing. With one lane (every runtime but
-// CUDA, [`row_lanes`]) a unit holds the whole row and no shuffle is emitted.
+// One unit per row (every runtime but CUDA, and CUDA where a row is too short to
+// split): the kernels as they have run on wgpu since the start, every loop over the
+// row unrolled. Kept apart from the split kernels below because lavapipe, where CI runs
+// them, compiled the split kernels' one-lane form about 5x slower (58 s against 283 s
+// for the agreement test).
+
+/// Loads row `row` of `a` and `b` (`[.., seq, d]`, contiguous, rows of this head start at
+/// `base`) into tile slot `slot`, scaling `a` by `scale`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_rows<F: Float>(
+    a: &Tensor<F>,
+    b: &Tensor<F>,
+    a_tile: &mut SharedMemory<f32>,
+    b_tile: &mut SharedMemory<f32>,
+    base: usize,
+    row: usize,
+    slot: usize,
+    scale: f32,
+    #[comptime] head_dim: u32,
+) {
+    let d = head_dim as usize;
+    #[unroll]
+    for c in 0..d {
+        a_tile[slot * d + c] = f32::cast_from(a[base + row * d + c]) * scale;
+        b_tile[slot * d + c] = f32::cast_from(b[base + row * d + c]);
+    }
+}
+
+/// `Σ_c x[c] · tile[slot · d + c]`.
+#[cube]
+fn dot_tile(
+    x: &Array<f32>,
+    tile: &SharedMemory<f32>,
+    slot: usize,
+    #[comptime] head_dim: u32,
+) -> f32 {
+    let d = head_dim as usize;
+    let mut sum = f32::new(0.0);
+    #[unroll]
+    for c in 0..d {
+        sum += x[c] * tile[slot * d + c];
+    }
+    sum
+}
+
+/// This unit's own row into registers, times `scale`; zeros when the unit is past the
+/// end of the sequence (`active` false), so the registers are always defined.
+#[cube]
+fn read_row<F: Float>(
+    x: &Tensor<F>,
+    offset: usize,
+    scale: f32,
+    active: bool,
+    row: &mut Array<f32>,
+    #[comptime] head_dim: u32,
+) {
+    let d = head_dim as usize;
+    #[unroll]
+    for c in 0..d {
+        row[c] = 0.0;
+        if active {
+            row[c] = f32::cast_from(x[offset + c]) * scale;
+        }
+    }
+}
+
+#[cube]
+fn zeros(row: &mut Array<f32>, #[comptime] head_dim: u32) {
+    let d = head_dim as usize;
+    #[unroll]
+    for c in 0..d {
+        row[c] = 0.0;
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn forward_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<F>,
+    lse: &mut Tensor<f32>,
+    seq: u32,
+    scale: f32,
+    #[comptime] block: u32,
+    #[comptime] head_dim: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let bs = block as usize;
+    let d = head_dim as usize;
+    let t = seq as usize;
+    let z = CUBE_POS_X as usize;
+    let query_block = CUBE_POS_Y as usize;
+    let u = UNIT_POS_X as usize;
+    let i = query_block * bs + u;
+    let base = z * t * d;
+    let active = i < t;
+
+    let mut q_row = Array::<f32>::new(d);
+    let mut acc = Array::<f32>::new(d);
+    let mut scores = Array::<f32>::new(bs);
+    let mut k_tile = SharedMemory::<f32>::new(bs * d);
+    let mut v_tile = SharedMemory::<f32>::new(bs * d);
+    read_row::<F>(q, base + i * d, scale, active, &mut q_row, head_dim);
+    zeros(&mut acc, head_dim);
+    let mut m = f32::new(-1.0e30);
+    let mut l = f32::new(0.0);
+
+    for kt in 0..query_block + 1 {
+        let j = kt * bs + u;
+        if j < t {
+            load_rows::<F>(k, v, &mut k_tile, &mut v_tile, base, j, u, 1.0, head_dim);
+        }
+        sync_cube();
+        if active {
+            let mut tile_max = m;
+            for jj in 0..bs {
+                let mut s = f32::new(-1.0e30);
+                if kt * bs + jj <= i {
+                    s = dot_tile(&q_row, &k_tile, jj, head_dim);
+                }
+                scores[jj] = s;
+                if s > tile_max {
+                    tile_max = s;
+                }
+            }
+            let correction = (m - tile_max).exp();
+            l *= correction;
+            #[unroll]
+            for c in 0..d {
+                acc[c] *= correction;
+            }
+            for jj in 0..bs {
+                if kt * bs + jj <= i {
+                    let p = (scores[jj] - tile_max).exp();
+                    l += p;
+                    #[unroll]
+                    for c in 0..d {
+                        acc[c] += p * v_tile[jj * d + c];
+                    }
+                }
+            }
+            m = tile_max;
+        }
+        sync_cube();
+    }
+
+    if active {
+        #[unroll]
+        for c in 0..d {
+            out[base + i * d + c] = F::cast_from(acc[c] / l);
+        }
+        lse[z * t + i] = m + l.ln();
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn backward_query_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &Tensor<F>,
+    grad: &Tensor<F>,
+    lse: &Tensor<f32>,
+    dq: &mut Tensor<F>,
+    delta: &mut Tensor<f32>,
+    seq: u32,
+    scale: f32,
+    #[comptime] block: u32,
+    #[comptime] head_dim: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let bs = block as usize;
+    let d = head_dim as usize;
+    let t = seq as usize;
+    let z = CUBE_POS_X as usize;
+    let query_block = CUBE_POS_Y as usize;
+    let u = UNIT_POS_X as usize;
+    let i = query_block * bs + u;
+    let base = z * t * d;
+    let active = i < t;
+
+    let mut q_row = Array::<f32>::new(d);
+    let mut grad_row = Array::<f32>::new(d);
+    let mut acc = Array::<f32>::new(d);
+    let mut k_tile = SharedMemory::<f32>::new(bs * d);
+    let mut v_tile = SharedMemory::<f32>::new(bs * d);
+    read_row::<F>(q, base + i * d, scale, active, &mut q_row, head_dim);
+    read_row::<F>(grad, base + i * d, 1.0, active, &mut grad_row, head_dim);
+    zeros(&mut acc, head_dim);
+    let mut row_lse = f32::new(0.0);
+    let mut row_delta = f32::new(0.0);
+    if active {
+        #[unroll]
+        for c in 0..d {
+            row_delta += grad_row[c] * f32::cast_from(out[base + i * d + c]);
+        }
+        row_lse = lse[z * t + i];
+    }
+
+    for kt in 0..query_block + 1 {
+        let j = kt * bs + u;
+        if j < t {
+            load_rows::<F>(k, v, &mut k_tile, &mut v_tile, base, j, u, 1.0, head_dim);
+        }
+        sync_cube();
+        if active {
+            for jj in 0..bs {
+                if kt * bs + jj <= i {
+                    let p = (dot_tile(&q_row, &k_tile, jj, head_dim) - row_lse).exp();
+                    let dp = dot_tile(&grad_row, &v_tile, jj, head_dim);
+                    let ds = p * (dp - row_delta);
+                    #[unroll]
+                    for c in 0..d {
+                        acc[c] += ds * k_tile[jj * d + c];
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+
+    if active {
+        #[unroll]
+        for c in 0..d {
+            dq[base + i * d + c] = F::cast_from(acc[c] * scale);
+        }
+        delta[z * t + i] = row_delta;
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn backward_key_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    grad: &Tensor<F>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
+    dk: &mut Tensor<F>,
+    dv: &mut Tensor<F>,
+    seq: u32,
+    scale: f32,
+    #[comptime] block: u32,
+    #[comptime] head_dim: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let bs = block as usize;
+    let d = head_dim as usize;
+    let t = seq as usize;
+    let z = CUBE_POS_X as usize;
+    let key_block = CUBE_POS_Y as usize;
+    let u = UNIT_POS_X as usize;
+    let j = key_block * bs + u;
+    let base = z * t * d;
+    let active = j < t;
+    // Spelled out: `div_ceil` is not a CubeCL intrinsic.
+    #[allow(clippy::manual_div_ceil)]
+    let tiles = (t + bs - 1) / bs;
+
+    let mut k_row = Array::<f32>::new(d);
+    let mut v_row = Array::<f32>::new(d);
+    let mut dk_acc = Array::<f32>::new(d);
+    let mut dv_acc = Array::<f32>::new(d);
+    let mut q_tile = SharedMemory::<f32>::new(bs * d);
+    let mut grad_tile = SharedMemory::<f32>::new(bs * d);
+    let mut lse_tile = SharedMemory::<f32>::new(bs);
+    let mut delta_tile = SharedMemory::<f32>::new(bs);
+    read_row::<F>(k, base + j * d, 1.0, active, &mut k_row, head_dim);
+    read_row::<F>(v, base + j * d, 1.0, active, &mut v_row, head_dim);
+    zeros(&mut dk_acc, head_dim);
+    zeros(&mut dv_acc, head_dim);
+
+    for qt in key_block..tiles {
+        let i = qt * bs + u;
+        if i < t {
+            // q is stored pre-scaled, so dK = Σ dS (scale · q) needs no final factor.
+            load_rows::<F>(
+                q,
+                grad,
+                &mut q_tile,
+                &mut grad_tile,
+                base,
+                i,
+                u,
+                scale,
+                head_dim,
+            );
+            lse_tile[u] = lse[z * t + i];
+            delta_tile[u] = delta[z * t + i];
+        }
+        sync_cube();
+        if active {
+            for ii in 0..bs {
+                let i = qt * bs + ii;
+                if i >= j && i < t {
+                    let p = (dot_tile(&k_row, &q_tile, ii, head_dim) - lse_tile[ii]).exp();
+                    let dp = dot_tile(&v_row, &grad_tile, ii, head_dim);
+                    let ds = p * (dp - delta_tile[ii]);
+                    #[unroll]
+                    for c in 0..d {
+                        dv_acc[c] += p * grad_tile[ii * d + c];
+                        dk_acc[c] += ds * q_tile[ii * d + c];
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+
+    if active {
+        #[unroll]
+        for c in 0..d {
+            dk[base + j * d + c] = F::cast_from(dk_acc[c]);
+            dv[base + j * d + c] = F::cast_from(dv_acc[c]);
+        }
+    }
+}
+
+// The split kernels (CUDA, [`row_lanes`] > 1) give `lanes` consecutive units of a
+// plane to a row (a power of two): each holds `part = head_dim / lanes` of the row's
+// elements and accumulators, from column `o = lane * part`, and dot products are
+// summed over the lanes by plane shuffles ([`sum_lanes`]). Control flow stays uniform
+// around the shuffles: rows past the sequence compute on zeros and write nothing.
 
 /// Loads columns `o..o + part` of row `row` of `a` and `b` (`[.., seq, d]`,
 /// contiguous, rows of this head start at `base`) into tile slot `slot`, scaling `a`
@@ -137,7 +459,7 @@ fn read_part<F: Float>(
 }
 
 #[cube]
-fn zeros(row: &mut Array<f32>, #[comptime] part: u32, #[comptime] unroll: bool) {
+fn zero_part(row: &mut Array<f32>, #[comptime] part: u32, #[comptime] unroll: bool) {
     let n = part as usize;
     #[unroll(unroll)]
     for c in 0..n {
@@ -147,7 +469,7 @@ fn zeros(row: &mut Array<f32>, #[comptime] part: u32, #[comptime] unroll: bool) 
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn forward_kernel<F: Float>(
+fn forward_split_kernel<F: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
@@ -191,7 +513,7 @@ fn forward_kernel<F: Float>(
         part,
         unroll,
     );
-    zeros(&mut acc, part, unroll);
+    zero_part(&mut acc, part, unroll);
     let mut m = f32::new(-1.0e30);
     let mut l = f32::new(0.0);
 
@@ -262,7 +584,7 @@ fn forward_kernel<F: Float>(
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn backward_query_kernel<F: Float>(
+fn backward_query_split_kernel<F: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
@@ -318,7 +640,7 @@ fn backward_query_kernel<F: Float>(
         part,
         unroll,
     );
-    zeros(&mut acc, part, unroll);
+    zero_part(&mut acc, part, unroll);
     let mut row_lse = f32::new(0.0);
     let mut delta_part = f32::new(0.0);
     if active {
@@ -382,7 +704,7 @@ fn backward_query_kernel<F: Float>(
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn backward_key_kernel<F: Float>(
+fn backward_key_split_kernel<F: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
@@ -428,8 +750,8 @@ fn backward_key_kernel<F: Float>(
     let mut delta_tile = SharedMemory::<f32>::new(bs);
     read_part::<F>(k, base + j * d + o, 1.0, active, &mut k_part, part, unroll);
     read_part::<F>(v, base + j * d + o, 1.0, active, &mut v_part, part, unroll);
-    zeros(&mut dk_acc, part, unroll);
-    zeros(&mut dv_acc, part, unroll);
+    zero_part(&mut dk_acc, part, unroll);
+    zero_part(&mut dv_acc, part, unroll);
 
     for qt in key_block..tiles {
         let i = qt * bs + r;
@@ -583,12 +905,80 @@ pub fn kernel_tasks<R: Runtime>(
         units,
         task,
     };
+    if lanes == 1 {
+        let one = |name, task| boxed(name, block, task);
+        return vec![
+            one(
+                "forward",
+                Box::new(KernelTask::<R::Compiler, _>::new(
+                    forward_kernel::ForwardKernel::<R>::new(
+                        settings.clone(),
+                        c.clone(),
+                        t(),
+                        t(),
+                        t(),
+                        t(),
+                        t(),
+                        (),
+                        (),
+                        block,
+                        d,
+                        dtype,
+                    ),
+                )),
+            ),
+            one(
+                "backward_query",
+                Box::new(KernelTask::<R::Compiler, _>::new(
+                    backward_query_kernel::BackwardQueryKernel::<R>::new(
+                        settings.clone(),
+                        c.clone(),
+                        t(),
+                        t(),
+                        t(),
+                        t(),
+                        t(),
+                        t(),
+                        t(),
+                        t(),
+                        (),
+                        (),
+                        block,
+                        d,
+                        dtype,
+                    ),
+                )),
+            ),
+            one(
+                "backward_key",
+                Box::new(KernelTask::<R::Compiler, _>::new(
+                    backward_key_kernel::BackwardKeyKernel::<R>::new(
+                        settings,
+                        c,
+                        t(),
+                        t(),
+                        t(),
+                        t(),
+                        t(),
+                        t(),
+                        t(),
+                        t(),
+                        (),
+                        (),
+                        block,
+                        d,
+                        dtype,
+                    ),
+                )),
+            ),
+        ];
+    }
     vec![
         boxed(
             "forward",
             block * lanes,
             Box::new(KernelTask::<R::Compiler, _>::new(
-                forward_kernel::ForwardKernel::<R>::new(
+                forward_split_kernel::ForwardSplitKernel::<R>::new(
                     settings.clone(),
                     c.clone(),
                     t(),
@@ -610,7 +1000,7 @@ pub fn kernel_tasks<R: Runtime>(
             "backward_query",
             block * lanes,
             Box::new(KernelTask::<R::Compiler, _>::new(
-                backward_query_kernel::BackwardQueryKernel::<R>::new(
+                backward_query_split_kernel::BackwardQuerySplitKernel::<R>::new(
                     settings.clone(),
                     c.clone(),
                     t(),
@@ -635,7 +1025,7 @@ pub fn kernel_tasks<R: Runtime>(
             "backward_key",
             block * lanes,
             Box::new(KernelTask::<R::Compiler, _>::new(
-                backward_key_kernel::BackwardKeyKernel::<R>::new(
+                backward_key_split_kernel::BackwardKeySplitKernel::<R>::new(
                     settings,
                     c,
                     t(),
@@ -745,23 +1135,41 @@ fn forward<R: CubeRuntime>(
     let out = launch.empty(&q, q.shape(), q.dtype);
     let lse = launch.empty(&q, Launch::rows_shape(&q), DType::F32);
     let dtype = q.dtype;
-    forward_kernel::launch::<R>(
-        &q.client.clone(),
-        launch.count(),
-        launch.dim(),
-        q.into_tensor_arg(),
-        k.into_tensor_arg(),
-        v.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        lse.clone().into_tensor_arg(),
-        launch.seq as u32,
-        scale,
-        launch.block as u32,
-        launch.head_dim as u32,
-        launch.lanes as u32,
-        launch.unroll,
-        dtype.into(),
-    );
+    if launch.lanes == 1 {
+        forward_kernel::launch::<R>(
+            &q.client.clone(),
+            launch.count(),
+            launch.dim(),
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            launch.seq as u32,
+            scale,
+            launch.block as u32,
+            launch.head_dim as u32,
+            dtype.into(),
+        );
+    } else {
+        forward_split_kernel::launch::<R>(
+            &q.client.clone(),
+            launch.count(),
+            launch.dim(),
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            launch.seq as u32,
+            scale,
+            launch.block as u32,
+            launch.head_dim as u32,
+            launch.lanes as u32,
+            launch.unroll,
+            dtype.into(),
+        );
+    }
     (out, lse)
 }
 
@@ -788,46 +1196,88 @@ fn backward<R: CubeRuntime>(
     let dk = launch.empty(&q, q.shape(), dtype);
     let dv = launch.empty(&q, q.shape(), dtype);
     let delta = launch.empty(&q, Launch::rows_shape(&q), DType::F32);
-    backward_query_kernel::launch::<R>(
-        &client,
-        launch.count(),
-        launch.dim(),
-        q.clone().into_tensor_arg(),
-        k.clone().into_tensor_arg(),
-        v.clone().into_tensor_arg(),
-        out.into_tensor_arg(),
-        grad.clone().into_tensor_arg(),
-        lse.clone().into_tensor_arg(),
-        dq.clone().into_tensor_arg(),
-        delta.clone().into_tensor_arg(),
-        launch.seq as u32,
-        scale,
-        launch.block as u32,
-        launch.head_dim as u32,
-        launch.lanes as u32,
-        launch.unroll,
-        dtype.into(),
-    );
-    backward_key_kernel::launch::<R>(
-        &client,
-        launch.count(),
-        launch.dim(),
-        q.into_tensor_arg(),
-        k.into_tensor_arg(),
-        v.into_tensor_arg(),
-        grad.into_tensor_arg(),
-        lse.into_tensor_arg(),
-        delta.into_tensor_arg(),
-        dk.clone().into_tensor_arg(),
-        dv.clone().into_tensor_arg(),
-        launch.seq as u32,
-        scale,
-        launch.block as u32,
-        launch.head_dim as u32,
-        launch.lanes as u32,
-        launch.unroll,
-        dtype.into(),
-    );
+    if launch.lanes == 1 {
+        backward_query_kernel::launch::<R>(
+            &client,
+            launch.count(),
+            launch.dim(),
+            q.clone().into_tensor_arg(),
+            k.clone().into_tensor_arg(),
+            v.clone().into_tensor_arg(),
+            out.into_tensor_arg(),
+            grad.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            dq.clone().into_tensor_arg(),
+            delta.clone().into_tensor_arg(),
+            launch.seq as u32,
+            scale,
+            launch.block as u32,
+            launch.head_dim as u32,
+            dtype.into(),
+        );
+    } else {
+        backward_query_split_kernel::launch::<R>(
+            &client,
+            launch.count(),
+            launch.dim(),
+            q.clone().into_tensor_arg(),
+            k.clone().into_tensor_arg(),
+            v.clone().into_tensor_arg(),
+            out.into_tensor_arg(),
+            grad.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            dq.clone().into_tensor_arg(),
+            delta.clone().into_tensor_arg(),
+            launch.seq as u32,
+            scale,
+            launch.block as u32,
+            launch.head_dim as u32,
+            launch.lanes as u32,
+            launch.unroll,
+            dtype.into(),
+        );
+    }
+    if launch.lanes == 1 {
+        backward_key_kernel::launch::<R>(
+            &client,
+            launch.count(),
+            launch.dim(),
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            lse.into_tensor_arg(),
+            delta.into_tensor_arg(),
+            dk.clone().into_tensor_arg(),
+            dv.clone().into_tensor_arg(),
+            launch.seq as u32,
+            scale,
+            launch.block as u32,
+            launch.head_dim as u32,
+            dtype.into(),
+        );
+    } else {
+        backward_key_split_kernel::launch::<R>(
+            &client,
+            launch.count(),
+            launch.dim(),
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            lse.into_tensor_arg(),
+            delta.into_tensor_arg(),
+            dk.clone().into_tensor_arg(),
+            dv.clone().into_tensor_arg(),
+            launch.seq as u32,
+            scale,
+            launch.block as u32,
+            launch.head_dim as u32,
+            launch.lanes as u32,
+            launch.unroll,
+            dtype.into(),
+        );
+    }
     [dq, dk, dv]
 }
 
