@@ -642,7 +642,7 @@ impl RunConfig {
                 },
             },
         };
-        let source = mixlm_data::open_source(spec).map_err(|e| {
+        mixlm_data::open_source(spec).map_err(|e| {
             invalid(match e {
                 OpenError::Synthetic(e) => format!("data.synthetic: {e}"),
                 OpenError::Shards(e) => format!("data.path: {e}"),
@@ -650,8 +650,7 @@ impl RunConfig {
                 OpenError::Plan(e) => format!("mixing.plan: {e}"),
                 e @ OpenError::PlanTooSmall { .. } => e.to_string(),
             })
-        })?;
-        Ok(source)
+        })
     }
 
     /// [`RunConfig::open_source`], and the config checked against the data: the

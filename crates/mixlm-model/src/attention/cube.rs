@@ -21,8 +21,8 @@
 //! occupancy on the A100 and H100 (`scripts/cuda-kernels.sh`) and how fast they are.
 //!
 //! Every loop over a unit's part of a row is unrolled (its length is known when the
-//! kernel is compiled), except on CUDA for parts past 64 elements ([`unrolled`]). This
-//! keeps the part and its accumulators addressable as registers. It also keeps each
+//! kernel is compiled). This keeps the part and its accumulators addressable as
+//! registers. It also keeps each
 //! invocation under llvmpipe's cap of 65,535 loop iterations (lavapipe, the Vulkan
 //! driver CI tests on): rolled, the loops of a query row near position 470 already
 //! made that many at head size 64. Past the cap, llvmpipe silently skips the remaining
@@ -371,6 +371,8 @@ fn backward_key_kernel<F: Float>(
 // elements and accumulators, from column `o = lane * part`, and dot products are
 // summed over the lanes by plane shuffles ([`sum_lanes`]). Control flow stays uniform
 // around the shuffles: rows past the sequence compute on zeros and write nothing.
+// Every loop over a part (16 to 31 elements) is unrolled, so a part and its
+// accumulators are registers.
 
 /// Loads columns `o..o + part` of row `row` of `a` and `b` (`[.., seq, d]`,
 /// contiguous, rows of this head start at `base`) into tile slot `slot`, scaling `a`
@@ -389,11 +391,10 @@ fn load_part<F: Float>(
     scale: f32,
     #[comptime] head_dim: u32,
     #[comptime] part: u32,
-    #[comptime] unroll: bool,
 ) {
     let d = head_dim as usize;
     let n = part as usize;
-    #[unroll(unroll)]
+    #[unroll]
     for c in 0..n {
         a_tile[slot * d + o + c] = f32::cast_from(a[base + row * d + o + c]) * scale;
         b_tile[slot * d + o + c] = f32::cast_from(b[base + row * d + o + c]);
@@ -409,12 +410,11 @@ fn dot_part(
     o: usize,
     #[comptime] head_dim: u32,
     #[comptime] part: u32,
-    #[comptime] unroll: bool,
 ) -> f32 {
     let d = head_dim as usize;
     let n = part as usize;
     let mut sum = f32::new(0.0);
-    #[unroll(unroll)]
+    #[unroll]
     for c in 0..n {
         sum += x[c] * tile[slot * d + o + c];
     }
@@ -446,10 +446,9 @@ fn read_part<F: Float>(
     active: bool,
     row: &mut Array<f32>,
     #[comptime] part: u32,
-    #[comptime] unroll: bool,
 ) {
     let n = part as usize;
-    #[unroll(unroll)]
+    #[unroll]
     for c in 0..n {
         row[c] = 0.0;
         if active {
@@ -459,9 +458,9 @@ fn read_part<F: Float>(
 }
 
 #[cube]
-fn zero_part(row: &mut Array<f32>, #[comptime] part: u32, #[comptime] unroll: bool) {
+fn zero_part(row: &mut Array<f32>, #[comptime] part: u32) {
     let n = part as usize;
-    #[unroll(unroll)]
+    #[unroll]
     for c in 0..n {
         row[c] = 0.0;
     }
@@ -480,7 +479,6 @@ fn forward_split_kernel<F: Float>(
     #[comptime] block: u32,
     #[comptime] head_dim: u32,
     #[comptime] lanes: u32,
-    #[comptime] unroll: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let part = comptime!(head_dim / lanes);
@@ -504,16 +502,8 @@ fn forward_split_kernel<F: Float>(
     let mut scores = Array::<f32>::new(bs);
     let mut k_tile = SharedMemory::<f32>::new(bs * d);
     let mut v_tile = SharedMemory::<f32>::new(bs * d);
-    read_part::<F>(
-        q,
-        base + i * d + o,
-        scale,
-        active,
-        &mut q_part,
-        part,
-        unroll,
-    );
-    zero_part(&mut acc, part, unroll);
+    read_part::<F>(q, base + i * d + o, scale, active, &mut q_part, part);
+    zero_part(&mut acc, part);
     let mut m = f32::new(-1.0e30);
     let mut l = f32::new(0.0);
 
@@ -532,16 +522,12 @@ fn forward_split_kernel<F: Float>(
                 1.0,
                 head_dim,
                 part,
-                unroll,
             );
         }
         sync_cube();
         let mut tile_max = m;
         for jj in 0..bs {
-            let dot = sum_lanes(
-                dot_part(&q_part, &k_tile, jj, o, head_dim, part, unroll),
-                lanes,
-            );
+            let dot = sum_lanes(dot_part(&q_part, &k_tile, jj, o, head_dim, part), lanes);
             let mut s = f32::new(-1.0e30);
             if kt * bs + jj <= i {
                 s = dot;
@@ -553,7 +539,7 @@ fn forward_split_kernel<F: Float>(
         }
         let correction = (m - tile_max).exp();
         l *= correction;
-        #[unroll(unroll)]
+        #[unroll]
         for c in 0..n {
             acc[c] *= correction;
         }
@@ -561,7 +547,7 @@ fn forward_split_kernel<F: Float>(
             if kt * bs + jj <= i {
                 let p = (scores[jj] - tile_max).exp();
                 l += p;
-                #[unroll(unroll)]
+                #[unroll]
                 for c in 0..n {
                     acc[c] += p * v_tile[jj * d + o + c];
                 }
@@ -572,7 +558,7 @@ fn forward_split_kernel<F: Float>(
     }
 
     if active {
-        #[unroll(unroll)]
+        #[unroll]
         for c in 0..n {
             out[base + i * d + o + c] = F::cast_from(acc[c] / l);
         }
@@ -598,7 +584,6 @@ fn backward_query_split_kernel<F: Float>(
     #[comptime] block: u32,
     #[comptime] head_dim: u32,
     #[comptime] lanes: u32,
-    #[comptime] unroll: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let part = comptime!(head_dim / lanes);
@@ -622,29 +607,13 @@ fn backward_query_split_kernel<F: Float>(
     let mut acc = Array::<f32>::new(n);
     let mut k_tile = SharedMemory::<f32>::new(bs * d);
     let mut v_tile = SharedMemory::<f32>::new(bs * d);
-    read_part::<F>(
-        q,
-        base + i * d + o,
-        scale,
-        active,
-        &mut q_part,
-        part,
-        unroll,
-    );
-    read_part::<F>(
-        grad,
-        base + i * d + o,
-        1.0,
-        active,
-        &mut grad_part,
-        part,
-        unroll,
-    );
-    zero_part(&mut acc, part, unroll);
+    read_part::<F>(q, base + i * d + o, scale, active, &mut q_part, part);
+    read_part::<F>(grad, base + i * d + o, 1.0, active, &mut grad_part, part);
+    zero_part(&mut acc, part);
     let mut row_lse = f32::new(0.0);
     let mut delta_part = f32::new(0.0);
     if active {
-        #[unroll(unroll)]
+        #[unroll]
         for c in 0..n {
             delta_part += grad_part[c] * f32::cast_from(out[base + i * d + o + c]);
         }
@@ -667,22 +636,15 @@ fn backward_query_split_kernel<F: Float>(
                 1.0,
                 head_dim,
                 part,
-                unroll,
             );
         }
         sync_cube();
         for jj in 0..bs {
-            let qk = sum_lanes(
-                dot_part(&q_part, &k_tile, jj, o, head_dim, part, unroll),
-                lanes,
-            );
-            let dp = sum_lanes(
-                dot_part(&grad_part, &v_tile, jj, o, head_dim, part, unroll),
-                lanes,
-            );
+            let qk = sum_lanes(dot_part(&q_part, &k_tile, jj, o, head_dim, part), lanes);
+            let dp = sum_lanes(dot_part(&grad_part, &v_tile, jj, o, head_dim, part), lanes);
             if kt * bs + jj <= i {
                 let ds = (qk - row_lse).exp() * (dp - row_delta);
-                #[unroll(unroll)]
+                #[unroll]
                 for c in 0..n {
                     acc[c] += ds * k_tile[jj * d + o + c];
                 }
@@ -692,7 +654,7 @@ fn backward_query_split_kernel<F: Float>(
     }
 
     if active {
-        #[unroll(unroll)]
+        #[unroll]
         for c in 0..n {
             dq[base + i * d + o + c] = F::cast_from(acc[c] * scale);
         }
@@ -718,7 +680,6 @@ fn backward_key_split_kernel<F: Float>(
     #[comptime] block: u32,
     #[comptime] head_dim: u32,
     #[comptime] lanes: u32,
-    #[comptime] unroll: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let part = comptime!(head_dim / lanes);
@@ -748,10 +709,10 @@ fn backward_key_split_kernel<F: Float>(
     let mut grad_tile = SharedMemory::<f32>::new(bs * d);
     let mut lse_tile = SharedMemory::<f32>::new(bs);
     let mut delta_tile = SharedMemory::<f32>::new(bs);
-    read_part::<F>(k, base + j * d + o, 1.0, active, &mut k_part, part, unroll);
-    read_part::<F>(v, base + j * d + o, 1.0, active, &mut v_part, part, unroll);
-    zero_part(&mut dk_acc, part, unroll);
-    zero_part(&mut dv_acc, part, unroll);
+    read_part::<F>(k, base + j * d + o, 1.0, active, &mut k_part, part);
+    read_part::<F>(v, base + j * d + o, 1.0, active, &mut v_part, part);
+    zero_part(&mut dk_acc, part);
+    zero_part(&mut dv_acc, part);
 
     for qt in key_block..tiles {
         let i = qt * bs + r;
@@ -769,7 +730,6 @@ fn backward_key_split_kernel<F: Float>(
                 scale,
                 head_dim,
                 part,
-                unroll,
             );
             if o == 0 {
                 lse_tile[r] = lse[z * t + i];
@@ -779,18 +739,12 @@ fn backward_key_split_kernel<F: Float>(
         sync_cube();
         for ii in 0..bs {
             let i = qt * bs + ii;
-            let qk = sum_lanes(
-                dot_part(&k_part, &q_tile, ii, o, head_dim, part, unroll),
-                lanes,
-            );
-            let dp = sum_lanes(
-                dot_part(&v_part, &grad_tile, ii, o, head_dim, part, unroll),
-                lanes,
-            );
+            let qk = sum_lanes(dot_part(&k_part, &q_tile, ii, o, head_dim, part), lanes);
+            let dp = sum_lanes(dot_part(&v_part, &grad_tile, ii, o, head_dim, part), lanes);
             if i >= j && i < t {
                 let p = (qk - lse_tile[ii]).exp();
                 let ds = p * (dp - delta_tile[ii]);
-                #[unroll(unroll)]
+                #[unroll]
                 for c in 0..n {
                     dv_acc[c] += p * grad_tile[ii * d + o + c];
                     dk_acc[c] += ds * q_tile[ii * d + o + c];
@@ -801,7 +755,7 @@ fn backward_key_split_kernel<F: Float>(
     }
 
     if active {
-        #[unroll(unroll)]
+        #[unroll]
         for c in 0..n {
             dk[base + j * d + o + c] = F::cast_from(dk_acc[c]);
             dv[base + j * d + o + c] = F::cast_from(dv_acc[c]);
@@ -821,18 +775,6 @@ pub fn row_block(head_dim: usize, props: &cubecl::ir::HardwareProperties) -> usi
         .into_iter()
         .find(|&bl| fits(bl))
         .unwrap_or(8)
-}
-
-/// Whether the loops over a unit's part of a row (`part` elements) are unrolled.
-/// Unrolled, the part and its accumulators live in registers. On CUDA, where
-/// [`row_lanes`] splits rows into parts of 16 to 31 elements, they always are; a part
-/// past 64 elements would not fit in registers anyway, and unrolling it only multiplies
-/// the code (a megabyte of CUDA source per kernel at 256, a minute of NVRTC each), so
-/// CUDA would run it as a loop. Other runtimes always unroll: lavapipe (Mesa's CPU
-/// Vulkan, which CI tests wgpu on) skips loop iterations past 65,535 per invocation
-/// without a word (the module docs).
-pub fn unrolled<R: Runtime>(client: &ComputeClient<R>, part: usize) -> bool {
-    R::name(client) != "cuda" || part <= 64
 }
 
 /// Units that share a row: the largest power of two that leaves each at least 16 of
@@ -892,7 +834,6 @@ pub fn kernel_tasks<R: Runtime>(
 ) -> Vec<NamedKernel<R::Compiler>> {
     let (block, lanes) = geometry(client, head_dim);
     let (block, lanes, d) = (block as u32, lanes as u32, head_dim as u32);
-    let unroll = unrolled(client, head_dim / lanes as usize);
     // What `#[cube(launch)]`'s `launch` passes: default settings, the cube size, u32
     // addresses; tensors not aliased (`inplace: None`), scalars without compile data.
     let settings = KernelSettings::default()
@@ -991,7 +932,6 @@ pub fn kernel_tasks<R: Runtime>(
                     block,
                     d,
                     lanes,
-                    unroll,
                     dtype,
                 ),
             )),
@@ -1016,7 +956,6 @@ pub fn kernel_tasks<R: Runtime>(
                     block,
                     d,
                     lanes,
-                    unroll,
                     dtype,
                 ),
             )),
@@ -1041,7 +980,6 @@ pub fn kernel_tasks<R: Runtime>(
                     block,
                     d,
                     lanes,
-                    unroll,
                     dtype,
                 ),
             )),
@@ -1055,7 +993,6 @@ struct Launch {
     seq: usize,
     head_dim: usize,
     block: usize,
-    unroll: bool,
     /// Units per row.
     lanes: usize,
 }
@@ -1092,7 +1029,6 @@ impl Launch {
             seq: t,
             head_dim: d,
             block,
-            unroll: unrolled::<R>(&q.client, d / lanes),
             lanes,
         }
     }
@@ -1166,7 +1102,6 @@ fn forward<R: CubeRuntime>(
             launch.block as u32,
             launch.head_dim as u32,
             launch.lanes as u32,
-            launch.unroll,
             dtype.into(),
         );
     }
@@ -1233,7 +1168,6 @@ fn backward<R: CubeRuntime>(
             launch.block as u32,
             launch.head_dim as u32,
             launch.lanes as u32,
-            launch.unroll,
             dtype.into(),
         );
     }
@@ -1274,7 +1208,6 @@ fn backward<R: CubeRuntime>(
             launch.block as u32,
             launch.head_dim as u32,
             launch.lanes as u32,
-            launch.unroll,
             dtype.into(),
         );
     }
