@@ -8,7 +8,8 @@
 
 use crate::target::Arch;
 
-/// One SM's capacity.
+/// One SM's capacity (CUDA C Programming Guide, "Technical Specifications per Compute
+/// Capability"; the per-block shared memory with the opt-in carve-out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sm {
     pub name: &'static str,

@@ -32,6 +32,8 @@ use cubecl_runtime::logging::ServerLogger;
 use cubecl_runtime::memory_management::{ManagedMemoryHandle, MemoryAllocationMode, MemoryUsage};
 use cubecl_runtime::storage::{BytesResource, BytesStorage, ManagedResource};
 
+use crate::occupancy::Sm;
+
 /// The compiler cubecl-cuda uses (cubecl-cuda 0.10 `runtime.rs`, `CudaCompiler`).
 pub type CudaCompiler = CppCompiler<CudaDialect<CudaWmmaCompiler>>;
 
@@ -56,13 +58,9 @@ impl Arch {
     }
 
     /// Shared memory one block may use (bytes, with the opt-in carve-out cubecl-cuda
-    /// reads as the device's maximum): 163 KiB on the A100, 227 KiB on the H100 (CUDA C
-    /// Programming Guide, "Technical Specifications per Compute Capability").
+    /// reads as the device's maximum): the SM's, as [`Sm`] gives it.
     pub fn max_shared_memory_per_block(self) -> usize {
-        match self.version {
-            80 => 166_912,
-            _ => 232_448,
-        }
+        Sm::of(self).max_shared_memory_per_block as usize
     }
 
     /// The options cubecl-cuda compiles with on this architecture (cubecl-cuda 0.10
