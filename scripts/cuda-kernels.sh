@@ -12,12 +12,15 @@ tools=target/cuda-tools
 # CUDA 13.0: the release of the lent GPU machines (nvcc 13.0, driver 580), whose
 # driver JIT-compiles the PTX; a newer NVRTC writes PTX that driver refuses.
 cuda_version="13.0.*"
-if [ ! -x "$tools/bin/python" ] || ! "$tools/bin/python" -c 'import nvidia' 2>/dev/null; then
+# The C++ core libraries (CCCL: <nv/target>, which Burn's matmul kernels include
+# through cooperative_groups) come in their own wheel.
+if [ ! -x "$tools/bin/python" ] || ! "$tools/bin/python" -c \
+  'import nvidia, os, sys; sys.exit(not os.path.isdir(nvidia.__path__[0] + "/cu13/include/cccl"))' 2>/dev/null; then
   echo "== installing NVRTC, ptxas and the CUDA headers (pip, $cuda_version) into $tools"
   python3 -m venv "$tools"
   "$tools/bin/pip" install --quiet --disable-pip-version-check \
     "nvidia-cuda-nvrtc==$cuda_version" "nvidia-cuda-nvcc==$cuda_version" \
-    "nvidia-cuda-runtime==$cuda_version"
+    "nvidia-cuda-runtime==$cuda_version" "nvidia-cuda-cccl==$cuda_version"
 fi
 nvidia="$("$tools/bin/python" -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0] + "/"))')"
 cargo build --quiet -p mixlm-kernel-check

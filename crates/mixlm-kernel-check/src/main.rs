@@ -12,9 +12,10 @@ use cubecl_ir::{ElemType, FloatKind};
 use mixlm_kernel_check::nvrtc::{self, Toolkit};
 use mixlm_kernel_check::occupancy::{occupancy, Sm};
 use mixlm_kernel_check::ptxas;
-use mixlm_kernel_check::target::{cuda_source, Arch, CudaTarget};
+use mixlm_kernel_check::step::{fresh_autotune, training_step_kernels, StepShape};
+use mixlm_kernel_check::target::{cuda_source, Arch, CudaTarget, Launched};
 use mixlm_model::attention::cube::kernel_tasks;
-use mixlm_model::{ModelConfig, PRESETS};
+use mixlm_model::{ModelConfig, Precision, PRESETS};
 
 #[derive(Parser)]
 #[command(about = "Compile mixlm's CubeCL kernels for CUDA (sm_80, sm_90) without a GPU")]
@@ -39,13 +40,31 @@ struct Args {
     /// backward_query, backward_key): shows that a broken kernel fails the check.
     #[arg(long, value_name = "KERNEL")]
     break_kernel: Option<String>,
+    /// Presets whose training step (forward, loss, backward, AdamW on Burn's CUDA
+    /// backend) is recorded and its kernels compiled too; `none` for mixlm's kernels only.
+    #[arg(long, value_delimiter = ',', default_values = ["tiny", "tiny-llama"])]
+    step: Vec<String>,
+    /// Architectures the step's kernels are compiled for (compute capability x10).
+    #[arg(long, value_delimiter = ',', default_values_t = [90])]
+    step_arch: Vec<u32>,
+    /// The precision the recorded step computes in.
+    #[arg(long, default_value = "bf16")]
+    step_precision: String,
+    /// Vocabulary, sequences and sequence length of the recorded step.
+    #[arg(long, default_value_t = 50_304)]
+    step_vocab: usize,
+    #[arg(long, default_value_t = 4)]
+    step_batch: usize,
+    #[arg(long, default_value_t = 128)]
+    step_seq_len: usize,
 }
 
-/// One row of the table.
+/// One row of a table: its leading columns, then the resources.
 struct Row {
-    kernel: &'static str,
-    dtype: String,
-    head_dim: usize,
+    labels: Vec<String>,
+    /// Whether a failure of this row fails the check: not for Burn's kernels whose
+    /// expansion panics (CubeCL's own bug, caught by the device runner there too).
+    fatal: bool,
     arch: Arch,
     block: u32,
     shared: u32,
@@ -75,6 +94,24 @@ fn preset_head_dims() -> Vec<usize> {
 }
 
 fn main() -> std::process::ExitCode {
+    // Panics in CubeCL's expansion of Burn's kernels are expected (reported in the
+    // table): one line each instead of a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        let first = message
+            .lines()
+            .find(|l| !l.starts_with("An error"))
+            .unwrap_or("");
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()));
+        eprintln!("panic: {first}{}", at.unwrap_or_default());
+    }));
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -96,15 +133,26 @@ fn run(args: Args) -> Result<()> {
         true => preset_head_dims(),
         false => args.head_dim.clone(),
     };
+    for &version in args.arch.iter().chain(&args.step_arch) {
+        if ![80, 90].contains(&version) {
+            bail!("--arch {version}: the target knows 80 (A100) and 90 (H100, H200)");
+        }
+    }
+    let step_precision = match args.step_precision.as_str() {
+        "f32" => Precision::F32,
+        "bf16" => Precision::Bf16,
+        other => bail!("--step-precision {other}: training computes in f32 or bf16"),
+    };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
+    fresh_autotune(&args.out.join("autotune"));
     println!(
         "mixlm-kernel-check: NVRTC {major}.{minor}, {}; head sizes {head_dims:?}; sources in {}",
         toolkit.ptxas.display(),
         args.out.display()
     );
     // One thread per architecture: NVRTC and ptxas run one kernel at a time each.
-    let rows: Vec<Row> = std::thread::scope(|scope| {
+    let mut rows: Vec<Row> = std::thread::scope(|scope| {
         let workers: Vec<_> = args
             .arch
             .iter()
@@ -121,10 +169,100 @@ fn run(args: Args) -> Result<()> {
     .into_iter()
     .flatten()
     .collect();
-    let table = table(&rows);
-    println!("{table}");
+    let mut table = table(&["kernel", "dtype", "head"], &rows);
+    let step: Vec<&str> = args
+        .step
+        .iter()
+        .map(String::as_str)
+        .filter(|p| *p != "none")
+        .collect();
+    let mut step_rows = Vec::new();
+    if !step.is_empty() {
+        // Recorded one architecture at a time (the recorder is one list), compiled in
+        // parallel.
+        let mut recorded = Vec::new();
+        for &version in &args.step_arch {
+            let arch = Arch { version };
+            let mut kernels = Vec::new();
+            for &preset in &step {
+                let shape = StepShape {
+                    preset: preset.to_string(),
+                    vocab: args.step_vocab,
+                    batch: args.step_batch,
+                    seq_len: args.step_seq_len,
+                };
+                kernels.extend(training_step_kernels(arch, &shape, step_precision)?);
+            }
+            recorded.push((arch, kernels));
+        }
+        println!(
+            "\nBurn's CUDA step ({}; {} precision; vocab {}, {}x{} tokens): {} distinct kernels",
+            step.join(", "),
+            step_precision.name(),
+            args.step_vocab,
+            args.step_batch,
+            args.step_seq_len,
+            recorded.iter().map(|(_, k)| k.len()).sum::<usize>()
+        );
+        // NVRTC and ptxas compile one kernel at a time: one thread per core.
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let jobs: Vec<(Arch, usize, &Launched)> = recorded
+            .iter()
+            .flat_map(|(arch, kernels)| kernels.iter().enumerate().map(|(i, k)| (*arch, i, k)))
+            .collect();
+        let chunk = jobs.len().div_ceil(threads).max(1);
+        step_rows = std::thread::scope(|scope| {
+            let workers: Vec<_> = jobs
+                .chunks(chunk)
+                .map(|jobs| {
+                    let (args, toolkit) = (&args, &toolkit);
+                    scope.spawn(move || {
+                        jobs.iter()
+                            .map(|&(arch, i, k)| check_step_kernel(arch, i, k, args, toolkit))
+                            .collect::<Vec<Row>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("a kernel check thread panicked"))
+                .collect::<Vec<Vec<Row>>>()
+        })
+        .into_iter()
+        .flatten()
+        .collect();
+        println!("{table}");
+        let summary = step_summary(&step_rows);
+        println!("{summary}");
+        println!(
+            "(every kernel of the step: {})",
+            args.out.join("table.md").display()
+        );
+        table.push_str(&format!(
+            "\nBurn's kernels of one training step ({}, {}):\n\n{summary}\n",
+            step.join(", "),
+            step_precision.name()
+        ));
+        table.push_str(&self::table(&["#", "kernel", "mode"], &step_rows));
+    } else {
+        println!("{table}");
+    }
     std::fs::write(args.out.join("table.md"), &table)?;
-    let failed = rows.iter().filter(|r| r.outcome.is_err()).count();
+    rows.extend(step_rows);
+    let unexpanded = rows
+        .iter()
+        .filter(|r| r.outcome.is_err() && !r.fatal)
+        .count();
+    if unexpanded > 0 {
+        println!(
+            "note: {unexpanded} of Burn's kernels panicked in CubeCL's expansion (NOT EXPANDED \
+             above); on a device the runner catches that panic and the launch does nothing"
+        );
+    }
+    let failed = rows
+        .iter()
+        .filter(|r| r.outcome.is_err() && r.fatal)
+        .count();
     if failed > 0 {
         bail!("{failed} of {} kernel builds failed (above)", rows.len());
     }
@@ -160,9 +298,8 @@ fn check_arch(arch: Arch, args: &Args, toolkit: &Toolkit, head_dims: &[usize]) -
                     );
                 }
                 rows.push(Row {
-                    kernel: kernel.name,
-                    dtype: dtype.clone(),
-                    head_dim,
+                    labels: vec![kernel.name.into(), dtype.clone(), head_dim.to_string()],
+                    fatal: true,
                     arch,
                     block: kernel.units,
                     shared,
@@ -172,6 +309,138 @@ fn check_arch(arch: Arch, args: &Args, toolkit: &Toolkit, head_dims: &[usize]) -
         }
     }
     Ok(rows)
+}
+
+/// Kernel `i` the recorded step launched on `arch`, assembled as the device would
+/// (its CUDA source was generated at the launch).
+fn check_step_kernel(
+    arch: Arch,
+    i: usize,
+    launched: &Launched,
+    args: &Args,
+    toolkit: &Toolkit,
+) -> Row {
+    let name = short_name(launched.name);
+    let stem = args.out.join(format!(
+        "step{i:03}_{}_{}",
+        file_name(&name),
+        arch.nvrtc_name()
+    ));
+    let compiled = launched.source.as_ref().map_err(|e| anyhow::anyhow!("{e}"));
+    let (block, shared) = compiled
+        .as_ref()
+        .map_or((0, 0), |s| (s.block, s.shared_memory as u32));
+    let outcome = compiled.and_then(|source| build(source, &stem, arch, toolkit));
+    let expansion = launched.source.is_err();
+    if let Err(e) = &outcome {
+        let what = if expansion { "NOT EXPANDED" } else { "FAILED" };
+        eprintln!("{what} step kernel {i} {name} {}: {e:#}", arch.nvrtc_name());
+    }
+    let mode = match launched.mode {
+        ExecutionMode::Checked => "checked",
+        _ => "unchecked",
+    };
+    Row {
+        labels: vec![i.to_string(), name, mode.into()],
+        fatal: !expansion,
+        arch,
+        block,
+        shared,
+        outcome,
+    }
+}
+
+/// The step's kernels by kind (the type name up to its generic arguments): how many,
+/// how many were expanded, assembled, spill, or run below 25% occupancy, and the most
+/// registers one uses.
+fn step_summary(rows: &[Row]) -> String {
+    #[derive(Default)]
+    struct Kind {
+        kernels: usize,
+        unexpanded: usize,
+        failed: usize,
+        spilling: usize,
+        low: usize,
+        registers: u32,
+    }
+    let mut kinds: std::collections::BTreeMap<(String, String), Kind> = Default::default();
+    for r in rows {
+        let name = r.labels[1].split('<').next().unwrap_or("").to_string();
+        let kind = kinds.entry((name, r.arch.nvrtc_name())).or_default();
+        kind.kernels += 1;
+        match &r.outcome {
+            Ok(res) => {
+                let o = occupancy(
+                    Sm::of(r.arch),
+                    r.block,
+                    res.registers,
+                    r.shared + res.static_shared_bytes,
+                );
+                kind.spilling += res.spills() as usize;
+                kind.low += (o.fraction < 0.25) as usize;
+                kind.registers = kind.registers.max(res.registers);
+            }
+            Err(_) if !r.fatal => kind.unexpanded += 1,
+            Err(_) => kind.failed += 1,
+        }
+    }
+    let mut out = String::from(
+        "| kernel of the step | arch | kernels | not expanded | failed | spill | occupancy < 25% | max registers |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for ((name, arch), k) in kinds {
+        out.push_str(&format!(
+            "| {name} | {arch} | {} | {} | {} | {} | {} | {} |\n",
+            k.kernels, k.unexpanded, k.failed, k.spilling, k.low, k.registers
+        ));
+    }
+    out
+}
+
+/// A kernel's Rust type name without module paths, generic arguments shortened the
+/// same way and runtime arguments dropped: `MatmulEntry<TensorMapArgs, ..>`,
+/// `KernelBinop<MulOp>`, `ElemwiseFuse`.
+fn short_name(type_name: &str) -> String {
+    let mut out = String::new();
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        let last = word.rsplit("::").next().unwrap_or("").to_string();
+        let runtime = last == "CudaTarget";
+        if !runtime {
+            out.push_str(&last);
+        }
+        word.clear();
+        runtime
+    };
+    for c in type_name.chars() {
+        match c {
+            '<' | '>' | ',' => {
+                let dropped = flush(&mut word, &mut out);
+                if dropped && out.ends_with(", ") {
+                    out.truncate(out.len() - 2);
+                }
+                if dropped && c == ',' {
+                    continue;
+                }
+                out.push(c);
+                if c == ',' {
+                    out.push(' ');
+                }
+            }
+            ' ' => {}
+            _ => word.push(c),
+        }
+    }
+    flush(&mut word, &mut out);
+    out.replace("<>", "")
+}
+
+/// `name` with only letters, digits and underscores.
+fn file_name(name: &str) -> String {
+    let head = name.split('<').next().unwrap_or(name);
+    head.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
 }
 
 /// CUDA source to PTX to ptxas's resource report; the files are kept next to `stem`.
@@ -190,12 +459,15 @@ fn build(
     ptxas::assemble(&toolkit.ptxas, &ptx_file, &source.entrypoint, arch)
 }
 
-fn table(rows: &[Row]) -> String {
-    let mut out = String::from(
-        "| kernel | dtype | head | arch | threads | registers | stack B | spill st/ld B | shared B | blocks/SM | occupancy | limited by | note |\n\
-         |---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+fn table(labels: &[&str], rows: &[Row]) -> String {
+    let mut out = format!(
+        "| {} | arch | threads | registers | stack B | spill st/ld B | shared B | blocks/SM | occupancy | limited by | note |\n\
+         |{}---|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+        labels.join(" | "),
+        "---|".repeat(labels.len())
     );
     for r in rows {
+        let labels = r.labels.join(" | ");
         let line = match &r.outcome {
             Ok(res) => {
                 let sm = Sm::of(r.arch);
@@ -213,10 +485,7 @@ fn table(rows: &[Row]) -> String {
                     notes.push("occupancy < 25%");
                 }
                 format!(
-                    "| {} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {:.1}% ({}) | {} | {} |",
-                    r.kernel,
-                    r.dtype,
-                    r.head_dim,
+                    "| {labels} | {} | {} | {} | {} | {}/{} | {} | {} | {:.1}% ({}) | {} | {} |",
                     r.arch.nvrtc_name(),
                     r.block,
                     res.registers,
@@ -232,17 +501,37 @@ fn table(rows: &[Row]) -> String {
                 )
             }
             Err(_) => format!(
-                "| {} | {} | {} | {} | {} | | | | {} | | | | FAILED |",
-                r.kernel,
-                r.dtype,
-                r.head_dim,
+                "| {labels} | {} | {} | | | | {} | | | | {} |",
                 r.arch.nvrtc_name(),
                 r.block,
-                r.shared
+                r.shared,
+                if r.fatal {
+                    "FAILED"
+                } else {
+                    "NOT EXPANDED (panicked in CubeCL)"
+                }
             ),
         };
         out.push_str(&line);
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names_drop_paths_and_the_runtime() {
+        assert_eq!(
+            short_name("burn_cubecl::kernel::binary::kernel_binop::KernelBinop<burn_cubecl::kernel::binary::MulOp, mixlm_kernel_check::target::CudaTarget>"),
+            "KernelBinop<MulOp>"
+        );
+        assert_eq!(
+            short_name("burn_cubecl_fusion::optim::elemwise::optimization::elemwise_fuse::ElemwiseFuse<mixlm_kernel_check::target::CudaTarget>"),
+            "ElemwiseFuse"
+        );
+        assert_eq!(file_name("MatmulEntry<TensorMapArgs, X>"), "MatmulEntry");
+    }
 }

@@ -116,3 +116,63 @@ fn nvrtc_and_ptxas_take_the_forward_kernel_and_refuse_a_broken_one() {
         .to_string();
     assert!(e.contains("NVRTC failed"), "{e}");
 }
+
+/// One bf16 training step of the tiny preset on Burn's CUDA backend, recorded: it
+/// launches Burn's matmul (tensor-core candidates among them on sm_90), fused
+/// element-wise kernels and mixlm's three attention kernels, each as CUDA C++.
+#[test]
+fn the_recorded_training_step_launches_matmul_fusion_and_attention_as_cuda() {
+    use mixlm_kernel_check::step::{fresh_autotune, training_step_kernels, StepShape};
+    let dir = tempfile::tempdir().unwrap();
+    fresh_autotune(&dir.path().join("autotune"));
+    let shape = StepShape {
+        preset: "tiny".into(),
+        vocab: 512,
+        batch: 2,
+        seq_len: 64,
+    };
+    let kernels = training_step_kernels(Arch::SM90, &shape, mixlm_model::Precision::Bf16).unwrap();
+    let named = |part: &str| {
+        kernels
+            .iter()
+            .filter(|k| k.name.contains(part))
+            .collect::<Vec<_>>()
+    };
+    for kind in [
+        "MatmulEntry",
+        "ElemwiseFuse",
+        "ForwardKernel",
+        "BackwardQueryKernel",
+        "BackwardKeyKernel",
+    ] {
+        assert!(
+            !named(kind).is_empty(),
+            "no {kind} among {} kernels",
+            kernels.len()
+        );
+    }
+    // Every matmul is CUDA source for the launch's block; attention's are as in
+    // kernel_tasks.
+    for k in named("MatmulEntry") {
+        let s = k.source.as_ref().unwrap();
+        assert!(s.source.contains("extern \"C\" __global__"));
+        assert!(s.block >= 32, "{}", k.name);
+    }
+    let uses_tensor_cores = named("MatmulEntry").iter().any(|k| {
+        let s = &k.source.as_ref().unwrap().source;
+        s.contains("mma.sync") || s.contains("wmma::")
+    });
+    assert!(uses_tensor_cores, "no matmul kernel uses the tensor cores");
+    // The first step tuned the matmuls (every candidate launched once); a second one
+    // launches only the chosen ones.
+    let second = training_step_kernels(Arch::SM90, &shape, mixlm_model::Precision::Bf16).unwrap();
+    let matmuls = |ks: &[mixlm_kernel_check::target::Launched]| {
+        ks.iter().filter(|k| k.name.contains("MatmulEntry")).count()
+    };
+    assert!(
+        0 < matmuls(&second) && matmuls(&second) < named("MatmulEntry").len(),
+        "{} matmul kernels in the first step, {} in the second",
+        named("MatmulEntry").len(),
+        matmuls(&second)
+    );
+}
