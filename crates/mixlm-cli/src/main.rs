@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use mixlm_train::BackendKind;
 
 mod cmd;
+mod memory;
 
 #[derive(Parser)]
 #[command(name = "mixlm", version, about = "LLM pretraining with data mixing")]
@@ -87,6 +88,7 @@ fn exit_quietly_on_a_closed_stdout() {
 }
 
 fn main() -> ExitCode {
+    memory::keep_freed_memory();
     exit_quietly_on_a_closed_stdout();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

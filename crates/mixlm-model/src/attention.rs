@@ -18,10 +18,11 @@ use burn::backend::ndarray::{
     FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray,
 };
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Bool, Tensor, TensorPrimitive};
 
 use crate::config::{AttentionKernel, Precision};
+use crate::loss::{nll_parts, TokenNllBackward};
 
 #[cfg(feature = "cubecl")]
 pub mod cube;
@@ -63,6 +64,17 @@ pub trait ModelBackend: Backend {
         scale: f32,
     ) -> FloatTensor<Self> {
         Self::causal_attention_forward(q, k, v, scale).0
+    }
+
+    /// Cross-entropy of every target token, `logits: [b, t, v]`, `targets: [b, t]`
+    /// (see [`crate::loss`]); autodiff backends override this to record the fused
+    /// backward.
+    fn token_nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        let float = |t| Tensor::<Self, 3>::from_primitive(TensorPrimitive::Float(t));
+        crate::loss::nll_parts(float(logits), Tensor::from_primitive(targets))
+            .nll
+            .into_primitive()
+            .tensor()
     }
 }
 
@@ -308,6 +320,30 @@ impl<B: ModelBackend + AutodiffInner, C: CheckpointStrategy> ModelBackend for Au
             OpsKind::UnTracked(prep) => prep.finish(
                 B::causal_attention_forward(q.primitive, k.primitive, v.primitive, scale).0,
             ),
+        }
+    }
+
+    fn token_nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        let float = |t| Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(t));
+        match TokenNllBackward
+            .prepare::<C>([logits.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let parts = nll_parts(
+                    float(logits.primitive.clone()),
+                    Tensor::from_primitive(targets.clone()),
+                );
+                let state = (
+                    logits.primitive,
+                    parts.max.into_primitive().tensor(),
+                    parts.sum.into_primitive().tensor(),
+                    targets,
+                );
+                prep.finish(state, parts.nll.into_primitive().tensor())
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::token_nll(logits.primitive, targets)),
         }
     }
 }

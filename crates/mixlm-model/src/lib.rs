@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod config;
 pub mod hf;
+pub mod loss;
 pub mod model;
 
 /// Whether a Vulkan driver is installed (Linux ICD folders): the wgpu tests of this
@@ -25,4 +26,5 @@ pub use attention::{AutodiffInner, ModelBackend, TrainBackend};
 pub use config::{
     AttentionKernel, Compute, Family, ModelConfig, Precision, TrainingMemory, PRESETS,
 };
-pub use model::{token_nll, Transformer};
+pub use loss::token_nll;
+pub use model::Transformer;

@@ -6,12 +6,13 @@ use burn::nn::{
     Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
     RmsNorm, RmsNormConfig,
 };
-use burn::tensor::activation::{gelu, log_softmax, silu};
+use burn::tensor::activation::{gelu, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
 use crate::attention::{burn_attention, causal_attention, ModelBackend};
 use crate::config::{AttentionKernel, Compute, Family, ModelConfig, Precision};
+use crate::loss::token_nll;
 
 /// Normalisation layer: LayerNorm (NeoX) or RMSNorm (Llama).
 #[derive(Module, Debug)]
@@ -360,13 +361,4 @@ impl<B: ModelBackend> Transformer<B> {
     ) -> Tensor<B, 2> {
         token_nll(self.forward(inputs), targets)
     }
-}
-
-/// Negative log-likelihood of `targets: [b, t]` under `logits: [b, t, v]`.
-pub fn token_nll<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-    let [b, t, _] = logits.dims();
-    log_softmax(logits, 2)
-        .gather(2, targets.unsqueeze_dim::<3>(2))
-        .reshape([b, t])
-        .neg()
 }
