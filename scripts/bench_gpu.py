@@ -56,6 +56,10 @@ PRESETS = {
     "odm-1b": ("neox", 50304, 2048, 16, 16, 16, 128, 8192, 0.25),
     "samplemix-1b": ("llama", 50304, 1664, 28, 13, 13, 128, 4480, 1.0),
     "samplemix-8b": ("llama", 50304, 4096, 32, 32, 8, 128, 14336, 1.0),
+    # CPU shapes (scripts/bench-cpu.sh): the tiny preset with GPT-NeoX's vocabulary,
+    # and a small model; mixlm runs them as the tiny preset with every size overridden.
+    "cpu-tiny-50k": ("neox", 50304, 64, 2, 4, 4, 16, 256, 0.25),
+    "cpu-small": ("neox", 50304, 256, 4, 4, 4, 64, 1024, 0.25),
 }
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,10 +129,19 @@ def run_mixlm(args, preset, precision, attention="fused", path="plain", autotune
         "schedule.warmup_steps": str(args.warmup),
         "run.backend": json.dumps(args.backend),
         "run.activation_checkpointing": json.dumps(args.checkpointing),
-        "model.preset": json.dumps(preset),
-        "model.vocab_size": str(PRESETS[preset][1]),
         "mixing.method": json.dumps(args.mixing),
     }
+    fam, vocab, d, layers, heads, kv, hd, ff, rot = PRESETS[preset]
+    if preset.startswith("cpu-"):
+        # Not a mixlm preset: the family's tiny preset with every size set.
+        sets["model.preset"] = json.dumps("tiny" if fam == "neox" else "tiny-llama")
+        sets.update({"model.d_model": str(d), "model.n_layers": str(layers),
+                     "model.n_heads": str(heads), "model.n_kv_heads": str(kv),
+                     "model.head_dim": str(hd), "model.d_ff": str(ff),
+                     "model.rotary_pct": str(rot)})
+    else:
+        sets["model.preset"] = json.dumps(preset)
+    sets["model.vocab_size"] = str(vocab)
     sets["run.precision"] = json.dumps(precision)
     sets["run.attention"] = json.dumps(attention)
     binary = args.mixlm

@@ -22,7 +22,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Bool, Tensor, TensorPrimitive};
 
 use crate::config::{AttentionKernel, Precision};
-use crate::loss::{nll_parts, TokenNllBackward};
+use crate::loss::TokenNllBackward;
 
 #[cfg(feature = "cubecl")]
 pub mod cube;
@@ -66,15 +66,43 @@ pub trait ModelBackend: Backend {
         Self::causal_attention_forward(q, k, v, scale).0
     }
 
-    /// Cross-entropy of every target token, `logits: [b, t, v]`, `targets: [b, t]`
-    /// (see [`crate::loss`]); autodiff backends override this to record the fused
+    /// The token cross-entropy's forward pass (see [`crate::loss`]): `logits: [b, t, v]`,
+    /// `targets: [b, t]` give the losses `[b, t]` and each row's maximum and sum of
+    /// `exp(x - max)`, `[b, t, 1]`.
+    fn token_nll_forward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        crate::loss::nll_parts::<Self>(logits, targets)
+    }
+
+    /// Its backward pass: d nll / d logits for the upstream gradient `grad: [b, t]`.
+    fn token_nll_backward(
+        logits: FloatTensor<Self>,
+        max: FloatTensor<Self>,
+        sum: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        crate::loss::nll_backward::<Self>(logits, max, sum, targets, grad)
+    }
+
+    /// One AdamW step of a flat parameter `[n]` (see [`crate::adamw`]): the new
+    /// parameter and moments `[param, m, v]`.
+    fn adamw_update(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        step: crate::adamw::AdamWStep,
+    ) -> [FloatTensor<Self>; 3] {
+        crate::adamw::update::<Self>(param, grad, moments, step)
+    }
+
+    /// The token cross-entropy; autodiff backends override this to record the fused
     /// backward.
     fn token_nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
-        let float = |t| Tensor::<Self, 3>::from_primitive(TensorPrimitive::Float(t));
-        crate::loss::nll_parts(float(logits), Tensor::from_primitive(targets))
-            .nll
-            .into_primitive()
-            .tensor()
+        let [nll, _, _] = Self::token_nll_forward(logits, targets);
+        nll
     }
 }
 
@@ -232,6 +260,43 @@ where
     ) -> [FloatTensor<Self>; 3] {
         reference_backward_primitives::<Self>(q, k, v, out, lse, grad, scale)
     }
+
+    fn token_nll_forward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        match crate::loss::cpu::forward(&logits, &targets) {
+            Some(parts) => parts,
+            None => crate::loss::nll_parts::<Self>(logits, targets),
+        }
+    }
+
+    fn token_nll_backward(
+        logits: FloatTensor<Self>,
+        max: FloatTensor<Self>,
+        sum: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match crate::loss::cpu::backward(&logits, &max, &sum, &targets, &grad) {
+            Some(d) => d,
+            None => crate::loss::nll_backward::<Self>(logits, max, sum, targets, grad),
+        }
+    }
+
+    fn adamw_update(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        step: crate::adamw::AdamWStep,
+    ) -> [FloatTensor<Self>; 3] {
+        let fast =
+            crate::adamw::cpu::update(&param, &grad, moments.as_ref().map(|(m, v)| (m, v)), step);
+        match fast {
+            Some(updated) => updated,
+            None => crate::adamw::update::<Self>(param, grad, moments, step),
+        }
+    }
 }
 
 /// The backward node: `q, k, v` are checkpointed (so a checkpointing strategy may
@@ -323,25 +388,39 @@ impl<B: ModelBackend + AutodiffInner, C: CheckpointStrategy> ModelBackend for Au
         }
     }
 
+    fn token_nll_forward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        B::token_nll_forward(logits.primitive, targets).map(Self::from_inner)
+    }
+
+    fn token_nll_backward(
+        logits: FloatTensor<Self>,
+        max: FloatTensor<Self>,
+        sum: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::token_nll_backward(
+            logits.primitive,
+            max.primitive,
+            sum.primitive,
+            targets,
+            grad.primitive,
+        ))
+    }
+
     fn token_nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
-        let float = |t| Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(t));
         match TokenNllBackward
             .prepare::<C>([logits.node.clone()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let parts = nll_parts(
-                    float(logits.primitive.clone()),
-                    Tensor::from_primitive(targets.clone()),
-                );
-                let state = (
-                    logits.primitive,
-                    parts.max.into_primitive().tensor(),
-                    parts.sum.into_primitive().tensor(),
-                    targets,
-                );
-                prep.finish(state, parts.nll.into_primitive().tensor())
+                let [nll, max, sum] =
+                    B::token_nll_forward(logits.primitive.clone(), targets.clone());
+                prep.finish((logits.primitive, max, sum, targets), nll)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::token_nll(logits.primitive, targets)),
         }

@@ -4,6 +4,7 @@
 //! (`llama`). Weights are saved and loaded as safetensors under Hugging Face names
 //! ([`hf`]), so checkpoints move freely between mixlm and transformers.
 
+pub mod adamw;
 pub mod attention;
 pub mod config;
 pub mod hf;
@@ -27,4 +28,4 @@ pub use config::{
     AttentionKernel, Compute, Family, ModelConfig, Precision, TrainingMemory, PRESETS,
 };
 pub use loss::token_nll;
-pub use model::Transformer;
+pub use model::{Transformer, EVAL_LOGITS};

@@ -35,47 +35,153 @@ pub fn token_nll<B: ModelBackend>(
     )))
 }
 
-/// The forward pass: the losses `[b, t]`, and each row's maximum and sum of
-/// `exp(x - max)` (`[b, t, 1]`), which the backward pass needs.
-pub(crate) struct NllParts<B: Backend> {
-    pub nll: Tensor<B, 2>,
-    pub max: Tensor<B, 3>,
-    pub sum: Tensor<B, 3>,
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
+fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// The forward pass in tensor operations (every backend but the CPU's): the losses
+/// `[b, t]`, and each row's maximum and sum of `exp(x - max)` (`[b, t, 1]`), which the
+/// backward pass needs.
 pub(crate) fn nll_parts<B: Backend>(
-    logits: Tensor<B, 3>,
-    targets: Tensor<B, 2, Int>,
-) -> NllParts<B> {
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+) -> [FloatTensor<B>; 3] {
+    let logits: Tensor<B, 3> = float(logits);
+    let targets: Tensor<B, 2, Int> = Tensor::from_primitive(targets);
     let [b, t, _] = logits.dims();
     let max = logits.clone().max_dim(2);
     let shifted_target = logits.clone().gather(2, targets.unsqueeze_dim(2)) - max.clone();
     let sum = (logits - max.clone()).exp().sum_dim(2);
     // `-(shifted - log sum)` as `log sum - shifted`: IEEE subtraction is antisymmetric.
     let nll = (sum.clone().log() - shifted_target).reshape([b, t]);
-    NllParts { nll, max, sum }
+    [primitive(nll), primitive(max), primitive(sum)]
 }
 
-/// d nll / d logits for the upstream gradient `grad: [b, t]`:
-/// `exp(x - max) · (grad · 1/sum)`, minus `grad` at each target. The reciprocal
-/// and the order of the products are those of Burn's `log` and `exp` backward rules.
+/// The backward pass in tensor operations: d nll / d logits for the upstream gradient
+/// `grad: [b, t]`, `exp(x - max) · (grad · 1/sum)`, minus `grad` at each target. The
+/// reciprocal and the order of the products are those of Burn's `log` and `exp`
+/// backward rules.
 pub(crate) fn nll_backward<B: Backend>(
-    logits: Tensor<B, 3>,
-    max: Tensor<B, 3>,
-    sum: Tensor<B, 3>,
-    targets: Tensor<B, 2, Int>,
-    grad: Tensor<B, 2>,
-) -> Tensor<B, 3> {
+    logits: FloatTensor<B>,
+    max: FloatTensor<B>,
+    sum: FloatTensor<B>,
+    targets: IntTensor<B>,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let logits: Tensor<B, 3> = float(logits);
     let [b, t, _] = logits.dims();
-    let grad = grad.reshape([b, t, 1]);
-    let coef = grad.clone() * sum.recip();
-    let softmax_part = coef * (logits - max).exp();
-    softmax_part.scatter(
+    let grad = float::<B, 2>(grad).reshape([b, t, 1]);
+    let coef = grad.clone() * float::<B, 3>(sum).recip();
+    let softmax_part = coef * (logits - float::<B, 3>(max)).exp();
+    let targets: Tensor<B, 2, Int> = Tensor::from_primitive(targets);
+    primitive(softmax_part.scatter(
         2,
         targets.unsqueeze_dim(2),
         grad.neg(),
         IndexingUpdateOp::Add,
-    )
+    ))
+}
+
+/// Both passes on the CPU backend for f32 logits: rows in parallel (Burn's ndarray
+/// element-wise operations run on one thread), reading the logits in place, and
+/// without a full-size temporary in the forward pass. Each value is computed by the
+/// same operations as the tensor version, the sum of a row by ndarray's own
+/// `sum` (what `sum_dim` calls on a row), so the results are equal to the bit.
+/// `None` when the tensors are not contiguous f32 (the caller falls back).
+pub(crate) mod cpu {
+    use burn::backend::ndarray::NdArrayTensor;
+    use ndarray::{ArrayD, ArrayView1, IxDyn};
+    use rayon::prelude::*;
+
+    fn f32_slice(t: &NdArrayTensor) -> Option<(ndarray::ArrayViewD<'_, f32>, Vec<usize>)> {
+        match t {
+            NdArrayTensor::F32(storage) => {
+                let view = storage.view();
+                let shape = view.shape().to_vec();
+                view.is_standard_layout().then_some((view, shape))
+            }
+            _ => None,
+        }
+    }
+
+    fn indices(t: &NdArrayTensor) -> Option<Vec<usize>> {
+        let view = |v: ndarray::ArrayViewD<'_, i64>| v.iter().map(|&i| i as usize).collect();
+        match t {
+            NdArrayTensor::I64(s) => Some(view(s.view())),
+            NdArrayTensor::I32(s) => Some(s.view().iter().map(|&i| i as usize).collect()),
+            _ => None,
+        }
+    }
+
+    fn tensor(values: Vec<f32>, shape: &[usize]) -> NdArrayTensor {
+        let array = ArrayD::from_shape_vec(IxDyn(shape), values).expect("shape of the values");
+        NdArrayTensor::from(array.into_shared())
+    }
+
+    /// `[nll, max, sum]` as [`super::nll_parts`] computes them.
+    pub fn forward(logits: &NdArrayTensor, targets: &NdArrayTensor) -> Option<[NdArrayTensor; 3]> {
+        let (view, shape) = f32_slice(logits)?;
+        let x = view.as_slice()?;
+        let targets = indices(targets)?;
+        let &[b, t, v] = shape.as_slice() else {
+            return None;
+        };
+        let rows: Vec<(f32, f32, f32)> = x
+            .par_chunks(v)
+            .zip(targets.par_iter())
+            .map_init(
+                || vec![0f32; v],
+                |scratch, (row, &target)| {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    for (e, &xi) in scratch.iter_mut().zip(row) {
+                        *e = (xi - max).exp();
+                    }
+                    let sum = ArrayView1::from(&scratch[..]).sum();
+                    (sum.ln() - (row[target] - max), max, sum)
+                },
+            )
+            .collect();
+        let column = |f: fn(&(f32, f32, f32)) -> f32| rows.iter().map(f).collect::<Vec<f32>>();
+        Some([
+            tensor(column(|r| r.0), &[b, t]),
+            tensor(column(|r| r.1), &[b, t, 1]),
+            tensor(column(|r| r.2), &[b, t, 1]),
+        ])
+    }
+
+    /// d nll / d logits as [`super::nll_backward`] computes it.
+    pub fn backward(
+        logits: &NdArrayTensor,
+        max: &NdArrayTensor,
+        sum: &NdArrayTensor,
+        targets: &NdArrayTensor,
+        grad: &NdArrayTensor,
+    ) -> Option<NdArrayTensor> {
+        let (view, shape) = f32_slice(logits)?;
+        let x = view.as_slice()?;
+        let (max, _) = f32_slice(max)?;
+        let (sum, _) = f32_slice(sum)?;
+        let (grad, _) = f32_slice(grad)?;
+        let (max, sum, grad) = (max.as_slice()?, sum.as_slice()?, grad.as_slice()?);
+        let targets = indices(targets)?;
+        let v = *shape.last()?;
+        let mut d = vec![0f32; x.len()];
+        d.par_chunks_mut(v)
+            .zip(x.par_chunks(v))
+            .enumerate()
+            .for_each(|(r, (out, row))| {
+                let coef = grad[r] * (1.0 / sum[r]);
+                for (o, &xi) in out.iter_mut().zip(row) {
+                    *o = coef * (xi - max[r]).exp();
+                }
+                out[targets[r]] += -grad[r];
+            });
+        Some(tensor(d, &shape))
+    }
 }
 
 /// The backward node of [`ModelBackend::token_nll`] under autodiff: keeps the logits
@@ -84,22 +190,15 @@ pub(crate) fn nll_backward<B: Backend>(
 #[derive(Debug)]
 pub(crate) struct TokenNllBackward;
 
-impl<B: Backend> Backward<B, 1> for TokenNllBackward {
+impl<B: ModelBackend> Backward<B, 1> for TokenNllBackward {
     type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, IntTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
         let (logits, max, sum, targets) = ops.state;
-        let float = |t| Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(t));
-        let d = nll_backward::<B>(
-            float(logits),
-            float(max),
-            float(sum),
-            Tensor::from_primitive(targets),
-            Tensor::from_primitive(TensorPrimitive::Float(grad)),
-        );
+        let d = B::token_nll_backward(logits, max, sum, targets, grad);
         if let [Some(parent)] = ops.parents {
-            grads.register::<B>(parent.id, d.into_primitive().tensor());
+            grads.register::<B>(parent.id, d);
         }
     }
 }
@@ -163,5 +262,49 @@ mod tests {
         // Without autodiff (evaluation): the same losses.
         let inner = super::token_nll(logits().inner(), targets().inner());
         assert_eq!(inner.into_data().into_vec::<f32>().unwrap(), r);
+    }
+
+    /// The CPU's row-parallel passes and the tensor-operation passes other backends
+    /// run give the same values.
+    #[test]
+    fn the_cpu_passes_equal_the_tensor_operations() {
+        use super::{cpu, nll_backward, nll_parts};
+        type C = NdArray<f32>;
+        let device = Default::default();
+        let (b, t, vocab) = (2, 5, 1000);
+        let values: Vec<f32> = (0..b * t * vocab)
+            .map(|i| ((i as f32 * 0.754_877_7).fract() - 0.5) * 30.0)
+            .collect();
+        let logits = Tensor::<C, 3>::from_data(TensorData::new(values, [b, t, vocab]), &device)
+            .into_primitive()
+            .tensor();
+        let ids: Vec<i64> = (0..b * t).map(|i| (i * 263 % vocab) as i64).collect();
+        let targets =
+            Tensor::<C, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device).into_primitive();
+        let grad: Vec<f32> = (0..b * t).map(|i| 0.3 - i as f32 * 0.07).collect();
+        let grad = Tensor::<C, 2>::from_data(TensorData::new(grad, [b, t]), &device)
+            .into_primitive()
+            .tensor();
+        let values = |t: burn::tensor::ops::FloatTensor<C>| -> Vec<f32> {
+            Tensor::<C, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(t))
+                .into_data()
+                .into_vec()
+                .unwrap()
+        };
+        let ops = nll_parts::<C>(logits.clone(), targets.clone());
+        let rows = cpu::forward(&logits, &targets).expect("contiguous f32");
+        for (a, b) in ops.iter().zip(&rows) {
+            assert_eq!(values(a.clone()), values(b.clone()));
+        }
+        let [_, max, sum] = rows;
+        let by_ops = nll_backward::<C>(
+            logits.clone(),
+            max.clone(),
+            sum.clone(),
+            targets.clone(),
+            grad.clone(),
+        );
+        let by_rows = cpu::backward(&logits, &max, &sum, &targets, &grad).unwrap();
+        assert_eq!(values(by_ops), values(by_rows));
     }
 }

@@ -336,7 +336,11 @@ impl<B: ModelBackend> Transformer<B> {
     /// Next-token logits: `[batch, seq, vocab]`, f32 (the output projection runs in
     /// the model's precision).
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let h = self.hidden(tokens);
+        self.logits(self.hidden(tokens))
+    }
+
+    /// The output projection of hidden states `[batch, seq, d_model]`.
+    fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         let p = self.compute.precision;
         to_f32(match &self.lm_head {
             Some(head) => project(head, h, p),
@@ -361,4 +365,39 @@ impl<B: ModelBackend> Transformer<B> {
     ) -> Tensor<B, 2> {
         token_nll(self.forward(inputs), targets)
     }
+
+    /// [`Self::token_losses`] for evaluation: the output projection and the loss run a
+    /// few windows at a time, so that at most `max_logits` logits (or one window's)
+    /// exist at once instead of `batch × seq × vocab` (13 GB in f32 for 32 windows of
+    /// 2,048 tokens at a 50k vocabulary). Every window's losses are the same to the
+    /// bit. Not for training: under autodiff the weight gradient would be summed over
+    /// the windows in another order.
+    pub fn token_losses_chunked(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+        max_logits: usize,
+    ) -> Tensor<B, 2> {
+        let [b, t] = inputs.dims();
+        let [vocab, _] = self.embed.weight.dims();
+        let windows = (max_logits / (t * vocab).max(1)).clamp(1, b.max(1));
+        if windows >= b {
+            return self.token_losses(inputs, targets);
+        }
+        let h = self.hidden(inputs);
+        let d = h.dims()[2];
+        let losses = (0..b)
+            .step_by(windows)
+            .map(|s| {
+                let e = (s + windows).min(b);
+                let logits = self.logits(h.clone().slice([s..e, 0..t, 0..d]));
+                token_nll(logits, targets.clone().slice([s..e, 0..t]))
+            })
+            .collect();
+        Tensor::cat(losses, 0)
+    }
 }
+
+/// How many logits evaluation computes at once ([`Transformer::token_losses_chunked`]):
+/// 256 MB in f32.
+pub const EVAL_LOGITS: usize = 1 << 26;

@@ -93,3 +93,37 @@ fn model_gradients_repeat_to_the_bit() {
         }
     }
 }
+
+/// Evaluation's chunked losses (the output projection a few windows at a time) are
+/// the whole batch's to the bit, for both families, whatever the chunk.
+#[test]
+fn chunked_evaluation_losses_equal_the_whole_batch() {
+    use burn::backend::NdArray;
+    type C = NdArray<f32>;
+    let device = Default::default();
+    for preset in ["tiny", "tiny-llama"] {
+        let mut config = ModelConfig::preset(preset).unwrap();
+        config.vocab_size = 300;
+        <C as burn::tensor::backend::Backend>::seed(&device, 1);
+        let model = config.init::<C>(&device);
+        let (b, t) = (5, 12);
+        let ids: Vec<i64> = (0..b * (t + 1)).map(|i| (i * 53 % 300) as i64).collect();
+        let tokens = Tensor::<C, 2, Int>::from_data(TensorData::new(ids, [b, t + 1]), &device);
+        let inputs = tokens.clone().slice([0..b, 0..t]);
+        let target = tokens.slice([0..b, 1..t + 1]);
+        let whole: Vec<f32> = model
+            .token_losses(inputs.clone(), target.clone())
+            .into_data()
+            .into_vec()
+            .unwrap();
+        // One window, two windows, and more than the batch per chunk.
+        for max_logits in [1, 2 * t * 300, 100 * t * 300] {
+            let chunked: Vec<f32> = model
+                .token_losses_chunked(inputs.clone(), target.clone(), max_logits)
+                .into_data()
+                .into_vec()
+                .unwrap();
+            assert_eq!(chunked, whole, "{preset}, at most {max_logits} logits");
+        }
+    }
+}

@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{ElementConversion, Tensor, TensorPrimitive};
+use mixlm_model::adamw::AdamWStep;
+use mixlm_model::ModelBackend;
 
 use crate::config::OptimizerSection;
 
@@ -60,6 +62,7 @@ impl<B: Backend> AdamW<B> {
     pub fn step<AB, M>(&mut self, lr: f64, module: M, mut grads: GradientsParams) -> (M, StepStats)
     where
         AB: AutodiffBackend<InnerBackend = B>,
+        B: ModelBackend,
         M: AutodiffModule<AB>,
     {
         let mut norm = GradNorm::<B> {
@@ -125,7 +128,10 @@ struct Update<'a, B: Backend> {
     path: Vec<String>,
 }
 
-impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
+impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend>
+where
+    AB::InnerBackend: ModelBackend,
+{
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -143,28 +149,39 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
         let t = self.opt.steps as i32;
         let shape = tensor.shape();
         let n = shape.num_elements();
-        let grad = grad.reshape([n]).mul_scalar(self.clip);
+        let flat = |x: Tensor<AB::InnerBackend, D>| x.reshape([n]).into_primitive().tensor();
         let key = self.path.join(".");
-        let (m, v) = match self.opt.moments.remove(&key) {
-            Some(Moments { m, v }) => (
-                m.mul_scalar(c.beta1) + grad.clone().mul_scalar(1.0 - c.beta1),
-                v.mul_scalar(c.beta2) + grad.square().mul_scalar(1.0 - c.beta2),
-            ),
-            None => (
-                grad.clone().mul_scalar(1.0 - c.beta1),
-                grad.square().mul_scalar(1.0 - c.beta2),
-            ),
+        let step = AdamWStep {
+            clip: self.clip,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            bias1: 1.0 - c.beta1.powi(t),
+            bias2: 1.0 - c.beta2.powi(t),
+            eps: c.eps,
+            // Decoupled decay on matrices and embeddings only (nanoGPT, GPT-NeoX).
+            decay: (D >= 2 && c.weight_decay > 0.0).then(|| 1.0 - self.lr * c.weight_decay),
+            lr: self.lr,
         };
-        let m_hat = m.clone().div_scalar(1.0 - c.beta1.powi(t));
-        let v_hat = v.clone().div_scalar(1.0 - c.beta2.powi(t));
-        let update = m_hat.div(v_hat.sqrt().add_scalar(c.eps));
-        let mut p = tensor.inner().reshape([n]);
-        // Decoupled decay on matrices and embeddings only (nanoGPT, GPT-NeoX).
-        if D >= 2 && c.weight_decay > 0.0 {
-            p = p.mul_scalar(1.0 - self.lr * c.weight_decay);
-        }
-        let p = p - update.mul_scalar(self.lr);
-        self.opt.moments.insert(key, Moments { m, v });
+        let moments = self
+            .opt
+            .moments
+            .remove(&key)
+            .map(|Moments { m, v }| (m.into_primitive().tensor(), v.into_primitive().tensor()));
+        let [p, m, v] = <AB::InnerBackend as ModelBackend>::adamw_update(
+            flat(tensor.inner()),
+            flat(grad),
+            moments,
+            step,
+        );
+        let float = |x| Tensor::<AB::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(x));
+        self.opt.moments.insert(
+            key,
+            Moments {
+                m: float(m),
+                v: float(v),
+            },
+        );
+        let p = float(p);
         let p = Tensor::<AB, D>::from_inner(p.reshape(shape)).require_grad();
         Param::from_mapped_value(id, p, mapper)
     }

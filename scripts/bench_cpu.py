@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""mixlm's CPU training throughput against PyTorch eager, side by side (issue 28).
+
+For each shape, alternately: mixlm's release binary (`--backend cpu`, f32) and Hugging
+Face's GPTNeoXForCausalLM in PyTorch (eager, f32, AdamW and clipping, no
+torch.compile), same model shape, batch and sequence length, over several rounds.
+Reports each side's median tokens/s, their ratio, and the share of mixlm's run spent
+in the kernel (system time over user plus system time, from the child's rusage).
+The trainers and shapes are scripts/bench_gpu.py's (`run_mixlm`, `run_torch`).
+
+    python3 scripts/bench_cpu.py --mixlm target/release/mixlm --rounds 3
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import types
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_gpu  # noqa: E402
+
+# name, bench_gpu preset, seq, batch, steps, warm-up steps
+SHAPES = [
+    ("demo", "tiny", 64, 16, 60, 10),
+    ("tiny, GPT-NeoX vocab", "cpu-tiny-50k", 128, 8, 20, 5),
+    ("small", "cpu-small", 256, 8, 10, 3),
+]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mixlm", required=True, help="a mixlm release binary")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--shapes", default=",".join(s[1] for s in SHAPES),
+                   help="which of: " + ", ".join(s[1] for s in SHAPES))
+    p.add_argument("--no-torch", dest="torch", action="store_false", help="mixlm only")
+    p.add_argument("--out", default="bench-cpu.json")
+    args = p.parse_args()
+    import torch
+    threads = torch.get_num_threads()
+    wanted = args.shapes.split(",")
+    results = {}
+    for round_ in range(args.rounds):
+        for name, preset, seq, batch, steps, warmup in SHAPES:
+            if preset not in wanted:
+                continue
+            run = types.SimpleNamespace(
+                mixlm=args.mixlm, steps=steps, warmup=warmup, batch=batch, seq=seq,
+                device="cpu", backend="cpu", checkpointing="none", mixing="stratified",
+                compile=False, nccl_mixlm=None)
+            r = results.setdefault(preset, {"name": name, "seq": seq, "batch": batch,
+                                            "mixlm": [], "torch": [], "sys_share": []})
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            m = bench_gpu.run_mixlm(run, preset, "f32")
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if "error" in m:
+                sys.exit(f"{name}: mixlm failed: {m['error']}")
+            user, sys_ = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+            r["mixlm"].append(m["tokens_per_s"])
+            r["sys_share"].append(sys_ / max(user + sys_, 1e-9))
+            line = f"round {round_ + 1} {name}: mixlm {m['tokens_per_s']:,.0f} tokens/s"
+            if args.torch:
+                t = bench_gpu.run_torch(run, preset, "f32")
+                r["torch"].append(t["tokens_per_s"])
+                line += f", PyTorch {t['tokens_per_s']:,.0f}"
+            print(line, file=sys.stderr, flush=True)
+
+    print(f"\nCPU, {os.cpu_count()} cores, PyTorch {torch.__version__} eager f32 with "
+          f"{threads} threads; medians of {args.rounds} alternating rounds\n")
+    print("| shape (d_model, layers, heads, d_ff, vocab, seq, batch) | mixlm tokens/s | PyTorch tokens/s | ratio | mixlm system time |")
+    print("|---|---:|---:|---:|---:|")
+    for preset, r in results.items():
+        _, vocab, d, layers, heads, _, _, ff, _ = bench_gpu.PRESETS[preset]
+        m = statistics.median(r["mixlm"])
+        t = statistics.median(r["torch"]) if r["torch"] else None
+        r.update(mixlm_median=m, torch_median=t, ratio=m / t if t else None)
+        shape = f"{r['name']} ({d}, {layers}, {heads}, {ff}, {vocab}, {r['seq']}, {r['batch']})"
+        print(f"| {shape} | {m:,.0f} | {'' if t is None else f'{t:,.0f}'} | "
+              f"{'' if t is None else f'{m / t:.2f}'} | {statistics.median(r['sys_share']):.1%} |")
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwritten: {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
