@@ -136,8 +136,11 @@ pub fn validation_losses<B: ModelBackend>(
     for chunk in picks.chunks(batch_size) {
         let windows = fetch_batch(source, Split::Validation, chunk, seq_len);
         let (inputs, targets) = inputs_and_targets::<B>(&windows, chunk.len(), seq_len, device);
-        let means =
-            sequence_means(model.token_losses_chunked(inputs, targets, mixlm_model::EVAL_LOGITS));
+        let means = sequence_means(model.token_losses_chunked(
+            inputs,
+            targets,
+            mixlm_model::EVAL_CHUNK_VALUES,
+        ));
         let domains: Vec<DomainId> = chunk.iter().map(|(d, _)| *d).collect();
         acc.add(&means, &domains);
     }

@@ -276,7 +276,7 @@ pub fn model_nll<'a, B: ModelBackend>(
     move |windows, batch, len| {
         let (inputs, targets) = inputs_and_targets::<B>(windows, batch, len, &device);
         model
-            .token_losses_chunked(inputs, targets, mixlm_model::EVAL_LOGITS)
+            .token_losses_chunked(inputs, targets, mixlm_model::EVAL_CHUNK_VALUES)
             .into_data()
             .convert::<f32>()
             .into_vec::<f32>()

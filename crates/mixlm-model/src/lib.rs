@@ -28,4 +28,4 @@ pub use config::{
     AttentionKernel, Compute, Family, ModelConfig, Precision, TrainingMemory, PRESETS,
 };
 pub use loss::token_nll;
-pub use model::{Transformer, EVAL_LOGITS};
+pub use model::{Transformer, EVAL_CHUNK_VALUES};

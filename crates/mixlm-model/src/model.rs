@@ -366,38 +366,41 @@ impl<B: ModelBackend> Transformer<B> {
         token_nll(self.forward(inputs), targets)
     }
 
-    /// [`Self::token_losses`] for evaluation: the output projection and the loss run a
-    /// few windows at a time, so that at most `max_logits` logits (or one window's)
-    /// exist at once instead of `batch × seq × vocab` (13 GB in f32 for 32 windows of
-    /// 2,048 tokens at a 50k vocabulary). Every window's losses are the same to the
-    /// bit. Not for training: under autodiff the weight gradient would be summed over
-    /// the windows in another order.
+    /// [`Self::token_losses`] for evaluation, a few windows at a time: as many as keep
+    /// the largest per-window tensors, the logits (`seq × vocab`) and on the CPU the
+    /// attention scores (`heads × seq × seq`), under `max_values` in all (one window
+    /// at least). Scoring 32 windows of 2,048 tokens at a 50k vocabulary at once would
+    /// hold 13 GB of f32 logits. Every window's losses are the same to the bit. Not for
+    /// training: under autodiff the weight gradients would be summed over the windows
+    /// in another order.
     pub fn token_losses_chunked(
         &self,
         inputs: Tensor<B, 2, Int>,
         targets: Tensor<B, 2, Int>,
-        max_logits: usize,
+        max_values: usize,
     ) -> Tensor<B, 2> {
         let [b, t] = inputs.dims();
         let [vocab, _] = self.embed.weight.dims();
-        let windows = (max_logits / (t * vocab).max(1)).clamp(1, b.max(1));
+        let heads = self.blocks.first().map_or(1, |block| block.attn.n_heads);
+        let per_window = (t * vocab).max(heads * t * t).max(1);
+        let windows = (max_values / per_window).clamp(1, b.max(1));
         if windows >= b {
             return self.token_losses(inputs, targets);
         }
-        let h = self.hidden(inputs);
-        let d = h.dims()[2];
         let losses = (0..b)
             .step_by(windows)
             .map(|s| {
-                let e = (s + windows).min(b);
-                let logits = self.logits(h.clone().slice([s..e, 0..t, 0..d]));
-                token_nll(logits, targets.clone().slice([s..e, 0..t]))
+                let rows = s..(s + windows).min(b);
+                self.token_losses(
+                    inputs.clone().slice([rows.clone(), 0..t]),
+                    targets.clone().slice([rows, 0..t]),
+                )
             })
             .collect();
         Tensor::cat(losses, 0)
     }
 }
 
-/// How many logits evaluation computes at once ([`Transformer::token_losses_chunked`]):
-/// 256 MB in f32.
-pub const EVAL_LOGITS: usize = 1 << 26;
+/// How many values of its largest tensors evaluation holds at once
+/// ([`Transformer::token_losses_chunked`]): 256 MB in f32.
+pub const EVAL_CHUNK_VALUES: usize = 1 << 26;

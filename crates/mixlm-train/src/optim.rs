@@ -159,7 +159,7 @@ where
             bias2: 1.0 - c.beta2.powi(t),
             eps: c.eps,
             // Decoupled decay on matrices and embeddings only (nanoGPT, GPT-NeoX).
-            decay: (D >= 2 && c.weight_decay > 0.0).then(|| 1.0 - self.lr * c.weight_decay),
+            decay: (D >= 2 && c.weight_decay > 0.0).then_some(1.0 - self.lr * c.weight_decay),
             lr: self.lr,
         };
         let moments = self
