@@ -10,10 +10,10 @@ use clap::Parser;
 use cubecl::prelude::*;
 use cubecl_ir::{ElemType, FloatKind};
 use mixlm_kernel_check::nvrtc::{self, Toolkit};
-use mixlm_kernel_check::occupancy::{occupancy, Sm};
+use mixlm_kernel_check::occupancy::{occupancy, Occupancy, Sm};
 use mixlm_kernel_check::ptxas;
 use mixlm_kernel_check::step::{fresh_autotune, training_step_kernels, StepShape};
-use mixlm_kernel_check::target::{cuda_source, Arch, CudaTarget, Launched};
+use mixlm_kernel_check::target::{cuda_source, panic_text, Arch, CudaTarget, Launched};
 use mixlm_model::attention::cube::kernel_tasks;
 use mixlm_model::{ModelConfig, Precision, PRESETS};
 
@@ -59,6 +59,19 @@ struct Args {
     step_seq_len: usize,
 }
 
+impl Row {
+    /// Resident blocks and occupancy on this row's SM, from its block size, registers
+    /// and shared memory (dynamic and static).
+    fn occupancy(&self, res: &ptxas::Resources) -> Occupancy {
+        occupancy(
+            Sm::of(self.arch),
+            self.block,
+            res.registers,
+            self.shared + res.static_shared_bytes,
+        )
+    }
+}
+
 /// One row of a table: its leading columns, then the resources.
 struct Row {
     labels: Vec<String>,
@@ -97,12 +110,7 @@ fn main() -> std::process::ExitCode {
     // Panics in CubeCL's expansion of Burn's kernels are expected (reported in the
     // table): one line each instead of a backtrace.
     std::panic::set_hook(Box::new(|info| {
-        let message = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or("");
+        let message = panic_text(info.payload());
         let first = message
             .lines()
             .find(|l| !l.starts_with("An error"))
@@ -370,12 +378,7 @@ fn step_summary(rows: &[Row]) -> String {
         kind.kernels += 1;
         match &r.outcome {
             Ok(res) => {
-                let o = occupancy(
-                    Sm::of(r.arch),
-                    r.block,
-                    res.registers,
-                    r.shared + res.static_shared_bytes,
-                );
+                let o = r.occupancy(res);
                 kind.spilling += res.spills() as usize;
                 kind.low += (o.fraction < 0.25) as usize;
                 kind.registers = kind.registers.max(res.registers);
@@ -471,12 +474,7 @@ fn table(labels: &[&str], rows: &[Row]) -> String {
         let line = match &r.outcome {
             Ok(res) => {
                 let sm = Sm::of(r.arch);
-                let o = occupancy(
-                    sm,
-                    r.block,
-                    res.registers,
-                    r.shared + res.static_shared_bytes,
-                );
+                let o = r.occupancy(res);
                 let mut notes = Vec::new();
                 if res.spills() {
                     notes.push("SPILLS");

@@ -234,7 +234,7 @@ pub fn take_launched() -> Vec<Launched> {
 }
 
 /// The text of a panic's payload.
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<String>()
         .cloned()

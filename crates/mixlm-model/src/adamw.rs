@@ -10,7 +10,8 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
+
+use crate::attention::{primitive, tensor};
 
 /// The step's constants, in f64 as the optimizer holds them; each is rounded to the
 /// parameter's float type before use, as Burn's scalar operations round them.
@@ -37,7 +38,7 @@ pub(crate) fn update<B: Backend>(
     moments: Option<(FloatTensor<B>, FloatTensor<B>)>,
     s: AdamWStep,
 ) -> [FloatTensor<B>; 3] {
-    let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+    let float = tensor::<B, 1>;
     let grad = float(grad).mul_scalar(s.clip);
     let (m, v) = match moments {
         Some((m, v)) => (
@@ -57,23 +58,20 @@ pub(crate) fn update<B: Backend>(
         p = p.mul_scalar(decay);
     }
     let p = p - step.mul_scalar(s.lr);
-    [p, m, v].map(|t| t.into_primitive().tensor())
+    [p, m, v].map(primitive::<B, 1>)
 }
 
 /// The update on the CPU backend for contiguous f32 tensors: one pass, rows of 4,096
 /// elements in parallel. `None` otherwise (the caller falls back to [`update`]).
 pub(crate) mod cpu {
     use burn::backend::ndarray::NdArrayTensor;
-    use ndarray::{ArrayD, IxDyn};
     use rayon::prelude::*;
 
     use super::AdamWStep;
+    use crate::cpu::{f32_view, tensor};
 
     fn values(t: &NdArrayTensor) -> Option<Vec<f32>> {
-        match t {
-            NdArrayTensor::F32(s) => s.view().as_slice().map(<[f32]>::to_vec),
-            _ => None,
-        }
+        f32_view(t)?.as_slice().map(<[f32]>::to_vec)
     }
 
     pub fn update(
@@ -83,10 +81,7 @@ pub(crate) mod cpu {
         s: AdamWStep,
     ) -> Option<[NdArrayTensor; 3]> {
         let mut p = values(param)?;
-        let g = match grad {
-            NdArrayTensor::F32(s) => s.view(),
-            _ => return None,
-        };
+        let g = f32_view(grad)?;
         let g = g.as_slice()?;
         let (mut m, mut v, first) = match moments {
             Some((m, v)) => (values(m)?, values(v)?, false),
@@ -124,12 +119,8 @@ pub(crate) mod cpu {
                     v[i] = vi;
                 }
             });
-        let n = p.len();
-        let tensor = |x: Vec<f32>| {
-            let array = ArrayD::from_shape_vec(IxDyn(&[n]), x).expect("n values");
-            NdArrayTensor::from(array.into_shared())
-        };
-        Some([tensor(p), tensor(m), tensor(v)])
+        let n = [p.len()];
+        Some([tensor(p, &n), tensor(m, &n), tensor(v, &n)])
     }
 }
 

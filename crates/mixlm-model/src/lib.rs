@@ -7,6 +7,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod config;
+mod cpu;
 pub mod hf;
 pub mod loss;
 pub mod model;

@@ -19,9 +19,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorPrimitive};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
-use crate::attention::ModelBackend;
+use crate::attention::{primitive, tensor as float, ModelBackend};
 
 /// Negative log-likelihood of `targets: [b, t]` under `logits: [b, t, v]`, in nats:
 /// `log Σ exp(x - max) - (x_target - max)` per token.
@@ -29,18 +29,7 @@ pub fn token_nll<B: ModelBackend>(
     logits: Tensor<B, 3>,
     targets: Tensor<B, 2, Int>,
 ) -> Tensor<B, 2> {
-    Tensor::from_primitive(TensorPrimitive::Float(B::token_nll(
-        logits.into_primitive().tensor(),
-        targets.into_primitive(),
-    )))
-}
-
-fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
+    float(B::token_nll(primitive(logits), targets.into_primitive()))
 }
 
 /// The forward pass in tensor operations (every backend but the CPU's): the losses
@@ -94,40 +83,25 @@ pub(crate) fn nll_backward<B: Backend>(
 /// `None` when the tensors are not contiguous f32 (the caller falls back).
 pub(crate) mod cpu {
     use burn::backend::ndarray::NdArrayTensor;
-    use ndarray::{ArrayD, ArrayView1, IxDyn};
+    use ndarray::ArrayView1;
     use rayon::prelude::*;
 
-    fn f32_slice(t: &NdArrayTensor) -> Option<(ndarray::ArrayViewD<'_, f32>, Vec<usize>)> {
-        match t {
-            NdArrayTensor::F32(storage) => {
-                let view = storage.view();
-                let shape = view.shape().to_vec();
-                view.is_standard_layout().then_some((view, shape))
-            }
-            _ => None,
-        }
-    }
+    use crate::cpu::{f32_view, tensor};
 
     fn indices(t: &NdArrayTensor) -> Option<Vec<usize>> {
-        let view = |v: ndarray::ArrayViewD<'_, i64>| v.iter().map(|&i| i as usize).collect();
         match t {
-            NdArrayTensor::I64(s) => Some(view(s.view())),
+            NdArrayTensor::I64(s) => Some(s.view().iter().map(|&i| i as usize).collect()),
             NdArrayTensor::I32(s) => Some(s.view().iter().map(|&i| i as usize).collect()),
             _ => None,
         }
     }
 
-    fn tensor(values: Vec<f32>, shape: &[usize]) -> NdArrayTensor {
-        let array = ArrayD::from_shape_vec(IxDyn(shape), values).expect("shape of the values");
-        NdArrayTensor::from(array.into_shared())
-    }
-
     /// `[nll, max, sum]` as [`super::nll_parts`] computes them.
     pub fn forward(logits: &NdArrayTensor, targets: &NdArrayTensor) -> Option<[NdArrayTensor; 3]> {
-        let (view, shape) = f32_slice(logits)?;
+        let view = f32_view(logits)?;
         let x = view.as_slice()?;
         let targets = indices(targets)?;
-        let &[b, t, v] = shape.as_slice() else {
+        let &[b, t, v] = view.shape() else {
             return None;
         };
         let rows: Vec<(f32, f32, f32)> = x
@@ -161,14 +135,12 @@ pub(crate) mod cpu {
         targets: &NdArrayTensor,
         grad: &NdArrayTensor,
     ) -> Option<NdArrayTensor> {
-        let (view, shape) = f32_slice(logits)?;
+        let view = f32_view(logits)?;
         let x = view.as_slice()?;
-        let (max, _) = f32_slice(max)?;
-        let (sum, _) = f32_slice(sum)?;
-        let (grad, _) = f32_slice(grad)?;
+        let (max, sum, grad) = (f32_view(max)?, f32_view(sum)?, f32_view(grad)?);
         let (max, sum, grad) = (max.as_slice()?, sum.as_slice()?, grad.as_slice()?);
         let targets = indices(targets)?;
-        let v = *shape.last()?;
+        let v = *view.shape().last()?;
         let mut d = vec![0f32; x.len()];
         d.par_chunks_mut(v)
             .zip(x.par_chunks(v))
@@ -180,7 +152,7 @@ pub(crate) mod cpu {
                 }
                 out[targets[r]] += -grad[r];
             });
-        Some(tensor(d, &shape))
+        Some(tensor(d, view.shape()))
     }
 }
 

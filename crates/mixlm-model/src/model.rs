@@ -336,11 +336,7 @@ impl<B: ModelBackend> Transformer<B> {
     /// Next-token logits: `[batch, seq, vocab]`, f32 (the output projection runs in
     /// the model's precision).
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.logits(self.hidden(tokens))
-    }
-
-    /// The output projection of hidden states `[batch, seq, d_model]`.
-    fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = self.hidden(tokens);
         let p = self.compute.precision;
         to_f32(match &self.lm_head {
             Some(head) => project(head, h, p),
