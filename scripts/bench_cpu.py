@@ -9,6 +9,9 @@ in the kernel (system time over user plus system time, from the child's rusage).
 The trainers and shapes are scripts/bench_gpu.py's (`run_mixlm`, `run_torch`).
 
     python3 scripts/bench_cpu.py --mixlm target/release/mixlm --rounds 3
+    python3 scripts/bench_cpu.py --mixlm target/release/mixlm --baseline OLD_BINARY
+
+With --baseline, an earlier build is timed in the same rounds (a change's speed-up).
 """
 import argparse
 import json
@@ -35,6 +38,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shapes", default=",".join(s[1] for s in SHAPES),
                    help="which of: " + ", ".join(s[1] for s in SHAPES))
+    p.add_argument("--baseline", help="an earlier mixlm binary, timed in the same rounds")
     p.add_argument("--no-torch", dest="torch", action="store_false", help="mixlm only")
     p.add_argument("--out", default="bench-cpu.json")
     args = p.parse_args()
@@ -51,7 +55,8 @@ def main():
                 device="cpu", backend="cpu", checkpointing="none", mixing="stratified",
                 compile=False, nccl_mixlm=None)
             r = results.setdefault(preset, {"name": name, "seq": seq, "batch": batch,
-                                            "mixlm": [], "torch": [], "sys_share": []})
+                                            "mixlm": [], "torch": [], "baseline": [],
+                                            "sys_share": []})
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             m = bench_gpu.run_mixlm(run, preset, "f32")
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -61,6 +66,13 @@ def main():
             r["mixlm"].append(m["tokens_per_s"])
             r["sys_share"].append(sys_ / max(user + sys_, 1e-9))
             line = f"round {round_ + 1} {name}: mixlm {m['tokens_per_s']:,.0f} tokens/s"
+            if args.baseline:
+                b = bench_gpu.run_mixlm(types.SimpleNamespace(**{**vars(run), "mixlm": args.baseline}),
+                                        preset, "f32")
+                if "error" in b:
+                    sys.exit(f"{name}: baseline failed: {b['error']}")
+                r["baseline"].append(b["tokens_per_s"])
+                line += f", baseline {b['tokens_per_s']:,.0f}"
             if args.torch:
                 t = bench_gpu.run_torch(run, preset, "f32")
                 r["torch"].append(t["tokens_per_s"])
@@ -69,15 +81,20 @@ def main():
 
     print(f"\nCPU, {os.cpu_count()} cores, PyTorch {torch.__version__} eager f32 with "
           f"{threads} threads; medians of {args.rounds} alternating rounds\n")
-    print("| shape (d_model, layers, heads, d_ff, vocab, seq, batch) | mixlm tokens/s | PyTorch tokens/s | ratio | mixlm system time |")
-    print("|---|---:|---:|---:|---:|")
+    base = " baseline tokens/s | mixlm / baseline |" if args.baseline else ""
+    print("| shape (d_model, layers, heads, d_ff, vocab, seq, batch) | mixlm tokens/s |"
+          f"{base} PyTorch tokens/s | ratio | mixlm system time |")
+    print("|---|---:|" + ("---:|---:|" if args.baseline else "") + "---:|---:|---:|")
     for preset, r in results.items():
         _, vocab, d, layers, heads, _, _, ff, _ = bench_gpu.PRESETS[preset]
         m = statistics.median(r["mixlm"])
         t = statistics.median(r["torch"]) if r["torch"] else None
         r.update(mixlm_median=m, torch_median=t, ratio=m / t if t else None)
         shape = f"{r['name']} ({d}, {layers}, {heads}, {ff}, {vocab}, {r['seq']}, {r['batch']})"
-        print(f"| {shape} | {m:,.0f} | {'' if t is None else f'{t:,.0f}'} | "
+        b = statistics.median(r["baseline"]) if r["baseline"] else None
+        r.update(baseline_median=b)
+        cols = f" {b:,.0f} | {m / b:.2f} |" if b else ""
+        print(f"| {shape} | {m:,.0f} |{cols} {'' if t is None else f'{t:,.0f}'} | "
               f"{'' if t is None else f'{m / t:.2f}'} | {statistics.median(r['sys_share']):.1%} |")
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

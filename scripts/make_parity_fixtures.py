@@ -23,6 +23,17 @@ Each folder holds
                      which in transformers is the final hidden state AFTER the
                      final norm (i.e. exactly the LM-head input).
 
+Two more kinds of folder, for the loader's other paths:
+
+  tests/fixtures/parity/llama_sharded/  the llama/ model saved by `save_pretrained`
+                     with a small `max_shard_size`: model.safetensors.index.json and
+                     model-0000N-of-0000M.safetensors (as large checkpoints are
+                     published); its logits are llama/io.safetensors';
+  tests/fixtures/parity/unsupported/<name>/  config.json + model.safetensors of models
+                     mixlm refuses, each for a reason its error must name: gpt2
+                     (model_type), neox_no_attention_bias (GPT-NeoX with
+                     attention_bias=False), llama_attention_bias, llama_mlp_bias.
+
 All parameters are re-initialised with larger random values than HF's default
 (std 0.02 gives near-zero logits, which would make the comparison insensitive):
 matrices/embeddings ~ N(0, 0.15), norm weights ~ 1 + N(0, 0.1), biases ~ N(0, 0.1).
@@ -50,6 +61,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     LlamaConfig,
@@ -234,6 +247,55 @@ def self_check(name: str) -> None:
           f"logit std={io['logits'].std():.3f}")
 
 
+def write_sharded() -> None:
+    """llama/'s model in shards of at most 20 kB, as `save_pretrained` shards."""
+    model, _, _ = build("llama")
+    folder = os.path.join(OUT_DIR, "llama_sharded")
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    model.save_pretrained(folder, max_shard_size="20kB")
+    for extra in ("generation_config.json",):
+        if os.path.exists(os.path.join(folder, extra)):
+            os.remove(os.path.join(folder, extra))
+    files = sorted(os.listdir(folder))
+    assert "model.safetensors.index.json" in files and "model.safetensors" not in files, files
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) >= 3, shards
+    reloaded = LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager",
+                                                dtype=torch.float32).eval()
+    io = load_file(os.path.join(OUT_DIR, "llama", "io.safetensors"))
+    logits, _ = run(reloaded, io["input_ids"])
+    assert torch.equal(logits, io["logits"]), "sharded llama: logits differ"
+    print(f"wrote {os.path.relpath(folder, ROOT)} ({len(shards)} shards)")
+
+
+# name -> (model class, config): models mixlm refuses, each for the reason named.
+UNSUPPORTED = {
+    "gpt2": (GPT2LMHeadModel, lambda: GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "neox_no_attention_bias": (GPTNeoXForCausalLM, lambda: GPTNeoXConfig(
+        **{**neox_config(True, 0.25).to_dict(), "attention_bias": False})),
+    "llama_attention_bias": (LlamaForCausalLM, lambda: LlamaConfig(
+        **{**llama_config(False).to_dict(), "attention_bias": True})),
+    "llama_mlp_bias": (LlamaForCausalLM, lambda: LlamaConfig(
+        **{**llama_config(False).to_dict(), "mlp_bias": True})),
+}
+
+
+def write_unsupported() -> None:
+    for name, (cls, make_cfg) in UNSUPPORTED.items():
+        torch.manual_seed(3001)
+        model = cls(make_cfg()).to(torch.float32).eval()
+        folder = os.path.join(OUT_DIR, "unsupported", name)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        model.save_pretrained(folder)
+        for extra in ("generation_config.json",):
+            if os.path.exists(os.path.join(folder, extra)):
+                os.remove(os.path.join(folder, extra))
+        print(f"wrote {os.path.relpath(folder, ROOT)}")
+
+
 def main() -> int:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -245,6 +307,8 @@ def main() -> int:
     print("self-check:")
     for name in FIXTURES:
         self_check(name)
+    write_sharded()
+    write_unsupported()
     return 0
 
 

@@ -41,6 +41,12 @@ enum Command {
     /// weighted and sequence-mean) and the average per group; writes eval.json and
     /// eval.md next to the checkpoint (or into --out).
     Eval(cmd::eval::Args),
+    /// Write one run's report.md with figures (loss, per-domain validation loss and
+    /// proportions over tokens, the final per-domain table); `train` writes it too.
+    Report(cmd::report::Args),
+    /// A run's metrics.jsonl as CSV (`export csv RUN`) or TensorBoard event files
+    /// (`export tensorboard RUN`).
+    Export(cmd::export::Args),
     /// Train and evaluate every method of a comparison file, one run after the other
     /// (finished runs are skipped, an interrupted one continues from its last
     /// checkpoint), and write <out_dir>/compare/report.md.
@@ -155,6 +161,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Doctor(args) => cmd::doctor::run(args),
         Command::CheckBackend(args) => cmd::check_backend::run(args),
         Command::Eval(args) => cmd::eval::run(args),
+        Command::Report(args) => cmd::report::run(args),
+        Command::Export(args) => cmd::export::run(args),
         Command::Compare(args) => cmd::compare::run(args),
         Command::Score(args) => cmd::score::run(args),
         Command::Samplemix(args) => cmd::samplemix::run(args),

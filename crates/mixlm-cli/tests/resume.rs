@@ -392,7 +392,9 @@ mixing = {{ method = "odm", variant = "official", alpha = 0.5 }}
         "{stderr}"
     );
 
-    let step = random_step(&(stopped + 3..40).collect::<Vec<_>>());
+    // At least one checkpoint (every 3 steps) strictly between the stop and the kill:
+    // the kill may land after a step's metrics line and before its checkpoint.
+    let step = random_step(&(stopped + 4..40).collect::<Vec<_>>());
     let mut child = compare(&file).stderr(Stdio::null()).spawn().unwrap();
     let reached = wait_for_step(&mut child, &odm, step);
     child.kill().unwrap();

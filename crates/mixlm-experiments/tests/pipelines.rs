@@ -296,7 +296,7 @@ fn an_interrupted_pipeline_run_continues_and_a_finished_one_is_read_back() {
             .into_iter()
             .map(|mut l| {
                 let o = l.as_object_mut().unwrap();
-                for timing in ["elapsed_s", "tokens_per_s", "time_s"] {
+                for timing in mixlm_train::metrics::CLOCK_FIELDS {
                     o.remove(timing);
                 }
                 l

@@ -66,12 +66,12 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     if path.join("checkpoints").is_dir() {
         return latest_checkpoint(path);
     }
-    if path.join("model.safetensors").is_file() {
+    if mixlm_train::checkpoint::has_weights(path) {
         return Ok(path.to_path_buf());
     }
     anyhow::bail!(
-        "{} is neither a checkpoint folder (config.json + model.safetensors) nor a run \
-         folder with checkpoints/",
+        "{} is neither a checkpoint folder (config.json + model.safetensors, or its \
+         shards with model.safetensors.index.json) nor a run folder with checkpoints/",
         path.display()
     )
 }
@@ -105,7 +105,7 @@ pub fn evaluate<B: TrainBackend>(
     let (model, model_config) = load_model::<B::InnerBackend>(&options.checkpoint, device)?;
     // In the run's precision and attention kernel (`mixlm eval --precision`).
     let model = model.with_compute(config.run.compute());
-    let source = config.open_source()?;
+    let source = config.open_eval_source()?;
     if source.vocab_size() > model_config.vocab_size {
         anyhow::bail!(
             "the data's vocabulary ({} ids) does not fit the model's ({}): evaluate on data \

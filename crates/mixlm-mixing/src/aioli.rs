@@ -502,6 +502,14 @@ impl Scheduler for AioliScheduler {
         }
     }
 
+    /// The rows of the last estimate of `A` (`A[i]`: how training on each group moves
+    /// group `i`'s loss), once the first LearnParams round has ended.
+    fn watch(&self) -> Vec<(String, Vec<f64>)> {
+        let rows = self.state.last_a.iter().flatten().enumerate();
+        rows.map(|(i, row)| (format!("A[{i}]"), row.clone()))
+            .collect()
+    }
+
     fn state(&self) -> serde_json::Value {
         serde_json::to_value(&self.state).expect("Aioli state serialises")
     }

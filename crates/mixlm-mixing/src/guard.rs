@@ -114,6 +114,9 @@ impl Scheduler for FiniteFeedback {
     fn learned_proportions(&self) -> Option<Proportions> {
         self.0.learned_proportions()
     }
+    fn watch(&self) -> Vec<(String, Vec<f64>)> {
+        self.0.watch()
+    }
     fn state(&self) -> serde_json::Value {
         self.0.state()
     }

@@ -191,6 +191,14 @@ pub trait Scheduler: Send {
         None
     }
 
+    /// The method's own quantities worth watching as a run goes, each a name and one
+    /// value per domain (or per group of domains): ODM's rewards, the rows of Aioli's
+    /// `A`. The trainer logs them every step under `method` in `metrics.jsonl` and in
+    /// TensorBoard. Empty by default.
+    fn watch(&self) -> Vec<(String, Vec<f64>)> {
+        Vec::new()
+    }
+
     /// A static mixture this run has learned for a later run (DoReMi: the average of
     /// its domain weights); the trainer writes it to `learned_mixture.toml`.
     fn learned_proportions(&self) -> Option<Proportions> {

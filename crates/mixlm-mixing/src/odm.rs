@@ -364,6 +364,11 @@ impl Scheduler for OdmScheduler {
         }
     }
 
+    /// The reward estimate of each domain (`R_i` above).
+    fn watch(&self) -> Vec<(String, Vec<f64>)> {
+        vec![("reward".into(), self.state.rewards.clone())]
+    }
+
     fn state(&self) -> serde_json::Value {
         serde_json::to_value(&self.state).expect("ODM state serialises")
     }

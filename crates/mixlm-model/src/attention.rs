@@ -22,7 +22,9 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Bool, Tensor, TensorPrimitive};
 
 use crate::config::{AttentionKernel, Precision};
+use crate::gelu::{GeluBackward, RetroGelu};
 use crate::loss::TokenNllBackward;
+use crate::norm::{LayerNormBackward, RetroLayerNorm};
 
 #[cfg(feature = "cubecl")]
 pub mod cube;
@@ -96,6 +98,51 @@ pub trait ModelBackend: Backend {
         step: crate::adamw::AdamWStep,
     ) -> [FloatTensor<Self>; 3] {
         crate::adamw::update::<Self>(param, grad, moments, step)
+    }
+
+    /// LayerNorm over the last dimension (see [`crate::norm`]): Burn's own `layer_norm`.
+    fn fused_layer_norm_forward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        <Self as burn::tensor::ops::ModuleOps<Self>>::layer_norm(x, gamma, Some(beta), eps)
+    }
+
+    /// Its backward pass: `[dx, dgamma, dbeta]` for the output gradient `grad`.
+    fn fused_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+    ) -> [FloatTensor<Self>; 3] {
+        crate::norm::backward::<Self>(x, gamma, grad, eps)
+    }
+
+    /// LayerNorm; autodiff backends override this to record the fused backward.
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        Self::fused_layer_norm_forward(x, gamma, beta, eps)
+    }
+
+    /// GELU's forward values (see [`crate::gelu`]): Burn's own `gelu`.
+    fn exact_gelu_forward(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        <Self as burn::tensor::ops::ActivationOps<Self>>::gelu(x)
+    }
+
+    /// GELU's exact derivative times `grad`: `grad · (Φ(x) + x · φ(x))`.
+    fn exact_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::gelu::backward::<Self>(x, grad)
+    }
+
+    /// GELU; autodiff backends override this to record the exact backward.
+    fn exact_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::exact_gelu_forward(x)
     }
 
     /// The token cross-entropy; autodiff backends override this to record the fused
@@ -284,6 +331,46 @@ where
         }
     }
 
+    fn fused_layer_norm_forward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        match crate::norm::cpu::forward(&x, &gamma, &beta, eps) {
+            Some(y) => y,
+            None => {
+                <Self as burn::tensor::ops::ModuleOps<Self>>::layer_norm(x, gamma, Some(beta), eps)
+            }
+        }
+    }
+
+    fn fused_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+    ) -> [FloatTensor<Self>; 3] {
+        match crate::norm::cpu::backward(&x, &gamma, &grad, eps) {
+            Some(d) => d,
+            None => crate::norm::backward::<Self>(x, gamma, grad, eps),
+        }
+    }
+
+    fn exact_gelu_forward(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match crate::gelu::cpu::forward(&x) {
+            Some(y) => y,
+            None => <Self as burn::tensor::ops::ActivationOps<Self>>::gelu(x),
+        }
+    }
+
+    fn exact_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        match crate::gelu::cpu::backward(&x, &grad) {
+            Some(d) => d,
+            None => crate::gelu::backward::<Self>(x, grad),
+        }
+    }
+
     fn adamw_update(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,
@@ -409,6 +496,91 @@ impl<B: ModelBackend + AutodiffInner, C: CheckpointStrategy> ModelBackend for Au
             targets,
             grad.primitive,
         ))
+    }
+
+    fn fused_layer_norm_forward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::fused_layer_norm_forward(
+            x.primitive,
+            gamma.primitive,
+            beta.primitive,
+            eps,
+        ))
+    }
+
+    fn fused_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+    ) -> [FloatTensor<Self>; 3] {
+        B::fused_layer_norm_backward(x.primitive, gamma.primitive, grad.primitive, eps)
+            .map(Self::from_inner)
+    }
+
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        let retro = RetroLayerNorm::<B> {
+            inputs: [x.node.id, gamma.node.id, beta.node.id],
+            eps,
+            backend: std::marker::PhantomData,
+        };
+        match LayerNormBackward
+            .prepare::<C>([x.node.clone(), gamma.node.clone(), beta.node.clone()])
+            .memory_bound()
+            .retro_forward(retro)
+            .parents([&x, &gamma, &beta])
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&gamma), eps);
+                let y =
+                    B::fused_layer_norm_forward(x.primitive, gamma.primitive, beta.primitive, eps);
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_layer_norm_forward(
+                x.primitive,
+                gamma.primitive,
+                beta.primitive,
+                eps,
+            )),
+        }
+    }
+
+    fn exact_gelu_forward(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::exact_gelu_forward(x.primitive))
+    }
+
+    fn exact_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::exact_gelu_backward(x.primitive, grad.primitive))
+    }
+
+    fn exact_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let retro = RetroGelu::<B> {
+            input: x.node.id,
+            backend: std::marker::PhantomData,
+        };
+        match GeluBackward
+            .prepare::<C>([x.node.clone()])
+            .memory_bound()
+            .retro_forward(retro)
+            .parents([&x])
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = prep.checkpoint(&x);
+                prep.finish(state, B::exact_gelu_forward(x.primitive))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::exact_gelu_forward(x.primitive)),
+        }
     }
 
     fn token_nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {

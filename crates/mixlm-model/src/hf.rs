@@ -251,10 +251,20 @@ pub fn to_safetensors<B: Backend>(
 }
 
 /// Reads one tensor as f32 (F16/BF16 are widened), checking its shape.
-fn read(st: &SafeTensors<'_>, name: &str, expected: &[usize]) -> Result<Vec<f32>, HfError> {
+/// The safetensors files of one model: one `model.safetensors`, or the shards of a
+/// `model.safetensors.index.json` (a tensor is looked up in each).
+struct Files<'a>(Vec<SafeTensors<'a>>);
+
+impl Files<'_> {
+    fn tensor(&self, name: &str) -> Option<safetensors::tensor::TensorView<'_>> {
+        self.0.iter().find_map(|st| st.tensor(name).ok())
+    }
+}
+
+fn read(st: &Files<'_>, name: &str, expected: &[usize]) -> Result<Vec<f32>, HfError> {
     let view = st
         .tensor(name)
-        .map_err(|_| HfError::Missing(name.to_string()))?;
+        .ok_or_else(|| HfError::Missing(name.to_string()))?;
     if view.shape() != expected {
         return Err(HfError::Shape {
             name: name.to_string(),
@@ -301,7 +311,23 @@ pub fn load_safetensors<B: Backend>(
     config: &ModelConfig,
     device: &B::Device,
 ) -> Result<Transformer<B>, HfError> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| HfError::Format(e.to_string()))?;
+    load_safetensor_shards(&[bytes], config, device)
+}
+
+/// [`load_safetensors`] from several files: the shards a sharded checkpoint
+/// (`model.safetensors.index.json`, as `save_pretrained` writes large models) lists.
+pub fn load_safetensor_shards<B: Backend>(
+    shards: &[&[u8]],
+    config: &ModelConfig,
+    device: &B::Device,
+) -> Result<Transformer<B>, HfError> {
+    let st = Files(
+        shards
+            .iter()
+            .map(|bytes| SafeTensors::deserialize(bytes))
+            .collect::<Result<_, _>>()
+            .map_err(|e| HfError::Format(e.to_string()))?,
+    );
     let names = Names {
         family: config.family,
     };
@@ -461,6 +487,9 @@ pub fn hf_config(c: &ModelConfig) -> Value {
     }
 }
 
+/// The `model_type`s [`config_from_hf`] reads.
+pub const SUPPORTED_MODEL_TYPES: [&str; 2] = ["gpt_neox", "llama"];
+
 /// Reads an HF `config.json` of a GPT-NeoX or Llama model.
 pub fn config_from_hf(v: &Value) -> Result<ModelConfig, HfError> {
     let get = |k: &str| v.get(k).filter(|x| !x.is_null());
@@ -480,6 +509,39 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig, HfError> {
     let float = |k: &str, default: f64| get(k).and_then(Value::as_f64).unwrap_or(default);
     let flag = |k: &str, default: bool| get(k).and_then(Value::as_bool).unwrap_or(default);
     let model_type = get("model_type").and_then(Value::as_str).unwrap_or("");
+    if !SUPPORTED_MODEL_TYPES.contains(&model_type) {
+        let found = match model_type {
+            "" => "no `model_type`".to_string(),
+            other => format!("model_type `{other}`"),
+        };
+        return Err(HfError::Config(format!(
+            "{found}: mixlm loads GPT-NeoX/Pythia (`gpt_neox`) and Llama (`llama`) \
+             checkpoints only"
+        )));
+    }
+    // Biases the model does not have would be dropped without a word, and the
+    // perplexity would be wrong: refused, naming the key.
+    let unsupported_flag = |key: &str, value: bool, why: &str| -> Result<(), HfError> {
+        match get(key).and_then(Value::as_bool) {
+            Some(v) if v == value => Err(HfError::Config(format!(
+                "`{key} = {value}` is not supported for {model_type}: {why}"
+            ))),
+            _ => Ok(()),
+        }
+    };
+    match model_type {
+        "gpt_neox" => unsupported_flag(
+            "attention_bias",
+            false,
+            "mixlm's GPT-NeoX has biases on `query_key_value` and `dense`, as Pythia does",
+        )?,
+        _ => {
+            let why = "mixlm's Llama has no biases on these projections (their tensors \
+                       would be dropped)";
+            unsupported_flag("attention_bias", true, why)?;
+            unsupported_flag("mlp_bias", true, why)?;
+        }
+    }
     let (d, heads) = (num("hidden_size")?, num("num_attention_heads")?);
     if let Some(act) = get("hidden_act").and_then(Value::as_str) {
         let expected = if model_type == "llama" {

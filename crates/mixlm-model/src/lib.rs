@@ -8,9 +8,11 @@ pub mod adamw;
 pub mod attention;
 pub mod config;
 mod cpu;
+pub mod gelu;
 pub mod hf;
 pub mod loss;
 pub mod model;
+pub mod norm;
 
 /// Whether a Vulkan driver is installed (Linux ICD folders): the wgpu tests of this
 /// workspace run on it (CI installs Mesa's lavapipe) and skip, saying why, without it.

@@ -6,13 +6,15 @@ use burn::nn::{
     Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
     RmsNorm, RmsNormConfig,
 };
-use burn::tensor::activation::{gelu, silu};
+use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
 use crate::attention::{burn_attention, causal_attention, ModelBackend};
 use crate::config::{AttentionKernel, Compute, Family, ModelConfig, Precision};
+use crate::gelu::gelu;
 use crate::loss::token_nll;
+use crate::norm::layer_norm;
 
 /// Normalisation layer: LayerNorm (NeoX) or RMSNorm (Llama).
 #[derive(Module, Debug)]
@@ -36,9 +38,17 @@ impl<B: Backend> Norm<B> {
             ),
         }
     }
+}
 
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+impl<B: ModelBackend> Norm<B> {
+    /// `eps` is the model's `norm_eps` (Burn's `LayerNorm` keeps its own private).
+    pub fn forward(&self, x: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
         match self {
+            Norm::Layer(LayerNorm {
+                gamma,
+                beta: Some(beta),
+                ..
+            }) => layer_norm(x, gamma.val(), beta.val(), eps),
             Norm::Layer(n) => n.forward(x),
             Norm::Rms(n) => n.forward(x),
         }
@@ -219,7 +229,9 @@ impl<B: Backend> Mlp<B> {
             gate: (c.family == Family::Llama).then(|| linear(c.d_model, c.d_ff, false, s, device)),
         }
     }
+}
 
+impl<B: ModelBackend> Mlp<B> {
     /// `x` in f32; the result is f32, computed in `precision`.
     pub fn forward(&self, x: Tensor<B, 3>, precision: Precision) -> Tensor<B, 3> {
         let p = precision;
@@ -239,6 +251,7 @@ pub struct Block<B: Backend> {
     pub mlp_norm: Norm<B>,
     pub mlp: Mlp<B>,
     pub parallel_residual: bool,
+    pub norm_eps: f64,
 }
 
 impl<B: Backend> Block<B> {
@@ -249,6 +262,7 @@ impl<B: Backend> Block<B> {
             mlp_norm: Norm::new(c, device),
             mlp: Mlp::new(c, device),
             parallel_residual: c.parallel_residual,
+            norm_eps: c.norm_eps,
         }
     }
 }
@@ -258,14 +272,16 @@ impl<B: ModelBackend> Block<B> {
         let (c, p) = (compute, compute.precision);
         if self.parallel_residual {
             // GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+            let eps = self.norm_eps;
             let a = self
                 .attn
-                .forward(self.attn_norm.forward(x.clone()), rope, c);
-            let m = self.mlp.forward(self.mlp_norm.forward(x.clone()), p);
+                .forward(self.attn_norm.forward(x.clone(), eps), rope, c);
+            let m = self.mlp.forward(self.mlp_norm.forward(x.clone(), eps), p);
             x + a + m
         } else {
-            let x = x.clone() + self.attn.forward(self.attn_norm.forward(x), rope, c);
-            x.clone() + self.mlp.forward(self.mlp_norm.forward(x), p)
+            let eps = self.norm_eps;
+            let x = x.clone() + self.attn.forward(self.attn_norm.forward(x, eps), rope, c);
+            x.clone() + self.mlp.forward(self.mlp_norm.forward(x, eps), p)
         }
     }
 }
@@ -280,6 +296,7 @@ pub struct Transformer<B: Backend> {
     pub lm_head: Option<Linear<B>>,
     pub rotary_dims: usize,
     pub rope_theta: f64,
+    pub norm_eps: f64,
     /// How forward passes compute (a run setting, not saved with the weights).
     #[module(skip)]
     pub compute: Compute,
@@ -304,6 +321,7 @@ impl ModelConfig {
                 .then(|| linear(self.d_model, self.vocab_size, false, self.init_std, device)),
             rotary_dims: self.rotary_dims(),
             rope_theta: self.rope_theta,
+            norm_eps: self.norm_eps,
             compute: Compute::default(),
         }
     }
@@ -318,7 +336,7 @@ impl<B: ModelBackend> Transformer<B> {
         for block in &self.blocks {
             x = block.forward(x, &rope, self.compute);
         }
-        self.final_norm.forward(x)
+        self.final_norm.forward(x, self.norm_eps)
     }
 
     /// The same model computing in `precision`.

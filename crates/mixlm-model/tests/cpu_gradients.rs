@@ -13,6 +13,11 @@ use mixlm_model::{token_nll, AttentionKernel, Compute, ModelConfig};
 
 type B = Autodiff<NdArray<f32>>;
 
+/// Burn's seeded generator is global, and parameters are initialised lazily, at their
+/// first use: a test holds this from seeding until its model has run, so `cargo test`'s
+/// other threads cannot draw in between.
+static SEED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn targets(
     b: usize,
     t: usize,
@@ -65,6 +70,7 @@ fn model_gradients_repeat_to_the_bit() {
     config.rotary_pct = 1.0;
     for attention in [AttentionKernel::Fused, AttentionKernel::Burn] {
         let run = || -> Vec<u32> {
+            let seeded = SEED.lock().unwrap_or_else(|e| e.into_inner());
             <B as burn::tensor::backend::Backend>::seed(&device, 0);
             let model = config.init::<B>(&device).with_compute(Compute {
                 attention,
@@ -82,6 +88,7 @@ fn model_gradients_repeat_to_the_bit() {
                 .into_data()
                 .into_vec()
                 .unwrap();
+            drop(seeded);
             g.iter().map(|v| v.to_bits()).collect()
         };
         let first = run();
@@ -104,6 +111,7 @@ fn chunked_evaluation_losses_equal_the_whole_batch() {
     for preset in ["tiny", "tiny-llama"] {
         let mut config = ModelConfig::preset(preset).unwrap();
         config.vocab_size = 300;
+        let seeded = SEED.lock().unwrap_or_else(|e| e.into_inner());
         <C as burn::tensor::backend::Backend>::seed(&device, 1);
         let model = config.init::<C>(&device);
         let (b, t) = (5, 12);
@@ -125,5 +133,6 @@ fn chunked_evaluation_losses_equal_the_whole_batch() {
                 .unwrap();
             assert_eq!(chunked, whole, "{preset}, at most {max_logits} logits");
         }
+        drop(seeded);
     }
 }

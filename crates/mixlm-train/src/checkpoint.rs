@@ -24,7 +24,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use mixlm_data::SamplerState;
 use mixlm_mixing::Scheduler;
-use mixlm_model::hf::{config_from_hf, hf_config, load_safetensors, to_safetensors};
+use mixlm_model::hf::{config_from_hf, hf_config, load_safetensor_shards, to_safetensors};
 use mixlm_model::{ModelConfig, Transformer};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -529,12 +529,66 @@ pub fn load_model<B: Backend>(
     .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
     let config =
         config_from_hf(&config).with_context(|| format!("in {}", config_path.display()))?;
-    let weights_path = dir.join("model.safetensors");
-    let bytes = fs::read(&weights_path)
-        .with_context(|| format!("cannot read {}", weights_path.display()))?;
-    let model = load_safetensors(&bytes, &config, device)
-        .with_context(|| format!("cannot load {}", weights_path.display()))?;
+    let files = weight_files(dir)?;
+    let maps = files
+        .iter()
+        .map(|path| {
+            let file =
+                fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+            // Read-only and private: the file is not changed while the model loads.
+            unsafe { memmap2::Mmap::map(&file) }
+                .with_context(|| format!("cannot read {}", path.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes: Vec<&[u8]> = maps.iter().map(|m| &m[..]).collect();
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let model = load_safetensor_shards(&bytes, &config, device)
+        .with_context(|| format!("cannot load {}", names.join(", ")))?;
     Ok((model, config))
+}
+
+/// The weight files of a model folder: `model.safetensors`, or the shards its
+/// `model.safetensors.index.json` maps tensors to (as transformers' `save_pretrained`
+/// writes models above its shard size).
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join(SHARD_INDEX);
+    if !index.is_file() {
+        return Ok(vec![dir.join("model.safetensors")]);
+    }
+    let text =
+        fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+    let parsed: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", index.display()))?;
+    let Some(map) = parsed.get("weight_map").and_then(|m| m.as_object()) else {
+        bail!(
+            "{} has no `weight_map` object (tensor name -> shard file)",
+            index.display()
+        );
+    };
+    let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    let mut files = Vec::new();
+    for shard in shards {
+        let path = dir.join(shard);
+        if Path::new(shard).components().count() != 1 || !path.is_file() {
+            bail!(
+                "{} maps tensors to `{shard}`, which is not a file in {}",
+                index.display(),
+                dir.display()
+            );
+        }
+        files.push(path);
+    }
+    Ok(files)
+}
+
+/// The index of a sharded Hugging Face checkpoint.
+pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+/// Whether `dir` holds a model's weights (one file or an index of shards).
+pub fn has_weights(dir: &Path) -> bool {
+    dir.join("model.safetensors").is_file() || dir.join(SHARD_INDEX).is_file()
 }
 
 #[cfg(test)]

@@ -64,6 +64,8 @@ pub struct RunSection {
     pub backend: String,
     /// Print a progress line every N steps when the progress bar is hidden (0 = never).
     pub log_every: u64,
+    /// Write TensorBoard event files (`<run>/tensorboard/`) next to `metrics.jsonl`.
+    pub tensorboard: bool,
     /// Recompute activations in the backward pass instead of keeping them (trades
     /// compute for memory, so larger models or sequences fit).
     pub activation_checkpointing: ActivationCheckpointing,
@@ -116,6 +118,7 @@ impl Default for RunSection {
             seq_len: 64,
             backend: "cpu".into(),
             log_every: 0,
+            tensorboard: true,
             activation_checkpointing: ActivationCheckpointing::None,
             precision: Precision::F32,
             attention: AttentionKernel::Fused,
@@ -141,8 +144,8 @@ pub struct ModelSection {
     pub init_std: Option<f64>,
     /// Start from these weights instead of a random initialisation (continued
     /// pretraining): a checkpoint folder, a run folder (its latest checkpoint), or a
-    /// Hugging Face folder (`config.json` + `model.safetensors`) whose model has the
-    /// shape this section resolves to. A resumed run continues from its checkpoint.
+    /// Hugging Face folder (`config.json` + `model.safetensors`, or the shards of a
+    /// `model.safetensors.index.json`) whose model has the shape this section resolves to. A resumed run continues from its checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<PathBuf>,
 }
@@ -651,6 +654,24 @@ impl RunConfig {
                 e @ OpenError::PlanTooSmall { .. } => e.to_string(),
             })
         })
+    }
+
+    /// The data for evaluation: prepared shards open with the domains of any split,
+    /// so a folder with validation and test splits but no train split (a held-out
+    /// corpus) is evaluated too; a synthetic source as for training.
+    pub fn open_eval_source(&self) -> Result<Box<dyn TokenSource>, ConfigError> {
+        if self.data.source != DataSource::Shards {
+            return self.open_source();
+        }
+        let dir = self.data.shard_dir().ok_or_else(|| {
+            ConfigError::Invalid(
+                "data.source = \"shards\" needs data.path (the folder `mixlm prepare` wrote)"
+                    .into(),
+            )
+        })?;
+        let source = mixlm_data::ShardSource::open_for_eval(&dir)
+            .map_err(|e| ConfigError::Invalid(format!("data.path: {e}")))?;
+        Ok(Box::new(source))
     }
 
     /// [`RunConfig::open_source`], and the config checked against the data: the

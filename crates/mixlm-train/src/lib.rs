@@ -19,7 +19,9 @@ pub mod optim;
 pub mod progress;
 pub mod report;
 pub mod resume;
+pub mod run_report;
 pub mod state;
+pub mod tensorboard;
 pub mod trainer;
 pub mod validation;
 

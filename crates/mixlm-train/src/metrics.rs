@@ -16,6 +16,23 @@ pub fn by_name<T: Clone>(names: &[String], values: &[T]) -> BTreeMap<String, T> 
     names.iter().cloned().zip(values.iter().cloned()).collect()
 }
 
+/// The fields of a record that read the clock: two runs that are equal to the bit
+/// differ only in these.
+pub const CLOCK_FIELDS: [&str; 4] = ["elapsed_s", "tokens_per_s", "time_s", "wall_time"];
+
+/// Names values by domain when there is one per domain, else by index (a method's
+/// groups of domains).
+pub fn by_index_or_name(names: &[String], values: &[f64]) -> BTreeMap<String, f64> {
+    match values.len() == names.len() {
+        true => by_name(names, values),
+        false => values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i.to_string(), *v))
+            .collect(),
+    }
+}
+
 /// One optimizer step.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepRecord {
@@ -44,6 +61,12 @@ pub struct StepRecord {
     pub domain_weights: Option<BTreeMap<String, f64>>,
     pub elapsed_s: f64,
     pub tokens_per_s: f64,
+    /// The method's own per-domain quantities (ODM's rewards, Aioli's `A` rows), by
+    /// quantity and domain ([`mixlm_mixing::Scheduler::watch`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub method: BTreeMap<String, BTreeMap<String, f64>>,
+    /// When the record was written (seconds since the Unix epoch).
+    pub wall_time: f64,
     /// Where this step's wall-clock went.
     pub time_s: StepTimes,
 }
@@ -87,6 +110,8 @@ pub struct EvalRecord {
     /// for unbounded sources. Above 1 means the domain's data was repeated.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub data_epochs: BTreeMap<String, f64>,
+    /// When the record was written (seconds since the Unix epoch).
+    pub wall_time: f64,
 }
 
 impl EvalRecord {
@@ -99,6 +124,7 @@ impl EvalRecord {
             val_loss: by_name(names, &losses.0),
             val_ppl: by_name(names, &ppl),
             data_epochs: BTreeMap::new(),
+            wall_time: mixlm_tensorboard::now(),
         }
     }
 

@@ -1,20 +1,24 @@
-//! What a run reports as it goes: `metrics.jsonl` (peer 0 only) and the progress
-//! bar or log lines.
+//! What a run reports as it goes: `metrics.jsonl` and its TensorBoard view (peer 0
+//! only), and the progress bar or log lines.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use mixlm_mixing::{DomainLosses, Proportions};
+use mixlm_mixing::DomainLosses;
 
 use crate::config::RunConfig;
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord};
 use crate::progress::Progress;
+use crate::tensorboard::Board;
 
 /// The run's metrics file and progress display.
 pub struct Report {
     metrics: MetricsWriter,
     metrics_path: PathBuf,
+    board: Board,
+    /// `[run] tensorboard`, and this is peer 0.
+    board_on: bool,
     progress: Progress,
     /// Peer 0, which alone writes and shows anything.
     leader: bool,
@@ -49,9 +53,16 @@ impl Report {
             MetricsWriter::disabled(&metrics_path)
         };
         let run = &config.run;
+        let board_on = leader && run.tensorboard;
+        let board = match board_on {
+            true => Board::open(run_dir, resumed_at.map(|_| metrics_path.as_path())),
+            false => Board::off(run_dir),
+        };
         Ok(Self {
             metrics,
             metrics_path,
+            board,
+            board_on,
             progress: Progress::new(
                 run.steps,
                 quiet || !leader,
@@ -74,11 +85,14 @@ impl Report {
     }
 
     /// A step's record, and the progress display.
-    pub fn step(&mut self, record: &StepRecord, proportions: &Proportions) -> Result<()> {
+    pub fn step(&mut self, record: &StepRecord) -> Result<()> {
         self.after_record = Instant::now();
         crate::chaos::pause_at("step");
         self.metrics.step(record)?;
-        self.progress.update(record, proportions);
+        if self.board_on {
+            self.board.record(&serde_json::to_value(record)?);
+        }
+        self.progress.update(record);
         Ok(())
     }
 
@@ -95,7 +109,11 @@ impl Report {
         if !epochs.is_empty() {
             record = record.with_epochs(names, epochs);
         }
-        self.metrics.eval(&record)
+        self.metrics.eval(&record)?;
+        if self.board_on {
+            self.board.record(&serde_json::to_value(&record)?);
+        }
+        Ok(())
     }
 
     /// The line a periodic evaluation shows.
@@ -108,6 +126,11 @@ impl Report {
         if self.leader {
             self.metrics = MetricsWriter::disabled(&self.metrics_path);
             self.metrics = MetricsWriter::resume(&self.metrics_path, step)?;
+        }
+        if self.board_on {
+            let run_dir = self.metrics_path.parent().unwrap_or(Path::new("."));
+            self.board = Board::off(run_dir);
+            self.board = Board::open(run_dir, Some(&self.metrics_path));
         }
         self.start_at(step);
         Ok(())

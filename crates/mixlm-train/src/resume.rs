@@ -20,9 +20,10 @@ use crate::config::RunConfig;
 
 /// Config keys a resumed run may change (`section.key`, or `section.*` for a whole
 /// section).
-pub const SAFE_KEYS: [&str; 15] = [
+pub const SAFE_KEYS: [&str; 16] = [
     "run.steps",
     "run.log_every",
+    "run.tensorboard",
     "run.backend",
     "run.activation_checkpointing",
     "run.attention",

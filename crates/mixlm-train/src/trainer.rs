@@ -319,7 +319,7 @@ fn train_peer<B: TrainBackend>(
             &r.names,
             laps.times,
         );
-        r.report.step(&record, &proportions)?;
+        r.report.step(&record)?;
         let at_end = state.step == run.steps;
         if leader && due(config.eval.every, state.step) && !at_end {
             let val = r.validation.losses(state.model(), device);
@@ -432,6 +432,13 @@ fn step_record<B: TrainBackend>(
             .map(|w| crate::metrics::by_name(names, w.as_slice())),
         elapsed_s: elapsed,
         tokens_per_s: tokens as f64 / elapsed.max(1e-9),
+        method: state
+            .scheduler
+            .watch()
+            .into_iter()
+            .map(|(quantity, values)| (quantity, crate::metrics::by_index_or_name(names, &values)))
+            .collect(),
+        wall_time: mixlm_tensorboard::now(),
         time_s: times,
     }
 }

@@ -46,7 +46,7 @@ fn train_records(run_dir: &std::path::Path) -> Vec<Value> {
         .filter(|v| v["kind"] == "train")
         .map(|mut v| {
             let o = v.as_object_mut().unwrap();
-            for timing in ["elapsed_s", "tokens_per_s", "time_s"] {
+            for timing in mixlm_train::metrics::CLOCK_FIELDS {
                 o.remove(timing);
             }
             v

@@ -181,5 +181,9 @@ pub fn run(args: Args) -> Result<()> {
     );
     print!("{}", mixlm_eval::format_table(&outcome.rows));
     println!("results: {}", outcome.run_dir.display());
+    match mixlm_train::run_report::write_report(&outcome.run_dir) {
+        Ok(report) => println!("report: {} (mixlm report rewrites it)", report.display()),
+        Err(e) => eprintln!("warning: the run report was not written: {e:#}"),
+    }
     Ok(())
 }

@@ -29,7 +29,7 @@ pub fn metrics(run_dir: &Path) -> Vec<Value> {
         .map(|l| {
             let mut v: Value = serde_json::from_str(l).expect("no torn line");
             let o = v.as_object_mut().unwrap();
-            for timing in ["elapsed_s", "tokens_per_s", "time_s"] {
+            for timing in mixlm_train::metrics::CLOCK_FIELDS {
                 o.remove(timing);
             }
             v
