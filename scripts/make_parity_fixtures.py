@@ -29,6 +29,9 @@ Two more kinds of folder, for the loader's other paths:
                      with a small `max_shard_size`: model.safetensors.index.json and
                      model-0000N-of-0000M.safetensors (as large checkpoints are
                      published); its logits are llama/io.safetensors';
+  tests/fixtures/parity/neox_vocab300/  a GPT-NeoX with 300 token ids (more than the
+                     embedded demo config's 128), config.json + model.safetensors only,
+                     for `mixlm eval --checkpoint` of a folder whose own config must win;
   tests/fixtures/parity/unsupported/<name>/  config.json + model.safetensors of models
                      mixlm refuses, each for a reason its error must name: gpt2
                      (model_type), neox_no_attention_bias (GPT-NeoX with
@@ -282,6 +285,20 @@ UNSUPPORTED = {
 }
 
 
+def write_vocab300() -> None:
+    torch.manual_seed(3002)
+    cfg = GPTNeoXConfig(**{**neox_config(True, 0.25).to_dict(), "vocab_size": 300})
+    model = GPTNeoXForCausalLM(cfg).to(torch.float32).eval()
+    reinit_(model, torch.Generator().manual_seed(3002))
+    folder = os.path.join(OUT_DIR, "neox_vocab300")
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    model.save_pretrained(folder)
+    if os.path.exists(os.path.join(folder, "generation_config.json")):
+        os.remove(os.path.join(folder, "generation_config.json"))
+    print(f"wrote {os.path.relpath(folder, ROOT)}")
+
+
 def write_unsupported() -> None:
     for name, (cls, make_cfg) in UNSUPPORTED.items():
         torch.manual_seed(3001)
@@ -308,6 +325,7 @@ def main() -> int:
     for name in FIXTURES:
         self_check(name)
     write_sharded()
+    write_vocab300()
     write_unsupported()
     return 0
 

@@ -254,6 +254,7 @@ fn initial_weights(dir: &Path) -> Result<std::path::PathBuf> {
         &path,
         &model.init::<NdArray<f32>>(&device),
         &model,
+        0.0,
     )?;
     Ok(path)
 }

@@ -80,7 +80,7 @@ pub fn doctor(path: &Path, tokenizer: Option<&Path>) -> Vec<Finding> {
     }
     if !path.is_dir() {
         r.fail(format!("{} is not a folder", path.display()));
-    } else if path.join("model.safetensors").exists() {
+    } else if mixlm_train::checkpoint::has_weights(path) {
         check_checkpoint(path, &mut r);
     } else if path.join("config.toml").exists() || path.join("checkpoints").is_dir() {
         check_run(path, &mut r);

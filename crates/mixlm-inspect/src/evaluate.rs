@@ -353,29 +353,34 @@ fn check_tokenizer(
     )
 }
 
-/// `--tokenizer`, else the tokenizer recorded in the prepared data's manifest.
+/// The tokenizer of held-out sets and tasks: `--tokenizer`, else the checkpoint
+/// folder's own `tokenizer.json` (Hugging Face folders ship their model's), else the
+/// one recorded in the prepared data's manifest.
 fn data_tokenizer(config: &RunConfig, options: &EvalOptions) -> Result<PathBuf> {
-    let path = match &options.tokenizer {
-        Some(p) => p.clone(),
-        None => {
-            let dir = config.data.shard_dir().context(
-                "scoring tasks or held-out sets needs a tokenizer: give --tokenizer (the data \
-                 is not prepared shards whose manifest names one)",
-            )?;
-            let manifest = mixlm_data::ShardSource::open(&dir, 0)?.manifest().clone();
-            let p = PathBuf::from(&manifest.tokenizer.path);
-            if !p.is_file() {
-                anyhow::bail!(
-                    "the data's tokenizer {} (from {}/manifest.json) is not there: give \
-                     --tokenizer",
-                    p.display(),
-                    dir.display()
-                );
-            }
-            p
-        }
-    };
-    Ok(path)
+    if let Some(p) = &options.tokenizer {
+        return Ok(p.clone());
+    }
+    let own = options.checkpoint.join("tokenizer.json");
+    if own.is_file() {
+        return Ok(own);
+    }
+    let record = config.data_tokenizer().with_context(|| {
+        format!(
+            "scoring tasks or held-out sets needs a tokenizer: give --tokenizer ({} has no \
+             tokenizer.json, and the data is not prepared shards whose manifest names one)",
+            options.checkpoint.display()
+        )
+    })?;
+    let p = PathBuf::from(&record.path);
+    if !p.is_file() {
+        let dir = config.data.shard_dir().unwrap_or_default();
+        anyhow::bail!(
+            "the data's tokenizer {} (from {}/manifest.json) is not there: give --tokenizer",
+            p.display(),
+            dir.display()
+        );
+    }
+    Ok(p)
 }
 
 fn heldout_section(report: &EvalReport) -> String {

@@ -370,3 +370,89 @@ fn eval_on_prepared_shards_scores_streams_by_document() {
         "{e}"
     );
 }
+
+/// A prepared folder with validation and test splits and no train split (SlimPajama's
+/// holdouts prepared on their own: `validation/` and `test/` inputs) is evaluation data
+/// as it is, with the domains of its splits.
+#[test]
+fn eval_data_needs_no_train_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokenizer = tmp.path().join("tokenizer.json");
+    write_tokenizer(&tokenizer, 0);
+    let t = texts(40, 12);
+    let rows = |from: usize, to: usize| -> Vec<(&str, String)> {
+        (from..to)
+            .map(|i| (if i % 2 == 0 { "alpha" } else { "beta" }, t[i].repeat(3)))
+            .collect()
+    };
+    let prepared = |name: &str, files: &[(&str, Vec<(&str, String)>)]| {
+        for (path, rows) in files {
+            write_file(&tmp.path().join(name).join(path), jsonl(rows).as_bytes());
+        }
+        let out = tmp.path().join(format!("{name}-shards"));
+        prepare(&PrepareConfig {
+            inputs: vec![tmp.path().join(name).display().to_string()],
+            tokenizer: tokenizer.clone(),
+            output: out.clone(),
+            ..PrepareConfig::default()
+        })
+        .unwrap();
+        out
+    };
+    let training = prepared(
+        "corpus",
+        &[
+            ("train/a.jsonl", rows(0, 20)),
+            ("validation/a.jsonl", rows(20, 26)),
+        ],
+    );
+    let holdout = prepared(
+        "holdout",
+        &[
+            ("validation/a.jsonl", rows(26, 32)),
+            ("test/a.jsonl", rows(32, 40)),
+        ],
+    );
+    assert!(
+        ShardSource::open(&holdout, 0).is_err(),
+        "no train split: not training data"
+    );
+
+    let run_dir = train_short(
+        tmp.path(),
+        &[
+            "data.source=\"shards\"",
+            &format!("data.path=\"{}\"", training.display()),
+            "model.vocab_size=260",
+        ],
+    );
+    let checkpoint = resolve_checkpoint(&run_dir).unwrap();
+    let config = RunConfig::load(
+        &checkpoint.join("run.toml"),
+        &[format!("data.path=\"{}\"", holdout.display())],
+    )
+    .unwrap();
+    let p = PerplexityOptions {
+        seq_len: 16,
+        stride: 16,
+        batch_size: 4,
+        max_tokens: None,
+    };
+    let report = eval(&config, &checkpoint, &tmp.path().join("e"), p);
+    let source = ShardSource::open_for_eval(&holdout).unwrap();
+    for (s, split) in [(0, Split::Validation), (1, Split::Test)] {
+        let domains = &report.splits[s].domains;
+        assert_eq!(
+            domains
+                .iter()
+                .map(|d| d.domain.as_str())
+                .collect::<Vec<_>>(),
+            ["alpha", "beta"]
+        );
+        for (d, scored) in domains.iter().enumerate() {
+            let offsets = source.stream_documents(DomainId(d), split).unwrap();
+            assert_eq!(scored.tokens, offsets.last().unwrap() - 1, "{split}");
+            assert!(scored.token_loss.is_finite());
+        }
+    }
+}

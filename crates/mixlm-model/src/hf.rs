@@ -227,15 +227,74 @@ pub fn to_safetensors<B: Backend>(
     model: &Transformer<B>,
     config: &ModelConfig,
 ) -> Result<Vec<u8>, HfError> {
-    let tensors = export_tensors(model, config);
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+    serialize(&tensor_bytes(export_tensors(model, config)))
+}
+
+/// The index of a sharded checkpoint, as transformers names it.
+pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+/// The model's weight files, `(file name, bytes)`: `model.safetensors` when the
+/// weights take at most `max_shard_bytes`, else shards of at most that size (a larger
+/// tensor gets one of its own) named `model-0000N-of-0000M.safetensors`, in tensor-name
+/// order, and their index [`SHARD_INDEX`] (`metadata.total_size`, `weight_map`), the
+/// layout transformers' `save_pretrained(max_shard_size=...)` writes and
+/// `from_pretrained` reads.
+pub fn to_safetensor_files<B: Backend>(
+    model: &Transformer<B>,
+    config: &ModelConfig,
+    max_shard_bytes: u64,
+) -> Result<Vec<(String, Vec<u8>)>, HfError> {
+    let tensors = tensor_bytes(export_tensors(model, config));
+    let total: u64 = tensors.iter().map(|t| t.1.len() as u64).sum();
+    if total <= max_shard_bytes {
+        return Ok(vec![("model.safetensors".into(), serialize(&tensors)?)]);
+    }
+    let mut groups: Vec<Vec<&NamedBytes>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for t in &tensors {
+        let n = t.1.len() as u64;
+        if size > 0 && size + n > max_shard_bytes {
+            groups.push(Vec::new());
+            size = 0;
+        }
+        groups.last_mut().expect("one group").push(t);
+        size += n;
+    }
+    let count = groups.len();
+    let mut files = Vec::with_capacity(count + 1);
+    let mut weight_map = serde_json::Map::new();
+    for (i, group) in groups.into_iter().enumerate() {
+        let name = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+        for t in &group {
+            weight_map.insert(t.0.clone(), Value::String(name.clone()));
+        }
+        let owned: Vec<NamedBytes> = group.into_iter().cloned().collect();
+        files.push((name, serialize(&owned)?));
+    }
+    let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    let index = serde_json::to_vec_pretty(&index).map_err(|e| HfError::Format(e.to_string()))?;
+    files.push((SHARD_INDEX.into(), index));
+    Ok(files)
+}
+
+/// A tensor's name, little-endian f32 bytes and shape.
+type NamedBytes = (String, Vec<u8>, Vec<usize>);
+
+/// Each tensor's name, little-endian f32 bytes and shape.
+fn tensor_bytes(tensors: BTreeMap<String, HostTensor>) -> Vec<NamedBytes> {
+    tensors
         .into_iter()
         .map(|(name, t)| {
             let b: Vec<u8> = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
             (name, b, t.shape)
         })
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> = bytes
+        .collect()
+}
+
+/// One safetensors file of `tensors`, with the `format: pt` metadata transformers
+/// writes.
+fn serialize(tensors: &[NamedBytes]) -> Result<Vec<u8>, HfError> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(n, b, s)| {
             TensorView::new(Dtype::F32, s.clone(), b)
@@ -250,7 +309,6 @@ pub fn to_safetensors<B: Backend>(
     safetensors::serialize(views, metadata).map_err(|e| HfError::Format(e.to_string()))
 }
 
-/// Reads one tensor as f32 (F16/BF16 are widened), checking its shape.
 /// The safetensors files of one model: one `model.safetensors`, or the shards of a
 /// `model.safetensors.index.json` (a tensor is looked up in each).
 struct Files<'a>(Vec<SafeTensors<'a>>);
@@ -261,6 +319,7 @@ impl Files<'_> {
     }
 }
 
+/// Reads one tensor as f32 (F16/BF16 are widened), checking its shape.
 fn read(st: &Files<'_>, name: &str, expected: &[usize]) -> Result<Vec<f32>, HfError> {
     let view = st
         .tensor(name)

@@ -24,7 +24,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use mixlm_data::SamplerState;
 use mixlm_mixing::Scheduler;
-use mixlm_model::hf::{config_from_hf, hf_config, load_safetensor_shards, to_safetensors};
+pub use mixlm_model::hf::SHARD_INDEX;
+use mixlm_model::hf::{config_from_hf, hf_config, load_safetensor_shards, to_safetensor_files};
 use mixlm_model::{ModelConfig, Transformer};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -33,14 +34,25 @@ use serde::{Deserialize, Serialize};
 use crate::config::RunConfig;
 use crate::optim::{AdamW, Moments};
 
-/// The files of a checkpoint folder, in the order they are written.
-pub const CHECKPOINT_FILES: [&str; 5] = [
-    "model.safetensors",
+/// The files of a checkpoint folder besides the model's weights (`model.safetensors`,
+/// or its shards and their index: [`to_safetensor_files`]), in the order they are
+/// written after them.
+pub const CHECKPOINT_FILES: [&str; 4] = [
     "config.json",
     "optimizer.safetensors",
     "state.json",
     "run.toml",
 ];
+
+/// Bytes of weights per `model.safetensors` file: `checkpoint.shard_mb` MB, or no limit
+/// when it is 0.
+pub fn max_shard_bytes(shard_mb: f64) -> u64 {
+    if shard_mb > 0.0 {
+        (shard_mb * 1e6) as u64
+    } else {
+        u64::MAX
+    }
+}
 
 /// Counters and states that are not tensors: with the weights and AdamW moments,
 /// everything the next step depends on.
@@ -205,12 +217,12 @@ pub fn write_model_folder<B: Backend>(
     dir: &Path,
     model: &Transformer<B>,
     config: &ModelConfig,
+    shard_mb: f64,
 ) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    write_atomic(
-        &dir.join("model.safetensors"),
-        &to_safetensors(model, config)?,
-    )?;
+    for (name, bytes) in to_safetensor_files(model, config, max_shard_bytes(shard_mb))? {
+        write_atomic(&dir.join(name), &bytes)?;
+    }
     write_atomic(
         &dir.join("config.json"),
         serde_json::to_string_pretty(&hf_config(config))?.as_bytes(),
@@ -240,26 +252,26 @@ pub fn write_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
     }
     fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let write_all = || -> Result<()> {
-        let files: [Vec<u8>; 5] = [
-            to_safetensors(model, model_config)?,
+        let shard = max_shard_bytes(run_config.checkpoint.shard_mb);
+        let mut files = to_safetensor_files(model, model_config, shard)?;
+        let others: [Vec<u8>; 4] = [
             serde_json::to_string_pretty(&hf_config(model_config))?.into_bytes(),
             optimizer_safetensors(optimizer)?,
             serde_json::to_string_pretty(state)?.into_bytes(),
             toml::to_string_pretty(run_config)?.into_bytes(),
         ];
+        files.extend(CHECKPOINT_FILES.iter().map(|f| f.to_string()).zip(others));
         let mut manifest = Manifest {
             format: CHECKPOINT_FORMAT,
             step: state.step,
             files: BTreeMap::new(),
         };
-        for (i, (file, bytes)) in CHECKPOINT_FILES.iter().zip(&files).enumerate() {
-            if i == 2 {
+        for (file, bytes) in &files {
+            if file == "optimizer.safetensors" {
                 crate::chaos::pause_at("checkpoint-files");
             }
             write_file(&tmp.join(file), bytes)?;
-            manifest
-                .files
-                .insert(file.to_string(), FileDigest::of(bytes));
+            manifest.files.insert(file.clone(), FileDigest::of(bytes));
         }
         write_file(
             &tmp.join("manifest.json"),
@@ -360,11 +372,20 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
             manifest.format
         );
     }
+    let weights = ["model.safetensors", SHARD_INDEX];
+    if !weights.iter().any(|w| manifest.files.contains_key(*w)) {
+        bail!(
+            "{} lists no model weights ({})",
+            path.display(),
+            weights.join(" or ")
+        );
+    }
     for file in CHECKPOINT_FILES {
-        let want = manifest
-            .files
-            .get(file)
-            .with_context(|| format!("{} does not list {file}", path.display()))?;
+        if !manifest.files.contains_key(file) {
+            bail!("{} does not list {file}", path.display());
+        }
+    }
+    for (file, want) in &manifest.files {
         let file_path = dir.join(file);
         let size = fs::metadata(&file_path)
             .with_context(|| format!("cannot read {}", file_path.display()))?
@@ -582,9 +603,6 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(files)
 }
-
-/// The index of a sharded Hugging Face checkpoint.
-pub const SHARD_INDEX: &str = "model.safetensors.index.json";
 
 /// Whether `dir` holds a model's weights (one file or an index of shards).
 pub fn has_weights(dir: &Path) -> bool {

@@ -326,6 +326,10 @@ pub struct CheckpointSection {
     pub keep: usize,
     /// Write the final checkpoint at all.
     pub save_final: bool,
+    /// Split the model's weights into files of at most this many MB (10^6 bytes), with
+    /// `model.safetensors.index.json`, as transformers' `save_pretrained` shards large
+    /// models (its default is 5 GB); 0 = always one `model.safetensors`.
+    pub shard_mb: f64,
 }
 
 impl Default for CheckpointSection {
@@ -334,6 +338,7 @@ impl Default for CheckpointSection {
             every: 0,
             keep: 3,
             save_final: true,
+            shard_mb: 5_000.0,
         }
     }
 }
@@ -763,6 +768,12 @@ impl RunConfig {
             && non_negative(o.grad_clip))
         {
             return bad("optimizer.eps must be > 0, weight_decay and grad_clip >= 0".into());
+        }
+        let shard_mb = self.checkpoint.shard_mb;
+        if !non_negative(shard_mb) {
+            return bad(format!(
+                "checkpoint.shard_mb = {shard_mb} must be a size in MB >= 0 (0: one model.safetensors)"
+            ));
         }
         let s = &self.schedule;
         if !(s.min_lr >= 0.0 && s.min_lr <= o.lr) {

@@ -112,3 +112,74 @@ fn unsupported_models_are_refused_naming_the_reason() {
         );
     }
 }
+
+/// A checkpoint above `checkpoint.shard_mb` is written as transformers writes a large
+/// model (shards and their index, all in the manifest) and loads back to the same
+/// logits as the unsharded checkpoint of the same run; a damaged shard is named.
+#[test]
+fn large_checkpoints_are_written_in_shards() {
+    use mixlm_train::{train, RunConfig, TrainOptions};
+    type AB = burn::backend::Autodiff<B>;
+    let run = |dir: &std::path::Path, shard_mb: &str| {
+        let config = RunConfig::embedded(&[
+            format!("run.out_dir=\"{}\"", dir.display()),
+            "run.steps=2".into(),
+            "run.batch_size=2".into(),
+            "run.seq_len=8".into(),
+            "schedule.warmup_steps=1".into(),
+            "eval.every=0".into(),
+            "eval.sequences=2".into(),
+            format!("checkpoint.shard_mb={shard_mb}"),
+        ])
+        .unwrap();
+        let outcome = train::<AB>(&config, &Default::default(), &TrainOptions::quiet()).unwrap();
+        mixlm_train::checkpoint::latest_checkpoint(&outcome.run_dir).unwrap()
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let single = run(a.path(), "0");
+    let sharded = run(b.path(), "0.1");
+    assert!(single.join("model.safetensors").is_file());
+    assert!(!sharded.join("model.safetensors").exists());
+    let shards = weight_files(&sharded).unwrap();
+    assert!(shards.len() >= 3, "{shards:?}");
+    for shard in &shards {
+        assert!(
+            std::fs::metadata(shard).unwrap().len() <= 100_000 + 60_000,
+            "{shard:?}"
+        );
+    }
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(sharded.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let single_bytes = std::fs::read(single.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&single_bytes).unwrap();
+    let total: usize = st.tensors().iter().map(|(_, t)| t.data().len()).sum();
+    assert_eq!(index["metadata"]["total_size"], total);
+    assert_eq!(index["weight_map"].as_object().unwrap().len(), st.len());
+    mixlm_train::checkpoint::verify(&sharded).unwrap();
+
+    let logits = |dir: &std::path::Path| -> Vec<f32> {
+        let (model, _) = load_model::<B>(dir, &Default::default()).unwrap();
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new((0..16).map(|i| i % 100).collect::<Vec<i64>>(), [2, 8]),
+            &Default::default(),
+        );
+        model.forward(ids).into_data().into_vec().unwrap()
+    };
+    assert_eq!(logits(&sharded), logits(&single));
+
+    let victim = &shards[1];
+    let mut bytes = std::fs::read(victim).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 1;
+    std::fs::write(victim, bytes).unwrap();
+    let err = format!(
+        "{:#}",
+        mixlm_train::checkpoint::verify(&sharded).unwrap_err()
+    );
+    assert!(
+        err.contains(victim.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
+}

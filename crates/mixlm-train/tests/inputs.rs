@@ -91,8 +91,8 @@ fn checkpoint_files() -> &'static Vec<(String, Vec<u8>)> {
         let options = TrainOptions::quiet();
         let outcome = train::<B>(&config, &Default::default(), &options).unwrap();
         let ckpt = latest_checkpoint(&outcome.run_dir).unwrap();
-        CHECKPOINT_FILES
-            .iter()
+        std::iter::once(&"model.safetensors")
+            .chain(&CHECKPOINT_FILES)
             .map(|f| (f.to_string(), std::fs::read(ckpt.join(f)).unwrap()))
             .collect()
     })
