@@ -53,15 +53,14 @@ fn read_back(python: &Path, logdir: &Path) -> serde_json::Map<String, Value> {
 }
 
 fn train(dir: &Path, extra: &[&str]) {
+    train_named(dir, "tb", extra)
+}
+
+/// A 6-step run of the demo model named `name` in `dir`.
+fn train_named(dir: &Path, name: &str, extra: &[&str]) {
     let out = format!("run.out_dir=\"{}\"", dir.display());
-    let mut args = vec![
-        "train",
-        "--quiet",
-        "--set",
-        &out,
-        "--set",
-        "run.name=\"tb\"",
-    ];
+    let name = format!("run.name=\"{name}\"");
+    let mut args = vec!["train", "--quiet", "--set", &out, "--set", &name];
     for s in [
         "run.steps=6",
         "run.batch_size=4",
@@ -157,4 +156,40 @@ fn tensorboard_reads_the_metrics_and_a_resumed_run_has_each_step_once() {
         }
     }
     assert!(checked > 200, "only {checked} values compared");
+}
+
+/// A method's own quantities (ODM's reward per domain) are in `metrics.jsonl` under
+/// `method` and in TensorBoard under `method/reward/<domain>`, step by step.
+#[test]
+fn the_methods_own_quantities_reach_tensorboard() {
+    let Some(python) = python() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    train_named(dir.path(), "odm", &["mixing.method=\"odm\""]);
+    let run = dir.path().join("odm");
+    let board = read_back(&python, &run.join("tensorboard"));
+    let mut checked = 0;
+    for record in common::metrics(&run)
+        .iter()
+        .filter(|r| r["kind"] == "train")
+    {
+        let step = record["step"].as_u64().unwrap();
+        let rewards = record["method"]["reward"]
+            .as_object()
+            .expect("ODM's rewards");
+        assert_eq!(rewards.len(), 5, "{record}");
+        for (domain, want) in rewards {
+            let tag = format!("method/reward/{domain}");
+            let got = board[&tag].as_array().unwrap();
+            let at = got
+                .iter()
+                .find(|p| p[0] == step)
+                .unwrap_or_else(|| panic!("{tag} {step}"));
+            let want = want.as_f64().unwrap() as f32 as f64;
+            assert_eq!(at[1].as_f64().unwrap(), want, "{tag} at {step}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 6 * 5);
 }

@@ -78,6 +78,24 @@ pilot_steps = 3
     for m in ["stratified", "natural", "doge"] {
         assert!(md.contains(&format!("| {m} |")), "{md}");
     }
+    // One TensorBoard run per method and seed (`tensorboard --logdir out` shows them
+    // side by side), each with its 4 steps' loss.
+    for r in &results.results {
+        let files = mixlm_tensorboard::event_files(&r.run_dir.join("tensorboard")).unwrap();
+        assert_eq!(files.len(), 1, "{}", r.run_dir.display());
+        let steps: Vec<i64> = mixlm_tensorboard::read_events(&files[0])
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                e.summary
+                    .iter()
+                    .flat_map(|s| &s.value)
+                    .any(|v| v.tag == "train/loss")
+            })
+            .map(|e| e.step)
+            .collect();
+        assert_eq!(steps, [1, 2, 3, 4], "{}", r.run_dir.display());
+    }
     // Every run's step time by part, and the mixing method's share of it.
     assert!(md.contains("| mixing share |"), "{md}");
     for r in &results.results {
