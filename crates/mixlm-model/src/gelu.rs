@@ -149,12 +149,10 @@ mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::{Tensor, TensorData};
 
+    use crate::cpu::values;
+
     type C = NdArray<f32>;
     type B = Autodiff<C>;
-
-    fn values<const D: usize>(t: Tensor<C, D>) -> Vec<f32> {
-        t.into_data().into_vec().unwrap()
-    }
 
     /// Inputs over GELU's whole shape: the deep negative tail (where Φ underflows), the
     /// bend around zero, and the linear positive side.

@@ -546,9 +546,6 @@ pub fn hf_config(c: &ModelConfig) -> Value {
     }
 }
 
-/// The `model_type`s [`config_from_hf`] reads.
-pub const SUPPORTED_MODEL_TYPES: [&str; 2] = ["gpt_neox", "llama"];
-
 /// Reads an HF `config.json` of a GPT-NeoX or Llama model.
 pub fn config_from_hf(v: &Value) -> Result<ModelConfig, HfError> {
     let get = |k: &str| v.get(k).filter(|x| !x.is_null());
@@ -568,16 +565,20 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig, HfError> {
     let float = |k: &str, default: f64| get(k).and_then(Value::as_f64).unwrap_or(default);
     let flag = |k: &str, default: bool| get(k).and_then(Value::as_bool).unwrap_or(default);
     let model_type = get("model_type").and_then(Value::as_str).unwrap_or("");
-    if !SUPPORTED_MODEL_TYPES.contains(&model_type) {
-        let found = match model_type {
-            "" => "no `model_type`".to_string(),
-            other => format!("model_type `{other}`"),
-        };
-        return Err(HfError::Config(format!(
-            "{found}: mixlm loads GPT-NeoX/Pythia (`gpt_neox`) and Llama (`llama`) \
-             checkpoints only"
-        )));
-    }
+    let family = match model_type {
+        "gpt_neox" => Family::Neox,
+        "llama" => Family::Llama,
+        other => {
+            let found = match other {
+                "" => "no `model_type`".to_string(),
+                other => format!("model_type `{other}`"),
+            };
+            return Err(HfError::Config(format!(
+                "{found}: mixlm loads GPT-NeoX/Pythia (`gpt_neox`) and Llama (`llama`) \
+                 checkpoints only"
+            )));
+        }
+    };
     // Biases the model does not have would be dropped without a word, and the
     // perplexity would be wrong: refused, naming the key.
     let unsupported_flag = |key: &str, value: bool, why: &str| -> Result<(), HfError> {
@@ -588,13 +589,13 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig, HfError> {
             _ => Ok(()),
         }
     };
-    match model_type {
-        "gpt_neox" => unsupported_flag(
+    match family {
+        Family::Neox => unsupported_flag(
             "attention_bias",
             false,
             "mixlm's GPT-NeoX has biases on `query_key_value` and `dense`, as Pythia does",
         )?,
-        _ => {
+        Family::Llama => {
             let why = "mixlm's Llama has no biases on these projections (their tensors \
                        would be dropped)";
             unsupported_flag("attention_bias", true, why)?;
@@ -603,10 +604,9 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig, HfError> {
     }
     let (d, heads) = (num("hidden_size")?, num("num_attention_heads")?);
     if let Some(act) = get("hidden_act").and_then(Value::as_str) {
-        let expected = if model_type == "llama" {
-            "silu"
-        } else {
-            "gelu"
+        let expected = match family {
+            Family::Neox => "gelu",
+            Family::Llama => "silu",
         };
         if act != expected {
             return Err(HfError::Config(format!(
@@ -614,8 +614,8 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig, HfError> {
             )));
         }
     }
-    let config = match model_type {
-        "gpt_neox" => ModelConfig {
+    let config = match family {
+        Family::Neox => ModelConfig {
             family: Family::Neox,
             vocab_size: num("vocab_size")?,
             d_model: d,
@@ -632,7 +632,7 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig, HfError> {
             max_seq_len: num("max_position_embeddings")?,
             init_std: float("initializer_range", 0.02),
         },
-        "llama" => ModelConfig {
+        Family::Llama => ModelConfig {
             family: Family::Llama,
             vocab_size: num("vocab_size")?,
             d_model: d,
@@ -655,11 +655,6 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig, HfError> {
             max_seq_len: num("max_position_embeddings")?,
             init_std: float("initializer_range", 0.02),
         },
-        other => {
-            return Err(HfError::Config(format!(
-                "model_type `{other}` is not supported (gpt_neox or llama)"
-            )))
-        }
     };
     let rope_type = v
         .get("rope_parameters")

@@ -269,17 +269,15 @@ impl<B: Backend> Block<B> {
 
 impl<B: ModelBackend> Block<B> {
     pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, compute: Compute) -> Tensor<B, 3> {
-        let (c, p) = (compute, compute.precision);
+        let (c, p, eps) = (compute, compute.precision, self.norm_eps);
         if self.parallel_residual {
             // GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
-            let eps = self.norm_eps;
             let a = self
                 .attn
                 .forward(self.attn_norm.forward(x.clone(), eps), rope, c);
             let m = self.mlp.forward(self.mlp_norm.forward(x.clone(), eps), p);
             x + a + m
         } else {
-            let eps = self.norm_eps;
             let x = x.clone() + self.attn.forward(self.attn_norm.forward(x, eps), rope, c);
             x.clone() + self.mlp.forward(self.mlp_norm.forward(x, eps), p)
         }

@@ -79,7 +79,7 @@ pub(crate) fn backward<B: Backend>(
 /// caller falls back to tensor operations).
 pub(crate) mod cpu {
     use burn::backend::ndarray::NdArrayTensor;
-    use ndarray::ArrayView1;
+    use ndarray::{ArrayView1, ArrayViewD};
     use rayon::prelude::*;
 
     use crate::cpu::{f32_view, tensor};
@@ -101,11 +101,14 @@ pub(crate) mod cpu {
         (var + eps).sqrt()
     }
 
-    /// Contiguous f32 `[rows, d]` data of `x`, `gamma` (and `beta`) with `d` matching.
-    fn slices<'a>(x: &'a NdArrayTensor, gamma: &'a NdArrayTensor) -> Option<(Vec<usize>, usize)> {
+    /// Contiguous f32 views of `x` (`[.., d]`) and `gamma` (`[d]`), and `d`.
+    fn views<'a>(
+        x: &'a NdArrayTensor,
+        gamma: &'a NdArrayTensor,
+    ) -> Option<(ArrayViewD<'a, f32>, ArrayViewD<'a, f32>, usize)> {
         let (xv, gv) = (f32_view(x)?, f32_view(gamma)?);
         let d = *xv.shape().last()?;
-        (gv.len() == d && d > 0).then(|| (xv.shape().to_vec(), d))
+        (gv.len() == d && d > 0).then_some((xv, gv, d))
     }
 
     pub fn forward(
@@ -114,8 +117,7 @@ pub(crate) mod cpu {
         beta: &NdArrayTensor,
         eps: f64,
     ) -> Option<NdArrayTensor> {
-        let (shape, d) = slices(x, gamma)?;
-        let (xv, gv, bv) = (f32_view(x)?, f32_view(gamma)?, f32_view(beta)?);
+        let ((xv, gv, d), bv) = (views(x, gamma)?, f32_view(beta)?);
         let (xs, gs, bs) = (xv.as_slice()?, gv.as_slice()?, bv.as_slice()?);
         if bs.len() != d {
             return None;
@@ -133,7 +135,7 @@ pub(crate) mod cpu {
                     }
                 }
             });
-        Some(tensor(out, &shape))
+        Some(tensor(out, xv.shape()))
     }
 
     pub fn backward(
@@ -142,8 +144,7 @@ pub(crate) mod cpu {
         grad: &NdArrayTensor,
         eps: f64,
     ) -> Option<[NdArrayTensor; 3]> {
-        let (shape, d) = slices(x, gamma)?;
-        let (xv, gv, dv) = (f32_view(x)?, f32_view(gamma)?, f32_view(grad)?);
+        let ((xv, gv, d), dv) = (views(x, gamma)?, f32_view(grad)?);
         let (xs, gs, dys) = (xv.as_slice()?, gv.as_slice()?, dv.as_slice()?);
         if dys.len() != xs.len() {
             return None;
@@ -182,7 +183,7 @@ pub(crate) mod cpu {
             dbeta.iter_mut().zip(pb).for_each(|(s, p)| *s += p);
         }
         Some([
-            tensor(dx, &shape),
+            tensor(dx, xv.shape()),
             tensor(dgamma, &[d]),
             tensor(dbeta, &[d]),
         ])
@@ -236,12 +237,10 @@ mod tests {
     use burn::nn::LayerNormConfig;
     use burn::tensor::{Tensor, TensorData};
 
+    use crate::cpu::values;
+
     type C = NdArray<f32>;
     type B = Autodiff<C>;
-
-    fn values<const D: usize>(t: Tensor<C, D>) -> Vec<f32> {
-        t.into_data().into_vec().unwrap()
-    }
 
     /// Equal within `tol` of the largest magnitude in each block of `d` values (a row
     /// of `dx`, or the whole of `dγ`, `dβ`): f32 rounding of the centred values scales

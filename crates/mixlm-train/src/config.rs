@@ -145,7 +145,8 @@ pub struct ModelSection {
     /// Start from these weights instead of a random initialisation (continued
     /// pretraining): a checkpoint folder, a run folder (its latest checkpoint), or a
     /// Hugging Face folder (`config.json` + `model.safetensors`, or the shards of a
-    /// `model.safetensors.index.json`) whose model has the shape this section resolves to. A resumed run continues from its checkpoint.
+    /// `model.safetensors.index.json`) whose model has the shape this section resolves
+    /// to. A resumed run continues from its checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<PathBuf>,
 }
@@ -639,9 +640,7 @@ impl RunConfig {
         let spec = match self.data.source {
             DataSource::Synthetic => SourceSpec::Synthetic(&self.data.synthetic),
             DataSource::Shards => SourceSpec::Shards {
-                dir: &self.data.shard_dir().ok_or_else(|| {
-                    invalid("data.source = \"shards\" needs data.path (the folder `mixlm prepare` wrote)".into())
-                })?,
+                dir: &self.required_shard_dir()?,
                 seed: self.run.seed,
                 seq_len: self.run.seq_len,
                 plan: match &self.mixing {
@@ -661,6 +660,16 @@ impl RunConfig {
         })
     }
 
+    /// The prepared folder of `data.source = "shards"`, which needs `data.path`.
+    fn required_shard_dir(&self) -> Result<PathBuf, ConfigError> {
+        self.data.shard_dir().ok_or_else(|| {
+            ConfigError::Invalid(
+                "data.source = \"shards\" needs data.path (the folder `mixlm prepare` wrote)"
+                    .into(),
+            )
+        })
+    }
+
     /// The data for evaluation: prepared shards open with the domains of any split,
     /// so a folder with validation and test splits but no train split (a held-out
     /// corpus) is evaluated too; a synthetic source as for training.
@@ -668,13 +677,7 @@ impl RunConfig {
         if self.data.source != DataSource::Shards {
             return self.open_source();
         }
-        let dir = self.data.shard_dir().ok_or_else(|| {
-            ConfigError::Invalid(
-                "data.source = \"shards\" needs data.path (the folder `mixlm prepare` wrote)"
-                    .into(),
-            )
-        })?;
-        let source = mixlm_data::ShardSource::open_for_eval(&dir)
+        let source = mixlm_data::ShardSource::open_for_eval(self.required_shard_dir()?)
             .map_err(|e| ConfigError::Invalid(format!("data.path: {e}")))?;
         Ok(Box::new(source))
     }

@@ -16,9 +16,8 @@ use crate::tensorboard::Board;
 pub struct Report {
     metrics: MetricsWriter,
     metrics_path: PathBuf,
-    board: Board,
-    /// `[run] tensorboard`, and this is peer 0.
-    board_on: bool,
+    /// `None` unless `[run] tensorboard` and this is peer 0.
+    board: Option<Board>,
     progress: Progress,
     /// Peer 0, which alone writes and shows anything.
     leader: bool,
@@ -53,16 +52,14 @@ impl Report {
             MetricsWriter::disabled(&metrics_path)
         };
         let run = &config.run;
-        let board_on = leader && run.tensorboard;
-        let board = match board_on {
-            true => Board::open(run_dir, resumed_at.map(|_| metrics_path.as_path())),
-            false => Board::off(run_dir),
-        };
+        let board = (leader && run.tensorboard).then(|| match resumed_at {
+            Some(_) => Board::resume(run_dir),
+            None => Board::open(run_dir, &[]),
+        });
         Ok(Self {
             metrics,
             metrics_path,
             board,
-            board_on,
             progress: Progress::new(
                 run.steps,
                 quiet || !leader,
@@ -89,8 +86,8 @@ impl Report {
         self.after_record = Instant::now();
         crate::chaos::pause_at("step");
         self.metrics.step(record)?;
-        if self.board_on {
-            self.board.record(&serde_json::to_value(record)?);
+        if let Some(board) = &mut self.board {
+            board.record(&serde_json::to_value(record)?);
         }
         self.progress.update(record);
         Ok(())
@@ -110,8 +107,8 @@ impl Report {
             record = record.with_epochs(names, epochs);
         }
         self.metrics.eval(&record)?;
-        if self.board_on {
-            self.board.record(&serde_json::to_value(&record)?);
+        if let Some(board) = &mut self.board {
+            board.record(&serde_json::to_value(&record)?);
         }
         Ok(())
     }
@@ -127,10 +124,11 @@ impl Report {
             self.metrics = MetricsWriter::disabled(&self.metrics_path);
             self.metrics = MetricsWriter::resume(&self.metrics_path, step)?;
         }
-        if self.board_on {
+        if self.board.is_some() {
+            // The old writer is closed before its files are replaced.
+            self.board = None;
             let run_dir = self.metrics_path.parent().unwrap_or(Path::new("."));
-            self.board = Board::off(run_dir);
-            self.board = Board::open(run_dir, Some(&self.metrics_path));
+            self.board = Some(Board::resume(run_dir));
         }
         self.start_at(step);
         Ok(())

@@ -259,14 +259,15 @@ fn final_table(records: &[Value]) -> String {
 /// Writes a run's TensorBoard event files afresh from its `metrics.jsonl` (a run from
 /// before they existed, or one trained with `[run] tensorboard = false`).
 pub fn export_tensorboard(run_dir: &Path) -> Result<PathBuf> {
-    let metrics = run_dir.join("metrics.jsonl");
-    read_records(run_dir)?;
-    crate::tensorboard::Board::open(run_dir, Some(&metrics));
+    let board = crate::tensorboard::Board::open(run_dir, &read_records(run_dir)?);
     let dir = crate::tensorboard::dir(run_dir);
-    match mixlm_tensorboard::event_files(&dir)?.is_empty() {
-        true => bail!("no event file could be written into {}", dir.display()),
-        false => Ok(dir),
+    if !board.is_writing() {
+        bail!(
+            "the event files in {} could not be written (see the warning above)",
+            dir.display()
+        );
     }
+    Ok(dir)
 }
 
 #[cfg(test)]

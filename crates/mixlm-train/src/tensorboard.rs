@@ -31,9 +31,8 @@ pub struct Board {
 }
 
 impl Board {
-    /// A board that writes nothing (`[run] tensorboard = false`, data-parallel peers
-    /// other than peer 0).
-    pub fn off(run_dir: &Path) -> Self {
+    /// A board that writes nothing.
+    fn off(run_dir: &Path) -> Self {
         Self {
             dir: dir(run_dir),
             writer: None,
@@ -41,8 +40,8 @@ impl Board {
     }
 
     /// Starts the run's event files afresh (earlier ones are removed) and writes the
-    /// records of `metrics` (a resumed run's `metrics.jsonl`, already cut back).
-    pub fn open(run_dir: &Path, metrics: Option<&Path>) -> Self {
+    /// records of `replay` (`metrics.jsonl`'s, for a run that already has some).
+    pub fn open(run_dir: &Path, replay: &[Value]) -> Self {
         let mut board = Self::off(run_dir);
         let start = || -> std::io::Result<EventWriter> {
             for old in mixlm_tensorboard::event_files(&board.dir)? {
@@ -54,20 +53,29 @@ impl Board {
             Ok(writer) => board.writer = Some(writer),
             Err(e) => board.warn(&board.dir.clone(), &e),
         }
-        if let Some(path) = metrics {
-            match std::fs::read_to_string(path) {
-                Ok(text) => {
-                    for line in text.lines() {
-                        if let Ok(record) = serde_json::from_str::<Value>(line) {
-                            board.write(&record, false);
-                        }
-                    }
-                    board.flush();
-                }
-                Err(e) => board.warn(path, &e),
+        for record in replay {
+            board.write(record, false);
+        }
+        board.flush();
+        board
+    }
+
+    /// [`Board::open`] for a resumed or rolled-back run: its `metrics.jsonl`, already
+    /// cut back to the checkpoint, is written again. An unreadable one is a warning.
+    pub fn resume(run_dir: &Path) -> Self {
+        match crate::run_report::read_records(run_dir) {
+            Ok(records) => Self::open(run_dir, &records),
+            Err(e) => {
+                let mut board = Self::off(run_dir);
+                board.warn(&run_dir.join("metrics.jsonl"), &format!("{e:#}"));
+                board
             }
         }
-        board
+    }
+
+    /// Whether events are still written (no write has failed).
+    pub fn is_writing(&self) -> bool {
+        self.writer.is_some()
     }
 
     /// One `metrics.jsonl` record (as JSON), flushed so a live run shows it.
@@ -109,7 +117,7 @@ impl Board {
         }
     }
 
-    fn warn(&mut self, path: &Path, e: &std::io::Error) {
+    fn warn(&mut self, path: &Path, e: &dyn std::fmt::Display) {
         eprintln!(
             "warning: cannot write TensorBoard events to {} ({e}); the run goes on without \
              them (metrics.jsonl has every number; `mixlm export tensorboard` can write them later)",
@@ -205,7 +213,7 @@ mod tests {
     fn a_resumed_run_has_each_step_once() {
         let run = tempfile::tempdir().unwrap();
         let metrics = run.path().join("metrics.jsonl");
-        let mut board = Board::open(run.path(), None);
+        let mut board = Board::open(run.path(), &[]);
         for step in 1..=3 {
             board.record(&train(step));
         }
@@ -220,7 +228,7 @@ mod tests {
 
         let kept: Vec<String> = (1..=2).map(|s| train(s).to_string()).collect();
         std::fs::write(&metrics, kept.join("\n") + "\n").unwrap();
-        let mut board = Board::open(run.path(), Some(&metrics));
+        let mut board = Board::resume(run.path());
         board.record(&train(3));
         board.record(&train(4));
         let steps: Vec<i64> = scalars(run.path(), "train/loss")
@@ -238,8 +246,8 @@ mod tests {
     fn an_unwritable_folder_is_not_an_error() {
         let run = tempfile::tempdir().unwrap();
         std::fs::write(dir(run.path()), "a file where the folder should be").unwrap();
-        let mut board = Board::open(run.path(), None);
+        let mut board = Board::open(run.path(), &[]);
         board.record(&train(1));
-        assert!(board.writer.is_none());
+        assert!(!board.is_writing());
     }
 }
