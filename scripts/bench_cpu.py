@@ -4,8 +4,10 @@
 For each shape, alternately: mixlm's release binary (`--backend cpu`, f32) and Hugging
 Face's GPTNeoXForCausalLM in PyTorch (eager, f32, AdamW and clipping, no
 torch.compile), same model shape, batch and sequence length, over several rounds.
-Reports each side's median tokens/s, their ratio, and the share of mixlm's run spent
-in the kernel (system time over user plus system time, from the child's rusage).
+Reports each side's median tokens/s, their ratio, and the share of mixlm's CPU time
+spent in the kernel (system over user plus system time, from the child's rusage): of
+the timed steps alone (the run minus the same run stopped one step after its warm-up) and of the
+whole process.
 The trainers and shapes are scripts/bench_gpu.py's (`run_mixlm`, `run_torch`).
 
     python3 scripts/bench_cpu.py --mixlm target/release/mixlm --rounds 3
@@ -32,6 +34,22 @@ SHAPES = [
 ]
 
 
+def timed(run, preset):
+    """One mixlm run: its bench_gpu result and the (user, system) CPU seconds it used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    m = bench_gpu.run_mixlm(run, preset, "f32")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if "error" in m:
+        sys.exit(f"{preset}: mixlm failed: {m['error']}")
+    return m, (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)
+
+
+def share(cpu):
+    """System time over user plus system time."""
+    user, system = cpu
+    return system / max(user + system, 1e-9)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mixlm", required=True, help="a mixlm release binary")
@@ -56,15 +74,15 @@ def main():
                 compile=False, nccl_mixlm=None)
             r = results.setdefault(preset, {"name": name, "seq": seq, "batch": batch,
                                             "mixlm": [], "torch": [], "baseline": [],
-                                            "sys_share": []})
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            m = bench_gpu.run_mixlm(run, preset, "f32")
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            if "error" in m:
-                sys.exit(f"{name}: mixlm failed: {m['error']}")
-            user, sys_ = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+                                            "sys_share": [], "step_sys_share": []})
+            m, whole = timed(run, preset)
             r["mixlm"].append(m["tokens_per_s"])
-            r["sys_share"].append(sys_ / max(user + sys_, 1e-9))
+            r["sys_share"].append(share(whole))
+            # The same run stopped one step after its warm-up: the difference of the two
+            # is the CPU time of the later steps alone, without start-up, evaluation and
+            # the report.
+            _, warm = timed(types.SimpleNamespace(**{**vars(run), "steps": warmup + 1}), preset)
+            r["step_sys_share"].append(share((whole[0] - warm[0], whole[1] - warm[1])))
             line = f"round {round_ + 1} {name}: mixlm {m['tokens_per_s']:,.0f} tokens/s"
             if args.baseline:
                 b = bench_gpu.run_mixlm(types.SimpleNamespace(**{**vars(run), "mixlm": args.baseline}),
@@ -83,7 +101,7 @@ def main():
           f"{threads} threads; medians of {args.rounds} alternating rounds\n")
     base = " baseline tokens/s | mixlm / baseline |" if args.baseline else ""
     print("| shape (d_model, layers, heads, d_ff, vocab, seq, batch) | mixlm tokens/s |"
-          f"{base} PyTorch tokens/s | ratio | mixlm system time |")
+          f"{base} PyTorch tokens/s | ratio | mixlm system time, steps / whole run |")
     print("|---|---:|" + ("---:|---:|" if args.baseline else "") + "---:|---:|---:|")
     for preset, r in results.items():
         _, vocab, d, layers, heads, _, _, ff, _ = bench_gpu.PRESETS[preset]
@@ -95,7 +113,8 @@ def main():
         r.update(baseline_median=b)
         cols = f" {b:,.0f} | {m / b:.2f} |" if b else ""
         print(f"| {shape} | {m:,.0f} |{cols} {'' if t is None else f'{t:,.0f}'} | "
-              f"{'' if t is None else f'{m / t:.2f}'} | {statistics.median(r['sys_share']):.1%} |")
+              f"{'' if t is None else f'{m / t:.2f}'} | "
+              f"{statistics.median(r['step_sys_share']):.1%} / {statistics.median(r['sys_share']):.1%} |")
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nwritten: {args.out}", file=sys.stderr)

@@ -354,8 +354,9 @@ fn train_on_two_cpu_peers_then_refuse_another_count_on_resume() {
     ]);
     assert!(!ok);
     assert!(
-        stderr.contains("--devices 3")
-            && stderr.contains("distributed.devices = 2 (2 peer(s) in all)"),
+        stderr.contains("trained on 2 data-parallel peer(s)")
+            && stderr.contains("resume with --devices 2")
+            && stderr.contains("3 peers do not divide 2"),
         "{stderr}"
     );
 }

@@ -170,5 +170,7 @@ fn trained_outcome(run_dir: &Path, config: &RunConfig) -> Result<Option<TrainOut
         learned,
         resumed_from: Some(steps),
         interrupted: false,
+        // A finished run read back from its files: no optimizer in memory.
+        optimizer_bytes: 0,
     }))
 }

@@ -119,7 +119,8 @@ pub const PRESETS: &[&str] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TrainingMemory {
     /// Weights, gradients, AdamW's two moments (16 bytes per parameter) and the
-    /// updated weights while the optimizer step still holds the old ones (4 more).
+    /// updated weights while the optimizer step still holds the old ones (4 more);
+    /// sharded over N peers, the moments and the update's temporaries are 1/N.
     pub state: u64,
     /// Activations kept for the backward pass (f32).
     pub activations: u64,
@@ -130,6 +131,44 @@ pub struct TrainingMemory {
 impl TrainingMemory {
     pub fn total(&self) -> u64 {
         self.state + self.activations + self.logits
+    }
+}
+
+/// `distributed.shard`: what the data-parallel peers split between them (ZeRO).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shard {
+    /// Every peer holds everything (plain data parallelism).
+    #[default]
+    None,
+    /// ZeRO stage 1: each peer keeps and updates AdamW's moments of its slices only.
+    Optimizer,
+    /// ZeRO stage 2: also, each peer keeps only its slices of the averaged gradient
+    /// (the all-reduce becomes a reduce-scatter).
+    Gradients,
+}
+
+impl Shard {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Optimizer => "optimizer",
+            Self::Gradients => "gradients",
+        }
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "optimizer" => Ok(Self::Optimizer),
+            "gradients" => Ok(Self::Gradients),
+            _ => Err(format!(
+                "unknown shard `{s}`: use none, optimizer or gradients"
+            )),
+        }
     }
 }
 
@@ -308,7 +347,32 @@ impl ModelConfig {
         balanced: bool,
         compute: Compute,
     ) -> TrainingMemory {
+        self.training_memory_per_peer(batch, seq_len, balanced, compute, 1, Shard::None)
+    }
+
+    /// [`Self::training_memory`] of one of `peers` data-parallel peers that split
+    /// their state as `shard` says, with `batch` sequences per peer.
+    ///
+    /// Sharding divides AdamW's moments and the update's temporaries by the peer
+    /// count. It does not divide the gradient: Burn's backward pass returns every
+    /// parameter's gradient at once, so each peer holds a whole f32 gradient at the
+    /// end of it, before the reduce-scatter (`gradients`) leaves it only its slice.
+    /// Stage 2 thus saves the whole averaged gradient during the optimizer step,
+    /// not the peak.
+    pub fn training_memory_per_peer(
+        &self,
+        batch: usize,
+        seq_len: usize,
+        balanced: bool,
+        compute: Compute,
+        peers: usize,
+        shard: Shard,
+    ) -> TrainingMemory {
         let n = self.num_params();
+        let split = |bytes: u64| match shard {
+            Shard::None => bytes,
+            Shard::Optimizer | Shard::Gradients => bytes.div_ceil(peers.max(1) as u64),
+        };
         let (d, h) = (self.d_model as u64, self.n_heads as u64);
         let (t, tokens) = (seq_len as u64, (batch * seq_len) as u64);
         let half = compute.precision != Precision::F32;
@@ -332,7 +396,7 @@ impl ModelConfig {
         TrainingMemory {
             // f32 weights, gradients, two AdamW moments and the update's temporaries;
             // bf16 adds the weights' bf16 copies the matmuls keep for the backward.
-            state: 20 * n + if half { 2 * n } else { 0 },
+            state: 8 * n + split(12 * n) + if half { 2 * n } else { 0 },
             activations: (wide_bytes + attention_bytes) * tokens * self.n_layers as u64,
             // f32 logits and their log-softmax (plus the bf16 logits in bf16).
             logits: (8 + if half { 2 } else { 0 }) * self.vocab_size as u64 * tokens,
@@ -396,6 +460,33 @@ mod tests {
             (2 * 17 * 2048 + 2 * 3 * 2048 + 4 * 8) * 8 * 2048 * 16
         );
         assert_eq!(half.state, 22 * big.num_params());
+    }
+
+    /// Sharded over 8 peers, the moments and the update's temporaries (12 bytes per
+    /// parameter) are an eighth; the weights, the bf16 copies and the whole gradient
+    /// Burn's backward returns are not (samplemix-8b in bf16 at 1 x 2048).
+    #[test]
+    fn sharding_divides_the_moments_and_the_update() {
+        let c = ModelConfig::preset("samplemix-8b").unwrap();
+        let n = c.num_params();
+        let bf16 = Compute {
+            precision: Precision::Bf16,
+            ..Compute::default()
+        };
+        let one = c.training_memory(1, 2048, true, bf16);
+        assert_eq!(one.state, 22 * n);
+        for shard in [Shard::Optimizer, Shard::Gradients] {
+            let m = c.training_memory_per_peer(1, 2048, true, bf16, 8, shard);
+            assert_eq!(m.state, 10 * n + (12 * n).div_ceil(8));
+            assert_eq!((m.activations, m.logits), (one.activations, one.logits));
+        }
+        let none = c.training_memory_per_peer(1, 2048, true, bf16, 8, Shard::None);
+        assert_eq!(none, one);
+        assert_eq!("gradients".parse::<Shard>(), Ok(Shard::Gradients));
+        assert!("zero3"
+            .parse::<Shard>()
+            .unwrap_err()
+            .contains("none, optimizer or gradients"));
     }
 
     /// Parameter counts of the Hugging Face checkpoints (`sum(p.numel())` of

@@ -28,7 +28,7 @@ pub fn vulkan_driver_installed() -> bool {
 
 pub use attention::{AutodiffInner, ModelBackend, TrainBackend};
 pub use config::{
-    AttentionKernel, Compute, Family, ModelConfig, Precision, TrainingMemory, PRESETS,
+    AttentionKernel, Compute, Family, ModelConfig, Precision, Shard, TrainingMemory, PRESETS,
 };
 pub use loss::token_nll;
 pub use model::{Transformer, EVAL_CHUNK_VALUES};

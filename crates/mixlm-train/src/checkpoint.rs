@@ -32,7 +32,7 @@ use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
-use crate::optim::{AdamW, Moments};
+use crate::optim::{AdamW, HostMoments, Moments};
 
 /// The files of a checkpoint folder besides the model's weights (`model.safetensors`,
 /// or its shards and their index: [`to_safetensor_files`]), in the order they are
@@ -185,20 +185,11 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {} (disk full?)", path.display()))
 }
 
-/// Serialises AdamW moments as f32 safetensors.
-fn optimizer_safetensors<B: Backend>(optimizer: &AdamW<B>) -> Result<Vec<u8>> {
+/// Serialises AdamW's whole moments (`<path>.m`, `<path>.v`) as f32 safetensors.
+fn optimizer_safetensors(moments: &HostMoments) -> Result<Vec<u8>> {
     let mut buffers: Vec<(String, Vec<u8>, usize)> = Vec::new();
-    let mut keys: Vec<&String> = optimizer.moments.keys().collect();
-    keys.sort();
-    for key in keys {
-        let moments = &optimizer.moments[key];
-        for (suffix, t) in [("m", &moments.m), ("v", &moments.v)] {
-            let values: Vec<f32> = t
-                .clone()
-                .into_data()
-                .convert::<f32>()
-                .into_vec()
-                .expect("f32");
+    for (key, m, v) in moments {
+        for (suffix, values) in [("m", m), ("v", v)] {
             let n = values.len();
             let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             buffers.push((format!("{key}.{suffix}"), bytes, n));
@@ -234,7 +225,7 @@ pub fn write_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
     run_dir: &Path,
     model: &Transformer<B>,
     model_config: &ModelConfig,
-    optimizer: &AdamW<B::InnerBackend>,
+    moments: &HostMoments,
     state: &TrainState,
     run_config: &RunConfig,
 ) -> Result<PathBuf> {
@@ -256,7 +247,7 @@ pub fn write_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
         let mut files = to_safetensor_files(model, model_config, shard)?;
         let others: [Vec<u8>; 4] = [
             serde_json::to_string_pretty(&hf_config(model_config))?.into_bytes(),
-            optimizer_safetensors(optimizer)?,
+            optimizer_safetensors(moments)?,
             serde_json::to_string_pretty(state)?.into_bytes(),
             toml::to_string_pretty(run_config)?.into_bytes(),
         ];

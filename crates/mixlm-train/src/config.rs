@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use mixlm_data::synthetic::SyntheticConfig;
 use mixlm_data::{Composition, OpenError, PrepareConfig, SourceSpec, TokenSource};
 use mixlm_mixing::MixingConfig;
+
+pub use crate::distributed::shard::Shard;
 use mixlm_model::{AttentionKernel, Compute, ModelConfig, Precision};
 use serde::{Deserialize, Serialize};
 
@@ -377,6 +379,12 @@ pub struct DistributedSection {
     /// all-reduce, gathered losses, agreement checks), to measure what that machinery
     /// costs against the plain path; no effect with several peers.
     pub always_collective: bool,
+    /// What the peers split between them (ZeRO): `none`; `optimizer` (stage 1: each
+    /// keeps and updates AdamW's moments of 1/N of the parameters, and the updated
+    /// parameters are gathered); `gradients` (stage 2: also only its 1/N of the
+    /// averaged gradient, through a reduce-scatter). Checkpoints hold the whole
+    /// state either way, so a run may change it, or its peer count, on resume.
+    pub shard: Shard,
     /// How a node's peers average their gradients: `collective` (burn-collective, any
     /// backend, after the backward pass, in buckets) or `nccl` (Burn's `distributed`
     /// engine: each gradient all-reduced through NCCL as soon as the backward pass has
@@ -488,6 +496,7 @@ impl Default for DistributedSection {
             timeout_s: 1800,
             bucket_mb: 25,
             always_collective: false,
+            shard: Shard::None,
             communication: Communication::Collective,
         }
     }
@@ -734,6 +743,24 @@ impl RunConfig {
             .backend
             .parse::<BackendKind>()
             .map_err(|e| ConfigError::Invalid(format!("run.backend: {e}")))?;
+        if self.distributed.shard == Shard::Gradients {
+            if matches!(self.mixing, MixingConfig::Doge(_)) {
+                return bad(
+                    "distributed.shard = \"gradients\" cannot run DoGE: DoGE aligns each \
+                     domain's whole gradient with the others' (a Gram matrix over every \
+                     parameter) before the step's gradient exists, so no peer may hold only \
+                     its slice; use shard = \"optimizer\", which keeps the gradients whole"
+                        .into(),
+                );
+            }
+            if self.distributed.nccl() {
+                return bad("distributed.shard = \"gradients\" needs communication = \
+                     \"collective\": the nccl engine all-reduces whole gradients during the \
+                     backward pass, where the reduce-scatter would have to happen; use \
+                     shard = \"optimizer\" with nccl"
+                    .into());
+            }
+        }
         if self.distributed.nccl() && backend != BackendKind::Cuda {
             return bad(format!(
                 "distributed.communication = \"nccl\" needs run.backend = \"cuda\" (it is \"{}\"); \
@@ -1200,6 +1227,31 @@ mod tests {
             e.starts_with("data.path: ") && e.contains("/nonexistent/shards"),
             "{e}"
         );
+    }
+
+    /// ZeRO-2 is refused, with the reason, where the gradients must stay whole.
+    #[test]
+    fn gradient_sharding_is_refused_with_doge_and_nccl() {
+        let refuse = |extra: &str| {
+            RunConfig::embedded(&["distributed.shard=\"gradients\"".into(), extra.into()])
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refuse("mixing.method=\"doge\"");
+        assert!(
+            e.contains("cannot run DoGE") && e.contains("shard = \"optimizer\""),
+            "{e}"
+        );
+        let e = refuse("distributed.communication=\"nccl\"");
+        assert!(e.contains("needs communication = \"collective\""), "{e}");
+        for ok in ["mixing.method=\"odm\"", "distributed.shard=\"optimizer\""] {
+            RunConfig::embedded(&["distributed.shard=\"gradients\"".into(), ok.into()]).unwrap();
+        }
+        RunConfig::embedded(&[
+            "distributed.shard=\"optimizer\"".into(),
+            "mixing.method=\"doge\"".into(),
+        ])
+        .unwrap();
     }
 
     #[test]

@@ -4,8 +4,14 @@
 //! recipes (GPT-NeoX, nanoGPT, torchtitan) clip the norm of *all* gradients together.
 //! Keeping the optimizer here also gives its state stable names (module paths such
 //! as `blocks.0.attn.qkv.weight`), which checkpoints store as safetensors.
+//!
+//! Under `distributed.shard` each peer keeps the moments of its own slices only and
+//! updates only them ([`AdamW::apply`]); see [`crate::distributed::shard`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use anyhow::Result;
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -15,6 +21,30 @@ use mixlm_model::adamw::AdamWStep;
 use mixlm_model::ModelBackend;
 
 use crate::config::OptimizerSection;
+use crate::distributed::shard::{owned_range, ShardLayout};
+use crate::distributed::Peer;
+
+/// A step's gradient averaged over the data-parallel peers, as the optimizer takes it.
+pub enum StepGrads {
+    /// Every parameter's, in its shape.
+    Whole(GradientsParams),
+    /// ZeRO-2: this peer's slice of each parameter it owns part of, flat
+    /// (`[owned elements]`), under the parameter's id.
+    Owned(GradientsParams),
+}
+
+impl StepGrads {
+    /// The whole gradient, unless this peer holds only its slices of it.
+    pub fn as_whole(&self) -> Option<&GradientsParams> {
+        match self {
+            Self::Whole(g) => Some(g),
+            Self::Owned(_) => None,
+        }
+    }
+}
+
+/// AdamW moments by parameter path, on the host: what a checkpoint writes.
+pub type HostMoments = Vec<(String, Vec<f32>, Vec<f32>)>;
 
 /// First and second moments of one parameter, flattened.
 #[derive(Clone)]
@@ -26,9 +56,12 @@ pub struct Moments<B: Backend> {
 /// AdamW state: moments by parameter path, and the number of updates taken.
 pub struct AdamW<B: Backend> {
     pub config: OptimizerSection,
+    /// Whole moments; under sharding, those of this peer's slice of each parameter.
     pub moments: HashMap<String, Moments<B>>,
     /// Updates applied so far (the `t` of the bias correction).
     pub steps: u64,
+    /// This peer's slices (`distributed.shard`), or `None`: it updates everything.
+    pub shard: Option<Arc<ShardLayout>>,
 }
 
 /// What one optimizer step did, for logging.
@@ -55,6 +88,280 @@ impl<B: Backend> AdamW<B> {
             config,
             moments: HashMap::new(),
             steps: 0,
+            shard: None,
+        }
+    }
+
+    /// An optimizer that keeps and updates only this peer's slices of `layout`.
+    pub fn sharded(config: OptimizerSection, layout: Option<Arc<ShardLayout>>) -> Self {
+        Self {
+            shard: layout,
+            ..Self::new(config)
+        }
+    }
+
+    /// Puts a checkpoint's whole moments in place, keeping only this peer's slices
+    /// when sharded (whatever the peer count the checkpoint was written with).
+    pub fn set_moments(&mut self, moments: HashMap<String, Moments<B>>) {
+        self.moments = match &self.shard {
+            None => moments,
+            Some(layout) => {
+                let owned = layout.owned_by_path();
+                moments
+                    .into_iter()
+                    .filter_map(|(key, Moments { m, v })| {
+                        let range = owned.get(key.as_str())?.clone();
+                        let (m, v) = (m.slice(range.clone()), v.slice(range));
+                        Some((key, Moments { m, v }))
+                    })
+                    .collect()
+            }
+        };
+    }
+
+    /// Bytes of optimizer state this peer holds.
+    pub fn state_bytes(&self) -> usize {
+        self.moments
+            .values()
+            .map(|Moments { m, v }| {
+                m.shape().num_elements() * m.dtype().size()
+                    + v.shape().num_elements() * v.dtype().size()
+            })
+            .sum()
+    }
+
+    /// One update from the step's averaged gradient: [`Self::step`], or, when the
+    /// run is sharded, this peer's slices only, then gathered to every peer.
+    pub fn apply<AB, M>(
+        &mut self,
+        lr: f64,
+        module: M,
+        grads: StepGrads,
+        peer: &Peer<B>,
+    ) -> Result<(M, StepStats)>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        B: ModelBackend,
+        M: AutodiffModule<AB>,
+    {
+        match (self.shard.clone(), grads) {
+            (None, StepGrads::Whole(grads)) => Ok(self.step(lr, module, grads)),
+            (Some(layout), grads) => self.sharded_step(lr, module, grads, &layout, peer),
+            (None, StepGrads::Owned(_)) => {
+                unreachable!("sliced gradients come from a sharded run's peer")
+            }
+        }
+    }
+
+    /// The whole moments, gathered from every peer's slices when sharded (a
+    /// collective call on every peer: all must make it); `None` on peers other than
+    /// peer 0 of a sharded run, which write no checkpoint.
+    pub fn host_moments(&self, peer: &Peer<B>) -> Result<Option<HostMoments>> {
+        let to_host = |t: &Tensor<B, 1>| -> Vec<f32> {
+            t.clone()
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .expect("f32")
+        };
+        let Some(layout) = &self.shard else {
+            if !peer.rank().is_leader() {
+                return Ok(None);
+            }
+            let mut out: HostMoments = self
+                .moments
+                .iter()
+                .map(|(k, Moments { m, v })| (k.clone(), to_host(m), to_host(v)))
+                .collect();
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            return Ok(Some(out));
+        };
+        let leader = layout.rank.is_leader();
+        let mut out = HostMoments::new();
+        // Before the first update there are none, on every peer alike.
+        if self.steps == 0 {
+            return Ok(leader.then_some(out));
+        }
+        for (range, len) in &layout.buckets {
+            let params = &layout.params[range.clone()];
+            let mut owned = Vec::new();
+            for p in params.iter().filter(|p| !p.owned.is_empty()) {
+                let n = p.owned.len();
+                let (m, v) = match self.moments.get(&p.path) {
+                    Some(Moments { m, v }) => (m.clone(), v.clone()),
+                    None => {
+                        let device = peer.device();
+                        (Tensor::zeros([n], device), Tensor::zeros([n], device))
+                    }
+                };
+                owned.push((m, v));
+            }
+            // m and v of the bucket in one message: [m (len) | v (len)].
+            let start = owned_range(*len, layout.rank).start;
+            let (ms, vs): (Vec<_>, Vec<_>) = owned.into_iter().unzip();
+            let m = peer.all_gather("gather of the optimizer state", ms, start, *len)?;
+            let v = peer.all_gather("gather of the optimizer state", vs, start, *len)?;
+            if !leader {
+                continue;
+            }
+            let (m, v) = (to_host(&m), to_host(&v));
+            for p in params {
+                let at = p.offset..p.offset + p.len;
+                out.push((p.path.clone(), m[at.clone()].to_vec(), v[at].to_vec()));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(leader.then_some(out))
+    }
+
+    /// The constants of this step's update of a parameter with `dims` dimensions.
+    fn update_constants(&self, lr: f64, clip: f64, dims: usize) -> AdamWStep {
+        let c = &self.config;
+        let t = self.steps as i32;
+        AdamWStep {
+            clip,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            bias1: 1.0 - c.beta1.powi(t),
+            bias2: 1.0 - c.beta2.powi(t),
+            eps: c.eps,
+            // Decoupled decay on matrices and embeddings only (nanoGPT, GPT-NeoX).
+            decay: (dims >= 2 && c.weight_decay > 0.0).then_some(1.0 - lr * c.weight_decay),
+            lr,
+        }
+    }
+
+    /// The clipping factor for gradient norm `grad_norm`.
+    fn clip_factor(&self, grad_norm: f64) -> f64 {
+        if self.config.grad_clip > 0.0 && grad_norm > self.config.grad_clip {
+            self.config.grad_clip / (grad_norm + 1e-6)
+        } else {
+            1.0
+        }
+    }
+
+    /// One moment update of a flat slice: `[param, m, v]` after it; the moments are
+    /// taken from and put back under `key`.
+    fn update_flat(
+        &mut self,
+        key: &str,
+        param: Tensor<B, 1>,
+        grad: Tensor<B, 1>,
+        step: AdamWStep,
+    ) -> Tensor<B, 1>
+    where
+        B: ModelBackend,
+    {
+        let moments = self
+            .moments
+            .remove(key)
+            .map(|Moments { m, v }| (m.into_primitive().tensor(), v.into_primitive().tensor()));
+        let [p, m, v] = B::adamw_update(
+            param.into_primitive().tensor(),
+            grad.into_primitive().tensor(),
+            moments,
+            step,
+        );
+        let float = |x| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(x));
+        self.moments.insert(
+            key.to_string(),
+            Moments {
+                m: float(m),
+                v: float(v),
+            },
+        );
+        float(p)
+    }
+
+    /// ZeRO's update: the global gradient norm (from the whole gradient, or summed
+    /// over the peers' slices), this peer's slices updated, and every bucket's
+    /// updated slices gathered to every peer while the module's parameters are
+    /// replaced, one bucket at a time.
+    fn sharded_step<AB, M>(
+        &mut self,
+        lr: f64,
+        module: M,
+        grads: StepGrads,
+        layout: &ShardLayout,
+        peer: &Peer<B>,
+    ) -> Result<(M, StepStats)>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        B: ModelBackend,
+        M: AutodiffModule<AB>,
+    {
+        let (whole, mut grads) = match grads {
+            StepGrads::Whole(g) => (true, g),
+            StepGrads::Owned(g) => (false, g),
+        };
+        // From a whole gradient, the unsharded run's norm.
+        let whole_norm = whole.then(|| {
+            let mut norm = GradNorm::<B> {
+                grads: &grads,
+                sum: None,
+            };
+            module.visit(&mut norm);
+            norm.sum
+        });
+        // The owned slices of every parameter and of its gradient, in module order.
+        let mut take = TakeOwned::<B> {
+            layout,
+            grads: &mut grads,
+            whole,
+            at: 0,
+            slices: Vec::new(),
+        };
+        module.visit(&mut take);
+        let slices = take.slices;
+        let grad_norm = if let Some(sum) = whole_norm {
+            sum
+        } else {
+            let local = slices
+                .iter()
+                .filter_map(|s| s.as_ref().and_then(|(_, g)| g.as_ref()))
+                .map(|g| g.clone().square().sum())
+                .reduce(|a, b| a + b);
+            let local = local.unwrap_or_else(|| Tensor::zeros([1], peer.device()));
+            Some(peer.sum("gradient norm", local)?)
+        };
+        let grad_norm = grad_norm
+            .map(|s| s.into_scalar().elem::<f64>())
+            .unwrap_or(0.0)
+            .sqrt();
+        if !grad_norm.is_finite() {
+            return Ok((module, StepStats::not_applied(grad_norm)));
+        }
+        let clip = self.clip_factor(grad_norm);
+        self.steps += 1;
+        let mut updated = Vec::with_capacity(slices.len());
+        for (p, slice) in layout.params.iter().zip(slices) {
+            updated.push(slice.map(|(param, grad)| match grad {
+                Some(grad) => {
+                    let step = self.update_constants(lr, clip, p.rank);
+                    self.update_flat(&p.path, param, grad, step)
+                }
+                // No gradient: the slice stays as it is.
+                None => param,
+            }));
+        }
+        let mut gather = GatherUpdated::<B> {
+            layout,
+            peer,
+            updated: updated.into_iter(),
+            at: 0,
+            bucket: VecDeque::new(),
+            error: None,
+        };
+        let module = module.map(&mut gather);
+        match gather.error {
+            Some(e) => Err(e),
+            None => Ok((
+                module,
+                StepStats {
+                    grad_norm,
+                    applied: true,
+                },
+            )),
         }
     }
 
@@ -78,11 +385,7 @@ impl<B: Backend> AdamW<B> {
         if !grad_norm.is_finite() {
             return (module, StepStats::not_applied(grad_norm));
         }
-        let clip = if self.config.grad_clip > 0.0 && grad_norm > self.config.grad_clip {
-            self.config.grad_clip / (grad_norm + 1e-6)
-        } else {
-            1.0
-        };
+        let clip = self.clip_factor(grad_norm);
         self.steps += 1;
         let mut mapper = Update {
             opt: self,
@@ -145,45 +448,101 @@ where
         let Some(grad) = self.grads.remove::<AB::InnerBackend, D>(id) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
-        let c = &self.opt.config;
-        let t = self.opt.steps as i32;
         let shape = tensor.shape();
         let n = shape.num_elements();
-        let flat = |x: Tensor<AB::InnerBackend, D>| x.reshape([n]).into_primitive().tensor();
-        let key = self.path.join(".");
-        let step = AdamWStep {
-            clip: self.clip,
-            beta1: c.beta1,
-            beta2: c.beta2,
-            bias1: 1.0 - c.beta1.powi(t),
-            bias2: 1.0 - c.beta2.powi(t),
-            eps: c.eps,
-            // Decoupled decay on matrices and embeddings only (nanoGPT, GPT-NeoX).
-            decay: (D >= 2 && c.weight_decay > 0.0).then_some(1.0 - self.lr * c.weight_decay),
-            lr: self.lr,
-        };
-        let moments = self
-            .opt
-            .moments
-            .remove(&key)
-            .map(|Moments { m, v }| (m.into_primitive().tensor(), v.into_primitive().tensor()));
-        let [p, m, v] = <AB::InnerBackend as ModelBackend>::adamw_update(
-            flat(tensor.inner()),
-            flat(grad),
-            moments,
+        let step = self.opt.update_constants(self.lr, self.clip, D);
+        let p = self.opt.update_flat(
+            &self.path.join("."),
+            tensor.inner().reshape([n]),
+            grad.reshape([n]),
             step,
         );
-        let float = |x| Tensor::<AB::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(x));
-        self.opt.moments.insert(
-            key,
-            Moments {
-                m: float(m),
-                v: float(v),
-            },
-        );
-        let p = float(p);
         let p = Tensor::<AB, D>::from_inner(p.reshape(shape)).require_grad();
         Param::from_mapped_value(id, p, mapper)
+    }
+}
+
+/// Takes, in module order, this peer's slice of each parameter it owns part of,
+/// with the slice of its gradient (`None`: the parameter has no gradient this step).
+struct TakeOwned<'a, B: Backend> {
+    layout: &'a ShardLayout,
+    grads: &'a mut GradientsParams,
+    /// The gradients are whole (else already sliced: ZeRO-2).
+    whole: bool,
+    at: usize,
+    #[allow(clippy::type_complexity)]
+    slices: Vec<Option<(Tensor<B, 1>, Option<Tensor<B, 1>>)>>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for TakeOwned<'_, AB::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        let slot = &self.layout.params[self.at];
+        self.at += 1;
+        if slot.owned.is_empty() {
+            // Another peer's: its gradient is not needed here.
+            let _ = self.grads.remove::<AB::InnerBackend, D>(param.id);
+            self.slices.push(None);
+            return;
+        }
+        let n = slot.len;
+        let value = param.val().inner().reshape([n]).slice(slot.owned.clone());
+        let grad = match self.whole {
+            true => self
+                .grads
+                .remove::<AB::InnerBackend, D>(param.id)
+                .map(|g| g.reshape([n]).slice(slot.owned.clone())),
+            false => self.grads.remove::<AB::InnerBackend, 1>(param.id),
+        };
+        self.slices.push(Some((value, grad)));
+    }
+}
+
+/// Replaces every parameter with its updated value: at the first parameter of each
+/// bucket, the peers' updated slices of that bucket are gathered.
+struct GatherUpdated<'a, B: Backend> {
+    layout: &'a ShardLayout,
+    peer: &'a Peer<B>,
+    updated: std::vec::IntoIter<Option<Tensor<B, 1>>>,
+    at: usize,
+    /// The gathered bucket's parameters not yet put in place.
+    bucket: VecDeque<Tensor<B, 1>>,
+    error: Option<anyhow::Error>,
+}
+
+impl<B: Backend> GatherUpdated<'_, B> {
+    /// Gathers the bucket that parameter `self.at` begins.
+    fn gather(&mut self) -> Result<()> {
+        let b = self.layout.params[self.at].bucket;
+        let (range, len) = &self.layout.buckets[b];
+        let params = &self.layout.params[range.clone()];
+        let owned: Vec<Tensor<B, 1>> = self.updated.by_ref().take(params.len()).flatten().collect();
+        let start = owned_range(*len, self.layout.rank).start;
+        let whole = self
+            .peer
+            .all_gather("gather of the updated parameters", owned, start, *len)?;
+        let sizes = params.iter().map(|p| p.len).collect();
+        self.bucket = whole.split_with_sizes(sizes, 0).into();
+        Ok(())
+    }
+}
+
+impl<AB: AutodiffBackend> ModuleMapper<AB> for GatherUpdated<'_, AB::InnerBackend> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let first = self.layout.params[self.at].offset == 0;
+        if self.error.is_none() && first {
+            if let Err(e) = self.gather() {
+                self.error = Some(e);
+            }
+        }
+        self.at += 1;
+        match self.bucket.pop_front() {
+            Some(flat) if self.error.is_none() => {
+                let p = Tensor::<AB, D>::from_inner(flat.reshape(tensor.shape())).require_grad();
+                Param::from_mapped_value(id, p, mapper)
+            }
+            _ => Param::from_mapped_value(id, tensor, mapper),
+        }
     }
 }
 

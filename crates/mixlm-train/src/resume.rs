@@ -20,7 +20,7 @@ use crate::config::RunConfig;
 
 /// Config keys a resumed run may change (`section.key`, or `section.*` for a whole
 /// section).
-pub const SAFE_KEYS: [&str; 16] = [
+pub const SAFE_KEYS: [&str; 17] = [
     "run.steps",
     "run.log_every",
     "run.tensorboard",
@@ -34,6 +34,8 @@ pub const SAFE_KEYS: [&str; 16] = [
     "distributed.timeout_s",
     "distributed.always_collective",
     "distributed.bucket_mb",
+    // Checkpoints hold the whole optimizer state, whatever the sharding.
+    "distributed.shard",
     // Where each node is and which one this is: the same run from another seat.
     "distributed.node_rank",
     "distributed.orchestrator",
@@ -53,15 +55,17 @@ fn is_safe(key: &str) -> bool {
 /// [`crate::Start::ResumeFrom`], which spares hashing it again). The run's
 /// name and output folder follow `run_dir`, wherever it has been moved.
 pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<(RunConfig, PathBuf)> {
-    // The peer counts may be given again (`--devices`, `--nodes`) but must equal the
-    // saved ones.
-    let mut counts: Vec<(&str, &str)> = Vec::new();
+    // The peer counts (`--devices`, `--nodes`) and the accumulation may change only
+    // together, keeping the global batch ([`same_global_batch`]).
+    let mut counts: Vec<(&str, usize)> = Vec::new();
     let mut safe: Vec<String> = Vec::new();
     for spec in overrides {
         let (key, value) = spec.split_once('=').unwrap_or((spec.as_str(), ""));
         let key = key.trim();
-        if key == "distributed.devices" || key == "distributed.nodes" {
-            counts.push((key, value.trim()));
+        if GLOBAL_BATCH_KEYS.contains(&key) {
+            let n = value.trim().parse::<usize>().ok().filter(|&n| n > 0);
+            let n = n.with_context(|| format!("--set {key}={value}: expected a count >= 1"))?;
+            counts.push((key, n));
             continue;
         }
         safe.push(spec.clone());
@@ -76,21 +80,20 @@ pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<(RunConfig,
     let checkpoint = latest_checkpoint(run_dir)?;
     let saved = checkpoint.join("run.toml");
     let mut config = RunConfig::load_saved(&saved, &safe)?;
+    let trained = config.clone();
     for (key, value) in counts {
-        let (saved, flag) = match key {
-            "distributed.devices" => (config.distributed.devices, "--devices"),
-            _ => (config.distributed.nodes, "--nodes"),
-        };
-        if value != saved.to_string() {
-            bail!(
-                "{flag} {value}: {} was trained with {key} = {saved} ({} peer(s) in all) and \
-                 resumes only on as many (which sequences each peer reads, and the \
-                 checkpointed sampler stream, depend on it); resume with {flag} {saved}, or \
-                 start a new run",
-                run_dir.display(),
-                config.distributed.world_size()
-            );
+        match key {
+            "distributed.devices" => config.distributed.devices = value,
+            "distributed.nodes" => config.distributed.nodes = value,
+            _ => config.run.grad_accum = value,
         }
+    }
+    if !same_global_batch(&trained, &config) {
+        bail!(
+            "{}: {}",
+            run_dir.display(),
+            another_global_batch(&trained, config.distributed.world_size())
+        );
     }
     let (out_dir, name) = split_run_dir(run_dir)?;
     config.run.out_dir = out_dir;
@@ -111,6 +114,41 @@ fn split_run_dir(run_dir: &Path) -> Result<(String, String)> {
         parent.display().to_string()
     };
     Ok((out_dir, name.to_string()))
+}
+
+/// The keys that say how a step's global batch is split: they may change on resume
+/// only together ([`same_global_batch`]).
+pub const GLOBAL_BATCH_KEYS: [&str; 3] =
+    ["distributed.devices", "distributed.nodes", "run.grad_accum"];
+
+/// Whether `config` draws each step's global batch as `saved` did: the same number
+/// of micro-batches (peers x accumulation) of the same size. Each peer reads every
+/// `world`-th micro-batch of one shared stream, so the steps then train on the same
+/// sequences, and the checkpointed sampler serves any peer count that keeps it.
+pub fn same_global_batch(saved: &RunConfig, config: &RunConfig) -> bool {
+    let micro = |c: &RunConfig| c.distributed.world_size() * c.run.grad_accum;
+    saved.run.batch_size == config.run.batch_size && micro(saved) == micro(config)
+}
+
+/// Why a run trained as `saved` cannot continue on `world` peers, and what would.
+pub fn another_global_batch(saved: &RunConfig, world: usize) -> String {
+    let trained_on = saved.distributed.world_size();
+    let micro = trained_on * saved.run.grad_accum;
+    let on_world = match micro.is_multiple_of(world) {
+        true => format!(
+            "on {world} peers, set run.grad_accum = {} (--set run.grad_accum={})",
+            micro / world,
+            micro / world
+        ),
+        false => format!("{world} peers do not divide {micro}"),
+    };
+    format!(
+        "the run was trained on {trained_on} data-parallel peer(s) with run.grad_accum = {} \
+         ({micro} micro-batches of run.batch_size = {} per step), and resumes only with as \
+         many per step (which sequences each peer reads depends on it): resume with \
+         --devices {trained_on}, or on another peer count that keeps {micro} ({on_world})",
+        saved.run.grad_accum, saved.run.batch_size
+    )
 }
 
 /// The dotted keys whose values differ between two configs.
@@ -147,9 +185,11 @@ fn diff(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
 /// Checks that `config` continues the run `saved` describes: the same except for
 /// [`SAFE_KEYS`] (and the run's name and folder, which follow where it lives now).
 pub fn check_continues(saved: &RunConfig, config: &RunConfig) -> Result<()> {
+    let regrouped = same_global_batch(saved, config);
     let changed: Vec<String> = changed_keys(saved, config)?
         .into_iter()
         .filter(|k| !is_safe(k) && k != "run.name" && k != "run.out_dir")
+        .filter(|k| !(regrouped && GLOBAL_BATCH_KEYS.contains(&k.as_str())))
         .collect();
     if !changed.is_empty() {
         bail!(

@@ -3,18 +3,19 @@
 //! ([`RunState::snapshot`]) with the sampler's cursor, and resuming and rolling back
 //! after a NaN put a checkpoint back through the same [`RunState::restore`].
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use burn::optim::GradientsParams;
 use mixlm_data::{MixtureSampler, SamplerState};
 use mixlm_mixing::{DomainLosses, Scheduler};
 use mixlm_model::{TrainBackend, Transformer};
 
 use crate::checkpoint::{Restored, TrainState};
 use crate::config::RunConfig;
+use crate::distributed::{Peer, ShardLayout};
 use crate::faults::Counters;
-use crate::optim::{lr_at, AdamW, StepStats};
+use crate::optim::{lr_at, AdamW, StepGrads, StepStats};
 
 /// A run between two steps (see the module docs).
 pub struct RunState<B: TrainBackend> {
@@ -67,12 +68,18 @@ impl RunClock {
 }
 
 impl<B: TrainBackend> RunState<B> {
-    /// A run at step 0 with `model`.
-    pub fn new(model: Transformer<B>, scheduler: Box<dyn Scheduler>, config: &RunConfig) -> Self {
+    /// A run at step 0 with `model`; `shard`: this peer's slices when the optimizer
+    /// state is sharded.
+    pub fn new(
+        model: Transformer<B>,
+        scheduler: Box<dyn Scheduler>,
+        config: &RunConfig,
+        shard: Option<Arc<ShardLayout>>,
+    ) -> Self {
         Self {
             step: 0,
             model: Some(model.with_compute(config.run.compute())),
-            optimizer: AdamW::new(config.optimizer.clone()),
+            optimizer: AdamW::sharded(config.optimizer.clone(), shard),
             scheduler,
             counters: Counters::new(&config.faults),
             clock: RunClock::new(0.0),
@@ -89,9 +96,10 @@ impl<B: TrainBackend> RunState<B> {
         scheduler: Box<dyn Scheduler>,
         config: &RunConfig,
         domains: usize,
+        shard: Option<Arc<ShardLayout>>,
     ) -> Result<(Self, MixtureSampler)> {
         // The checkpoint's model twice: a clone shares its tensors.
-        let mut state = Self::new(r.model.clone(), scheduler, config);
+        let mut state = Self::new(r.model.clone(), scheduler, config, shard);
         let saved = r.state.clone();
         let sampler = state.restore(r, config, domains)?;
         state.clock = RunClock::new(saved.elapsed_s);
@@ -125,8 +133,8 @@ impl<B: TrainBackend> RunState<B> {
         self.scheduler
             .restore(&s.scheduler)
             .map_err(|e| anyhow::anyhow!("{}: {e}", r.dir.join("state.json").display()))?;
-        self.optimizer = AdamW::new(config.optimizer.clone());
-        self.optimizer.moments = r.moments;
+        self.optimizer = AdamW::sharded(config.optimizer.clone(), self.optimizer.shard.clone());
+        self.optimizer.set_moments(r.moments);
         self.optimizer.steps = s.optimizer_steps;
         self.model = Some(r.model.with_compute(config.run.compute()));
         self.counters = Counters {
@@ -192,16 +200,23 @@ impl<B: TrainBackend> RunState<B> {
 
     /// One optimizer update with `grads` at `lr`. A non-finite `loss` never reaches
     /// the optimizer; a non-finite gradient norm makes it leave the model as it was.
-    pub fn apply(&mut self, lr: f64, grads: GradientsParams, loss: f64) -> StepStats {
+    /// (The loss and the norm are the peers' global ones, so all peers decide alike.)
+    pub fn apply(
+        &mut self,
+        lr: f64,
+        grads: StepGrads,
+        loss: f64,
+        peer: &Peer<B::InnerBackend>,
+    ) -> Result<StepStats> {
         if !loss.is_finite() {
-            return StepStats::not_applied(f64::NAN);
+            return Ok(StepStats::not_applied(f64::NAN));
         }
         let model = self
             .model
             .take()
             .expect("the model is only taken during an update");
-        let (updated, stats) = self.optimizer.step(lr, model, grads);
+        let (updated, stats) = self.optimizer.apply(lr, model, grads, peer)?;
         self.model = Some(updated);
-        stats
+        Ok(stats)
     }
 }

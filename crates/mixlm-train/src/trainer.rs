@@ -32,7 +32,7 @@ use crate::laps::Laps;
 use crate::loader::StepLoader;
 use crate::metrics::{StepRecord, StepTimes};
 use crate::objective::{Objective, StepContext, StepLosses};
-use crate::optim::StepStats;
+use crate::optim::{HostMoments, StepStats};
 use crate::report::Report;
 use crate::resume::check_continues;
 use crate::state::RunState;
@@ -100,6 +100,9 @@ pub struct TrainOutcome {
     /// Stopped by [`TrainOptions::stop`] before `run.steps`, after writing a checkpoint
     /// (`steps` says where); `rows` is then empty.
     pub interrupted: bool,
+    /// Bytes of AdamW state peer 0 held at the end: its slices when sharded
+    /// (`distributed.shard`), everything otherwise.
+    pub optimizer_bytes: usize,
 }
 
 /// Trains the model a config describes, on backend `B`, and writes
@@ -169,7 +172,8 @@ pub fn train_data_parallel<B: TrainBackend>(
         };
         let peer = Peer::register_on_nodes(rank, local, nodes, device, heartbeat)?
             .with_bucket_mb(d.bucket_mb)
-            .with_grads_in_backward(d.nccl());
+            .with_grads_in_backward(d.nccl())
+            .with_shard(d.shard);
         let outcome = train_peer::<B>(config, &source, device, options, resume_from, &peer);
         if outcome.is_ok() {
             peer.finish();
@@ -271,7 +275,7 @@ fn train_peer<B: TrainBackend>(
         // every peer drew with the same proportions.
         let (losses, stop_now) = over_peers(peer, out.losses, &proportions, options, step)?;
         let loss = r.faults.loss(step + 1, losses.mean());
-        let stats = state.apply(lr, out.grads, loss);
+        let stats = state.apply(lr, out.grads, loss, peer)?;
         laps.model();
         let describe = |kind: &'static str, action: &'static str| -> Result<FaultRecord> {
             let sequences = global_picks(peer, &out.picks)?;
@@ -526,15 +530,18 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             None => None,
         };
         let (mut state, sampler) = match restored {
-            Some(r) => RunState::resumed(r, scheduler, config, k)?,
-            None => (
-                RunState::new(
-                    initial_model::<B>(config, &model_config, device, peer)?,
-                    scheduler,
-                    config,
-                ),
-                MixtureSampler::new(k, run.seed, config.data.composition),
-            ),
+            Some(r) => {
+                let shard = peer.shard_layout(&r.model);
+                RunState::resumed(r, scheduler, config, k, shard)?
+            }
+            None => {
+                let model = initial_model::<B>(config, &model_config, device, peer)?;
+                let shard = peer.shard_layout(&model);
+                (
+                    RunState::new(model, scheduler, config, shard),
+                    MixtureSampler::new(k, run.seed, config.data.composition),
+                )
+            }
         };
         let loader = StepLoader::new(
             source.clone(),
@@ -576,11 +583,17 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         })
     }
 
-    /// Writes a checkpoint of the state after its last step (peer 0).
+    /// Writes a checkpoint of the state after its last step (peer 0; every peer
+    /// takes part when the optimizer state is sharded, to gather it).
     fn save(&self) -> Result<()> {
-        if !self.peer.rank().is_leader() {
-            return Ok(());
+        match self.state.optimizer.host_moments(self.peer)? {
+            Some(moments) => self.write(&moments),
+            None => Ok(()),
         }
+    }
+
+    /// Writes the checkpoint with the whole `moments` (peer 0).
+    fn write(&self, moments: &HostMoments) -> Result<()> {
         let world = self.peer.rank().world;
         let snapshot = self
             .state
@@ -590,7 +603,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             &self.run_dir,
             state.model(),
             &self.model_config,
-            &state.optimizer,
+            moments,
             &snapshot,
             self.config,
         )
@@ -618,12 +631,18 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             learned: None,
             resumed_from: resumed.then_some(start),
             interrupted,
+            optimizer_bytes: self.state.optimizer.state_bytes(),
         };
         if interrupted {
             return Ok(outcome);
         }
         outcome.learned = self.state.scheduler.learned_proportions();
-        // Peer 0 alone evaluates, reports and writes the final checkpoint.
+        // Every peer gives its part of a sharded optimizer state; peer 0 alone
+        // evaluates, reports and writes the final checkpoint.
+        let moments = match config.checkpoint.save_final {
+            true => self.state.optimizer.host_moments(self.peer)?,
+            false => None,
+        };
         if !self.peer.rank().is_leader() {
             return Ok(outcome);
         }
@@ -658,8 +677,8 @@ impl<'a, B: TrainBackend> Run<'a, B> {
                 path.display()
             );
         }
-        if config.checkpoint.save_final {
-            self.save()?;
+        if let Some(moments) = &moments {
+            self.write(moments)?;
         }
         let initial = self.state.initial.as_ref();
         outcome.rows = names
@@ -761,13 +780,11 @@ fn restore<B: TrainBackend>(
     Rank { rank, world }: Rank,
 ) -> Result<Restored<B>> {
     let restored = load_verified::<B>(dir, device)?;
-    let trained_on = restored.state.world_size;
-    if trained_on != world {
+    if !crate::resume::same_global_batch(&restored.run_config, config) {
         bail!(
-            "{}: the run was trained on {trained_on} data-parallel peer(s) and resumes only on \
-             as many (which sequences each peer reads depends on it); resume with \
-             distributed.devices = {trained_on} (--devices {trained_on})",
-            dir.display()
+            "{}: {}",
+            dir.display(),
+            crate::resume::another_global_batch(&restored.run_config, world)
         );
     }
     check_continues(&restored.run_config, config)

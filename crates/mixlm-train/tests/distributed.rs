@@ -332,3 +332,211 @@ fn resume_needs_the_same_number_of_peers() {
     assert_eq!(out.steps, 5);
     assert_eq!(out.resumed_from, Some(1));
 }
+
+// ZeRO sharding (`distributed.shard`): the same training as one device, whatever the
+// peers split between them. `bucket_mb = 0` makes every parameter a bucket of its own,
+// so every matrix is cut between the peers; the default (25 MB) holds this model in
+// one bucket, cut once.
+
+const OPTIMIZER: &str = "distributed.shard=\"optimizer\"";
+const GRADIENTS: &str = "distributed.shard=\"gradients\"";
+const PER_PARAMETER: &str = "distributed.bucket_mb=0";
+
+#[test]
+fn two_peers_sharding_the_optimizer_train_like_one_device() {
+    matches_one_device(2, 1, &[OPTIMIZER, "mixing.method=\"odm\""], 0.0);
+}
+
+#[test]
+fn three_peers_sharding_the_optimizer_per_parameter_train_like_one_device() {
+    matches_one_device(3, 2, &[OPTIMIZER, PER_PARAMETER], 0.0);
+}
+
+#[test]
+fn two_peers_sharding_gradients_train_like_one_device() {
+    matches_one_device(
+        2,
+        2,
+        &[GRADIENTS, PER_PARAMETER, "mixing.method=\"odm\""],
+        0.0,
+    );
+}
+
+#[test]
+fn three_peers_sharding_gradients_train_like_one_device() {
+    matches_one_device(3, 1, &[GRADIENTS, "mixing.method=\"stratified\""], 0.0);
+}
+
+/// Stage 1 changes no bit: the same all-reduced gradient, the same norm, the same
+/// element-wise update of each slice, and a gather that adds only zeros.
+#[test]
+fn sharding_the_optimizer_changes_no_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let c = config(dir.path(), name, 3, 1, extra);
+        train::<B>(&c, &Default::default(), &TrainOptions::quiet())
+            .unwrap()
+            .run_dir
+    };
+    let odm = "mixing.method=\"odm\"";
+    let plain = run("plain", &[odm]);
+    let sharded = run("sharded", &[odm, OPTIMIZER, PER_PARAMETER]);
+    let seed = config(dir.path(), "x", 1, 1, &[]).run.seed;
+    same_training(&plain, &sharded, seed, true);
+}
+
+/// DoGE keeps whole gradients: its optimizer state may be sharded.
+#[test]
+fn two_peers_sharding_the_optimizer_train_like_one_device_doge() {
+    let doge = [
+        OPTIMIZER,
+        PER_PARAMETER,
+        "mixing.method=\"doge\"",
+        "mixing.val_sequences=3",
+        "mixing.mu=0.1",
+    ];
+    matches_one_device(2, 1, &doge, 1e-5);
+}
+
+/// A NaN step rolls back a sharded run like one device's: the checkpoint's whole
+/// moments are cut to each peer's slices again.
+#[test]
+fn two_peers_sharding_gradients_roll_back_like_one_device() {
+    let rollback = [
+        GRADIENTS,
+        PER_PARAMETER,
+        "faults.on_nan=\"rollback\"",
+        "faults.inject_nan_steps=[4]",
+        "checkpoint.every=2",
+    ];
+    matches_one_device(2, 1, &rollback, 0.0);
+}
+
+/// Every parameter's losses, proportions and final parameters of two runs, equal to
+/// the bit (`exact`) or within rounding.
+fn same_training(a: &Path, b: &Path, seed: u64, exact: bool) {
+    let (x, y) = (train_records(a), train_records(b));
+    assert_eq!(x.len(), y.len());
+    for (x, y) in x.iter().zip(&y) {
+        assert_eq!(x["step"], y["step"]);
+        assert_eq!(x["proportions"], y["proportions"]);
+        let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        match exact {
+            true => assert_eq!(lx, ly, "step {}", x["step"]),
+            false => assert!((lx - ly).abs() < 1e-5, "step {}: {lx} vs {ly}", x["step"]),
+        }
+    }
+    let ((pa, init), (pb, _)) = (parameters(a, seed), parameters(b, seed));
+    match exact {
+        true => assert!(pa == pb, "the parameters differ"),
+        false => {
+            let relative = distance(&pa, &pb) / distance(&pb, &init);
+            assert!(relative < 1e-3, "parameters differ by {relative:e}");
+        }
+    }
+}
+
+/// Runs `c` with a stop request, which ends it after step 1 with a checkpoint.
+fn stopped_after_one_step(c: &RunConfig) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let options = TrainOptions {
+        stop: Some(stop),
+        ..TrainOptions::quiet()
+    };
+    let out = train::<B>(c, &Default::default(), &options).unwrap();
+    assert!(out.interrupted && out.steps == 1, "{out:?}");
+}
+
+fn resumed(c: &RunConfig) -> mixlm_train::TrainOutcome {
+    let options = TrainOptions {
+        start: mixlm_train::Start::Resume,
+        ..TrainOptions::quiet()
+    };
+    train::<B>(c, &Default::default(), &options).unwrap()
+}
+
+/// A sharded run stopped and resumed continues exactly as it would have.
+#[test]
+fn a_sharded_run_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = [GRADIENTS, PER_PARAMETER, "mixing.method=\"odm\""];
+    let whole = config(dir.path(), "whole", 2, 1, &extra);
+    let whole_run = train::<B>(&whole, &Default::default(), &TrainOptions::quiet()).unwrap();
+    let cut = config(dir.path(), "cut", 2, 1, &extra);
+    stopped_after_one_step(&cut);
+    let out = resumed(&cut);
+    assert_eq!((out.steps, out.resumed_from), (5, Some(1)));
+    same_training(&whole_run.run_dir, &out.run_dir, whole.run.seed, true);
+}
+
+/// A checkpoint of two sharded peers, with 3 micro-batches each per step, resumes on
+/// three with 2 each (the same 6 micro-batches a step, so the same sequences): the
+/// moments are cut anew for three, and the run continues as the two-peer run does,
+/// within rounding (the peers sum in another grouping).
+#[test]
+fn a_two_peer_sharded_checkpoint_resumes_on_three_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = [GRADIENTS, PER_PARAMETER, "run.batch_size=1"];
+    let two = config(dir.path(), "two", 2, 3, &extra);
+    let two_run = train::<B>(&two, &Default::default(), &TrainOptions::quiet()).unwrap();
+    let mut moved = config(dir.path(), "moved", 2, 3, &extra);
+    stopped_after_one_step(&moved);
+    // Three peers with the same accumulation would be another global batch.
+    moved.distributed.devices = 3;
+    let e = format!(
+        "{:#}",
+        train::<B>(
+            &moved,
+            &Default::default(),
+            &TrainOptions {
+                start: mixlm_train::Start::Resume,
+                ..TrainOptions::quiet()
+            }
+        )
+        .unwrap_err()
+    );
+    assert!(
+        e.contains("6 micro-batches") && e.contains("--set run.grad_accum=2"),
+        "{e}"
+    );
+    moved.run.grad_accum = 2;
+    let out = resumed(&moved);
+    assert_eq!((out.steps, out.resumed_from), (5, Some(1)));
+    same_training(&two_run.run_dir, &out.run_dir, two.run.seed, false);
+}
+
+/// A peer holds 1/N of the unsharded optimizer state, plus at most one bucket (here:
+/// a few elements, one per bucket, from cutting each into N).
+#[test]
+fn a_peer_holds_its_share_of_the_optimizer_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, peers: usize, extra: &[&str]| {
+        let c = config(dir.path(), name, peers, 1, extra);
+        train::<B>(&c, &Default::default(), &TrainOptions::quiet())
+            .unwrap()
+            .optimizer_bytes
+    };
+    let whole = run("whole", 2, &[PER_PARAMETER]);
+    assert!(whole > 0);
+    // With one bucket per parameter, cutting each into N leaves up to one element
+    // (8 bytes of moments) of slack per parameter.
+    let (model, _) = load_model::<NdArray<f32>>(
+        &latest_checkpoint(&dir.path().join("whole")).unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    let params = mixlm_train::distributed::shard::param_shapes(&model).len();
+    for (peers, shard) in [(2, OPTIMIZER), (3, GRADIENTS)] {
+        for bucket in [PER_PARAMETER, "distributed.bucket_mb=25"] {
+            let name = format!("{peers}-{}", bucket.len());
+            let bytes = run(&name, peers, &[shard, bucket]);
+            let share = whole / peers;
+            eprintln!("{peers} peers, {shard}, {bucket}: {bytes} bytes of {whole}");
+            assert!(
+                bytes >= share.saturating_sub(8 * params),
+                "{bytes} < {share}"
+            );
+            assert!(bytes <= share + 8 * params, "{bytes} > {share}");
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! `mixlm model-info`: parameters, FLOPs per token and training memory of the presets.
 
 use anyhow::Result;
-use mixlm_model::{ModelConfig, Precision, PRESETS};
+use mixlm_model::{ModelConfig, Precision, Shard, PRESETS};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -10,9 +10,16 @@ pub struct Args {
     /// Context length for the attention FLOPs and the memory estimate.
     #[arg(long, default_value_t = 2048)]
     pub seq_len: usize,
-    /// Sequences per micro-batch for the memory estimate.
+    /// Sequences per micro-batch (per GPU) for the memory estimate.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Data-parallel GPUs the state is sharded over (with --shard).
+    #[arg(long, default_value_t = 1)]
+    pub devices: usize,
+    /// What the GPUs split between them (`distributed.shard`): none, optimizer
+    /// (ZeRO-1) or gradients (ZeRO-2).
+    #[arg(long, default_value = "none")]
+    pub shard: Shard,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -20,9 +27,11 @@ pub fn run(args: Args) -> Result<()> {
         presets,
         seq_len,
         batch_size,
+        devices,
+        shard,
     } = args;
-    if seq_len == 0 || batch_size == 0 {
-        anyhow::bail!("--seq-len and --batch-size must be at least 1 (a memory and FLOPs estimate of an empty batch means nothing)");
+    if seq_len == 0 || batch_size == 0 || devices == 0 {
+        anyhow::bail!("--seq-len, --batch-size and --devices must be at least 1 (a memory and FLOPs estimate of an empty batch means nothing)");
     }
     let names: Vec<String> = if presets.is_empty() {
         PRESETS.iter().map(|s| s.to_string()).collect()
@@ -30,7 +39,7 @@ pub fn run(args: Args) -> Result<()> {
         presets
     };
     println!(
-        "{:<14} {:>6} {:>15} {:>15} {:>14} {:>14} {:>10} {:>10} {:>10}",
+        "{:<14} {:>6} {:>15} {:>15} {:>14} {:>14} {:>10} {:>10} {:>10} {:>10}",
         "preset",
         "family",
         "params",
@@ -39,6 +48,7 @@ pub fn run(args: Args) -> Result<()> {
         "train GFLOP/tok",
         "f32 GiB",
         "balanced",
+        "bf16 GiB",
         "bf16+bal."
     );
     for name in names {
@@ -54,12 +64,12 @@ pub fn run(args: Args) -> Result<()> {
                 precision,
                 ..Default::default()
             };
-            c.training_memory(batch_size, seq_len, balanced, compute)
+            c.training_memory_per_peer(batch_size, seq_len, balanced, compute, devices, shard)
                 .total() as f64
                 / (1u64 << 30) as f64
         };
         println!(
-            "{:<14} {:>6} {:>15} {:>15} {:>14.3} {:>14.3} {:>10.1} {:>10.1} {:>10.1}",
+            "{:<14} {:>6} {:>15} {:>15} {:>14.3} {:>14.3} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
             name,
             format!("{:?}", c.family).to_lowercase(),
             group_digits(c.num_params()),
@@ -68,14 +78,22 @@ pub fn run(args: Args) -> Result<()> {
             3.0 * fwd,
             gib(false, Precision::F32),
             gib(true, Precision::F32),
+            gib(false, Precision::Bf16),
             gib(true, Precision::Bf16)
         );
     }
+    let per_gpu = match (devices, shard) {
+        (1, _) | (_, Shard::None) => String::new(),
+        _ => format!(
+            ", per GPU of {devices} with distributed.shard = \"{}\"",
+            shard.name()
+        ),
+    };
     println!(
         "(FLOPs at sequence length {seq_len}; training = 3x forward. Memory: estimated \
-         training with AdamW and fused attention at batch {batch_size} x {seq_len}: f32 \
-         without and with run.activation_checkpointing = \"balanced\", and bf16 with \
-         it; see ModelConfig::training_memory)"
+         training with AdamW and fused attention at batch {batch_size} x {seq_len}{per_gpu}: \
+         f32 and bf16, each without and with run.activation_checkpointing = \"balanced\"; \
+         see ModelConfig::training_memory_per_peer)"
     );
     Ok(())
 }

@@ -22,6 +22,7 @@ pub mod launch;
 pub mod nccl;
 pub mod nodes;
 pub mod peer;
+pub mod shard;
 #[cfg(test)]
 mod tests;
 
@@ -31,6 +32,7 @@ pub use launch::{panic_message, run_peers, Heartbeat, PeerPanic};
 pub use nccl::{mark_for_all_reduce, GradSyncServer, NCCL_BUILD};
 pub use nodes::run_orchestrator;
 pub use peer::{materialize, sum_domain_losses, Peer};
+pub use shard::{Shard, ShardLayout};
 
 /// This peer's place in a data-parallel run: `rank` of `world` peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

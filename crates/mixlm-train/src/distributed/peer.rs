@@ -2,7 +2,7 @@
 //! a few numbers, and the model broadcast that makes every replica start equal.
 
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{anyhow, Result};
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
@@ -14,8 +14,10 @@ use mixlm_eval::DomainAccumulator;
 
 use super::launch::Heartbeat;
 use super::nodes::with_nodes;
+use super::shard::{Shard, ShardLayout};
 use super::Rank;
 use crate::config::DistributedSection;
+use crate::optim::StepGrads;
 
 /// PyTorch DDP's default bucket: large enough that per-message latency is amortised,
 /// small enough to keep the extra copy of the gradients it makes small.
@@ -46,6 +48,10 @@ pub struct Peer<B: Backend> {
     /// Gradients are all-reduced by Burn's `distributed` engine (NCCL) during the
     /// backward pass of a model marked with [`mark_for_all_reduce`], not here.
     grads_in_backward: bool,
+    /// What the peers split between them (`distributed.shard`).
+    shard: Shard,
+    /// Which slices this peer owns, made from the model on first use.
+    layout: OnceLock<Arc<ShardLayout>>,
     id: PeerId,
     heartbeat: Arc<Heartbeat>,
     device: B::Device,
@@ -60,6 +66,8 @@ impl<B: Backend> Peer<B> {
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             collective: false,
             grads_in_backward: false,
+            shard: Shard::None,
+            layout: OnceLock::new(),
             id: PeerId(0),
             heartbeat: Arc::default(),
             device: device.clone(),
@@ -89,6 +97,8 @@ impl<B: Backend> Peer<B> {
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             collective: true,
             grads_in_backward: false,
+            shard: Shard::None,
+            layout: OnceLock::new(),
             id: PeerId(rank.rank as u32),
             heartbeat,
             device: device.clone(),
@@ -108,6 +118,10 @@ impl<B: Backend> Peer<B> {
         self.rank
     }
 
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
     /// All-reduces gradients in buckets of about `mb` MiB (0: one per parameter).
     pub fn with_bucket_mb(mut self, mb: usize) -> Self {
         self.bucket_bytes = mb << 20;
@@ -125,6 +139,42 @@ impl<B: Backend> Peer<B> {
     pub fn with_grads_in_backward(mut self, on: bool) -> Self {
         self.grads_in_backward = on;
         self
+    }
+
+    /// Splits the optimizer state (and, with [`Shard::Gradients`], the averaged
+    /// gradients) between the peers (`distributed.shard`).
+    pub fn with_shard(mut self, shard: Shard) -> Self {
+        self.shard = shard;
+        self
+    }
+
+    /// What the peers split between them: [`Shard::None`] for a peer outside a
+    /// collective, which has no one to split with.
+    pub fn shard(&self) -> Shard {
+        if self.collective {
+            self.shard
+        } else {
+            Shard::None
+        }
+    }
+
+    /// Which slice of every parameter this peer owns, when the run is sharded.
+    pub fn shard_layout<AB, M>(&self, model: &M) -> Option<Arc<ShardLayout>>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        if self.shard() == Shard::None {
+            return None;
+        }
+        let layout = self.layout.get_or_init(|| {
+            Arc::new(ShardLayout::of::<AB, M>(
+                model,
+                self.bucket_bytes / 4,
+                self.rank,
+            ))
+        });
+        Some(layout.clone())
     }
 
     /// Whether gradients come out of the backward pass already averaged over the
@@ -193,6 +243,21 @@ impl<B: Backend> Peer<B> {
         self.reduce_grads(model, grads, ReduceOperation::Mean)
     }
 
+    /// The step's gradient averaged over the peers, as the optimizer takes it: whole,
+    /// or, with [`Shard::Gradients`], only this peer's slices (a reduce-scatter).
+    pub fn step_grads<AB, M>(&self, model: &M, grads: GradientsParams) -> Result<StepGrads>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        match self.shard_layout(model) {
+            Some(layout) if self.shard == Shard::Gradients => self
+                .reduce_scatter(model, grads, &layout)
+                .map(StepGrads::Owned),
+            _ => self.mean_grads(model, grads).map(StepGrads::Whole),
+        }
+    }
+
     /// Sums each parameter's gradient over the peers, a missing one counting as
     /// zeros: for gradients some peers may not have, such as those of a domain that
     /// only some peers drew this step.
@@ -244,10 +309,90 @@ impl<B: Backend> Peer<B> {
         }
         let mut put = PutBack::<AB> {
             grads: take.grads,
-            reduced: reduced.into_iter(),
+            reduced: reduced
+                .into_iter()
+                .map(Some)
+                .collect::<Vec<_>>()
+                .into_iter(),
+            flat: false,
         };
         model.visit(&mut put);
         Ok(put.grads)
+    }
+
+    /// ZeRO-2's reduce-scatter: each bucket is all-reduced (averaged) as
+    /// [`Self::mean_grads`] does, and this peer keeps its slice of it, registered
+    /// flat under each parameter's id; the rest is dropped bucket by bucket.
+    fn reduce_scatter<AB, M>(
+        &self,
+        model: &M,
+        grads: GradientsParams,
+        layout: &ShardLayout,
+    ) -> Result<GradientsParams>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let mut take = TakeFlat::<AB> {
+            rank: self.rank.rank,
+            grads,
+            zeros_for_missing: false,
+            flat: Vec::new(),
+            error: None,
+        };
+        model.visit(&mut take);
+        if let Some(e) = take.error {
+            return Err(e);
+        }
+        let mut flat = take.flat.into_iter();
+        let mut owned = Vec::with_capacity(layout.params.len());
+        for (range, _) in &layout.buckets {
+            let params = &layout.params[range.clone()];
+            let joined = Tensor::cat(flat.by_ref().take(params.len()).collect(), 0);
+            let joined =
+                self.all_reduce("gradient reduce-scatter", joined, ReduceOperation::Mean)?;
+            for p in params {
+                let at = p.offset + p.owned.start..p.offset + p.owned.end;
+                owned.push((!at.is_empty()).then(|| joined.clone().slice(at)));
+            }
+        }
+        let mut put = PutBack::<AB> {
+            grads: take.grads,
+            reduced: owned.into_iter(),
+            flat: true,
+        };
+        model.visit(&mut put);
+        Ok(put.grads)
+    }
+
+    /// The all-gather of one bucket of `len` elements: every peer gives its owned
+    /// part (`owned`, starting at element `start` of the bucket) and gets the whole
+    /// bucket back, exactly (see the [`super::shard`] docs).
+    pub fn all_gather(
+        &self,
+        what: &'static str,
+        owned: Vec<Tensor<B, 1>>,
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor<B, 1>> {
+        let mine: usize = owned.iter().map(|t| t.dims()[0]).sum();
+        let mut parts = Vec::with_capacity(owned.len() + 2);
+        if start > 0 {
+            parts.push(Tensor::zeros([start], &self.device));
+        }
+        parts.extend(owned);
+        if start + mine < len {
+            parts.push(Tensor::zeros([len - start - mine], &self.device));
+        }
+        self.all_reduce(what, Tensor::cat(parts, 0), ReduceOperation::Sum)
+    }
+
+    /// The sum over the peers of each peer's `values` (the same on every peer).
+    pub fn sum(&self, what: &'static str, values: Tensor<B, 1>) -> Result<Tensor<B, 1>> {
+        if !self.collective {
+            return Ok(values);
+        }
+        self.all_reduce(what, values, ReduceOperation::Sum)
     }
 
     /// Gives every peer peer 0's parameters (a fresh model is initialised on each
@@ -368,20 +513,28 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for TakeFlat<AB> {
     }
 }
 
-/// Registers the reduced gradients, in module order, in their parameters' shapes.
+/// Registers the reduced gradients, in module order, in their parameters' shapes, or
+/// `flat` (a peer's slices under ZeRO-2); `None`: this peer keeps none of it.
 struct PutBack<AB: AutodiffBackend> {
     grads: GradientsParams,
-    reduced: std::vec::IntoIter<Tensor<AB::InnerBackend, 1>>,
+    reduced: std::vec::IntoIter<Option<Tensor<AB::InnerBackend, 1>>>,
+    flat: bool,
 }
 
 impl<AB: AutodiffBackend> ModuleVisitor<AB> for PutBack<AB> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-        let flat = self
+        let reduced = self
             .reduced
             .next()
             .expect("one reduced gradient per parameter");
-        let grad: Tensor<AB::InnerBackend, D> = flat.reshape(param.val().shape());
-        self.grads.register(param.id, grad);
+        match reduced {
+            Some(flat) if self.flat => self.grads.register(param.id, flat),
+            Some(flat) => {
+                let grad: Tensor<AB::InnerBackend, D> = flat.reshape(param.val().shape());
+                self.grads.register(param.id, grad);
+            }
+            None => {}
+        }
     }
 }
 

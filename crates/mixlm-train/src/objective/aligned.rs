@@ -15,6 +15,7 @@ use mixlm_model::TrainBackend;
 
 use super::{Objective, StepContext, StepLosses, StepOutput};
 use crate::alignment::{validation_gradient, DomainGradients};
+use crate::optim::StepGrads;
 
 /// Per-domain gradients, aligned and combined (see the module docs).
 pub struct AlignedGradients {
@@ -81,7 +82,7 @@ impl<B: TrainBackend> Objective<B> for AlignedGradients {
             .gradient_weights(cx.step, cx.lr, &alignment)
             .context("the scheduler asked for per-domain gradients but gave no weights")?;
         Ok(StepOutput {
-            grads: per_domain.combine(cx.model, &coefficients),
+            grads: StepGrads::Whole(per_domain.combine(cx.model, &coefficients)),
             losses,
             picks,
         })

@@ -33,6 +33,7 @@ use mixlm_model::{TrainBackend, Transformer};
 
 use crate::distributed::{mark_for_all_reduce, Peer};
 use crate::laps::Laps;
+use crate::optim::StepGrads;
 
 pub use aligned::AlignedGradients;
 pub use excess::ExcessLoss;
@@ -95,7 +96,7 @@ struct MicroBatch {
 /// What one step's forward and backward passes give the loop.
 pub struct StepOutput {
     /// The gradient to apply, the same on every peer.
-    pub grads: GradientsParams,
+    pub grads: StepGrads,
     /// This peer's per-domain losses (the loop sums them over the peers).
     pub losses: StepLosses,
     /// `(domain, window)` of each of this peer's sequences, for fault reports.
@@ -249,11 +250,12 @@ impl<B: TrainBackend> Backward<B> {
         );
     }
 
-    /// The step's gradient, averaged over the peers.
-    fn finish(mut self, cx: &StepContext<'_, B>) -> Result<GradientsParams> {
+    /// The step's gradient, averaged over the peers (this peer's slices of it under
+    /// `distributed.shard = "gradients"`).
+    fn finish(mut self, cx: &StepContext<'_, B>) -> Result<StepGrads> {
         match self.marked.is_some() {
-            true => Ok(self.grads.grads()),
-            false => cx.peer.mean_grads(cx.model, self.grads.grads()),
+            true => Ok(StepGrads::Whole(self.grads.grads())),
+            false => cx.peer.step_grads(cx.model, self.grads.grads()),
         }
     }
 }

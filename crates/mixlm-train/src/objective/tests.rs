@@ -182,7 +182,11 @@ fn mean_loss_is_the_token_mean_of_the_step() {
     // The gradient of the mean over both micro-batches' tokens.
     let direct = seq_losses(&model, &batches[0]).mean().div_scalar(2.0)
         + seq_losses(&model, &batches[1]).mean().div_scalar(2.0);
-    let diff = relative_difference(&model, &out.grads, &grads_of(&model, direct));
+    let diff = relative_difference(
+        &model,
+        out.grads.as_whole().unwrap(),
+        &grads_of(&model, direct),
+    );
     assert!(diff < 1e-5, "relative difference {diff}");
 
     // Per-domain sums of the sequences' mean losses, and their counts.
@@ -223,7 +227,11 @@ fn mean_loss_takes_the_schedulers_domain_weights() {
     let seq = seq_losses(&model, &batch);
     let direct = domain_mean(&seq, &batch, 0).mul_scalar(0.25)
         + domain_mean(&seq, &batch, 1).mul_scalar(0.75);
-    let diff = relative_difference(&model, &out.grads, &grads_of(&model, direct));
+    let diff = relative_difference(
+        &model,
+        out.grads.as_whole().unwrap(),
+        &grads_of(&model, direct),
+    );
     assert!(diff < 1e-5, "relative difference {diff}");
     // The scheduler saw this micro-batch's per-domain means and counts.
     let shown = &stub.shown[0];
@@ -340,7 +348,11 @@ fn aligned_gradients_combine_the_domains_with_the_schedulers_coefficients() {
     // come in another order.
     let want = gram_matrix::<B>(&model, &[&g0, &g1]);
     let (n0, n1) = (want[0][0].sqrt(), want[1][1].sqrt());
-    let diff = difference(&model, &out.grads, &grads_of(&model, direct));
+    let diff = difference(
+        &model,
+        out.grads.as_whole().unwrap(),
+        &grads_of(&model, direct),
+    );
     assert!(
         diff < 1e-5 * (2.0 * n0 + 0.5 * n1),
         "difference {diff} ({n0}, {n1})"
