@@ -440,6 +440,8 @@ pub struct Restored<B: burn::tensor::backend::AutodiffBackend> {
     pub dir: PathBuf,
     pub model: Transformer<B>,
     pub model_config: ModelConfig,
+    /// AdamW's moments by parameter path: whole, or the slices a sharded peer owns
+    /// ([`load_verified_sliced`]).
     pub moments: HashMap<String, Moments<B::InnerBackend>>,
     pub state: TrainState,
     pub run_config: RunConfig,
@@ -460,10 +462,29 @@ pub fn load_verified<B: burn::tensor::backend::AutodiffBackend>(
     dir: &Path,
     device: &B::Device,
 ) -> Result<Restored<B>> {
+    load_verified_sliced(dir, device, |_| None)
+}
+
+/// The part of each parameter's moments to load, by path (a sharded peer's slices);
+/// `None`: all of them.
+pub type MomentSlices = Option<HashMap<String, std::ops::Range<usize>>>;
+
+/// [`load_verified`] keeping only the moments `slices` names for the loaded model:
+/// the file is memory-mapped and only those bytes are read, so a sharded peer never
+/// holds the whole optimizer state, whatever the peer count that wrote it.
+pub fn load_verified_sliced<B: burn::tensor::backend::AutodiffBackend>(
+    dir: &Path,
+    device: &B::Device,
+    slices: impl FnOnce(&Transformer<B>) -> MomentSlices,
+) -> Result<Restored<B>> {
     let (model, model_config) = load_model::<B>(dir, device)?;
+    let slices = slices(&model);
     let path = dir.join("optimizer.safetensors");
-    let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let moments = optimizer_from_safetensors::<B::InnerBackend>(&bytes, device)
+    let file = File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    // SAFETY: a verified checkpoint folder is written once and never modified in place.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let moments = optimizer_from_safetensors::<B::InnerBackend>(&bytes, device, slices.as_ref())
         .with_context(|| format!("cannot load {}", path.display()))?;
     let path = dir.join("state.json");
     let state: TrainState = serde_json::from_slice(
@@ -482,19 +503,28 @@ pub fn load_verified<B: burn::tensor::backend::AutodiffBackend>(
     })
 }
 
-/// Reads the moments [`optimizer_safetensors`] wrote (`<path>.m`, `<path>.v`).
+/// Reads the moments [`optimizer_safetensors`] wrote (`<path>.m`, `<path>.v`): all,
+/// or only the `slices` of the parameters they name.
 fn optimizer_from_safetensors<B: Backend>(
     bytes: &[u8],
     device: &B::Device,
+    slices: Option<&HashMap<String, std::ops::Range<usize>>>,
 ) -> Result<HashMap<String, Moments<B>>> {
     let st = SafeTensors::deserialize(bytes)?;
-    let read = |name: &str| -> Result<Tensor<B, 1>> {
+    let read = |name: &str, range: Option<&std::ops::Range<usize>>| -> Result<Tensor<B, 1>> {
         let view = st.tensor(name)?;
         if view.dtype() != Dtype::F32 || view.shape().len() != 1 {
             bail!("{name}: expected a 1-d f32 tensor");
         }
-        let values: Vec<f32> = view
-            .data()
+        let n = view.shape()[0];
+        let range = range.cloned().unwrap_or(0..n);
+        if range.end > n {
+            bail!(
+                "{name}: {n} values, but this peer's slice is {range:?}: the checkpoint's \
+                 optimizer state does not match its model"
+            );
+        }
+        let values: Vec<f32> = view.data()[range.start * 4..range.end * 4]
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
@@ -506,8 +536,15 @@ fn optimizer_from_safetensors<B: Backend>(
         let Some(key) = name.strip_suffix(".m") else {
             continue;
         };
-        let m = read(name)?;
-        let v = read(&format!("{key}.v"))?;
+        let range = match slices {
+            None => None,
+            Some(slices) => match slices.get(key) {
+                Some(range) => Some(range),
+                None => continue,
+            },
+        };
+        let m = read(name, range)?;
+        let v = read(&format!("{key}.v"), range)?;
         if m.dims() != v.dims() {
             bail!("{key}: first and second moments differ in size");
         }

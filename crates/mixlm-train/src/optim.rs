@@ -100,25 +100,6 @@ impl<B: Backend> AdamW<B> {
         }
     }
 
-    /// Puts a checkpoint's whole moments in place, keeping only this peer's slices
-    /// when sharded (whatever the peer count the checkpoint was written with).
-    pub fn set_moments(&mut self, moments: HashMap<String, Moments<B>>) {
-        self.moments = match &self.shard {
-            None => moments,
-            Some(layout) => {
-                let owned = layout.owned_by_path();
-                moments
-                    .into_iter()
-                    .filter_map(|(key, Moments { m, v })| {
-                        let range = owned.get(key.as_str())?.clone();
-                        let (m, v) = (m.slice(range.clone()), v.slice(range));
-                        Some((key, Moments { m, v }))
-                    })
-                    .collect()
-            }
-        };
-    }
-
     /// Bytes of optimizer state this peer holds.
     pub fn state_bytes(&self) -> usize {
         self.moments

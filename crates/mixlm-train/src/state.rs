@@ -134,7 +134,7 @@ impl<B: TrainBackend> RunState<B> {
             .restore(&s.scheduler)
             .map_err(|e| anyhow::anyhow!("{}: {e}", r.dir.join("state.json").display()))?;
         self.optimizer = AdamW::sharded(config.optimizer.clone(), self.optimizer.shard.clone());
-        self.optimizer.set_moments(r.moments);
+        self.optimizer.moments = r.moments;
         self.optimizer.steps = s.optimizer_steps;
         self.model = Some(r.model.with_compute(config.run.compute()));
         self.counters = Counters {

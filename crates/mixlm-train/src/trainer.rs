@@ -21,7 +21,8 @@ use mixlm_model::hf::hf_config;
 use mixlm_model::{ModelConfig, TrainBackend, Transformer};
 
 use crate::checkpoint::{
-    checkpoint_dir, checkpoint_step, latest_checkpoint, load_verified, write_checkpoint, Restored,
+    checkpoint_dir, checkpoint_step, latest_checkpoint, load_verified_sliced, write_checkpoint,
+    Restored,
 };
 use crate::config::RunConfig;
 use crate::distributed::{
@@ -504,7 +505,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
                 config,
                 &model_config,
                 device,
-                peer.rank(),
+                peer,
             )?),
             None => {
                 if leader {
@@ -736,7 +737,19 @@ fn load_for_rollback<B: TrainBackend>(
         false => 0,
     };
     let named = peer.gather("the checkpoint to roll back to", &[newest as f64])?[0][0];
-    load_verified::<B>(&checkpoint_dir(run_dir, named as u64), device)
+    load_for_peer::<B>(&checkpoint_dir(run_dir, named as u64), device, peer)
+}
+
+/// Loads a verified checkpoint with the moments `peer` keeps (its slices when the
+/// run is sharded).
+fn load_for_peer<B: TrainBackend>(
+    dir: &std::path::Path,
+    device: &B::Device,
+    peer: &Peer<B::InnerBackend>,
+) -> Result<Restored<B>> {
+    load_verified_sliced::<B>(dir, device, |model| {
+        peer.shard_layout(model).map(|l| l.owned_by_path())
+    })
 }
 
 /// A fresh start must not silently replace the metrics and checkpoints of an earlier
@@ -777,9 +790,10 @@ fn restore<B: TrainBackend>(
     config: &RunConfig,
     model_config: &ModelConfig,
     device: &B::Device,
-    Rank { rank, world }: Rank,
+    peer: &Peer<B::InnerBackend>,
 ) -> Result<Restored<B>> {
-    let restored = load_verified::<B>(dir, device)?;
+    let Rank { rank, world } = peer.rank();
+    let restored = load_for_peer::<B>(dir, device, peer)?;
     if !crate::resume::same_global_batch(&restored.run_config, config) {
         bail!(
             "{}: {}",

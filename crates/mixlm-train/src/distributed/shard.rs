@@ -110,12 +110,13 @@ impl ShardLayout {
         self.params.iter().map(|p| p.owned.len()).sum()
     }
 
-    /// The owned range of each parameter that has one, by path.
-    pub fn owned_by_path(&self) -> HashMap<&str, Range<usize>> {
+    /// The owned range of each parameter that has one, by path: the part of a
+    /// checkpoint's moments this peer loads.
+    pub fn owned_by_path(&self) -> HashMap<String, Range<usize>> {
         self.params
             .iter()
             .filter(|p| !p.owned.is_empty())
-            .map(|p| (p.path.as_str(), p.owned.clone()))
+            .map(|p| (p.path.clone(), p.owned.clone()))
             .collect()
     }
 }
