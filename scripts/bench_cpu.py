@@ -4,10 +4,10 @@
 For each shape, alternately: mixlm's release binary (`--backend cpu`, f32) and Hugging
 Face's GPTNeoXForCausalLM in PyTorch (eager, f32, AdamW and clipping, no
 torch.compile), same model shape, batch and sequence length, over several rounds.
-Reports each side's median tokens/s, their ratio, and the share of mixlm's CPU time
-spent in the kernel (system over user plus system time, from the child's rusage): of
-the timed steps alone (the run minus the same run stopped one step after its warm-up) and of the
-whole process.
+Reports each side's median tokens/s, their ratio, and mixlm's system time (from the
+child's rusage): of the timed steps alone (the run minus the same run stopped one step
+after its warm-up) against those steps' wall time and against their CPU time (user plus
+system), and the whole process's against its CPU time.
 The trainers and shapes are scripts/bench_gpu.py's (`run_mixlm`, `run_torch`).
 
     python3 scripts/bench_cpu.py --mixlm target/release/mixlm --rounds 3
@@ -74,7 +74,8 @@ def main():
                 compile=False, nccl_mixlm=None)
             r = results.setdefault(preset, {"name": name, "seq": seq, "batch": batch,
                                             "mixlm": [], "torch": [], "baseline": [],
-                                            "sys_share": [], "step_sys_share": []})
+                                            "sys_share": [], "step_sys_share": [],
+                                            "step_sys_wall": []})
             m, whole = timed(run, preset)
             r["mixlm"].append(m["tokens_per_s"])
             r["sys_share"].append(share(whole))
@@ -83,6 +84,9 @@ def main():
             # the report.
             _, warm = timed(types.SimpleNamespace(**{**vars(run), "steps": warmup + 1}), preset)
             r["step_sys_share"].append(share((whole[0] - warm[0], whole[1] - warm[1])))
+            # Those steps' wall time, at the measured rate.
+            steps_wall = (steps - warmup - 1) * batch * seq / m["tokens_per_s"]
+            r["step_sys_wall"].append((whole[1] - warm[1]) / steps_wall)
             line = f"round {round_ + 1} {name}: mixlm {m['tokens_per_s']:,.0f} tokens/s"
             if args.baseline:
                 b = bench_gpu.run_mixlm(types.SimpleNamespace(**{**vars(run), "mixlm": args.baseline}),
@@ -101,7 +105,7 @@ def main():
           f"{threads} threads; medians of {args.rounds} alternating rounds\n")
     base = " baseline tokens/s | mixlm / baseline |" if args.baseline else ""
     print("| shape (d_model, layers, heads, d_ff, vocab, seq, batch) | mixlm tokens/s |"
-          f"{base} PyTorch tokens/s | ratio | mixlm system time, steps / whole run |")
+          f"{base} PyTorch tokens/s | ratio | mixlm system time: steps' wall / steps' CPU / whole run's CPU |")
     print("|---|---:|" + ("---:|---:|" if args.baseline else "") + "---:|---:|---:|")
     for preset, r in results.items():
         _, vocab, d, layers, heads, _, _, ff, _ = bench_gpu.PRESETS[preset]
@@ -114,6 +118,7 @@ def main():
         cols = f" {b:,.0f} | {m / b:.2f} |" if b else ""
         print(f"| {shape} | {m:,.0f} |{cols} {'' if t is None else f'{t:,.0f}'} | "
               f"{'' if t is None else f'{m / t:.2f}'} | "
+              f"{statistics.median(r['step_sys_wall']):.1%} / "
               f"{statistics.median(r['step_sys_share']):.1%} / {statistics.median(r['sys_share']):.1%} |")
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

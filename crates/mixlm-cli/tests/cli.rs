@@ -314,9 +314,10 @@ fn eval_prints_the_table_and_writes_reports() {
 }
 
 /// `--devices 2` on the CPU: the start line states the global batch, the run trains and
-/// reports once, and resuming it on another number of peers is refused, naming both.
+/// reports once; resuming it on three peers is refused with the accumulation that
+/// keeps the global batch, and goes on with it.
 #[test]
-fn train_on_two_cpu_peers_then_refuse_another_count_on_resume() {
+fn train_on_two_cpu_peers_then_resume_on_three() {
     let dir = tempfile::tempdir().unwrap();
     let run = tiny_run(dir.path(), &["run.grad_accum=3"]);
     let mut args = vec!["train", "--quiet", "--devices", "2"];
@@ -354,11 +355,34 @@ fn train_on_two_cpu_peers_then_refuse_another_count_on_resume() {
     ]);
     assert!(!ok);
     assert!(
-        stderr.contains("trained on 2 data-parallel peer(s)")
+        stderr.contains("trained on 2 data-parallel peer(s) with run.grad_accum = 3")
             && stderr.contains("resume with --devices 2")
-            && stderr.contains("3 peers do not divide 2"),
+            && stderr.contains("on 3 peers, set run.grad_accum = 2"),
         "{stderr}"
     );
+    let (ok, _, stderr) = mixlm(&[
+        "train",
+        "--quiet",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--devices",
+        "3",
+        "--set",
+        "run.grad_accum=2",
+        "--set",
+        "run.steps=4",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("3 peers x micro-batch 4 x 2 accumulation step(s) = global batch of 24"),
+        "{stderr}"
+    );
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let last_train = metrics
+        .lines()
+        .rfind(|l| l.contains("\"kind\":\"train\""))
+        .unwrap();
+    assert!(last_train.contains("\"tokens\":1536"), "{last_train}");
 }
 
 /// `mixlm check-backend` on the CPU: every check passes (exit 0); a precision the
