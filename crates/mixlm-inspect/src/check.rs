@@ -87,7 +87,7 @@ pub fn loss_tolerance(precision: Precision, backend: BackendKind) -> f64 {
 /// run at all (the backend is not compiled in, the temporary folder is not writable).
 pub fn check_backend(
     options: &CheckOptions,
-    mut report: impl FnMut(&Finding),
+    mut report: impl FnMut(&Finding) + Send,
 ) -> Result<Vec<Finding>> {
     options.backend.check_compiled()?;
     let mut findings = Vec::new();
@@ -113,12 +113,12 @@ fn finding(level: Level, message: String) -> Finding {
 }
 
 /// The device, its precision, and the attention kernels (on the backend's types).
-struct AttentionChecks<'a, F: FnMut(Finding)> {
+struct AttentionChecks<'a, F: FnMut(Finding) + Send> {
     options: &'a CheckOptions,
     push: &'a mut F,
 }
 
-impl<F: FnMut(Finding)> OnBackend for AttentionChecks<'_, F> {
+impl<F: FnMut(Finding) + Send> OnBackend for AttentionChecks<'_, F> {
     /// Whether the device computes in the requested precision (else nothing else runs).
     type Output = bool;
 
