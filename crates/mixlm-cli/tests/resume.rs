@@ -165,6 +165,21 @@ fn odm_run_killed_at_a_random_step_resumes_exactly() {
     std::fs::remove_dir_all(tmp).unwrap();
 }
 
+/// Two peers under ZeRO-2, killed at a random step: the checkpoint's moments were
+/// gathered from both peers' slices, and each peer reads its own back.
+#[test]
+fn sharded_two_peer_run_killed_at_a_random_step_resumes_exactly() {
+    let extra = [
+        "distributed.devices=2",
+        "distributed.shard=\"gradients\"",
+        "distributed.bucket_mb=0",
+        "mixing.method=\"odm\"",
+    ];
+    let candidates: Vec<u64> = (4..40).collect();
+    let (_, _, tmp) = kill_and_resume("sharded", &extra, &candidates);
+    std::fs::remove_dir_all(tmp).unwrap();
+}
+
 /// Aioli's rounds here are 20 steps, LearnParams taking the first 10 (5 groups x
 /// 2 steps): the run is killed so that the checkpoint it resumes from lies inside a
 /// LearnParams segment, with loss drops of part of the groups measured.
