@@ -20,6 +20,7 @@ use crate::trainer::{train, train_data_parallel, TrainOptions, TrainOutcome};
 /// 50k vocabulary, where large operations dominate, it changes nothing measurable
 /// (benches/RESULTS.md). Peers of a data-parallel run are threads of their own and
 /// are left as they are.
+#[cfg(not(feature = "nccl"))]
 fn on_a_rayon_worker<T: Send>(work: impl FnOnce() -> T + Send) -> T {
     rayon::scope(|_| work())
 }
