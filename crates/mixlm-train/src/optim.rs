@@ -276,14 +276,7 @@ impl<B: Backend> AdamW<B> {
             StepGrads::Owned(g) => (false, g),
         };
         // From a whole gradient, the unsharded run's norm.
-        let whole_norm = whole.then(|| {
-            let mut norm = GradNorm::<B> {
-                grads: &grads,
-                sum: None,
-            };
-            module.visit(&mut norm);
-            norm.sum
-        });
+        let whole_norm = whole.then(|| squared_norm::<AB, M>(&module, &grads));
         // The owned slices of every parameter and of its gradient, in module order.
         let mut take = TakeOwned::<B> {
             layout,
@@ -353,13 +346,7 @@ impl<B: Backend> AdamW<B> {
         B: ModelBackend,
         M: AutodiffModule<AB>,
     {
-        let mut norm = GradNorm::<B> {
-            grads: &grads,
-            sum: None,
-        };
-        module.visit(&mut norm);
-        let grad_norm = norm
-            .sum
+        let grad_norm = squared_norm::<AB, M>(&module, &grads)
             .map(|s| s.into_scalar().elem::<f64>())
             .unwrap_or(0.0)
             .sqrt();
@@ -384,6 +371,16 @@ impl<B: Backend> AdamW<B> {
             },
         )
     }
+}
+
+/// The sum of the squares of every gradient of `module`'s parameters (`None`: none).
+fn squared_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+    module: &M,
+    grads: &GradientsParams,
+) -> Option<Tensor<AB::InnerBackend, 1>> {
+    let mut norm = GradNorm::<AB::InnerBackend> { grads, sum: None };
+    module.visit(&mut norm);
+    norm.sum
 }
 
 /// Sums the squares of every gradient (one device reduction per parameter, one sync).
