@@ -3,6 +3,7 @@
 //! trainer, whose mixing feedback is the same quantity on training batches).
 
 pub mod diversity;
+pub mod model;
 pub mod perplexity;
 pub mod plots;
 pub mod tasks;

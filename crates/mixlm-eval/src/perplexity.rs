@@ -21,11 +21,9 @@ use std::ops::Range;
 
 use mixlm_data::{document_at, Split, TokenSource};
 use mixlm_mixing::DomainId;
-use mixlm_model::ModelBackend;
-use mixlm_model::Transformer;
 use serde::{Deserialize, Serialize};
 
-use crate::inputs_and_targets;
+use crate::model::LanguageModel;
 
 /// The NLL of every target of a batch of windows: `([batch, len + 1] tokens, batch,
 /// len) -> [batch, len]` NLLs, row-major (a model, or known values in tests).
@@ -266,33 +264,14 @@ impl SplitPerplexity {
     }
 }
 
-/// The NLL of every target of a batch of windows under `model`, as [`score_stream`]
-/// wants it.
-pub fn model_nll<'a, B: ModelBackend>(
-    model: &'a Transformer<B>,
-    device: &B::Device,
-) -> impl FnMut(&[u32], usize, usize) -> Vec<f32> + 'a {
-    let device = device.clone();
-    move |windows, batch, len| {
-        let (inputs, targets) = inputs_and_targets::<B>(windows, batch, len, &device);
-        model
-            .token_losses_chunked(inputs, targets, mixlm_model::EVAL_CHUNK_VALUES)
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .expect("f32 losses")
-    }
-}
-
 /// Perplexity of every domain of `split` under `model`.
-pub fn split_perplexity<B: ModelBackend>(
-    model: &Transformer<B>,
+pub fn split_perplexity(
+    model: &dyn LanguageModel,
     source: &dyn TokenSource,
     split: Split,
     options: &PerplexityOptions,
-    device: &B::Device,
 ) -> Result<SplitPerplexity, String> {
-    let mut nll = model_nll(model, device);
+    let mut nll = |windows: &[u32], batch, len| model.nll(windows, batch, len);
     let domains = source
         .domain_names()
         .iter()

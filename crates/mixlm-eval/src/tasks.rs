@@ -23,12 +23,10 @@
 
 use std::path::Path;
 
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{Int, Tensor, TensorData};
-use mixlm_model::ModelBackend;
-use mixlm_model::Transformer;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::model::LanguageModel;
 
 /// One question: a context and its candidate continuations.
 #[derive(Debug, Clone, PartialEq)]
@@ -371,62 +369,17 @@ pub fn score_task(
     }
 }
 
-/// A [`TokenScorer`] over a Burn model: right-padded batches (causal attention, so
-/// padding after a sequence cannot change its scores).
-pub struct ModelScorer<'a, B: ModelBackend> {
-    pub model: &'a Transformer<B>,
-    pub device: B::Device,
-    pub max_len: usize,
-}
+/// A [`TokenScorer`] over a [`LanguageModel`] (right-padded batches, see
+/// [`LanguageModel::score`]), with the model's context as its longest sequence.
+pub struct ModelScorer<'a>(pub &'a dyn LanguageModel);
 
-impl<B: ModelBackend> TokenScorer for ModelScorer<'_, B> {
+impl TokenScorer for ModelScorer<'_> {
     fn max_len(&self) -> usize {
-        self.max_len
+        self.0.config().max_seq_len
     }
 
     fn score(&mut self, seqs: &[Vec<u32>]) -> Vec<(Vec<f64>, Vec<bool>)> {
-        let b = seqs.len();
-        let t = seqs.iter().map(|s| s.len() - 1).max().unwrap_or(1).max(1);
-        let mut inputs = vec![0i64; b * t];
-        let mut targets = vec![0i64; b * t];
-        for (i, s) in seqs.iter().enumerate() {
-            for j in 0..s.len() - 1 {
-                inputs[i * t + j] = s[j] as i64;
-                targets[i * t + j] = s[j + 1] as i64;
-            }
-        }
-        let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(inputs, [b, t]), &self.device);
-        let targets =
-            Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, t, 1]), &self.device);
-        let logits = self.model.forward(inputs);
-        let greedy: Vec<i64> = logits
-            .clone()
-            .argmax(2)
-            .into_data()
-            .convert::<i64>()
-            .into_vec()
-            .expect("argmax ids");
-        let logp: Vec<f32> = log_softmax(logits, 2)
-            .gather(2, targets.clone())
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .expect("log-probs");
-        let targets: Vec<i64> = targets
-            .into_data()
-            .convert::<i64>()
-            .into_vec()
-            .expect("ids");
-        seqs.iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let r = i * t..i * t + s.len() - 1;
-                (
-                    logp[r.clone()].iter().map(|&x| x as f64).collect(),
-                    r.map(|k| greedy[k] == targets[k]).collect(),
-                )
-            })
-            .collect()
+        self.0.score(seqs)
     }
 }
 
@@ -609,12 +562,13 @@ mod tests {
         let device = Default::default();
         let mut config = mixlm_model::ModelConfig::preset("tiny").unwrap();
         config.vocab_size = 64;
-        let model = config.init::<B>(&device);
-        let mut scorer = ModelScorer {
-            model: &model,
+        let model = crate::model::BurnModel::<B> {
+            model: config.init::<B>(&device),
+            config,
             device,
-            max_len: 32,
         };
+        let mut scorer = ModelScorer(&model);
+        assert_eq!(scorer.max_len(), model.config.max_seq_len);
         let short = vec![3u32, 9, 12, 40, 7];
         let long: Vec<u32> = (0..20).map(|i| (i * 7 % 64) as u32).collect();
         let alone = scorer.score(std::slice::from_ref(&short));
@@ -623,8 +577,9 @@ mod tests {
         for (a, b) in alone[0].0.iter().zip(&padded[0].0) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
-        let (inputs, targets) = crate::inputs_and_targets::<B>(&short, 1, 4, &device);
+        let (inputs, targets) = crate::inputs_and_targets::<B>(&short, 1, 4, &model.device);
         let nll: Vec<f32> = model
+            .model
             .token_losses(inputs, targets)
             .into_data()
             .convert::<f32>()

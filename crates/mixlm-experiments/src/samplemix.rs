@@ -17,21 +17,21 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use burn::tensor::{Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use mixlm_data::prepare::PreparedTokenizer;
 use mixlm_data::resampled::{counts_bytes, counts_path, read_counts};
 use mixlm_data::{ShardSource, Split, TokenSource};
-use mixlm_eval::diversity::{assign, kmeans, ClusterStats, TfIdf};
-use mixlm_eval::perplexity::{model_nll, score_stream, PerplexityOptions};
+use mixlm_eval::diversity::{ClusterStats, TfIdf};
+use mixlm_eval::model::LanguageModel;
+use mixlm_eval::perplexity::{score_stream, PerplexityOptions};
 use mixlm_mixing::samplemix::{expected_counts, sample_counts, sample_weights, SampleSummary};
 use mixlm_mixing::DomainId;
-use mixlm_model::{ModelBackend, TrainBackend};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use mixlm_train::backend::{dispatch, BackendKind, OnBackend};
-use mixlm_train::checkpoint::{load_model, write_atomic};
+use mixlm_train::backend::BackendKind;
+use mixlm_train::checkpoint::write_atomic;
+use mixlm_train::engine::on_engine;
 
 /// How document quality is scored.
 #[derive(Debug, Clone, PartialEq)]
@@ -270,87 +270,73 @@ pub fn score_quality(
         QualityScorer::Model { checkpoint } => {
             // Mean NLL per document first (resumable per domain), then one mapping of
             // the whole corpus to 0..10.
-            struct Job<'a>(
-                &'a ScoreOptions,
-                &'a ShardSource,
-                &'a [(String, Vec<u64>)],
-                &'a Path,
-                &'a ProgressBar,
-            );
-            impl OnBackend for Job<'_> {
-                type Output = ();
-                fn run<B: TrainBackend>(self, device: &B::Device) -> Result<()> {
-                    let Job(options, source, docs, checkpoint, bar) = self;
-                    let (model, config) = load_model::<B::InnerBackend>(checkpoint, device)?;
-                    if source.vocab_size() > config.vocab_size {
-                        anyhow::bail!(
-                            "the corpus's vocabulary ({} ids) does not fit the reference model's ({})",
-                            source.vocab_size(),
-                            config.vocab_size
-                        );
-                    }
-                    let seq_len = options.max_doc_tokens.min(config.max_seq_len);
-                    let mut nll = model_nll(&model, device);
-                    for (d, (name, offsets)) in docs.iter().enumerate() {
-                        let out = values_path(&options.plan, "nll", name);
-                        let n = offsets.len().saturating_sub(1);
-                        if has_values(&out, n) {
-                            bar.inc(n as u64);
-                            continue;
-                        }
-                        // The stream of every document's first `max_doc_tokens`
-                        // tokens, so the cost per document is bounded.
-                        let cap = options.max_doc_tokens.max(2) as u64;
-                        let mut kept = Vec::with_capacity(offsets.len());
-                        kept.push(0u64);
-                        for w in offsets.windows(2) {
-                            kept.push(kept[kept.len() - 1] + (w[1] - w[0]).min(cap));
-                        }
-                        let read = |r: std::ops::Range<u64>, out: &mut Vec<u32>| {
-                            let mut p = r.start;
-                            while p < r.end {
-                                let i = mixlm_data::document_at(&kept, p);
-                                let end = kept[i + 1].min(r.end);
-                                let from = offsets[i] + (p - kept[i]);
-                                source.read_tokens(
-                                    DomainId(d),
-                                    Split::Train,
-                                    from..from + (end - p),
-                                    out,
-                                );
-                                p = end;
-                            }
-                        };
-                        let p = PerplexityOptions {
-                            seq_len,
-                            stride: seq_len,
-                            batch_size: options.batch_size,
-                            max_tokens: None,
-                        };
-                        let s = score_stream(*kept.last().unwrap_or(&0), &kept, &p, read, &mut nll);
-                        let mut mean: Vec<f32> = s
-                            .documents
-                            .iter()
-                            .take(n)
-                            .map(|&(l, t)| {
-                                if t == 0 {
-                                    f32::NAN
-                                } else {
-                                    (l / t as f64) as f32
-                                }
-                            })
-                            .collect();
-                        mean.resize(n, f32::NAN);
-                        write_values(&out, &mean)?;
-                        bar.inc(n as u64);
-                    }
-                    Ok(())
+            on_engine(options.backend, |engine| {
+                let model = engine.load_model(checkpoint, None)?;
+                let config = model.config();
+                if source.vocab_size() > config.vocab_size {
+                    anyhow::bail!(
+                        "the corpus's vocabulary ({} ids) does not fit the reference model's ({})",
+                        source.vocab_size(),
+                        config.vocab_size
+                    );
                 }
-            }
-            dispatch(
-                options.backend,
-                Job(options, &source, &docs, checkpoint, &bar),
-            )?;
+                let seq_len = options.max_doc_tokens.min(config.max_seq_len);
+                let mut nll = |w: &[u32], batch, len| model.nll(w, batch, len);
+                for (d, (name, offsets)) in docs.iter().enumerate() {
+                    let out = values_path(&options.plan, "nll", name);
+                    let n = offsets.len().saturating_sub(1);
+                    if has_values(&out, n) {
+                        bar.inc(n as u64);
+                        continue;
+                    }
+                    // The stream of every document's first `max_doc_tokens`
+                    // tokens, so the cost per document is bounded.
+                    let cap = options.max_doc_tokens.max(2) as u64;
+                    let mut kept = Vec::with_capacity(offsets.len());
+                    kept.push(0u64);
+                    for w in offsets.windows(2) {
+                        kept.push(kept[kept.len() - 1] + (w[1] - w[0]).min(cap));
+                    }
+                    let read = |r: std::ops::Range<u64>, out: &mut Vec<u32>| {
+                        let mut p = r.start;
+                        while p < r.end {
+                            let i = mixlm_data::document_at(&kept, p);
+                            let end = kept[i + 1].min(r.end);
+                            let from = offsets[i] + (p - kept[i]);
+                            source.read_tokens(
+                                DomainId(d),
+                                Split::Train,
+                                from..from + (end - p),
+                                out,
+                            );
+                            p = end;
+                        }
+                    };
+                    let p = PerplexityOptions {
+                        seq_len,
+                        stride: seq_len,
+                        batch_size: options.batch_size,
+                        max_tokens: None,
+                    };
+                    let s = score_stream(*kept.last().unwrap_or(&0), &kept, &p, read, &mut nll);
+                    let mut mean: Vec<f32> = s
+                        .documents
+                        .iter()
+                        .take(n)
+                        .map(|&(l, t)| {
+                            if t == 0 {
+                                f32::NAN
+                            } else {
+                                (l / t as f64) as f32
+                            }
+                        })
+                        .collect();
+                    mean.resize(n, f32::NAN);
+                    write_values(&out, &mean)?;
+                    bar.inc(n as u64);
+                }
+                Ok(())
+            })?;
             let all: Vec<Vec<f32>> = docs
                 .iter()
                 .map(|(name, o)| {
@@ -480,27 +466,26 @@ struct FitRecord {
 const ASSIGN_CHUNK: usize = 4096;
 
 /// An embedder ready on a device.
-enum Embed<B: ModelBackend> {
+enum Embed<'a> {
     TfIdf(TfIdf),
     Model {
-        model: Box<mixlm_model::Transformer<B>>,
+        model: &'a dyn LanguageModel,
         max: usize,
-        d_model: usize,
         eos: u32,
         batch_size: usize,
     },
 }
 
-impl<B: ModelBackend> Embed<B> {
+impl Embed<'_> {
     fn dim(&self) -> usize {
         match self {
             Embed::TfIdf(t) => t.dim,
-            Embed::Model { d_model, .. } => *d_model,
+            Embed::Model { model, .. } => model.config().d_model,
         }
     }
 
     /// `[texts, dim]` row-major.
-    fn embed(&self, texts: &[Vec<u32>], device: &B::Device) -> Vec<f32> {
+    fn embed(&self, texts: &[Vec<u32>]) -> Vec<f32> {
         match self {
             Embed::TfIdf(t) => texts
                 .par_chunks(256)
@@ -512,46 +497,9 @@ impl<B: ModelBackend> Embed<B> {
             Embed::Model {
                 model,
                 max,
-                d_model,
                 eos,
                 batch_size,
-            } => {
-                let mut out = Vec::with_capacity(texts.len() * d_model);
-                for chunk in texts.chunks(*batch_size) {
-                    let len = chunk
-                        .iter()
-                        .map(|t| t.len().min(*max))
-                        .max()
-                        .unwrap_or(1)
-                        .max(1);
-                    let mut ids = Vec::with_capacity(chunk.len() * len);
-                    let mut mask = Vec::with_capacity(chunk.len() * len);
-                    for t in chunk {
-                        let t = &t[..t.len().min(*max)];
-                        ids.extend(t.iter().map(|&x| x as i64));
-                        ids.extend(std::iter::repeat_n(*eos as i64, len - t.len()));
-                        mask.extend(std::iter::repeat_n(1f32, t.len()));
-                        mask.extend(std::iter::repeat_n(0f32, len - t.len()));
-                    }
-                    let b = chunk.len();
-                    let tokens =
-                        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, len]), device);
-                    let mask =
-                        Tensor::<B, 3>::from_data(TensorData::new(mask, [b, len, 1]), device);
-                    // Causal: padding after a document does not change its states.
-                    let h = model.hidden(tokens) * mask.clone();
-                    let pooled = h.sum_dim(1).reshape([b, *d_model])
-                        / mask.sum_dim(1).reshape([b, 1]).clamp_min(1.0);
-                    out.extend(
-                        pooled
-                            .into_data()
-                            .convert::<f32>()
-                            .into_vec::<f32>()
-                            .expect("f32"),
-                    );
-                }
-                out
-            }
+            } => model.embed(texts, *max, *eos, *batch_size),
         }
     }
 }
@@ -600,170 +548,127 @@ pub fn score_diversity(
             .collect(),
     };
 
-    struct Job<'a> {
-        options: &'a ScoreOptions,
-        diversity: &'a DiversityOptions,
-        source: &'a ShardSource,
-        docs: &'a [(String, Vec<u64>)],
-        kdir: &'a Path,
-        wanted: &'a FitSettings,
-        bar: &'a ProgressBar,
-    }
-    impl OnBackend for Job<'_> {
-        type Output = (FitRecord, Vec<f32>);
-        fn run<B: TrainBackend>(self, device: &B::Device) -> Result<(FitRecord, Vec<f32>)> {
-            let Job {
-                options: o,
-                diversity,
-                source,
-                docs,
-                kdir,
-                wanted,
-                bar,
-            } = self;
-            let read = |d: usize, i: usize| doc_tokens(source, d, &docs[d].1, i, o.max_doc_tokens);
-            let model = match &diversity.embedder {
-                Embedder::TfIdf { .. } => None,
-                Embedder::Model { checkpoint } => {
-                    Some(load_model::<B::InnerBackend>(checkpoint, device)?)
-                }
-            };
-            let ready = |idf: Option<Vec<f32>>| -> Embed<B::InnerBackend> {
-                match (&diversity.embedder, &model) {
-                    (Embedder::TfIdf { dim }, _) => Embed::TfIdf(TfIdf {
-                        dim: *dim,
-                        idf: idf.expect("fitted idf"),
-                    }),
-                    (Embedder::Model { .. }, Some((m, config))) => Embed::Model {
-                        model: Box::new(m.clone()),
-                        max: o.max_doc_tokens.min(config.max_seq_len),
-                        d_model: config.d_model,
-                        eos: source.eos_id(),
-                        batch_size: o.batch_size.max(1),
-                    },
-                    _ => unreachable!("the model is loaded for model embeddings"),
-                }
-            };
-
-            // The fit: reused when made with the same settings, else redone (and the
-            // assignments made against the old one removed first).
-            let fit_path = kdir.join("fit.json");
-            let old: Option<FitRecord> = std::fs::read(&fit_path)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            let centroids_path = kdir.join("centroids.f32");
-            let idf_path = kdir.join("idf.f32");
-            let reusable = old.filter(|f| {
-                f.settings == *wanted
-                    && has_values(&centroids_path, f.clusters * f.dim)
-                    && (model.is_some() || has_values(&idf_path, f.dim))
-            });
-            let (fit, centroids, embed) = if let Some(fit) = reusable {
-                let centroids = f32_values(&std::fs::read(&centroids_path)?);
-                let idf = model
-                    .is_none()
-                    .then(|| std::fs::read(&idf_path).map(|b| f32_values(&b)))
-                    .transpose()?;
-                (fit, centroids, ready(idf))
-            } else {
-                for stale in ["fit.json", "assign", "distance"] {
-                    remove_if_present(&kdir.join(stale))?;
-                }
-                // A seeded uniform sample, in corpus order.
-                let all: Vec<(usize, usize)> = docs
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(d, (_, offs))| {
-                        (0..offs.len().saturating_sub(1)).map(move |i| (d, i))
-                    })
-                    .collect();
-                let m = diversity.fit_documents.clamp(1, all.len().max(1));
-                let mut rng =
-                    <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(diversity.seed);
-                let mut picked = rand::seq::index::sample(&mut rng, all.len(), m).into_vec();
-                picked.sort_unstable();
-                bar.set_message(format!("embedding {m} documents to fit on"));
-                let texts: Vec<Vec<u32>> = picked
-                    .par_iter()
-                    .map(|&j| read(all[j].0, all[j].1))
-                    .collect();
-                let idf = match &diversity.embedder {
-                    Embedder::TfIdf { dim } => {
-                        let refs: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
-                        Some(TfIdf::fit(&refs, *dim).idf)
-                    }
-                    Embedder::Model { .. } => None,
-                };
-                let embed = ready(idf.clone());
-                let points = embed.embed(&texts, device);
-                drop(texts);
-                bar.set_message(format!("k-means on {m} documents"));
-                let km = kmeans::<B::InnerBackend>(
-                    &points,
-                    embed.dim(),
-                    diversity.k,
-                    100,
-                    diversity.seed,
-                    device,
-                );
-                std::fs::create_dir_all(kdir)
-                    .with_context(|| format!("cannot create {}", kdir.display()))?;
-                write_atomic(&centroids_path, &f32_bytes(&km.centroids))?;
-                if let Some(idf) = &idf {
-                    write_atomic(&idf_path, &f32_bytes(idf))?;
-                }
-                let fit = FitRecord {
-                    settings: wanted.clone(),
-                    dim: km.dim,
-                    clusters: km.k,
-                    iterations: km.iterations,
-                };
-                write_atomic(&fit_path, serde_json::to_string_pretty(&fit)?.as_bytes())?;
-                (fit, km.centroids, embed)
-            };
-
-            // Every document to its nearest centroid, a domain at a time (a finished
-            // domain is skipped on a rerun).
-            bar.set_message("assigning");
-            for (d, (name, offsets)) in docs.iter().enumerate() {
-                let n = offsets.len().saturating_sub(1);
-                let assign_path = assign_path(kdir, name);
-                let distance_path = values_path(kdir, "distance", name);
-                if has_values(&assign_path, n) && has_values(&distance_path, n) {
-                    bar.inc(n as u64);
-                    continue;
-                }
-                let (mut clusters, mut distances): (Vec<u32>, Vec<f32>) =
-                    (Vec::with_capacity(n), Vec::with_capacity(n));
-                for start in (0..n).step_by(ASSIGN_CHUNK) {
-                    let texts: Vec<Vec<u32>> = (start..(start + ASSIGN_CHUNK).min(n))
-                        .into_par_iter()
-                        .map(|i| read(d, i))
-                        .collect();
-                    let points = embed.embed(&texts, device);
-                    let (c, dist) = assign::<B::InnerBackend>(&points, &centroids, fit.dim, device);
-                    clusters.extend(c.into_iter().map(|c| c as u32));
-                    distances.extend(dist);
-                    bar.inc(texts.len() as u64);
-                }
-                write_in_folder(&distance_path, &f32_bytes(&distances))?;
-                write_in_folder(&assign_path, &counts_bytes(&clusters))?;
+    let (fit, centroids) = on_engine(options.backend, |engine| {
+        let o = options;
+        let (source, docs, kdir, wanted) = (&source, &docs, &kdir, &wanted);
+        let read = |d: usize, i: usize| doc_tokens(source, d, &docs[d].1, i, o.max_doc_tokens);
+        let model = match &diversity.embedder {
+            Embedder::TfIdf { .. } => None,
+            Embedder::Model { checkpoint } => Some(engine.load_model(checkpoint, None)?),
+        };
+        let ready = |idf: Option<Vec<f32>>| -> Embed<'_> {
+            match (&diversity.embedder, &model) {
+                (Embedder::TfIdf { dim }, _) => Embed::TfIdf(TfIdf {
+                    dim: *dim,
+                    idf: idf.expect("fitted idf"),
+                }),
+                (Embedder::Model { .. }, Some(m)) => Embed::Model {
+                    model: m.as_ref(),
+                    max: o.max_doc_tokens.min(m.config().max_seq_len),
+                    eos: source.eos_id(),
+                    batch_size: o.batch_size.max(1),
+                },
+                _ => unreachable!("the model is loaded for model embeddings"),
             }
-            Ok((fit, centroids))
+        };
+
+        // The fit: reused when made with the same settings, else redone (and the
+        // assignments made against the old one removed first).
+        let fit_path = kdir.join("fit.json");
+        let old: Option<FitRecord> = std::fs::read(&fit_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let centroids_path = kdir.join("centroids.f32");
+        let idf_path = kdir.join("idf.f32");
+        let reusable = old.filter(|f| {
+            f.settings == *wanted
+                && has_values(&centroids_path, f.clusters * f.dim)
+                && (model.is_some() || has_values(&idf_path, f.dim))
+        });
+        let (fit, centroids, embed) = if let Some(fit) = reusable {
+            let centroids = f32_values(&std::fs::read(&centroids_path)?);
+            let idf = model
+                .is_none()
+                .then(|| std::fs::read(&idf_path).map(|b| f32_values(&b)))
+                .transpose()?;
+            (fit, centroids, ready(idf))
+        } else {
+            for stale in ["fit.json", "assign", "distance"] {
+                remove_if_present(&kdir.join(stale))?;
+            }
+            // A seeded uniform sample, in corpus order.
+            let all: Vec<(usize, usize)> = docs
+                .iter()
+                .enumerate()
+                .flat_map(|(d, (_, offs))| (0..offs.len().saturating_sub(1)).map(move |i| (d, i)))
+                .collect();
+            let m = diversity.fit_documents.clamp(1, all.len().max(1));
+            let mut rng =
+                <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(diversity.seed);
+            let mut picked = rand::seq::index::sample(&mut rng, all.len(), m).into_vec();
+            picked.sort_unstable();
+            bar.set_message(format!("embedding {m} documents to fit on"));
+            let texts: Vec<Vec<u32>> = picked
+                .par_iter()
+                .map(|&j| read(all[j].0, all[j].1))
+                .collect();
+            let idf = match &diversity.embedder {
+                Embedder::TfIdf { dim } => {
+                    let refs: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
+                    Some(TfIdf::fit(&refs, *dim).idf)
+                }
+                Embedder::Model { .. } => None,
+            };
+            let embed = ready(idf.clone());
+            let points = embed.embed(&texts);
+            drop(texts);
+            bar.set_message(format!("k-means on {m} documents"));
+            let km = engine.kmeans(&points, embed.dim(), diversity.k, 100, diversity.seed);
+            std::fs::create_dir_all(kdir)
+                .with_context(|| format!("cannot create {}", kdir.display()))?;
+            write_atomic(&centroids_path, &f32_bytes(&km.centroids))?;
+            if let Some(idf) = &idf {
+                write_atomic(&idf_path, &f32_bytes(idf))?;
+            }
+            let fit = FitRecord {
+                settings: wanted.clone(),
+                dim: km.dim,
+                clusters: km.k,
+                iterations: km.iterations,
+            };
+            write_atomic(&fit_path, serde_json::to_string_pretty(&fit)?.as_bytes())?;
+            (fit, km.centroids, embed)
+        };
+
+        // Every document to its nearest centroid, a domain at a time (a finished
+        // domain is skipped on a rerun).
+        bar.set_message("assigning");
+        for (d, (name, offsets)) in docs.iter().enumerate() {
+            let n = offsets.len().saturating_sub(1);
+            let assign_path = assign_path(kdir, name);
+            let distance_path = values_path(kdir, "distance", name);
+            if has_values(&assign_path, n) && has_values(&distance_path, n) {
+                bar.inc(n as u64);
+                continue;
+            }
+            let (mut clusters, mut distances): (Vec<u32>, Vec<f32>) =
+                (Vec::with_capacity(n), Vec::with_capacity(n));
+            for start in (0..n).step_by(ASSIGN_CHUNK) {
+                let texts: Vec<Vec<u32>> = (start..(start + ASSIGN_CHUNK).min(n))
+                    .into_par_iter()
+                    .map(|i| read(d, i))
+                    .collect();
+                let points = embed.embed(&texts);
+                let (c, dist) = engine.assign(&points, &centroids, fit.dim);
+                clusters.extend(c.into_iter().map(|c| c as u32));
+                distances.extend(dist);
+                bar.inc(texts.len() as u64);
+            }
+            write_in_folder(&distance_path, &f32_bytes(&distances))?;
+            write_in_folder(&assign_path, &counts_bytes(&clusters))?;
         }
-    }
-    let (fit, centroids) = dispatch(
-        options.backend,
-        Job {
-            options,
-            diversity,
-            source: &source,
-            docs: &docs,
-            kdir: &kdir,
-            wanted: &wanted,
-            bar: &bar,
-        },
-    )?;
+        Ok((fit, centroids))
+    })?;
     bar.finish_and_clear();
 
     // Cluster statistics over the whole corpus, then each document's diversity.

@@ -17,14 +17,13 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use mixlm_model::attention::{
-    attention_agreement, causal_attention, time_attention, AttentionAgreement, PROBE_SHAPES,
-};
-use mixlm_model::{AttentionKernel, ModelConfig, Precision, TrainBackend, PRESETS};
+use mixlm_model::attention::{AttentionAgreement, PROBE_SHAPES};
+use mixlm_model::{AttentionKernel, ModelConfig, Precision, PRESETS};
 
 use crate::doctor::{Finding, Level};
-use mixlm_train::backend::{dispatch, train_on, BackendKind, OnBackend};
+use mixlm_train::backend::{train_on, BackendKind};
 use mixlm_train::config::RunConfig;
+use mixlm_train::engine::{on_engine, Engine};
 use mixlm_train::trainer::TrainOptions;
 
 /// What to check.
@@ -95,13 +94,9 @@ pub fn check_backend(
         report(&f);
         findings.push(f);
     };
-    let usable = dispatch(
-        options.backend,
-        AttentionChecks {
-            options,
-            push: &mut push,
-        },
-    )?;
+    let usable = on_engine(options.backend, |engine| {
+        attention_checks(engine, options, &mut push)
+    })?;
     if usable {
         training_checks(options, &mut push)?;
     }
@@ -112,150 +107,131 @@ fn finding(level: Level, message: String) -> Finding {
     Finding { level, message }
 }
 
-/// The device, its precision, and the attention kernels (on the backend's types).
-struct AttentionChecks<'a, F: FnMut(Finding) + Send> {
-    options: &'a CheckOptions,
-    push: &'a mut F,
-}
-
-impl<F: FnMut(Finding) + Send> OnBackend for AttentionChecks<'_, F> {
-    /// Whether the device computes in the requested precision (else nothing else runs).
-    type Output = bool;
-
-    fn run<B: TrainBackend>(self, device: &B::Device) -> Result<bool> {
-        let Self { options, push } = self;
-        let precision = options.precision;
-        push(finding(
-            Level::Ok,
-            format!(
-                "backend {}: device {device:?} ({})",
-                options.backend.name(),
-                B::name(device)
-            ),
-        ));
-        if let Err(e) = mixlm_train::trainer::check_precision::<B>(precision, device) {
-            push(finding(Level::Fail, format!("{e:#}")));
-            return Ok(false);
-        }
-        let describe = |worst: &[f32; 4]| {
-            AttentionAgreement::PARTS
-                .iter()
-                .zip(worst)
-                .map(|(p, w)| format!("{p} {w:.3}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        // Presets that share a head size share their check shape: compared once.
-        let mut compared: Vec<([usize; 4], [f32; 4])> = Vec::new();
-        let mut agreement = |label: String, shape: [usize; 4]| {
-            let worst = match compared.iter().find(|(s, _)| *s == shape) {
-                Some((_, worst)) => *worst,
-                None => {
-                    let a = attention_agreement::<B>(shape, precision, device, causal_attention);
-                    compared.push((shape, a.worst));
-                    a.worst
-                }
-            };
-            let passed = AttentionAgreement {
-                shape,
-                precision,
-                worst,
+/// The device, its precision, and the attention kernels; whether the device computes
+/// in the requested precision (else nothing else runs).
+fn attention_checks(
+    engine: &dyn Engine,
+    options: &CheckOptions,
+    push: &mut impl FnMut(Finding),
+) -> Result<bool> {
+    let precision = options.precision;
+    push(finding(
+        Level::Ok,
+        format!("backend {}: {}", options.backend.name(), engine.describe()),
+    ));
+    if let Err(e) = engine.check_precision(precision) {
+        push(finding(Level::Fail, format!("{e:#}")));
+        return Ok(false);
+    }
+    let describe = |worst: &[f32; 4]| {
+        AttentionAgreement::PARTS
+            .iter()
+            .zip(worst)
+            .map(|(p, w)| format!("{p} {w:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // Presets that share a head size share their check shape: compared once.
+    let mut compared: Vec<([usize; 4], [f32; 4])> = Vec::new();
+    let mut agreement = |label: String, shape: [usize; 4]| {
+        let worst = match compared.iter().find(|(s, _)| *s == shape) {
+            Some((_, worst)) => *worst,
+            None => {
+                let a = engine.attention_agreement(shape, precision);
+                compared.push((shape, a.worst));
+                a.worst
             }
-            .passed();
-            let level = if passed { Level::Ok } else { Level::Fail };
-            let message = format!(
-                "attention {label}{shape:?} {}: worst error / tolerance: {}",
-                precision.name(),
-                describe(&worst)
-            );
-            (level, message)
         };
-        for shape in PROBE_SHAPES {
-            let (level, message) = agreement(String::new(), shape);
-            push(finding(level, message));
+        let passed = AttentionAgreement {
+            shape,
+            precision,
+            worst,
         }
-        if !options.preset_shapes {
-            return Ok(true);
-        }
-        // Correctness on two heads (heads are independent; Burn's attention keeps the
-        // whole score matrix, beyond wgpu's buffer limit at some presets' full width);
-        // timing at the preset's full width, Burn's only on CUDA for that reason.
-        let time_burn = options.backend == BackendKind::Cuda;
-        for (preset, shape) in preset_shapes() {
-            let [_, heads, seq, head_dim] = shape;
-            let run = std::panic::AssertUnwindSafe(|| -> Result<(Level, String, bool)> {
-                let (level, mut message) =
-                    agreement(format!("{preset} "), [1, heads.min(2), seq, head_dim]);
-                let time = |kernel| time_attention::<B>(shape, precision, kernel, 5, device);
-                let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-                let fused = time(AttentionKernel::Fused)?;
+        .passed();
+        let level = if passed { Level::Ok } else { Level::Fail };
+        let message = format!(
+            "attention {label}{shape:?} {}: worst error / tolerance: {}",
+            precision.name(),
+            describe(&worst)
+        );
+        (level, message)
+    };
+    for shape in PROBE_SHAPES {
+        let (level, message) = agreement(String::new(), shape);
+        push(finding(level, message));
+    }
+    if !options.preset_shapes {
+        return Ok(true);
+    }
+    // Correctness on two heads (heads are independent; Burn's attention keeps the
+    // whole score matrix, beyond wgpu's buffer limit at some presets' full width);
+    // timing at the preset's full width, Burn's only on CUDA for that reason.
+    let time_burn = options.backend == BackendKind::Cuda;
+    for (preset, shape) in preset_shapes() {
+        let [_, heads, seq, head_dim] = shape;
+        let run = std::panic::AssertUnwindSafe(|| -> Result<(Level, String, bool)> {
+            let (level, mut message) =
+                agreement(format!("{preset} "), [1, heads.min(2), seq, head_dim]);
+            let time = |kernel| engine.time_attention(shape, precision, kernel, 5);
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            let fused = time(AttentionKernel::Fused)?;
+            message += &format!(
+                "; forward + backward at {shape:?}: fused {:.2} ms",
+                ms(fused)
+            );
+            let mut slower = false;
+            if time_burn {
+                let burn = time(AttentionKernel::Burn)?;
+                slower = fused > burn;
                 message += &format!(
-                    "; forward + backward at {shape:?}: fused {:.2} ms",
-                    ms(fused)
+                    ", Burn's {:.2} ms ({:.2}x)",
+                    ms(burn),
+                    burn.as_secs_f64() / fused.as_secs_f64().max(1e-12)
                 );
-                let mut slower = false;
-                if time_burn {
-                    let burn = time(AttentionKernel::Burn)?;
-                    slower = fused > burn;
-                    message += &format!(
-                        ", Burn's {:.2} ms ({:.2}x)",
-                        ms(burn),
-                        burn.as_secs_f64() / fused.as_secs_f64().max(1e-12)
-                    );
-                }
-                Ok((level, message, slower))
-            });
-            // A device that cannot run a shape panics inside Burn: report it, and stop
-            // (the device may be left unusable).
-            let (level, message, slower) = match std::panic::catch_unwind(run) {
-                Ok(result) => result?,
-                Err(panic) => {
-                    let why = mixlm_train::distributed::panic_message(&panic);
-                    push(finding(
-                        Level::Fail,
-                        format!(
-                            "attention {preset} {shape:?}: the device failed: {}",
-                            why.lines().next().unwrap_or("")
-                        ),
-                    ));
-                    return Ok(false);
-                }
-            };
-            push(finding(level, message));
-            if level == Level::Ok && slower {
+            }
+            Ok((level, message, slower))
+        });
+        // A device that cannot run a shape panics inside Burn: report it, and stop
+        // (the device may be left unusable).
+        let (level, message, slower) = match std::panic::catch_unwind(run) {
+            Ok(result) => result?,
+            Err(panic) => {
+                let why = mixlm_train::distributed::panic_message(&panic);
                 push(finding(
-                    Level::Warn,
+                    Level::Fail,
                     format!(
-                        "the fused attention is slower than Burn's at {preset}'s shape on this \
-                         device: run.attention = \"burn\" trains faster there (at the memory \
-                         cost of the score matrix)"
+                        "attention {preset} {shape:?}: the device failed: {}",
+                        why.lines().next().unwrap_or("")
                     ),
                 ));
+                return Ok(false);
             }
+        };
+        push(finding(level, message));
+        if level == Level::Ok && slower {
+            push(finding(
+                Level::Warn,
+                format!(
+                    "the fused attention is slower than Burn's at {preset}'s shape on this \
+                         device: run.attention = \"burn\" trains faster there (at the memory \
+                         cost of the score matrix)"
+                ),
+            ));
         }
-        Ok(true)
     }
+    Ok(true)
 }
 
 /// The tiny preset's initial weights drawn on the CPU into `dir/init`: every run of
 /// the check starts from them (`model.init_from`), since each backend draws other
 /// random numbers from the same seed.
 fn initial_weights(dir: &Path) -> Result<std::path::PathBuf> {
-    use burn::backend::NdArray;
-    use burn::tensor::backend::Backend;
     let model = RunConfig::embedded(&[])?
         .model
         .resolve()
         .map_err(anyhow::Error::msg)?;
-    let device = Default::default();
-    NdArray::<f32>::seed(&device, 0);
     let path = dir.join("init");
-    mixlm_train::checkpoint::write_model_folder(
-        &path,
-        &model.init::<NdArray<f32>>(&device),
-        &model,
-        0.0,
-    )?;
+    mixlm_train::checkpoint::write_cpu_initial_weights(&path, &model, 0)?;
     Ok(path)
 }
 

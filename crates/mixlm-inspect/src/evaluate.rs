@@ -12,14 +12,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use mixlm_data::prepare::PreparedTokenizer;
 use mixlm_data::{Split, TokenSource};
+use mixlm_eval::model::LanguageModel;
 use mixlm_eval::perplexity::{split_perplexity, PerplexityOptions, SplitPerplexity};
 use mixlm_eval::tasks::{load_task, score_task, ModelScorer, TaskScore};
-use mixlm_model::{ModelBackend, TrainBackend};
 use serde::{Deserialize, Serialize};
 
-use mixlm_train::backend::{dispatch, BackendKind, OnBackend};
-use mixlm_train::checkpoint::{latest_checkpoint, load_model, write_atomic};
+use mixlm_train::backend::BackendKind;
+use mixlm_train::checkpoint::{latest_checkpoint, write_atomic};
 use mixlm_train::config::RunConfig;
+use mixlm_train::engine::{on_engine, Engine};
 
 /// What to evaluate and how.
 #[derive(Debug, Clone)]
@@ -95,16 +96,17 @@ pub fn checkpoint_run_config(dir: &Path, overrides: &[String]) -> Result<Option<
     Ok(Some(RunConfig::load_saved(&path, overrides)?))
 }
 
-/// Evaluates on backend `B` (inference only: its inner backend).
-pub fn evaluate<B: TrainBackend>(
+/// Evaluates on `engine`'s device.
+pub fn evaluate(
+    engine: &dyn Engine,
     config: &RunConfig,
     options: &EvalOptions,
-    device: &B::Device,
 ) -> Result<EvalReport> {
-    mixlm_train::trainer::check_precision::<B::InnerBackend>(config.run.precision, device)?;
-    let (model, model_config) = load_model::<B::InnerBackend>(&options.checkpoint, device)?;
+    engine.check_precision(config.run.precision)?;
     // In the run's precision and attention kernel (`mixlm eval --precision`).
-    let model = model.with_compute(config.run.compute());
+    let model = engine.load_model(&options.checkpoint, Some(config.run.compute()))?;
+    let model = model.as_ref();
+    let model_config = model.config().clone();
     let source = config.open_eval_source()?;
     if source.vocab_size() > model_config.vocab_size {
         anyhow::bail!(
@@ -151,7 +153,7 @@ pub fn evaluate<B: TrainBackend>(
         .splits
         .iter()
         .map(|&split| {
-            split_perplexity(&model, source.as_ref(), split, p, device).map_err(anyhow::Error::msg)
+            split_perplexity(model, source.as_ref(), split, p).map_err(anyhow::Error::msg)
         })
         .collect::<Result<Vec<_>>>()?;
     // Held-out sets and tasks read text: find the tokenizer once, when needed.
@@ -172,13 +174,11 @@ pub fn evaluate<B: TrainBackend>(
         .iter()
         .map(|input| {
             heldout_perplexity(
-                &model,
-                model_config.vocab_size,
+                model,
                 config,
                 options,
                 input,
                 tokenizer.as_deref().expect("resolved above"),
-                device,
             )
         })
         .collect::<Result<Vec<_>>>()?;
@@ -188,11 +188,7 @@ pub fn evaluate<B: TrainBackend>(
         let tokenizer =
             PreparedTokenizer::load(tokenizer.as_deref().expect("resolved above"), None)?;
         let encode = |s: &str| tokenizer.encode(s);
-        let mut scorer = ModelScorer {
-            model: &model,
-            device: device.clone(),
-            max_len: model_config.max_seq_len,
-        };
+        let mut scorer = ModelScorer(model);
         options
             .tasks
             .iter()
@@ -263,15 +259,14 @@ pub fn heldout_name(input: &str) -> String {
 /// records without a domain field under the set's name) into
 /// `<out>/heldout/<name>/`, which later evaluations reuse while the inputs are
 /// unchanged, and scored domain by domain with the same windows as the splits.
-fn heldout_perplexity<B: ModelBackend>(
-    model: &mixlm_model::Transformer<B>,
-    model_vocab: usize,
+fn heldout_perplexity(
+    model: &dyn LanguageModel,
     config: &RunConfig,
     options: &EvalOptions,
     input: &str,
     tokenizer: &Path,
-    device: &B::Device,
 ) -> Result<SplitPerplexity> {
+    let model_vocab = model.config().vocab_size;
     let name = heldout_name(input);
     let mut prepare = config.data.prepare.clone().unwrap_or_default();
     prepare.inputs = vec![input.to_string()];
@@ -295,7 +290,7 @@ fn heldout_perplexity<B: ModelBackend>(
             source.vocab_size()
         );
     }
-    let mut scored = split_perplexity(model, &source, Split::Test, &options.perplexity, device)
+    let mut scored = split_perplexity(model, &source, Split::Test, &options.perplexity)
         .map_err(anyhow::Error::msg)?;
     scored.split = format!("heldout:{name}");
     Ok(scored)
@@ -396,14 +391,7 @@ pub fn evaluate_on(
     config: &RunConfig,
     options: &EvalOptions,
 ) -> Result<EvalReport> {
-    struct Job<'a>(&'a RunConfig, &'a EvalOptions);
-    impl OnBackend for Job<'_> {
-        type Output = EvalReport;
-        fn run<B: TrainBackend>(self, device: &B::Device) -> Result<EvalReport> {
-            evaluate::<B>(self.0, self.1, device)
-        }
-    }
-    dispatch(kind, Job(config, options))
+    on_engine(kind, |engine| evaluate(engine, config, options))
 }
 
 impl EvalReport {

@@ -6,9 +6,9 @@ use burn::backend::{Autodiff, NdArray};
 use mixlm_data::prepare::testutil::{jsonl, texts, write_file, write_tokenizer};
 use mixlm_data::{prepare, PrepareConfig, ShardSource, Split, TokenSource};
 use mixlm_eval::perplexity::PerplexityOptions;
-use mixlm_inspect::evaluate::{evaluate, resolve_checkpoint, EvalOptions, EvalReport};
+use mixlm_inspect::evaluate::{evaluate_on, resolve_checkpoint, EvalOptions, EvalReport};
 use mixlm_mixing::DomainId;
-use mixlm_train::{train, RunConfig, TrainOptions};
+use mixlm_train::{train, BackendKind, RunConfig, TrainOptions};
 
 type B = Autodiff<NdArray<f32>>;
 
@@ -69,17 +69,17 @@ fn eval_with(
         tokenizer: None,
         allow_tokenizer_mismatch: false,
     };
-    evaluate::<B>(config, &options, &Default::default()).unwrap()
+    evaluate_on(BackendKind::Cpu, config, &options).unwrap()
 }
 
 /// The error of an evaluation the tokenizer check refuses, and that `--allow-
 /// tokenizer-mismatch` lets it run.
 fn refused_for_its_tokenizer(config: &RunConfig, mut options: EvalOptions) -> String {
-    let e = evaluate::<B>(config, &options, &Default::default())
+    let e = evaluate_on(BackendKind::Cpu, config, &options)
         .unwrap_err()
         .to_string();
     options.allow_tokenizer_mismatch = true;
-    evaluate::<B>(config, &options, &Default::default()).unwrap();
+    evaluate_on(BackendKind::Cpu, config, &options).unwrap();
     e
 }
 

@@ -202,6 +202,18 @@ fn optimizer_safetensors(moments: &HostMoments) -> Result<Vec<u8>> {
     Ok(safetensors::serialize(views, None)?)
 }
 
+/// Draws `config`'s initial weights on the CPU backend from `seed` and writes them as a
+/// model folder ([`write_model_folder`]): the same weights for a run on any backend
+/// (`model.init_from`), where each backend would draw other numbers from one seed.
+/// Not generic, so the crates that call it do not compile the model's initialisation
+/// again (see [`crate::engine`]).
+pub fn write_cpu_initial_weights(dir: &Path, config: &ModelConfig, seed: u64) -> Result<()> {
+    use burn::backend::NdArray;
+    let device = Default::default();
+    NdArray::<f32>::seed(&device, seed);
+    write_model_folder(dir, &config.init::<NdArray<f32>>(&device), config, 0.0)
+}
+
 /// Writes `model.safetensors` + `config.json` (each atomically) into `dir`: a folder
 /// `model.init_from`, `mixlm eval` and transformers' `from_pretrained` read.
 pub fn write_model_folder<B: Backend>(

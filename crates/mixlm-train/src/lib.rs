@@ -10,6 +10,7 @@ pub mod chaos;
 pub mod checkpoint;
 pub mod config;
 pub mod distributed;
+pub mod engine;
 pub mod faults;
 pub mod laps;
 pub mod loader;
