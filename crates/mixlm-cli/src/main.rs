@@ -13,6 +13,7 @@ use mixlm_train::BackendKind;
 
 mod cmd;
 mod memory;
+mod threads;
 
 #[derive(Parser)]
 #[command(name = "mixlm", version, about = "LLM pretraining with data mixing")]
@@ -95,6 +96,7 @@ fn exit_quietly_on_a_closed_stdout() {
 
 fn main() -> ExitCode {
     memory::keep_freed_memory();
+    threads::matmul_on_rayon_only();
     exit_quietly_on_a_closed_stdout();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
