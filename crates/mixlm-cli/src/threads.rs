@@ -9,7 +9,7 @@
 //! other half in a `sched_yield` loop, while rayon's idle workers spin in theirs:
 //! more runnable threads than cores, and kernel time that does no work. With
 //! matrixmultiply on one thread per product, measured side by side on the 2-core
-//! machine, the 50k-vocabulary shapes train 1.09x to 1.15x as fast
+//! machine, the 50k-vocabulary shapes train 1.12x to 1.23x as fast per round
 //! (benches/RESULTS.md, "The CPU path against PyTorch").
 
 /// Variable matrixmultiply reads, once, at its first product.
