@@ -549,9 +549,8 @@ pub fn score_diversity(
     };
 
     let (fit, centroids) = on_engine(options.backend, |engine| {
-        let o = options;
-        let (source, docs, kdir, wanted) = (&source, &docs, &kdir, &wanted);
-        let read = |d: usize, i: usize| doc_tokens(source, d, &docs[d].1, i, o.max_doc_tokens);
+        let read =
+            |d: usize, i: usize| doc_tokens(&source, d, &docs[d].1, i, options.max_doc_tokens);
         let model = match &diversity.embedder {
             Embedder::TfIdf { .. } => None,
             Embedder::Model { checkpoint } => Some(engine.load_model(checkpoint, None)?),
@@ -564,9 +563,9 @@ pub fn score_diversity(
                 }),
                 (Embedder::Model { .. }, Some(m)) => Embed::Model {
                     model: m.as_ref(),
-                    max: o.max_doc_tokens.min(m.config().max_seq_len),
+                    max: options.max_doc_tokens.min(m.config().max_seq_len),
                     eos: source.eos_id(),
-                    batch_size: o.batch_size.max(1),
+                    batch_size: options.batch_size.max(1),
                 },
                 _ => unreachable!("the model is loaded for model embeddings"),
             }
@@ -581,7 +580,7 @@ pub fn score_diversity(
         let centroids_path = kdir.join("centroids.f32");
         let idf_path = kdir.join("idf.f32");
         let reusable = old.filter(|f| {
-            f.settings == *wanted
+            f.settings == wanted
                 && has_values(&centroids_path, f.clusters * f.dim)
                 && (model.is_some() || has_values(&idf_path, f.dim))
         });
@@ -624,7 +623,7 @@ pub fn score_diversity(
             drop(texts);
             bar.set_message(format!("k-means on {m} documents"));
             let km = engine.kmeans(&points, embed.dim(), diversity.k, 100, diversity.seed);
-            std::fs::create_dir_all(kdir)
+            std::fs::create_dir_all(&kdir)
                 .with_context(|| format!("cannot create {}", kdir.display()))?;
             write_atomic(&centroids_path, &f32_bytes(&km.centroids))?;
             if let Some(idf) = &idf {
@@ -645,8 +644,8 @@ pub fn score_diversity(
         bar.set_message("assigning");
         for (d, (name, offsets)) in docs.iter().enumerate() {
             let n = offsets.len().saturating_sub(1);
-            let assign_path = assign_path(kdir, name);
-            let distance_path = values_path(kdir, "distance", name);
+            let assign_path = assign_path(&kdir, name);
+            let distance_path = values_path(&kdir, "distance", name);
             if has_values(&assign_path, n) && has_values(&distance_path, n) {
                 bar.inc(n as u64);
                 continue;

@@ -106,7 +106,7 @@ pub fn evaluate(
     // In the run's precision and attention kernel (`mixlm eval --precision`).
     let model = engine.load_model(&options.checkpoint, Some(config.run.compute()))?;
     let model = model.as_ref();
-    let model_config = model.config().clone();
+    let model_config = model.config();
     let source = config.open_eval_source()?;
     if source.vocab_size() > model_config.vocab_size {
         anyhow::bail!(
